@@ -1,0 +1,3 @@
+from alpes.cli import app
+
+app(prog_name="alpes")

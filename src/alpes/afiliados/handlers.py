@@ -1,0 +1,79 @@
+"""Afiliados use cases: plain functions over a session; events go back to the caller."""
+
+from __future__ import annotations
+
+from sqlalchemy import exists, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from alpes.kernel.db import Database
+from alpes.kernel.http import Problem
+from alpes.kernel.messages import IncomingEvent, OutgoingEvent, new_id, utcnow
+from alpes.kernel.outbox import Outbox
+
+from . import domain, tables
+
+TOPIC = "afiliados.eventos"
+
+
+def register_afiliado(session: Session, solicitud: domain.SolicitudRegistro) -> tuple[str, list[OutgoingEvent]]:
+    email = domain.normalizar_email(solicitud.email)
+    if session.scalar(select(exists().where(tables.afiliados.c.email == email))):
+        raise Problem(409, "email", "an affiliate with this email is already registered")
+    afiliado_id = new_id()
+    now = utcnow()
+    try:
+        session.execute(tables.afiliados.insert().values(
+            id=afiliado_id, user_id=solicitud.user_id, email=email, nombre=solicitud.nombre,
+            estado=domain.REGISTRADO, motivos="", registrado_en=now, comisiones=0, ganancias_pendientes=0))
+        session.flush()
+    except IntegrityError:  # a concurrent registration with the same email won the race
+        raise Problem(409, "email", "an affiliate with this email is already registered") from None
+    event = OutgoingEvent(TOPIC, "AfiliadoRegistrado", afiliado_id, {
+        "id": afiliado_id, "user_id": solicitud.user_id, "email": email, "nombre": solicitud.nombre, "timestamp": now})
+    return afiliado_id, [event]
+
+
+def validate_registered_afiliados(db: Database, outbox: Outbox, batch: int = 100) -> int:
+    """The automatic validation step: every registered affiliate ends validated or rejected."""
+    a = tables.afiliados
+    with db.transaction() as session:
+        rows = session.execute(
+            select(a).where(a.c.estado == domain.REGISTRADO).order_by(a.c.registrado_en).limit(batch)
+            .with_for_update(skip_locked=True)).mappings().all()
+        events = []
+        for row in rows:
+            duplicate = session.scalar(select(exists().where(
+                a.c.user_id == row["user_id"], a.c.estado == domain.VALIDADO, a.c.id != row["id"])))
+            motivos = domain.motivos_de_rechazo(
+                domain.SolicitudRegistro(row["user_id"], row["email"], row["nombre"]), duplicate)
+            now = utcnow()
+            if motivos:
+                session.execute(update(a).where(a.c.id == row["id"]).values(
+                    estado=domain.RECHAZADO, motivos=",".join(motivos), validado_en=now))
+                events.append(OutgoingEvent(TOPIC, "AfiliadoRechazado", row["id"],
+                                            {"id": row["id"], "motivos": motivos, "timestamp": now}))
+            else:
+                session.execute(update(a).where(a.c.id == row["id"]).values(estado=domain.VALIDADO, validado_en=now))
+                events.append(OutgoingEvent(TOPIC, "AfiliadoValidado", row["id"], {"id": row["id"], "timestamp": now}))
+        outbox.add(session, events)
+        return len(rows)
+
+
+def record_comision(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """comisiones.eventos → the affiliate's earnings. Exactly once thanks to the inbox."""
+    p = event.payload
+    a = tables.afiliados
+    session.execute(update(a).where(a.c.id == p["afiliado_id"]).values(
+        comisiones=a.c.comisiones + 1, ganancias_pendientes=a.c.ganancias_pendientes + p["monto"]))
+    return []
+
+
+def record_programa(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """marketing.eventos → the catalogue of programs affiliates can see."""
+    p = event.payload
+    t = tables.programas
+    if session.scalar(select(exists().where(t.c.id == p["id"]))) is False:
+        session.execute(t.insert().values(id=p["id"], nombre=p["nombre"], porcentaje_comision=p["porcentaje_comision"],
+                                          moneda=p["moneda"], creada_en=p["timestamp"]))
+    return []

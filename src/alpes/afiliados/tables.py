@@ -1,0 +1,35 @@
+from sqlalchemy import Column, Integer, MetaData, String, Table, Text
+
+from alpes.kernel.db import ScaledDecimal, UtcDateTime
+
+from alpes.kernel.inbox import inbox_table
+from alpes.kernel.outbox import outbox_table
+
+metadata = MetaData()
+
+afiliados = Table(
+    "afiliados", metadata,
+    Column("id", String(36), primary_key=True),
+    Column("user_id", String(120), nullable=False, index=True),
+    Column("email", String(254), nullable=False, unique=True),
+    Column("nombre", String(200), nullable=False),
+    Column("estado", String(20), nullable=False, index=True),
+    Column("motivos", Text, nullable=False, default=""),
+    Column("registrado_en", UtcDateTime(), nullable=False),
+    Column("validado_en", UtcDateTime()),
+    # Earnings fed from comisiones.eventos (exact decimal money).
+    Column("comisiones", Integer, nullable=False, default=0),
+    Column("ganancias_pendientes", ScaledDecimal(2), nullable=False, default=0),
+)
+
+programas = Table(
+    "programas", metadata,
+    Column("id", String(36), primary_key=True),
+    Column("nombre", String(200), nullable=False),
+    Column("porcentaje_comision", ScaledDecimal(4), nullable=False),
+    Column("moneda", String(3), nullable=False),
+    Column("creada_en", UtcDateTime(), nullable=False),
+)
+
+outbox = outbox_table(metadata)
+inbox = inbox_table(metadata)

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from fastapi import APIRouter, FastAPI, Query
+from sqlalchemy import func, select
+
+from alpes.kernel.http import Problem
+from alpes.kernel.runtime import ServiceRuntime
+
+from . import handlers, tables
+
+
+def include_routes(runtime: ServiceRuntime):
+    router = APIRouter()
+    log = tables.audit_log
+
+    @router.get("/auditoria/eventos", tags=["auditoria"])
+    def eventos(aggregate_id: str | None = None, event_type: str | None = None, correlation_id: str | None = None,
+                desde: datetime | None = None, hasta: datetime | None = None,
+                after_seq: int = Query(0, ge=0), limit: int = Query(1000, ge=1, le=10000)) -> dict:
+        """Audit records in chain order, filtered by aggregate, type, correlation and time."""
+        if desde and hasta and desde > hasta:
+            raise Problem(422, "desde", "desde is after hasta")
+        query = select(log).where(log.c.seq > after_seq).order_by(log.c.seq).limit(limit)
+        for column, value in (("aggregate_id", aggregate_id), ("event_type", event_type),
+                              ("correlation_id", correlation_id)):
+            if value is not None:
+                query = query.where(log.c[column] == value)
+        if desde:
+            query = query.where(log.c.occurred_at >= desde)
+        if hasta:
+            query = query.where(log.c.occurred_at <= hasta)
+        with runtime.db.transaction() as session:
+            rows = session.execute(query).mappings().all()
+            total = session.scalar(select(func.count()).select_from(log))
+        return {"total": total, "eventos": [{
+            "seq": r["seq"], "event_id": r["event_id"], "topic": r["topic"], "event_type": r["event_type"],
+            "schema_version": r["schema_version"], "aggregate_id": r["aggregate_id"],
+            "occurred_at": r["occurred_at"].isoformat(), "correlation_id": r["correlation_id"],
+            "causation_id": r["causation_id"], "payload": json.loads(r["payload_json"]),
+            "prev_hash": r["prev_hash"], "hash": r["hash"]} for r in rows]}
+
+    @router.get("/auditoria/verificacion", tags=["auditoria"])
+    def verificacion() -> dict:
+        """Walk the whole hash chain now; report the first broken link."""
+        with runtime.db.transaction() as session:
+            count, broken = handlers.verify_audit_chain(session)
+            compliance = session.execute(select(tables.compliance_state)).mappings().first()
+        return {"records": count, "ok": broken is None,
+                "broken_seq": broken.seq if broken else None, "problem": broken.problem if broken else None,
+                "compliance_consumer": {k: compliance[k] for k in ("verified", "highest_seq", "broken_seq", "problem")}
+                if compliance else None}
+
+    @router.get("/auditoria/hallazgos", tags=["auditoria"])
+    def hallazgos(limit: int = Query(1000, ge=1, le=10000)) -> dict:
+        t = tables.security_findings
+        with runtime.db.transaction() as session:
+            rows = session.execute(select(t).order_by(t.c.audit_seq).limit(limit)).mappings().all()
+        return {"hallazgos": [{"audit_seq": r["audit_seq"], "event_type": r["event_type"],
+                               "aggregate_id": r["aggregate_id"], "motivo": r["motivo"]} for r in rows]}
+
+    @router.get("/sistema/servicios", tags=["sistema"])
+    def servicios() -> dict:
+        t = tables.servicios
+        with runtime.db.transaction() as session:
+            rows = session.execute(select(t).order_by(t.c.servicio, t.c.instancia)).mappings().all()
+        return {"servicios": [{"instancia": r["instancia"], "servicio": r["servicio"], "estado": r["estado"],
+                               "motivo": r["motivo"], "actualizado_en": r["actualizado_en"].isoformat()} for r in rows]}
+
+    @router.get("/sistema/alertas", tags=["sistema"])
+    def alertas(limit: int = Query(200, ge=1, le=10000)) -> dict:
+        t = tables.alertas
+        with runtime.db.transaction() as session:
+            rows = session.execute(select(t).order_by(t.c.creada_en.desc()).limit(limit)).mappings().all()
+        return {"alertas": [{"event_id": r["event_id"], "servicio": r["servicio"], "tipo": r["tipo"],
+                             "mensaje": r["mensaje"], "creada_en": r["creada_en"].isoformat()} for r in rows]}
+
+    def include(app: FastAPI) -> None:
+        app.include_router(router)
+
+    return include

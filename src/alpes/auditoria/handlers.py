@@ -1,0 +1,151 @@
+"""Auditoria handlers: append to the chain, and the consumers of auditoria/sistema events."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from alpes.kernel.messages import IncomingEvent, OutgoingEvent, utcnow
+
+from . import domain, tables
+
+TOPIC = "auditoria.eventos"
+
+
+def _record(row) -> domain.AuditRecord:
+    return domain.AuditRecord(
+        seq=row["seq"], event_id=row["event_id"], topic=row["topic"], event_type=row["event_type"],
+        schema_version=row["schema_version"], aggregate_id=row["aggregate_id"], occurred_at=row["occurred_at"],
+        correlation_id=row["correlation_id"], causation_id=row["causation_id"], payload_json=row["payload_json"])
+
+
+# -- audit-consumer on every business topic ---------------------------------------------------
+def audit_event(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    head = session.execute(select(tables.audit_head).where(tables.audit_head.c.id == 1)
+                           .with_for_update()).mappings().one()
+    record = domain.AuditRecord(
+        seq=head["seq"] + 1, event_id=event.event_id, topic=event.topic, event_type=event.event_type,
+        schema_version=event.schema_version, aggregate_id=event.key or "", occurred_at=event.occurred_at,
+        correlation_id=event.correlation_id, causation_id=event.causation_id,
+        payload_json=domain.canonical_json(event.payload))
+    digest = domain.chain_hash(head["hash"], record)
+    session.execute(tables.audit_log.insert().values(
+        seq=record.seq, event_id=record.event_id, topic=record.topic, event_type=record.event_type,
+        schema_version=record.schema_version, aggregate_id=record.aggregate_id, occurred_at=record.occurred_at,
+        correlation_id=record.correlation_id, causation_id=record.causation_id, payload_json=record.payload_json,
+        prev_hash=head["hash"], hash=digest, recorded_at=utcnow()))
+    session.execute(update(tables.audit_head).where(tables.audit_head.c.id == 1).values(seq=record.seq, hash=digest))
+    return [OutgoingEvent(TOPIC, "EventoAuditado", record.aggregate_id, {
+        "seq": record.seq, "event_id": record.event_id, "event_type": record.event_type, "topic": record.topic,
+        "aggregate_id": record.aggregate_id, "record_hash": digest, "timestamp": utcnow()})]
+
+
+# -- security-consumer on auditoria.eventos ------------------------------------------------------
+def flag_security_event(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    p = event.payload
+    field = domain.SECURITY_RELEVANT.get(p["event_type"])
+    if field is None:
+        return []
+    row = session.execute(select(tables.audit_log.c.payload_json).where(tables.audit_log.c.seq == p["seq"])).first()
+    motivo = "unknown"
+    if row is not None:
+        value = json.loads(row.payload_json).get(field)
+        motivo = ",".join(value) if isinstance(value, list) else str(value)
+    session.execute(tables.security_findings.insert().values(
+        audit_seq=p["seq"], event_type=p["event_type"], aggregate_id=p["aggregate_id"], motivo=motivo[:500],
+        detected_at=utcnow()))
+    return []
+
+
+# -- compliance-consumer on auditoria.eventos ----------------------------------------------------
+def verify_audited_link(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """Re-verify the link the announced record makes with its predecessor, independently of the writer."""
+    seq = event.payload["seq"]
+    log = tables.audit_log
+    rows = session.execute(select(log).where(log.c.seq.in_([seq - 1, seq])).order_by(log.c.seq)).mappings().all()
+    by_seq = {r["seq"]: r for r in rows}
+    problem = None
+    current = by_seq.get(seq)
+    prev_hash = domain.GENESIS if seq == 1 else (by_seq[seq - 1]["hash"] if seq - 1 in by_seq else None)
+    if current is None:
+        problem = "announced record is missing"
+    elif prev_hash is None:
+        problem = "previous record is missing"
+    elif current["prev_hash"] != prev_hash or domain.chain_hash(prev_hash, _record(current)) != current["hash"]:
+        problem = "hash link does not verify"
+    elif current["hash"] != event.payload["record_hash"]:
+        problem = "record hash differs from the one announced"
+    state = session.execute(select(tables.compliance_state).where(tables.compliance_state.c.id == 1)
+                            .with_for_update()).mappings().one()
+    values = {"verified": state["verified"] + 1, "highest_seq": max(state["highest_seq"], seq), "updated_at": utcnow()}
+    if problem and state["broken_seq"] is None:
+        values.update(broken_seq=seq, problem=problem)
+        session.execute(tables.alertas.insert().values(
+            event_id=event.event_id, servicio="auditoria", tipo="cadena_rota",
+            mensaje=f"audit record {seq}: {problem}", creada_en=utcnow()))
+    session.execute(update(tables.compliance_state).where(tables.compliance_state.c.id == 1).values(**values))
+    return []
+
+
+# -- monitoring-consumer and alerting-consumer on sistema.eventos -------------------------------
+_STATUS = {"ServicioIniciado": "iniciado", "ServicioDetenido": "detenido",
+           "ServicioDegradado": "degradado", "ServicioRecuperado": "iniciado"}
+
+
+def track_service(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    p = event.payload
+    t = tables.servicios
+    estado = _STATUS[event.event_type]
+    row = session.execute(select(t.c.actualizado_en).where(t.c.instancia == p["instancia"])).first()
+    if row is None:
+        session.execute(t.insert().values(instancia=p["instancia"], servicio=p["servicio"], estado=estado,
+                                          motivo=p.get("motivo"), actualizado_en=p["timestamp"]))
+    elif row.actualizado_en <= p["timestamp"]:  # an older event redelivered late does not win
+        session.execute(update(t).where(t.c.instancia == p["instancia"]).values(
+            estado=estado, motivo=p.get("motivo"), actualizado_en=p["timestamp"]))
+    return []
+
+
+def raise_alert(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    p = event.payload
+    if event.event_type == "ServicioDegradado":
+        tipo, mensaje = "servicio_degradado", f"{p['instancia']}: {p['motivo']}"
+    else:
+        tipo = "dead_letter"
+        mensaje = f"{p['event_type']} {p['event_id']} on {p['topic']}/{p['subscription']} dead-lettered: {p['error']}"
+    session.execute(tables.alertas.insert().values(event_id=event.event_id, servicio=p["servicio"], tipo=tipo,
+                                                   mensaje=mensaje[:600], creada_en=utcnow()))
+    return []
+
+
+# -- verification of the whole chain -----------------------------------------------------------------
+def walk_chain(session: Session, batch: int = 2000) -> Iterator[tuple[domain.AuditRecord, str, str]]:
+    log = tables.audit_log
+    last = 0
+    while True:
+        rows = session.execute(select(log).where(log.c.seq > last).order_by(log.c.seq).limit(batch)).mappings().all()
+        if not rows:
+            return
+        for row in rows:
+            yield _record(row), row["prev_hash"], row["hash"]
+        last = rows[-1]["seq"]
+
+
+def verify_audit_chain(session: Session) -> tuple[int, domain.BrokenLink | None]:
+    """Walk the chain from the start; (records checked, first broken link or None)."""
+    count = 0
+
+    def counted():
+        nonlocal count
+        for item in walk_chain(session):
+            count += 1
+            yield item
+
+    broken = domain.verify_chain(counted())
+    head = session.execute(select(tables.audit_head).where(tables.audit_head.c.id == 1)).mappings().one()
+    if broken is None and head["seq"] != count:
+        broken = domain.BrokenLink(count + 1, f"chain head says {head['seq']} records, found {count}")
+    return count, broken

@@ -1,0 +1,94 @@
+"""The `alpes` command."""
+
+from __future__ import annotations
+
+from importlib import import_module
+from pathlib import Path
+
+import typer
+
+from .contract import SERVICES, SUBSCRIPTIONS, TOPICS
+from .settings import Settings
+
+app = typer.Typer(help="AlpesPartner: event-driven partner marketing platform.", no_args_is_help=True)
+audit_app = typer.Typer(help="Audit log tools.")
+app.add_typer(audit_app, name="audit")
+
+
+def _settings(data_dir: Path | None) -> Settings:
+    settings = Settings()
+    if data_dir is not None:
+        settings = settings.model_copy(update={"data_dir": data_dir})
+    return settings
+
+
+@app.command()
+def up(data_dir: Path = typer.Option(None, help="Data directory (default ./.alpes or ALPES_DATA_DIR)")) -> None:
+    """Start the embedded broker and the four services; Ctrl-C stops them all."""
+    from .supervisor import Supervisor
+
+    raise typer.Exit(Supervisor(_settings(data_dir)).run())
+
+
+@app.command()
+def service(name: str = typer.Argument(..., help=f"one of {', '.join(SERVICES)}"),
+            data_dir: Path = typer.Option(None)) -> None:
+    """Run one service in this process (what `alpes up` starts four times)."""
+    if name not in SERVICES:
+        raise typer.BadParameter(f"unknown service {name!r}; one of {', '.join(SERVICES)}")
+    import uvicorn
+
+    from .logs import configure_logging
+
+    configure_logging()
+    settings = _settings(data_dir)
+    build = import_module(f"alpes.{name}.service").build
+    fastapi_app, _runtime = build(settings)
+    uvicorn.run(fastapi_app, host=settings.host, port=settings.port(name), log_level="warning",
+                timeout_graceful_shutdown=10)
+
+
+@app.command()
+def provision(data_dir: Path = typer.Option(None)) -> None:
+    """Create topics (with their partition counts) and subscriptions on the configured broker."""
+    from .kernel import embedded_broker
+
+    settings = _settings(data_dir)
+    subs = [(s.topic, s.name) for s in SUBSCRIPTIONS]
+    if settings.embedded_broker:
+        made = embedded_broker.provision_embedded(settings.data_dir.resolve() / "broker", TOPICS, subs,
+                                                  settings.pulsar_tenant, settings.pulsar_namespace)
+        typer.echo("provisioned" if made else "already provisioned")
+    else:
+        if not settings.pulsar_admin_url:
+            raise typer.BadParameter("ALPES_PULSAR_ADMIN_URL is needed to provision a real Pulsar cluster")
+        embedded_broker.provision_pulsar_admin(settings.pulsar_admin_url, TOPICS, subs,
+                                               settings.pulsar_tenant, settings.pulsar_namespace)
+        typer.echo("provisioned")
+
+
+@audit_app.command("verify")
+def audit_verify(data_dir: Path = typer.Option(None)) -> None:
+    """Walk the audit hash chain; exit 1 and name the first broken link if there is one."""
+    from .auditoria.handlers import verify_audit_chain
+    from .kernel.db import Database
+
+    db = Database(_settings(data_dir).db_url("auditoria"))
+    with db.transaction() as session:
+        count, broken = verify_audit_chain(session)
+    db.dispose()
+    if broken:
+        typer.echo(f"BROKEN at record {broken.seq}: {broken.problem} ({count} records before it verified)")
+        raise typer.Exit(1)
+    typer.echo(f"ok: {count} records, chain intact")
+
+
+@app.command()
+def bench(conversions: int = typer.Option(2000, help="conversions to push end to end"),
+          rate: int = typer.Option(0, help="postbacks per second (0: as fast as possible)"),
+          raw_messages: int = typer.Option(20000, help="messages for the raw broker measurement"),
+          data_dir: Path = typer.Option(None, help="scratch data directory (default: a temporary one)")) -> None:
+    """Measure raw broker throughput and end-to-end conversion rate/latency; prints JSON."""
+    from .bench import run_bench
+
+    typer.echo(run_bench(conversions=conversions, rate=rate, raw_messages=raw_messages, data_dir=data_dir))

@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Literal
+
+from fastapi import APIRouter, FastAPI, Header, Query
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from alpes.kernel.eventstore import EventStore
+from alpes.kernel.http import Problem
+from alpes.kernel.money import Amount, Currency
+from alpes.kernel.runtime import ServiceRuntime
+
+from . import domain, handlers, tables
+
+Identifier = Field(min_length=1, max_length=36, pattern=r"^[A-Za-z0-9._:-]+$")
+
+
+class Postback(BaseModel):
+    """A server-to-server conversion postback (the original contract, plus order id and currency)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    affiliate_id: str = Identifier
+    campaign_id: str = Identifier
+    user_id: str = Field(min_length=1, max_length=120)
+    conversion_value: Amount
+    conversion_type: Literal["sale", "purchase", "lead"]
+    currency: Currency = "EUR"
+    order_id: str | None = Field(None, min_length=1, max_length=120)
+
+
+class Conversion(BaseModel):
+    id: str
+    affiliate_id: str
+    campaign_id: str
+    user_id: str
+    conversion_value: Decimal
+    currency: str
+    conversion_type: str
+    order_id: str | None
+    status: str
+    reason: str | None
+    timestamp: datetime
+
+
+def _conversion(row) -> dict:
+    return Conversion(**{k: row[k] for k in Conversion.model_fields}).model_dump(mode="json")
+
+
+def include_routes(runtime: ServiceRuntime, grace: timedelta):
+    router = APIRouter(tags=["conversiones"])
+    store = handlers.event_store(runtime.registry)
+    v = tables.conversiones_view
+
+    @router.post("/conversiones")
+    def postback(body: Postback, idempotency_key: str | None = Header(None, max_length=120)) -> dict:
+        """Record a conversion. 200 with its id; the same order id (or Idempotency-Key) gives the same id."""
+        order_id = body.order_id or idempotency_key
+        try:
+            with runtime.unit_of_work() as (session, emit):
+                conversion_id, created, events = handlers.record_conversion(
+                    session, store, affiliate_id=body.affiliate_id, campaign_id=body.campaign_id,
+                    user_id=body.user_id, conversion_value=body.conversion_value,
+                    conversion_type=body.conversion_type, currency=body.currency, order_id=order_id, grace=grace)
+                emit(events)
+        except IntegrityError:
+            if order_id is None:
+                raise
+            # A concurrent postback with the same order id committed first: answer with its id.
+            with runtime.db.transaction() as session:
+                conversion_id = session.scalar(select(tables.order_keys.c.conversion_id).where(
+                    tables.order_keys.c.campaign_id == body.campaign_id, tables.order_keys.c.order_id == order_id))
+            created = False
+        status = _status(runtime, conversion_id)
+        return {"id": conversion_id, "status": status, "duplicate": not created}
+
+    @router.get("/conversiones")
+    def listar(status: Literal["detected", "validated", "rejected"] | None = None,
+               affiliate_id: str | None = None, campaign_id: str | None = None,
+               limit: int = Query(1000, ge=1, le=10000), offset: int = Query(0, ge=0)) -> dict:
+        """Oldest first."""
+        query = select(v).order_by(v.c.timestamp, v.c.id).limit(limit).offset(offset)
+        for column, value in (("status", status), ("affiliate_id", affiliate_id), ("campaign_id", campaign_id)):
+            if value is not None:
+                query = query.where(v.c[column] == value)
+        with runtime.db.transaction() as session:
+            rows = session.execute(query).mappings().all()
+        return {"conversiones": [_conversion(r) for r in rows]}
+
+    @router.get("/conversiones/{conversion_id}")
+    def obtener(conversion_id: str) -> dict:
+        with runtime.db.transaction() as session:
+            row = session.execute(select(v).where(v.c.id == conversion_id)).mappings().first()
+        if row is None:
+            raise Problem(404, "conversion_id", "no conversion with this id")
+        return _conversion(row)
+
+    @router.get("/conversiones/{conversion_id}/eventos")
+    def historia(conversion_id: str) -> dict:
+        """The conversion's event stream, as stored (upcast to the newest schema of each event)."""
+        with runtime.db.transaction() as session:
+            events = store.load(session, conversion_id)
+        if not events:
+            raise Problem(404, "conversion_id", "no conversion with this id")
+        return {"eventos": [{"version": e.version, "event_id": e.event_id, "event_type": e.event_type,
+                             "schema_version": e.schema_version, "occurred_at": e.occurred_at.isoformat(),
+                             "payload": {k: (str(x) if isinstance(x, (Decimal, datetime)) else x)
+                                         for k, x in e.payload.items()}} for e in events]}
+
+    def include(app: FastAPI) -> None:
+        app.include_router(router)
+
+    return include
+
+
+def _status(runtime: ServiceRuntime, conversion_id: str) -> str:
+    with runtime.db.transaction() as session:
+        return session.scalar(select(tables.conversiones_view.c.status)
+                              .where(tables.conversiones_view.c.id == conversion_id)) or domain.DETECTED

@@ -1,0 +1,165 @@
+"""Conversiones use cases: record postbacks, validate, learn reference data, project."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import exists, select, update
+from sqlalchemy.orm import Session
+
+from alpes.kernel.db import Database
+from alpes.kernel.eventstore import EventStore, NewEvent, StoredEvent
+from alpes.kernel.messages import IncomingEvent, OutgoingEvent, new_id, utcnow
+from alpes.kernel.outbox import Outbox
+
+from . import domain, tables
+
+TOPIC = "conversiones.eventos"
+STREAM_TYPE = "conversion"
+
+
+def event_store(registry) -> EventStore:
+    return EventStore(tables.event_store, registry, STREAM_TYPE)
+
+
+# -- mapping between domain events and their Avro records --------------------------------
+def to_record(conversion: domain.Conversion, event: domain.DomainEvent) -> NewEvent:
+    if isinstance(event, domain.Detected):
+        return NewEvent("ConversionDetected", {
+            "conversion_id": event.conversion_id, "affiliate_id": event.affiliate_id, "campaign_id": event.campaign_id,
+            "user_id": event.user_id, "conversion_value": event.conversion_value, "conversion_type": event.conversion_type,
+            "order_id": event.order_id, "currency": event.currency, "timestamp": event.timestamp}, event.timestamp)
+    d = conversion.detected
+    assert d is not None
+    if isinstance(event, domain.Validated):
+        return NewEvent("ConversionValidated", {
+            "conversion_id": d.conversion_id, "affiliate_id": d.affiliate_id, "campaign_id": d.campaign_id,
+            "conversion_value": d.conversion_value, "currency": d.currency, "conversion_type": d.conversion_type,
+            "timestamp": event.timestamp}, event.timestamp)
+    return NewEvent("ConversionRejected", {
+        "conversion_id": d.conversion_id, "affiliate_id": d.affiliate_id, "campaign_id": d.campaign_id,
+        "reason": event.reason, "timestamp": event.timestamp}, event.timestamp)
+
+
+def from_record(stored: StoredEvent) -> domain.DomainEvent:
+    p = stored.payload
+    if stored.event_type == "ConversionDetected":
+        return domain.Detected(p["conversion_id"], p["affiliate_id"], p["campaign_id"], p["user_id"],
+                               p["conversion_value"], p["conversion_type"], p["order_id"], p["currency"], p["timestamp"])
+    if stored.event_type == "ConversionValidated":
+        return domain.Validated(p["timestamp"])
+    if stored.event_type == "ConversionRejected":
+        return domain.Rejected(p["reason"], p["timestamp"])
+    raise ValueError(f"not a conversion event: {stored.event_type}")
+
+
+# -- projection ----------------------------------------------------------------------------
+def project(session: Session, stored: StoredEvent) -> None:
+    v = tables.conversiones_view
+    p = stored.payload
+    if stored.event_type == "ConversionDetected":
+        session.execute(v.insert().values(
+            id=p["conversion_id"], affiliate_id=p["affiliate_id"], campaign_id=p["campaign_id"], user_id=p["user_id"],
+            conversion_value=p["conversion_value"], currency=p["currency"], conversion_type=p["conversion_type"],
+            order_id=p["order_id"], status=domain.DETECTED, reason=None, timestamp=p["timestamp"],
+            updated_at=stored.occurred_at))
+    elif stored.event_type == "ConversionValidated":
+        session.execute(update(v).where(v.c.id == p["conversion_id"]).values(
+            status=domain.VALIDATED, updated_at=stored.occurred_at))
+    elif stored.event_type == "ConversionRejected":
+        session.execute(update(v).where(v.c.id == p["conversion_id"]).values(
+            status=domain.REJECTED, reason=p["reason"], updated_at=stored.occurred_at))
+
+
+def _commit_events(session: Session, store: EventStore, conversion: domain.Conversion,
+                   events: list[domain.DomainEvent], correlation_id: str) -> list[OutgoingEvent]:
+    """Append to the stream, update the projection, and return the integration events."""
+    expected = conversion.version
+    records = []
+    for event in events:
+        records.append(to_record(conversion, event))
+        conversion.apply(event)
+    stored = store.append(session, conversion.id, expected, records, correlation_id)
+    outgoing = []
+    for item in stored:
+        project(session, item)
+        outgoing.append(OutgoingEvent(TOPIC, item.event_type, item.stream_id, item.payload, event_id=item.event_id,
+                                      occurred_at=item.occurred_at, correlation_id=correlation_id,
+                                      causation_id=correlation_id))
+    return outgoing
+
+
+def reference(session: Session, affiliate_id: str, campaign_id: str) -> domain.Reference:
+    a = session.execute(select(tables.ref_afiliados.c.estado)
+                        .where(tables.ref_afiliados.c.afiliado_id == affiliate_id)).scalar()
+    c = session.execute(select(tables.ref_campanas.c.estado, tables.ref_campanas.c.moneda)
+                        .where(tables.ref_campanas.c.campana_id == campaign_id)).first()
+    return domain.Reference(
+        affiliate_enabled=None if a is None else a == "habilitado",
+        campaign_active=None if c is None else c.estado == "activa",
+        campaign_currency=None if c is None else c.moneda)
+
+
+# -- commands --------------------------------------------------------------------------------
+def record_conversion(session: Session, store: EventStore, *, affiliate_id: str, campaign_id: str, user_id: str,
+                      conversion_value, conversion_type: str, currency: str, order_id: str | None,
+                      grace: timedelta) -> tuple[str, bool, list[OutgoingEvent]]:
+    """A postback. Returns (conversion id, created?, events). A known order id returns its conversion."""
+    if order_id is not None:
+        known = session.scalar(select(tables.order_keys.c.conversion_id).where(
+            tables.order_keys.c.campaign_id == campaign_id, tables.order_keys.c.order_id == order_id))
+        if known is not None:
+            return known, False, []
+    conversion_id = new_id()
+    if order_id is not None:
+        # The durable idempotency key; a concurrent twin fails here and the caller re-reads.
+        session.execute(tables.order_keys.insert().values(
+            campaign_id=campaign_id, order_id=order_id, conversion_id=conversion_id))
+    now = utcnow()
+    conversion = domain.Conversion()
+    detected = domain.Detected(conversion_id, affiliate_id, campaign_id, user_id, conversion_value, conversion_type,
+                               order_id, currency, now)
+    correlation_id = conversion_id
+    events = _commit_events(session, store, conversion, [detected], correlation_id)
+    decision = domain.decide_validation(conversion, reference(session, affiliate_id, campaign_id), now, grace)
+    if not decision.pending:
+        events += _commit_events(session, store, conversion, decision.events, correlation_id)
+    return conversion_id, True, events
+
+
+def validate_pending(db: Database, store: EventStore, outbox: Outbox, grace: timedelta, batch: int = 200,
+                     now: datetime | None = None) -> int:
+    """Decide detected conversions whose references have arrived or whose grace ran out."""
+    v = tables.conversiones_view
+    decided = 0
+    with db.transaction() as session:
+        ids = session.scalars(select(v.c.id).where(v.c.status == domain.DETECTED)
+                              .order_by(v.c.timestamp).limit(batch).with_for_update(skip_locked=True)).all()
+        for conversion_id in ids:
+            conversion = domain.Conversion.rebuild([from_record(e) for e in store.load(session, conversion_id)])
+            assert conversion.detected is not None
+            decision = domain.decide_validation(
+                conversion, reference(session, conversion.detected.affiliate_id, conversion.detected.campaign_id),
+                now or utcnow(), grace)
+            if decision.pending:
+                continue
+            outbox.add(session, _commit_events(session, store, conversion, decision.events, conversion_id))
+            decided += 1
+    return decided
+
+
+# -- conversiones-consumer on marketing.eventos ---------------------------------------------
+def learn_campana(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    p = event.payload
+    t = tables.ref_campanas
+    if not session.scalar(select(exists().where(t.c.campana_id == p["id"]))):
+        session.execute(t.insert().values(campana_id=p["id"], estado="activa", moneda=p["moneda"], updated_at=utcnow()))
+    return []
+
+
+def learn_afiliado(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    t = tables.ref_afiliados
+    afiliado_id = event.payload["afiliado_id"]
+    if not session.scalar(select(exists().where(t.c.afiliado_id == afiliado_id))):
+        session.execute(t.insert().values(afiliado_id=afiliado_id, estado="habilitado", updated_at=utcnow()))
+    return []

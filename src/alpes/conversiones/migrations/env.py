@@ -1,0 +1,4 @@
+from alpes.conversiones.tables import metadata
+from alpes.kernel.db import run_alembic_env
+
+run_alembic_env(metadata)

@@ -1,0 +1,24 @@
+"""Composition root of the conversiones service: nothing here runs at import time."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from alpes.composition import compose
+from alpes.kernel.runtime import PeriodicJob, ServiceRuntime
+from alpes.settings import Settings
+
+from . import api, consumers, handlers, tables
+
+
+def build(settings: Settings):
+    grace = timedelta(seconds=settings.reference_grace_seconds)
+
+    def configure(runtime: ServiceRuntime) -> None:
+        store = handlers.event_store(runtime.registry)
+        runtime.jobs.append(PeriodicJob(
+            "validate-conversions", 0.25, lambda: handlers.validate_pending(runtime.db, store, runtime.outbox, grace)))
+
+    return compose("conversiones", settings, outbox=tables.outbox, inbox=tables.inbox,
+                   consumers=consumers.consumer_specs(), routes=lambda runtime: api.include_routes(runtime, grace),
+                   configure=configure)

@@ -1,0 +1,57 @@
+from sqlalchemy import Column, Index, MetaData, PrimaryKeyConstraint, String, Table
+
+from alpes.kernel.db import ScaledDecimal, UtcDateTime
+from alpes.kernel.eventstore import event_store_table
+from alpes.kernel.inbox import inbox_table
+from alpes.kernel.outbox import outbox_table
+
+metadata = MetaData()
+
+# The write side: the source of truth.
+event_store = event_store_table(metadata)
+
+# Postback idempotency: one conversion per (campaign, order id), durable, no TTL.
+order_keys = Table(
+    "order_keys", metadata,
+    Column("campaign_id", String(36), nullable=False),
+    Column("order_id", String(120), nullable=False),
+    Column("conversion_id", String(36), nullable=False),
+    PrimaryKeyConstraint("campaign_id", "order_id", name="pk_order_keys"),
+)
+
+# Read side: projection fed from the event store in the same transaction as each append.
+conversiones_view = Table(
+    "conversiones_view", metadata,
+    Column("id", String(36), primary_key=True),
+    Column("affiliate_id", String(36), nullable=False, index=True),
+    Column("campaign_id", String(36), nullable=False, index=True),
+    Column("user_id", String(120), nullable=False),
+    Column("conversion_value", ScaledDecimal(2), nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("conversion_type", String(20), nullable=False),
+    Column("order_id", String(120)),
+    Column("status", String(20), nullable=False),
+    Column("reason", String(80)),
+    Column("timestamp", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    Index("ix_conversiones_view_timestamp", "timestamp", "id"),
+    Index("ix_conversiones_view_status", "status", "timestamp"),
+)
+
+# Reference data learned from marketing.eventos (conversiones-consumer).
+ref_afiliados = Table(
+    "ref_afiliados", metadata,
+    Column("afiliado_id", String(36), primary_key=True),
+    Column("estado", String(20), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+)
+ref_campanas = Table(
+    "ref_campanas", metadata,
+    Column("campana_id", String(36), primary_key=True),
+    Column("estado", String(20), nullable=False),
+    Column("moneda", String(3), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+)
+
+outbox = outbox_table(metadata)
+inbox = inbox_table(metadata)

@@ -1,0 +1,179 @@
+"""Database mechanics: engines, transactions (unit of work) and Alembic migrations."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timezone
+from decimal import Decimal
+from pathlib import Path
+
+from sqlalchemy import BigInteger, DateTime, Table, TypeDecorator, create_engine, event, text
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+
+def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        _sqlite_pragmas(engine)
+        return engine
+    return create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        # Read committed: SKIP LOCKED claims and unique-key inbox inserts without gap locks.
+        isolation_level="READ COMMITTED",
+    )
+
+
+def _sqlite_pragmas(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection, _record):  # pragma: no cover - exercised by every sqlite test
+        # Let SQLAlchemy, not pysqlite, emit BEGIN: pysqlite's deferred BEGIN upgrades a read
+        # lock to a write lock mid-transaction, which fails at once instead of waiting.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")  # a commit is on disk before we ack
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def on_begin(connection):  # pragma: no cover
+        # One writer at a time is SQLite's rule: take the write lock up front and wait for it.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class Database:
+    """A service's session factory; `transaction()` is the unit of work."""
+
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.url = url
+        self.engine = make_engine(url, pool_size=pool_size)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.engine.dialect.name == "sqlite"
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """Commit everything done in the block (state, outbox, inbox) or nothing."""
+        with self._sessions.begin() as session:
+            yield session
+
+    def ping(self) -> None:
+        with self.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def migrate(url: str, script_location: str) -> None:
+    """Bring the database at `url` to the newest Alembic revision of `script_location`."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", script_location)
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(config, "head")
+
+
+def run_alembic_env(target_metadata) -> None:
+    """Body of every context's migrations/env.py (online mode only: we always have a database)."""
+    from alembic import context
+
+    url = context.config.get_main_option("sqlalchemy.url")
+    engine = make_engine(url, pool_size=1)
+    with engine.connect() as connection:
+        context.configure(
+            connection=connection,
+            target_metadata=target_metadata,
+            render_as_batch=connection.dialect.name == "sqlite",
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
+
+
+class ScaledDecimal(TypeDecorator):
+    """Exact decimal stored as an integer of 10^-scale units (money in minor units).
+
+    SQLite has no exact decimal type (NUMERIC becomes a float there); an integer is exact on
+    every backend and sums exactly in SQL.
+    """
+
+    impl = BigInteger
+    cache_ok = True
+
+    def __init__(self, scale: int = 2) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        units = Decimal(value).scaleb(self.scale)
+        if units != units.to_integral_value():
+            raise ValueError(f"{value} has more than {self.scale} decimal places")
+        return int(units)
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        return Decimal(int(value)).scaleb(-self.scale)
+
+
+def upsert_add(session: Session, table: Table, keys: dict, increments: dict) -> None:
+    """INSERT the row or add `increments` to its columns, atomically (counters, totals)."""
+    values = {**keys, **increments}
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+        statement = insert(table).values(values)
+        statement = statement.on_conflict_do_update(
+            index_elements=list(keys), set_={c: table.c[c] + statement.excluded[c] for c in increments})
+    elif dialect in ("mysql", "mariadb"):
+        from sqlalchemy.dialects.mysql import insert
+        statement = insert(table).values(values)
+        statement = statement.on_duplicate_key_update({c: table.c[c] + statement.inserted[c] for c in increments})
+    else:
+        from sqlalchemy.dialects.postgresql import insert
+        statement = insert(table).values(values)
+        statement = statement.on_conflict_do_update(
+            index_elements=list(keys), set_={c: table.c[c] + statement.excluded[c] for c in increments})
+    session.execute(statement)
+
+
+class UtcDateTime(TypeDecorator):
+    """Aware UTC datetimes in, aware UTC datetimes out, microseconds kept on every backend."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect):
+        if dialect.name in ("mysql", "mariadb"):
+            from sqlalchemy.dialects.mysql import DATETIME
+            return dialect.type_descriptor(DATETIME(fsp=6))
+        return dialect.type_descriptor(DateTime())
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: use aware UTC datetimes")
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc)

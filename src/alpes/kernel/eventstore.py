@@ -1,0 +1,119 @@
+"""Append-only event store: one stream per aggregate, optimistic concurrency on (stream, version).
+
+Payloads are Avro bytes with their writer schema version, so reading an old event is the
+same fastavro resolution (upcasting) the consumers use on the wire.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (BigInteger, Column, Integer, LargeBinary, MetaData, PrimaryKeyConstraint, String,
+                        Table, select)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from .codec import SchemaRegistry
+from .db import UtcDateTime
+from .messages import new_id, utcnow
+
+
+class ConcurrencyConflict(Exception):
+    """Someone appended to the stream first: reload the aggregate and decide again."""
+
+
+def event_store_table(metadata: MetaData) -> Table:
+    return Table(
+        "event_store",
+        metadata,
+        Column("stream_id", String(64), nullable=False),
+        Column("version", Integer, nullable=False),
+        Column("event_id", String(36), nullable=False, unique=True),
+        Column("stream_type", String(60), nullable=False),
+        Column("event_type", String(80), nullable=False),
+        Column("schema_version", Integer, nullable=False),
+        Column("payload", LargeBinary, nullable=False),
+        Column("occurred_at", UtcDateTime(), nullable=False),
+        Column("recorded_at", UtcDateTime(), nullable=False),
+        Column("correlation_id", String(36), nullable=False),
+        PrimaryKeyConstraint("stream_id", "version", name="pk_event_store"),
+    )
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    stream_id: str
+    version: int
+    event_id: str
+    event_type: str
+    schema_version: int
+    payload: dict[str, Any]
+    occurred_at: datetime
+    correlation_id: str
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    event_type: str
+    payload: dict[str, Any]
+    occurred_at: datetime
+    event_id: str = ""
+
+
+class EventStore:
+    def __init__(self, table: Table, registry: SchemaRegistry, stream_type: str) -> None:
+        self.table = table
+        self.registry = registry
+        self.stream_type = stream_type
+
+    def load(self, session: Session, stream_id: str) -> list[StoredEvent]:
+        t = self.table
+        rows = session.execute(select(t).where(t.c.stream_id == stream_id).order_by(t.c.version)).mappings().all()
+        return [self._stored(r) for r in rows]
+
+    def append(self, session: Session, stream_id: str, expected_version: int, events: Sequence[NewEvent],
+               correlation_id: str) -> list[StoredEvent]:
+        """Append after `expected_version`; a taken version raises ConcurrencyConflict."""
+        stored, rows = [], []
+        now = utcnow()
+        for offset, event in enumerate(events, start=1):
+            payload, version = self.registry.encode(event.event_type, event.payload)
+            event_id = event.event_id or new_id()
+            rows.append({
+                "stream_id": stream_id, "version": expected_version + offset, "event_id": event_id,
+                "stream_type": self.stream_type, "event_type": event.event_type, "schema_version": version,
+                "payload": payload, "occurred_at": event.occurred_at, "recorded_at": now,
+                "correlation_id": correlation_id,
+            })
+            stored.append(StoredEvent(stream_id, expected_version + offset, event_id, event.event_type, version,
+                                      event.payload, event.occurred_at, correlation_id))
+        try:
+            with session.begin_nested():
+                session.execute(self.table.insert(), rows)
+        except IntegrityError as error:
+            raise ConcurrencyConflict(f"stream {stream_id} moved past version {expected_version}") from error
+        return stored
+
+    def all_events(self, session: Session, batch: int = 1000):
+        """Every event in a stable order, for rebuilding projections."""
+        t = self.table
+        last = ("", 0)
+        while True:
+            rows = session.execute(
+                select(t).where((t.c.stream_id > last[0]) | ((t.c.stream_id == last[0]) & (t.c.version > last[1])))
+                .order_by(t.c.stream_id, t.c.version).limit(batch)).mappings().all()
+            if not rows:
+                return
+            for row in rows:
+                yield self._stored(row)
+            last = (rows[-1]["stream_id"], rows[-1]["version"])
+
+    def _stored(self, row) -> StoredEvent:
+        return StoredEvent(
+            stream_id=row["stream_id"], version=row["version"], event_id=row["event_id"],
+            event_type=row["event_type"], schema_version=row["schema_version"],
+            payload=self.registry.decode(row["event_type"], row["payload"], row["schema_version"]),
+            occurred_at=row["occurred_at"], correlation_id=row["correlation_id"])

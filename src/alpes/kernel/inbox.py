@@ -1,0 +1,138 @@
+"""Idempotent inbox: a consumer's effect and its (subscription, event_id) commit together.
+
+The inbox row is inserted first, inside the consumer's transaction; a unique-key violation
+means "already done". A batch is handled in one transaction (one commit for many messages);
+if anything in it fails, its messages are retried one by one so a single bad message cannot
+hold back the others and each gets its own verdict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import structlog
+from sqlalchemy import Column, MetaData, PrimaryKeyConstraint, String, Table, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from .db import Database, UtcDateTime
+from .messages import IncomingEvent, OutgoingEvent, utcnow
+from .outbox import Outbox
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[Session, IncomingEvent], Sequence[OutgoingEvent] | None]
+
+
+def inbox_table(metadata: MetaData) -> Table:
+    return Table(
+        "inbox",
+        metadata,
+        Column("subscription", String(120), nullable=False),
+        Column("event_id", String(36), nullable=False),
+        Column("event_type", String(80), nullable=False),
+        Column("processed_at", UtcDateTime(), nullable=False),
+        PrimaryKeyConstraint("subscription", "event_id", name="pk_inbox"),
+    )
+
+
+class _AlreadyProcessed(Exception):
+    pass
+
+
+@dataclass
+class Outcome:
+    processed: int = 0
+    duplicates: int = 0
+    ignored: int = 0
+
+
+class InboxProcessor:
+    """Runs a subscription's handlers exactly once per event id. Knows nothing of the broker."""
+
+    def __init__(self, db: Database, inbox: Table, outbox: Outbox, subscription: str,
+                 handlers: dict[str, Handler], after_commit: Callable[[], None] | None = None) -> None:
+        self.db = db
+        self.inbox = inbox
+        self.outbox = outbox
+        self.subscription = subscription
+        self.handlers = handlers
+        self.after_commit = after_commit or (lambda: None)
+        self.totals = Outcome()
+
+    def process(self, events: Sequence[IncomingEvent]) -> dict[str, str | None]:
+        """Handle a batch; returns event_id -> None (done, ack it) or the error (nack it)."""
+        if not events:
+            return {}
+        if len(events) > 1:
+            try:
+                outcome = self._process_batch(events)
+                self._count(outcome)
+                self.after_commit()
+                return {e.event_id: None for e in events}
+            except Exception as error:
+                log.info("batch failed, retrying one by one", subscription=self.subscription,
+                         size=len(events), error=str(error)[:200])
+        verdicts: dict[str, str | None] = {}
+        for event in events:
+            verdicts[event.event_id] = self._process_single(event)
+        return verdicts
+
+    def _process_batch(self, events: Sequence[IncomingEvent]) -> Outcome:
+        outcome = Outcome()
+        with self.db.transaction() as session:
+            ids = list({e.event_id for e in events})
+            # Only an optimisation: the unique key still guards against a concurrent instance,
+            # whose insert makes this commit fail and sends the batch down the one-by-one path.
+            done = set(session.scalars(select(self.inbox.c.event_id).where(
+                self.inbox.c.subscription == self.subscription, self.inbox.c.event_id.in_(ids))))
+            fresh: list[IncomingEvent] = []
+            for event in events:
+                if event.event_id in done:
+                    outcome.duplicates += 1
+                    continue
+                done.add(event.event_id)
+                fresh.append(event)
+            if fresh:
+                session.execute(self.inbox.insert(), [self._inbox_row(e) for e in fresh])
+            for event in fresh:
+                outcome.processed += self._handle(session, event)
+            outcome.ignored = len(fresh) - outcome.processed
+        return outcome
+
+    def _process_single(self, event: IncomingEvent) -> str | None:
+        try:
+            with self.db.transaction() as session:
+                try:
+                    session.execute(self.inbox.insert().values(**self._inbox_row(event)))
+                except IntegrityError:
+                    raise _AlreadyProcessed from None
+                handled = self._handle(session, event)
+        except _AlreadyProcessed:
+            self._count(Outcome(duplicates=1))
+            return None
+        except Exception as error:
+            log.warning("handler failed", subscription=self.subscription, event_type=event.event_type,
+                        event_id=event.event_id, error=str(error)[:300])
+            return f"{type(error).__name__}: {error}"[:500]
+        self._count(Outcome(processed=handled, ignored=1 - handled))
+        self.after_commit()
+        return None
+
+    def _handle(self, session: Session, event: IncomingEvent) -> int:
+        handler = self.handlers.get(event.event_type)
+        if handler is None:
+            return 0  # an event this subscription does not act on: recorded, acknowledged
+        emitted = handler(session, event) or ()
+        self.outbox.add(session, [e.caused_by(event) for e in emitted])
+        return 1
+
+    def _inbox_row(self, event: IncomingEvent) -> dict:
+        return {"subscription": self.subscription, "event_id": event.event_id,
+                "event_type": event.event_type, "processed_at": utcnow()}
+
+    def _count(self, outcome: Outcome) -> None:
+        self.totals.processed += outcome.processed
+        self.totals.duplicates += outcome.duplicates
+        self.totals.ignored += outcome.ignored

@@ -1,0 +1,229 @@
+"""Service runtime: the moving parts every service shares (relay, consumers, jobs, health).
+
+A context's composition root builds one of these with its own tables and handlers; the
+runtime owns no domain knowledge. Lifecycle announcements (started, stopped, degraded,
+recovered) and dead-letter notices go through the outbox like every other event.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import structlog
+from sqlalchemy import Table
+from sqlalchemy.orm import Session
+
+from .broker import ConsumerWorker, PulsarBroker
+from .codec import SchemaRegistry
+from .db import Database
+from .inbox import Handler, InboxProcessor
+from .messages import IncomingEvent, OutgoingEvent, utcnow
+from .outbox import Outbox, OutboxRelay
+
+log = structlog.get_logger(__name__)
+
+SYSTEM_TOPIC = "sistema.eventos"
+
+
+@dataclass
+class ConsumerSpec:
+    topic: str
+    subscription: str
+    handlers: dict[str, Handler]
+
+
+@dataclass
+class PeriodicJob:
+    """`run()` does one unit of work in its own transaction and returns how much it did;
+    the runtime calls it again at once while it finds work, else after `interval` seconds."""
+
+    name: str
+    interval: float
+    run: Callable[[], int]
+
+
+class ServiceRuntime:
+    def __init__(self, service: str, db: Database, registry: SchemaRegistry, outbox_table: Table,
+                 inbox_table: Table, broker_url: str, *, tenant: str = "public", namespace: str = "default",
+                 consumers: list[ConsumerSpec] | None = None, jobs: list[PeriodicJob] | None = None,
+                 max_redeliveries: int = 5, consumer_batch_size: int = 200) -> None:
+        self.service = service
+        self.instance = f"{service}-{socket.gethostname()}-{os.getpid()}"
+        self.db = db
+        self.registry = registry
+        self.outbox = Outbox(outbox_table, registry)
+        self.inbox_table = inbox_table
+        self.broker_url = broker_url
+        self.tenant = tenant
+        self.namespace = namespace
+        self.consumer_specs = consumers or []
+        self.jobs = jobs or []
+        self.max_redeliveries = max_redeliveries
+        self.consumer_batch_size = consumer_batch_size
+        self.broker: PulsarBroker | None = None
+        self.relay: OutboxRelay | None = None
+        self.workers: list[ConsumerWorker] = []
+        self.processors: list[InboxProcessor] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._degraded_reason: str | None = None
+        self.started_at: float | None = None
+
+    # -- unit of work used by HTTP handlers ------------------------------------------------
+    @contextmanager
+    def unit_of_work(self) -> Iterator[tuple[Session, Callable[[list[OutgoingEvent]], None]]]:
+        """`with runtime.unit_of_work() as (session, emit): ...` state and events commit together."""
+        with self.db.transaction() as session:
+            yield session, lambda events: self.outbox.add(session, events)
+        self.wake_relay()
+
+    def wake_relay(self) -> None:
+        if self.relay is not None:
+            self.relay.wake()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self.started_at = time.time()
+        self.broker = PulsarBroker(self.broker_url, tenant=self.tenant, namespace=self.namespace,
+                                   producer_name=self.instance)
+        self.relay = OutboxRelay(self.db, self.outbox.table, self.broker)
+        self._announce("ServicioIniciado", {})
+        self.relay.start()
+        for spec in self.consumer_specs:
+            processor = InboxProcessor(self.db, self.inbox_table, self.outbox, spec.subscription,
+                                       spec.handlers, after_commit=self.wake_relay)
+            worker = ConsumerWorker(
+                self.broker, self.registry, spec.topic, spec.subscription, processor.process,
+                consumer_name=f"{self.instance}-{spec.topic}-{spec.subscription}",
+                max_redeliveries=self.max_redeliveries, batch_size=self.consumer_batch_size,
+                on_dead_letter=self._dead_letter_notice(spec))
+            self.processors.append(processor)
+            self.workers.append(worker)
+            worker.start()
+        for job in self.jobs:
+            self._spawn(f"job-{job.name}", self._job_loop, job)
+        self._spawn("watchdog", self._watchdog)
+        log.info("service started", service=self.service, instance=self.instance)
+
+    def stop(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        for worker in self.workers:
+            worker.stop()
+        for thread in self._threads:
+            thread.join(5)
+        try:
+            self._announce("ServicioDetenido", {})
+            if self.relay is not None:
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and self.relay.run_once()[0]:
+                    pass
+        except Exception as error:  # stopping because the db or broker is gone: not fatal
+            log.warning("could not flush outbox on stop", error=str(error))
+        if self.relay is not None:
+            self.relay.stop()
+        if self.broker is not None:
+            self.broker.close()
+        self.db.dispose()
+
+    def _spawn(self, name: str, target: Callable, *args) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _job_loop(self, job: PeriodicJob) -> None:
+        while not self._stop.is_set():
+            try:
+                done = job.run()
+            except Exception as error:
+                log.warning("job failed", job=job.name, error=str(error)[:300])
+                done = 0
+            if done:
+                self.wake_relay()
+            else:
+                self._stop.wait(job.interval)
+
+    # -- lifecycle events on sistema.eventos -------------------------------------------------
+    def _announce(self, event_type: str, extra: dict) -> None:
+        payload = {"servicio": self.service, "instancia": self.instance, "timestamp": utcnow(), **extra}
+        with self.db.transaction() as session:
+            self.outbox.add(session, [OutgoingEvent(SYSTEM_TOPIC, event_type, self.service, payload)])
+        self.wake_relay()
+
+    def _dead_letter_notice(self, spec: ConsumerSpec) -> Callable[[IncomingEvent | None, dict, str], None]:
+        def notice(event: IncomingEvent | None, properties: dict, error: str) -> None:
+            payload = {
+                "servicio": self.service, "topic": spec.topic, "subscription": spec.subscription,
+                "event_id": (event.event_id if event else properties.get("event_id")) or "unknown",
+                "event_type": (event.event_type if event else properties.get("event_type")) or "unknown",
+                "error": error[:500], "timestamp": utcnow(),
+            }
+            with self.db.transaction() as session:
+                self.outbox.add(session, [OutgoingEvent(SYSTEM_TOPIC, "MensajeEnviadoADeadLetter", self.service, payload)])
+            self.wake_relay()
+        return notice
+
+    def _watchdog(self) -> None:
+        while not self._stop.wait(2.0):
+            report = self.health()
+            problems = [name for name in ("database", "broker") if not report[name]["ok"]]
+            reason = ", ".join(f"{p} unreachable" for p in problems) or None
+            if reason == self._degraded_reason:
+                continue
+            try:
+                if reason:
+                    self._announce("ServicioDegradado", {"motivo": reason})
+                else:
+                    self._announce("ServicioRecuperado", {})
+                self._degraded_reason = reason
+            except Exception:
+                # The database itself is down: nothing can be recorded; try again next tick.
+                log.warning("service degraded", service=self.service, reason=reason)
+
+    # -- health --------------------------------------------------------------------------
+    def health(self) -> dict:
+        database = {"ok": True}
+        pending = None
+        try:
+            with self.db.engine.connect() as connection:
+                with Session(bind=connection) as session:
+                    pending = self.outbox.pending_count(session)
+        except Exception as error:
+            database = {"ok": False, "error": str(error)[:200]}
+        broker = {"ok": _tcp_reachable(self.broker_url), "url": self.broker_url}
+        consumers = []
+        for worker in self.workers:
+            state = worker.state.as_dict()
+            state["connected"] = worker.connected()
+            consumers.append(state)
+        ok = database["ok"] and broker["ok"]
+        return {
+            "status": "ok" if ok else "degraded",
+            "service": self.service,
+            "instance": self.instance,
+            "uptime_s": round(time.time() - (self.started_at or time.time()), 1),
+            "database": database,
+            "broker": broker,
+            "outbox": {"pending": pending,
+                       "published": self.relay.published if self.relay else 0,
+                       "publish_failures": self.relay.failures if self.relay else 0},
+            "consumers": consumers,
+        }
+
+
+def _tcp_reachable(service_url: str, timeout: float = 1.0) -> bool:
+    parsed = urlparse(service_url)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 6650), timeout=timeout):
+            return True
+    except OSError:
+        return False
+

@@ -1,0 +1,149 @@
+from __future__ import annotations
+
+from datetime import date
+from decimal import Decimal
+
+from fastapi import APIRouter, FastAPI, Query
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import func, select
+
+from alpes.kernel.http import Problem
+from alpes.kernel.money import Currency, Percentage
+from alpes.kernel.runtime import ServiceRuntime
+
+from . import handlers, tables
+
+
+class CrearCampana(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    nombre: str = Field(min_length=1, max_length=200)
+    porcentaje_comision: Percentage
+    moneda: Currency = "EUR"
+
+
+class Campana(BaseModel):
+    id: str
+    nombre: str
+    porcentaje_comision: Decimal
+    moneda: str
+    estado: str
+    creada_en: str
+
+
+def _campana(row) -> Campana:
+    return Campana(id=row["id"], nombre=row["nombre"], porcentaje_comision=row["porcentaje_comision"],
+                   moneda=row["moneda"], estado=row["estado"], creada_en=row["creada_en"].isoformat())
+
+
+def _comision(row) -> dict:
+    return {"id": row["id"], "conversion_id": row["conversion_id"], "afiliado_id": row["afiliado_id"],
+            "campana_id": row["campana_id"], "base": str(row["base"]), "porcentaje": str(row["porcentaje"]),
+            "monto": str(row["monto"]), "moneda": row["moneda"], "estado": row["estado"],
+            "calculada_en": row["calculada_en"].isoformat()}
+
+
+def include_routes(runtime: ServiceRuntime):
+    router = APIRouter()
+    c = tables.campanas
+    k = tables.comisiones
+
+    @router.post("/campanas", status_code=201, response_model=Campana, tags=["campanas"])
+    def crear(body: CrearCampana) -> Campana:
+        with runtime.unit_of_work() as (session, emit):
+            campana_id, events = handlers.create_campana(session, body.nombre, body.porcentaje_comision, body.moneda)
+            emit(events)
+        return obtener(campana_id)
+
+    @router.get("/campanas", tags=["campanas"])
+    def listar(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict:
+        with runtime.db.transaction() as session:
+            rows = session.execute(select(c).order_by(c.c.creada_en, c.c.id).limit(limit).offset(offset)).mappings().all()
+        return {"campanas": [_campana(r).model_dump(mode="json") for r in rows]}
+
+    @router.get("/campanas/{campana_id}", response_model=Campana, tags=["campanas"])
+    def obtener(campana_id: str) -> Campana:
+        with runtime.db.transaction() as session:
+            row = session.execute(select(c).where(c.c.id == campana_id)).mappings().first()
+        if row is None:
+            raise Problem(404, "campana_id", "no campaign with this id")
+        return _campana(row)
+
+    @router.get("/comisiones", tags=["comisiones"])
+    def comisiones(afiliado_id: str | None = None, campana_id: str | None = None, conversion_id: str | None = None,
+                   limit: int = Query(1000, ge=1, le=10000), offset: int = Query(0, ge=0)) -> dict:
+        query = select(k).order_by(k.c.calculada_en, k.c.id).limit(limit).offset(offset)
+        for column, value in (("afiliado_id", afiliado_id), ("campana_id", campana_id), ("conversion_id", conversion_id)):
+            if value is not None:
+                query = query.where(k.c[column] == value)
+        with runtime.db.transaction() as session:
+            rows = session.execute(query).mappings().all()
+        return {"comisiones": [_comision(r) for r in rows]}
+
+    @router.get("/comisiones/{comision_id}", tags=["comisiones"])
+    def comision(comision_id: str) -> dict:
+        with runtime.db.transaction() as session:
+            row = session.execute(select(k).where(k.c.id == comision_id)).mappings().first()
+        if row is None:
+            raise Problem(404, "comision_id", "no commission with this id")
+        return _comision(row)
+
+    @router.get("/reportes", tags=["reportes"])
+    def reportes(desde: date | None = None, hasta: date | None = None, campana_id: str | None = None,
+                 afiliado_id: str | None = None) -> dict:
+        """Per day, campaign and affiliate: conversions (analytics-consumer) and commissions (reporting-consumer)."""
+        if desde and hasta and desde > hasta:
+            raise Problem(422, "desde", "desde is after hasta")
+        rows: dict[tuple, dict] = {}
+        with runtime.db.transaction() as session:
+            for table, fields in ((tables.analitica_conversiones, ("detectadas", "validadas", "rechazadas", "ingresos")),
+                                  (tables.reporte_comisiones, ("comisiones", "monto"))):
+                query = select(table)
+                for column, value in (("campana_id", campana_id), ("afiliado_id", afiliado_id)):
+                    if value is not None:
+                        query = query.where(table.c[column] == value)
+                if desde:
+                    query = query.where(table.c.dia >= desde)
+                if hasta:
+                    query = query.where(table.c.dia <= hasta)
+                for r in session.execute(query).mappings():
+                    key = (r["dia"], r["campana_id"], r["afiliado_id"])
+                    line = rows.setdefault(key, {
+                        "dia": r["dia"].isoformat(), "campana_id": r["campana_id"], "afiliado_id": r["afiliado_id"],
+                        "detectadas": 0, "validadas": 0, "rechazadas": 0, "ingresos": Decimal("0.00"),
+                        "comisiones": 0, "monto": Decimal("0.00")})
+                    for f in fields:
+                        line[f] += r[f]
+        lines = [rows[key] for key in sorted(rows)]
+        for line in lines:
+            line["tasa_validacion"] = str((Decimal(line["validadas"]) / line["detectadas"]).quantize(Decimal("0.0001"))) \
+                if line["detectadas"] else None
+            line["ingresos"] = str(line["ingresos"])
+            line["monto"] = str(line["monto"])
+        return {"reportes": lines}
+
+    @router.get("/pagos/saldos", tags=["pagos"])
+    def saldos() -> dict:
+        """payment-consumer's ledger, summed per affiliate and currency."""
+        l = tables.ledger_pagos
+        with runtime.db.transaction() as session:
+            rows = session.execute(select(l.c.afiliado_id, l.c.moneda, func.count(), func.sum(l.c.monto))
+                                   .group_by(l.c.afiliado_id, l.c.moneda).order_by(l.c.afiliado_id)).all()
+        return {"saldos": [{"afiliado_id": a, "moneda": m, "lineas": n, "saldo": str(s)} for a, m, n, s in rows]}
+
+    @router.get("/pagos/ledger", tags=["pagos"])
+    def ledger(afiliado_id: str | None = None, limit: int = Query(1000, ge=1, le=10000)) -> dict:
+        l = tables.ledger_pagos
+        query = select(l).order_by(l.c.id).limit(limit)
+        if afiliado_id:
+            query = query.where(l.c.afiliado_id == afiliado_id)
+        with runtime.db.transaction() as session:
+            rows = session.execute(query).mappings().all()
+        return {"ledger": [{"id": r["id"], "afiliado_id": r["afiliado_id"], "comision_id": r["comision_id"],
+                            "tipo": r["tipo"], "monto": str(r["monto"]), "moneda": r["moneda"],
+                            "registrado_en": r["registrado_en"].isoformat()} for r in rows]}
+
+    def include(app: FastAPI) -> None:
+        app.include_router(router)
+
+    return include

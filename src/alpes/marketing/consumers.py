@@ -1,0 +1,24 @@
+"""What marketing does with each message of its subscriptions (declared in alpes.contract)."""
+
+from alpes.kernel.runtime import ConsumerSpec
+
+from . import handlers
+
+
+def consumer_specs() -> list[ConsumerSpec]:
+    return [
+        ConsumerSpec("afiliados.eventos", "marketing-consumer", {
+            "AfiliadoValidado": handlers.enable_afiliado,
+            "AfiliadoRechazado": handlers.note_rejected_afiliado,
+        }),
+        ConsumerSpec("conversiones.eventos", "marketing-consumer", {
+            "ConversionValidated": handlers.calculate_comision,
+        }),
+        ConsumerSpec("conversiones.eventos", "analytics-consumer", {
+            "ConversionDetected": handlers.count_detected,
+            "ConversionValidated": handlers.count_validated,
+            "ConversionRejected": handlers.count_rejected,
+        }),
+        ConsumerSpec("comisiones.eventos", "reporting-consumer", {"ComisionCalculada": handlers.report_comision}),
+        ConsumerSpec("comisiones.eventos", "payment-consumer", {"ComisionCalculada": handlers.book_accrual}),
+    ]

@@ -1,0 +1,104 @@
+"""Marketing use cases and message handlers: plain functions over a session."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from sqlalchemy import exists, select
+from sqlalchemy.orm import Session
+
+from alpes.kernel.db import upsert_add
+from alpes.kernel.messages import IncomingEvent, OutgoingEvent, new_id, utcnow
+
+from . import domain, tables
+
+MARKETING = "marketing.eventos"
+COMISIONES = "comisiones.eventos"
+
+
+def create_campana(session: Session, nombre: str, porcentaje: Decimal, moneda: str) -> tuple[str, list[OutgoingEvent]]:
+    campana_id = new_id()
+    now = utcnow()
+    session.execute(tables.campanas.insert().values(
+        id=campana_id, nombre=nombre, porcentaje_comision=porcentaje, moneda=moneda,
+        estado=domain.ACTIVA, creada_en=now))
+    return campana_id, [OutgoingEvent(MARKETING, "CampanaCreada", campana_id, {
+        "id": campana_id, "nombre": nombre, "porcentaje_comision": porcentaje, "moneda": moneda, "timestamp": now})]
+
+
+# -- marketing-consumer on afiliados.eventos ----------------------------------------------
+def enable_afiliado(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """A validated affiliate may take part in programs: tell conversiones through our topic."""
+    afiliado_id = event.payload["id"]
+    t = tables.afiliados
+    if session.scalar(select(exists().where(t.c.afiliado_id == afiliado_id))):
+        return []
+    now = utcnow()
+    session.execute(t.insert().values(afiliado_id=afiliado_id, estado="habilitado", actualizado_en=now))
+    return [OutgoingEvent(MARKETING, "AfiliadoHabilitado", afiliado_id, {"afiliado_id": afiliado_id, "timestamp": now})]
+
+
+def note_rejected_afiliado(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    t = tables.afiliados
+    afiliado_id = event.payload["id"]
+    if not session.scalar(select(exists().where(t.c.afiliado_id == afiliado_id))):
+        session.execute(t.insert().values(afiliado_id=afiliado_id, estado="rechazado", actualizado_en=utcnow()))
+    return []
+
+
+# -- marketing-consumer on conversiones.eventos ---------------------------------------------
+def calculate_comision(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    p = event.payload
+    c = tables.comisiones
+    if session.scalar(select(exists().where(c.c.conversion_id == p["conversion_id"]))):
+        return []  # the unique key on conversion_id guards races; this skips the common duplicate
+    campana = session.execute(select(tables.campanas).where(tables.campanas.c.id == p["campaign_id"])).mappings().first()
+    if campana is None:
+        raise LookupError(f"conversion {p['conversion_id']} names unknown campaign {p['campaign_id']}")
+    monto = domain.calcular_comision(p["conversion_value"], campana["porcentaje_comision"])
+    comision_id = new_id()
+    now = utcnow()
+    session.execute(c.insert().values(
+        id=comision_id, conversion_id=p["conversion_id"], afiliado_id=p["affiliate_id"], campana_id=p["campaign_id"],
+        base=p["conversion_value"], porcentaje=campana["porcentaje_comision"], monto=monto, moneda=campana["moneda"],
+        estado=domain.PENDIENTE, correlation_id=event.correlation_id, calculada_en=now))
+    return [OutgoingEvent(COMISIONES, "ComisionCalculada", comision_id, {
+        "id": comision_id, "conversion_id": p["conversion_id"], "afiliado_id": p["affiliate_id"],
+        "campana_id": p["campaign_id"], "base": p["conversion_value"], "porcentaje": campana["porcentaje_comision"],
+        "monto": monto, "moneda": campana["moneda"], "timestamp": now})]
+
+
+# -- analytics-consumer on conversiones.eventos ---------------------------------------------
+def _count_conversion(column: str, with_revenue: bool = False):
+    def handler(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+        p = event.payload
+        increments = {column: 1}
+        if with_revenue:
+            increments["ingresos"] = p["conversion_value"]
+        upsert_add(session, tables.analitica_conversiones,
+                   {"dia": p["timestamp"].date(), "campana_id": p["campaign_id"], "afiliado_id": p["affiliate_id"]},
+                   {"detectadas": 0, "validadas": 0, "rechazadas": 0, "ingresos": Decimal(0), **increments})
+        return []
+    return handler
+
+
+count_detected = _count_conversion("detectadas")
+count_validated = _count_conversion("validadas", with_revenue=True)
+count_rejected = _count_conversion("rechazadas")
+
+
+# -- reporting-consumer and payment-consumer on comisiones.eventos ---------------------------
+def report_comision(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    p = event.payload
+    upsert_add(session, tables.reporte_comisiones,
+               {"dia": p["timestamp"].date(), "campana_id": p["campana_id"], "afiliado_id": p["afiliado_id"]},
+               {"comisiones": 1, "monto": p["monto"]})
+    return []
+
+
+def book_accrual(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    p = event.payload
+    session.execute(tables.ledger_pagos.insert().values(
+        afiliado_id=p["afiliado_id"], comision_id=p["id"], tipo="devengo", monto=p["monto"], moneda=p["moneda"],
+        registrado_en=utcnow()))
+    return []

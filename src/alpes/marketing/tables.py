@@ -1,0 +1,81 @@
+from sqlalchemy import Column, Date, Integer, MetaData, PrimaryKeyConstraint, String, Table
+from sqlalchemy import BigInteger
+
+from alpes.kernel.db import ScaledDecimal, UtcDateTime
+from alpes.kernel.inbox import inbox_table
+from alpes.kernel.outbox import outbox_table
+
+metadata = MetaData()
+
+campanas = Table(
+    "campanas", metadata,
+    Column("id", String(36), primary_key=True),
+    Column("nombre", String(200), nullable=False),
+    Column("porcentaje_comision", ScaledDecimal(4), nullable=False),
+    Column("moneda", String(3), nullable=False),
+    Column("estado", String(20), nullable=False),
+    Column("creada_en", UtcDateTime(), nullable=False),
+)
+
+# Affiliates marketing learned of on afiliados.eventos.
+afiliados = Table(
+    "afiliados", metadata,
+    Column("afiliado_id", String(36), primary_key=True),
+    Column("estado", String(20), nullable=False),
+    Column("actualizado_en", UtcDateTime(), nullable=False),
+)
+
+comisiones = Table(
+    "comisiones", metadata,
+    Column("id", String(36), primary_key=True),
+    # One commission per conversion, by construction.
+    Column("conversion_id", String(36), nullable=False, unique=True),
+    Column("afiliado_id", String(36), nullable=False, index=True),
+    Column("campana_id", String(36), nullable=False, index=True),
+    Column("base", ScaledDecimal(2), nullable=False),
+    Column("porcentaje", ScaledDecimal(4), nullable=False),
+    Column("monto", ScaledDecimal(2), nullable=False),
+    Column("moneda", String(3), nullable=False),
+    Column("estado", String(20), nullable=False),
+    Column("correlation_id", String(36), nullable=False),
+    Column("calculada_en", UtcDateTime(), nullable=False),
+)
+
+# analytics-consumer (conversiones.eventos): conversions per day, campaign and affiliate.
+analitica_conversiones = Table(
+    "analitica_conversiones", metadata,
+    Column("dia", Date, nullable=False),
+    Column("campana_id", String(36), nullable=False),
+    Column("afiliado_id", String(36), nullable=False),
+    Column("detectadas", Integer, nullable=False, default=0),
+    Column("validadas", Integer, nullable=False, default=0),
+    Column("rechazadas", Integer, nullable=False, default=0),
+    Column("ingresos", ScaledDecimal(2), nullable=False, default=0),
+    PrimaryKeyConstraint("dia", "campana_id", "afiliado_id", name="pk_analitica_conversiones"),
+)
+
+# reporting-consumer (comisiones.eventos): commissions per day, campaign and affiliate.
+reporte_comisiones = Table(
+    "reporte_comisiones", metadata,
+    Column("dia", Date, nullable=False),
+    Column("campana_id", String(36), nullable=False),
+    Column("afiliado_id", String(36), nullable=False),
+    Column("comisiones", Integer, nullable=False, default=0),
+    Column("monto", ScaledDecimal(2), nullable=False, default=0),
+    PrimaryKeyConstraint("dia", "campana_id", "afiliado_id", name="pk_reporte_comisiones"),
+)
+
+# payment-consumer (comisiones.eventos): the payment ledger, one accrual line per commission.
+ledger_pagos = Table(
+    "ledger_pagos", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("afiliado_id", String(36), nullable=False, index=True),
+    Column("comision_id", String(36), nullable=False, unique=True),
+    Column("tipo", String(20), nullable=False),
+    Column("monto", ScaledDecimal(2), nullable=False),
+    Column("moneda", String(3), nullable=False),
+    Column("registrado_en", UtcDateTime(), nullable=False),
+)
+
+outbox = outbox_table(metadata)
+inbox = inbox_table(metadata)

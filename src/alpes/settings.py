@@ -1,0 +1,63 @@
+"""Configuration: embedded defaults, production by environment variables only.
+
+ALPES_DATA_DIR            data directory (SQLite files, broker store, logs); default ./.alpes
+ALPES_BROKER_URL          pulsar://host:6650 of a real Pulsar; unset: the embedded broker
+ALPES_PULSAR_ADMIN_URL    http://host:8080 of that cluster, for `alpes provision`
+ALPES_PULSAR_TENANT       default public
+ALPES_PULSAR_NAMESPACE    default default
+ALPES_<SERVICE>_DB_URL    SQLAlchemy URL per service, e.g. mysql+pymysql://u:p@db/afiliados
+ALPES_<SERVICE>_PORT      HTTP port per service (8001-8004 by default)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .contract import SERVICES
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ALPES_", env_file=None, extra="ignore")
+
+    data_dir: Path = Path(".alpes")
+    host: str = "127.0.0.1"
+    broker_url: str | None = None
+    broker_port: int = 6650
+    pulsar_admin_url: str | None = None
+    pulsar_tenant: str = "public"
+    pulsar_namespace: str = "default"
+
+    afiliados_db_url: str | None = None
+    conversiones_db_url: str | None = None
+    marketing_db_url: str | None = None
+    auditoria_db_url: str | None = None
+
+    afiliados_port: int = SERVICES["afiliados"]
+    conversiones_port: int = SERVICES["conversiones"]
+    marketing_port: int = SERVICES["marketing"]
+    auditoria_port: int = SERVICES["auditoria"]
+
+    max_redeliveries: int = Field(5, ge=1)
+    # How long conversiones waits to learn of an affiliate/campaign it has not heard of yet
+    # (events are eventually consistent) before rejecting a conversion that names it.
+    reference_grace_seconds: float = Field(10.0, ge=0)
+    consumer_batch_size: int = Field(200, ge=1, le=5000)
+
+    def db_url(self, service: str) -> str:
+        url = getattr(self, f"{service}_db_url")
+        if url:
+            return url
+        return f"sqlite:///{(self.data_dir / f'{service}.db').resolve()}"
+
+    def port(self, service: str) -> int:
+        return getattr(self, f"{service}_port")
+
+    @property
+    def embedded_broker(self) -> bool:
+        return not self.broker_url
+
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"pulsar://127.0.0.1:{self.broker_port}"
