@@ -1,0 +1,89 @@
+"""Shared fixtures: fresh databases on SQLite and MariaDB, a real embedded broker."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from alpes.kernel import embedded_broker
+from alpes.kernel.codec import SchemaRegistry
+
+MARIADB_URL = os.environ.get("ALPES_TEST_MARIADB_URL", "mysql+pymysql://root:@127.0.0.1:3306")
+REQUIRE_MARIADB = os.environ.get("ALPES_REQUIRE_MARIADB", "").lower() in ("1", "true", "yes")
+
+
+def mariadb_available() -> bool:
+    import pymysql
+
+    try:
+        from sqlalchemy.engine import make_url
+
+        url = make_url(MARIADB_URL)
+        pymysql.connect(host=url.host, port=url.port or 3306, user=url.username, password=url.password or "",
+                        connect_timeout=2).close()
+        return True
+    except Exception:
+        return False
+
+
+def create_mariadb_database(prefix: str = "alpes_t") -> tuple[str, callable]:
+    """A fresh database on the MariaDB server; returns (SQLAlchemy URL, drop function)."""
+    import pymysql
+    from sqlalchemy.engine import make_url
+
+    if not mariadb_available():
+        if REQUIRE_MARIADB:
+            pytest.fail(f"MariaDB required (ALPES_REQUIRE_MARIADB) but not reachable at {MARIADB_URL}")
+        pytest.skip(f"MariaDB not reachable at {MARIADB_URL}")
+    url = make_url(MARIADB_URL)
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+    def connect():
+        return pymysql.connect(host=url.host, port=url.port or 3306, user=url.username,
+                               password=url.password or "", autocommit=True)
+
+    connection = connect()
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+    connection.close()
+
+    def drop() -> None:
+        c = connect()
+        with c.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        c.close()
+
+    return f"{MARIADB_URL.rstrip('/')}/{name}?charset=utf8mb4", drop
+
+
+@pytest.fixture(params=["sqlite", pytest.param("mariadb", marks=pytest.mark.mariadb)])
+def db_url(request, tmp_path: Path):
+    """A fresh, empty database URL on each backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'test.db'}"
+        return
+    url, drop = create_mariadb_database()
+    yield url
+    drop()
+
+
+@pytest.fixture(scope="session")
+def registry() -> SchemaRegistry:
+    return SchemaRegistry.from_directory()
+
+
+@pytest.fixture(scope="session")
+def broker_url(tmp_path_factory):
+    """A real embedded pulsar-lite broker for the session. New topics get 4 partitions."""
+    directory = tmp_path_factory.mktemp("broker")
+    port = embedded_broker.free_port()
+    process = embedded_broker.start_broker_process(directory, port, default_partitions=4)
+    yield f"pulsar://127.0.0.1:{port}"
+    embedded_broker.stop_process(process)
+
+
+def unique(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:8]}"
