@@ -1,0 +1,35 @@
+# Two commands do everything on a fresh machine with Python 3.11+:
+#   make up     install into .venv and run the platform (embedded broker + 4 services)
+#   make test   install into .venv and run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+
+.PHONY: up test test-slow test-all bench install clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ required"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+up: install
+	$(BIN)/alpes up
+
+test: install
+	$(BIN)/lint-imports
+	$(BIN)/pytest -m "not slow" -q
+
+test-slow: install
+	$(BIN)/pytest -m slow -q
+
+test-all: test test-slow
+
+bench: install
+	$(BIN)/alpes bench
+
+clean:
+	rm -rf $(VENV) .alpes
