@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timezone
-from decimal import Decimal
+from decimal import MAX_PREC, Context, Decimal
 from pathlib import Path
 
 from sqlalchemy import BigInteger, DateTime, Table, TypeDecorator, create_engine, event, text
@@ -105,6 +105,9 @@ def run_alembic_env(target_metadata) -> None:
     engine.dispose()
 
 
+_EXACT = Context(prec=MAX_PREC)
+
+
 class ScaledDecimal(TypeDecorator):
     """Exact decimal stored as an integer of 10^-scale units (money in minor units).
 
@@ -122,7 +125,8 @@ class ScaledDecimal(TypeDecorator):
     def process_bind_param(self, value, dialect):
         if value is None:
             return None
-        units = Decimal(value).scaleb(self.scale)
+        # Exact shift: the default context (28 digits) would round away extra places unseen.
+        units = Decimal(value).scaleb(self.scale, context=_EXACT)
         if units != units.to_integral_value():
             raise ValueError(f"{value} has more than {self.scale} decimal places")
         return int(units)
