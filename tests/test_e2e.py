@@ -1,0 +1,147 @@
+"""End to end through the running platform (`alpes up`): four processes, a real broker, real databases."""
+
+from __future__ import annotations
+
+from collections import Counter
+from decimal import Decimal
+
+import pytest
+
+from alpes.contract import SERVICES
+from harness import Platform, wait_until
+from conftest import create_mariadb_database
+
+
+@pytest.fixture(params=["sqlite", pytest.param("mariadb", marks=pytest.mark.mariadb)])
+def platform(request, tmp_path):
+    env, drops = {}, []
+    if request.param == "mariadb":
+        for name in SERVICES:
+            url, drop = create_mariadb_database(f"alpes_e2e_{name}")
+            env[f"ALPES_{name.upper()}_DB_URL"] = url
+            drops.append(drop)
+    running = Platform(tmp_path / "alpes", env).start()
+    yield running
+    running.stop()
+    for drop in drops:
+        drop()
+
+
+def _register(platform: Platform, email: str, nombre: str = "Ana Pérez") -> str:
+    response = platform.post("afiliados", "/afiliados", {"user_id": email, "email": email, "nombre": nombre})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def test_the_whole_flow_through_four_services(platform: Platform):
+    ana = _register(platform, "ana@example.com")
+    tramposo = _register(platform, "bot@mailinator.com")
+    campaign = platform.post("marketing", "/campanas", {"nombre": "Black Friday", "porcentaje_comision": "12.5"})
+    assert campaign.status_code == 201
+    campaign_id = campaign.json()["id"]
+
+    # Automatic validation, then marketing enables the affiliate and conversiones learns it.
+    assert wait_until(lambda: platform.get("afiliados", f"/afiliados/{ana}")["estado"] == "validado",
+                      what="ana validated")
+    rejected = wait_until(lambda: (a := platform.get("afiliados", f"/afiliados/{tramposo}"))["estado"] == "rechazado" and a,
+                          what="disposable email rejected")
+    assert rejected["motivos"] == ["email_desechable"]
+
+    sale = {"affiliate_id": ana, "campaign_id": campaign_id, "user_id": "cust-1", "conversion_value": "99.99",
+            "conversion_type": "sale", "order_id": "order-1"}
+
+    def validated_postback():
+        response = platform.post("conversiones", "/conversiones", {**sale, "order_id": f"probe-{ana}"})
+        return response.json()["status"] == "validated"
+    wait_until(validated_postback, what="conversiones to learn the affiliate and campaign")
+
+    first = platform.post("conversiones", "/conversiones", sale)
+    assert first.status_code == 200
+    conversion_id = first.json()["id"]
+    repeat = platform.post("conversiones", "/conversiones", sale)
+    assert repeat.status_code == 200 and repeat.json()["id"] == conversion_id
+    stranger = platform.post("conversiones", "/conversiones", {**sale, "affiliate_id": "nobody", "order_id": "o-2"})
+    assert stranger.status_code == 200
+    stranger_id = stranger.json()["id"]
+    rejected_by_fraud_rules = platform.post("conversiones", "/conversiones",
+                                            {**sale, "affiliate_id": tramposo, "order_id": "o-3"}).json()["id"]
+
+    # The unknown affiliate is rejected asynchronously, with a reason, once its grace period ran out.
+    conversion = wait_until(lambda: (c := platform.get("conversiones", f"/conversiones/{stranger_id}"))["status"] == "rejected" and c,
+                            what="unknown affiliate rejected")
+    assert conversion["reason"] == "affiliate_unknown"
+    assert wait_until(lambda: platform.get("conversiones", f"/conversiones/{rejected_by_fraud_rules}")["status"] == "rejected")
+
+    # Exact commission: 99.99 × 12.5% = 12.49875 → 12.50.
+    commission = wait_until(lambda: platform.get("marketing", "/comisiones", conversion_id=conversion_id)["comisiones"],
+                            what="commission")[0]
+    assert (commission["monto"], commission["base"], commission["afiliado_id"]) == ("12.50", "99.99", ana)
+    probe = platform.get("conversiones", "/conversiones", affiliate_id=ana, status="validated")["conversiones"]
+    expected_total = sum(Decimal("12.50") for _ in probe)
+
+    # comisiones.eventos feeds afiliados (earnings), reporting and the payment ledger.
+    earnings = wait_until(lambda: (a := platform.get("afiliados", f"/afiliados/{ana}"))["comisiones"] == len(probe) and a,
+                          what="affiliate earnings")
+    assert Decimal(earnings["ganancias_pendientes"]) == expected_total
+    saldo = wait_until(lambda: platform.get("marketing", "/pagos/saldos")["saldos"], what="ledger")
+    assert [(s["afiliado_id"], Decimal(s["saldo"]), s["lineas"]) for s in saldo] == [(ana, expected_total, len(probe))]
+    report = wait_until(lambda: [r for r in platform.get("marketing", "/reportes")["reportes"]
+                                 if r["afiliado_id"] == ana and r["comisiones"] == len(probe)], what="report")[0]
+    assert report["validadas"] == len(probe) and Decimal(report["monto"]) == expected_total
+
+    # Everything listed oldest first, as the original contract did.
+    listed = platform.get("conversiones", "/conversiones")["conversiones"]
+    assert [c["timestamp"] for c in listed] == sorted(c["timestamp"] for c in listed)
+    assert {conversion_id, stranger_id} <= {c["id"] for c in listed}
+
+    # Auditoria holds every business event exactly once, in an intact chain.
+    def audit_complete():
+        events = platform.get("auditoria", "/auditoria/eventos", limit=10000)["eventos"]
+        types = Counter(e["event_type"] for e in events)
+        return (types["ComisionCalculada"] == len(probe) and types["ConversionRejected"] == 2
+                and types["AfiliadoRechazado"] == 1 and events)
+    events = wait_until(audit_complete, what="audit log complete")
+    assert len({e["event_id"] for e in events}) == len(events)
+    types = Counter(e["event_type"] for e in events)
+    assert types["AfiliadoRegistrado"] == 2 and types["AfiliadoValidado"] == 1 and types["CampanaCreada"] == 1
+    assert types["AfiliadoHabilitado"] == 1
+    assert types["ConversionDetected"] == len(listed)
+    trail = platform.get("auditoria", "/auditoria/eventos", aggregate_id=conversion_id)["eventos"]
+    assert [e["event_type"] for e in trail] == ["ConversionDetected", "ConversionValidated"]
+    assert all(e["correlation_id"] == conversion_id for e in trail)
+    verification = wait_until(lambda: (v := platform.get("auditoria", "/auditoria/verificacion"))["compliance_consumer"]["verified"] == len(events) and v,
+                              what="compliance consumer caught up")
+    assert verification["ok"] and verification["records"] == len(events)
+    findings = wait_until(lambda: platform.get("auditoria", "/auditoria/hallazgos")["hallazgos"], what="security findings")
+    assert {f["motivo"] for f in findings} >= {"email_desechable", "affiliate_unknown"}
+
+    # Every service announced itself on sistema.eventos; health is truthful.
+    services = wait_until(lambda: (s := platform.get("auditoria", "/sistema/servicios")["servicios"]) and len(s) == 4 and s,
+                          what="service announcements")
+    assert {s["servicio"] for s in services} == set(SERVICES) and {s["estado"] for s in services} == {"iniciado"}
+    for name in SERVICES:
+        health = platform.get(name, "/health")
+        assert health["status"] == "ok" and health["database"]["ok"] and health["broker"]["ok"]
+        assert all(c["connected"] for c in health["consumers"])
+    assert wait_until(lambda: all(platform.get(n, "/health")["outbox"]["pending"] == 0 for n in SERVICES),
+                      what="outboxes drained")
+
+
+def test_data_survives_a_restart(tmp_path):
+    first = Platform(tmp_path / "alpes").start()
+    try:
+        ana = _register(first, "keep@example.com")
+        wait_until(lambda: first.get("afiliados", f"/afiliados/{ana}")["estado"] == "validado")
+        wait_until(lambda: first.get("auditoria", "/auditoria/eventos", aggregate_id=ana)["eventos"])
+    finally:
+        assert first.stop() == 0
+    second = Platform(tmp_path / "alpes").start()
+    try:
+        assert second.get("afiliados", f"/afiliados/{ana}")["estado"] == "validado"
+        campaign = second.post("marketing", "/campanas", {"nombre": "After restart", "porcentaje_comision": 5}).json()
+        events = wait_until(lambda: (e := second.get("auditoria", "/auditoria/eventos")["eventos"])
+                            and any(x["aggregate_id"] == campaign["id"] for x in e) and e, what="audit after restart")
+        assert len({e["event_id"] for e in events}) == len(events)
+        assert second.get("auditoria", "/auditoria/verificacion")["ok"]
+    finally:
+        second.stop()
