@@ -66,13 +66,13 @@ def include_routes(runtime: ServiceRuntime):
         query = select(a).order_by(a.c.registrado_en, a.c.id).limit(limit).offset(offset)
         if estado:
             query = query.where(a.c.estado == estado)
-        with runtime.db.transaction() as session:
+        with runtime.db.read() as session:
             rows = session.execute(query).mappings().all()
         return {"afiliados": [_afiliado(r).model_dump(mode="json") for r in rows]}
 
     @router.get("/afiliados/{afiliado_id}", response_model=Afiliado)
     def obtener(afiliado_id: str) -> Afiliado:
-        with runtime.db.transaction() as session:
+        with runtime.db.read() as session:
             row = session.execute(select(a).where(a.c.id == afiliado_id)).mappings().first()
         if row is None:
             raise Problem(404, "afiliado_id", "no affiliate with this id")
@@ -81,7 +81,7 @@ def include_routes(runtime: ServiceRuntime):
     @router.get("/programas")
     def programas() -> dict:
         p = tables.programas
-        with runtime.db.transaction() as session:
+        with runtime.db.read() as session:
             rows = session.execute(select(p).order_by(p.c.creada_en)).mappings().all()
         return {"programas": [{"id": r["id"], "nombre": r["nombre"], "porcentaje_comision": str(r["porcentaje_comision"]),
                                "moneda": r["moneda"]} for r in rows]}

@@ -32,7 +32,7 @@ def include_routes(runtime: ServiceRuntime):
             query = query.where(log.c.occurred_at >= desde)
         if hasta:
             query = query.where(log.c.occurred_at <= hasta)
-        with runtime.db.transaction() as session:
+        with runtime.db.read() as session:
             rows = session.execute(query).mappings().all()
             total = session.scalar(select(func.count()).select_from(log))
         return {"total": total, "eventos": [{
@@ -45,7 +45,7 @@ def include_routes(runtime: ServiceRuntime):
     @router.get("/auditoria/verificacion", tags=["auditoria"])
     def verificacion() -> dict:
         """Walk the whole hash chain now; report the first broken link."""
-        with runtime.db.transaction() as session:
+        with runtime.db.read() as session:
             count, broken = handlers.verify_audit_chain(session)
             compliance = session.execute(select(tables.compliance_state)).mappings().first()
         return {"records": count, "ok": broken is None,
@@ -56,7 +56,7 @@ def include_routes(runtime: ServiceRuntime):
     @router.get("/auditoria/hallazgos", tags=["auditoria"])
     def hallazgos(limit: int = Query(1000, ge=1, le=10000)) -> dict:
         t = tables.security_findings
-        with runtime.db.transaction() as session:
+        with runtime.db.read() as session:
             rows = session.execute(select(t).order_by(t.c.audit_seq).limit(limit)).mappings().all()
         return {"hallazgos": [{"audit_seq": r["audit_seq"], "event_type": r["event_type"],
                                "aggregate_id": r["aggregate_id"], "motivo": r["motivo"]} for r in rows]}
@@ -64,7 +64,7 @@ def include_routes(runtime: ServiceRuntime):
     @router.get("/sistema/servicios", tags=["sistema"])
     def servicios() -> dict:
         t = tables.servicios
-        with runtime.db.transaction() as session:
+        with runtime.db.read() as session:
             rows = session.execute(select(t).order_by(t.c.servicio, t.c.instancia)).mappings().all()
         return {"servicios": [{"instancia": r["instancia"], "servicio": r["servicio"], "estado": r["estado"],
                                "motivo": r["motivo"], "actualizado_en": r["actualizado_en"].isoformat()} for r in rows]}
@@ -72,7 +72,7 @@ def include_routes(runtime: ServiceRuntime):
     @router.get("/sistema/alertas", tags=["sistema"])
     def alertas(limit: int = Query(200, ge=1, le=10000)) -> dict:
         t = tables.alertas
-        with runtime.db.transaction() as session:
+        with runtime.db.read() as session:
             rows = session.execute(select(t).order_by(t.c.creada_en.desc()).limit(limit)).mappings().all()
         return {"alertas": [{"event_id": r["event_id"], "servicio": r["servicio"], "tipo": r["tipo"],
                              "mensaje": r["mensaje"], "creada_en": r["creada_en"].isoformat()} for r in rows]}

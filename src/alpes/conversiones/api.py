@@ -71,7 +71,7 @@ def include_routes(runtime: ServiceRuntime, grace: timedelta):
             if order_id is None:
                 raise
             # A concurrent postback with the same order id committed first: answer with its id.
-            with runtime.db.transaction() as session:
+            with runtime.db.read() as session:
                 conversion_id = session.scalar(select(tables.order_keys.c.conversion_id).where(
                     tables.order_keys.c.campaign_id == body.campaign_id, tables.order_keys.c.order_id == order_id))
             created = False
@@ -87,13 +87,13 @@ def include_routes(runtime: ServiceRuntime, grace: timedelta):
         for column, value in (("status", status), ("affiliate_id", affiliate_id), ("campaign_id", campaign_id)):
             if value is not None:
                 query = query.where(v.c[column] == value)
-        with runtime.db.transaction() as session:
+        with runtime.db.read() as session:
             rows = session.execute(query).mappings().all()
         return {"conversiones": [_conversion(r) for r in rows]}
 
     @router.get("/conversiones/{conversion_id}")
     def obtener(conversion_id: str) -> dict:
-        with runtime.db.transaction() as session:
+        with runtime.db.read() as session:
             row = session.execute(select(v).where(v.c.id == conversion_id)).mappings().first()
         if row is None:
             raise Problem(404, "conversion_id", "no conversion with this id")
@@ -102,7 +102,7 @@ def include_routes(runtime: ServiceRuntime, grace: timedelta):
     @router.get("/conversiones/{conversion_id}/eventos")
     def historia(conversion_id: str) -> dict:
         """The conversion's event stream, as stored (upcast to the newest schema of each event)."""
-        with runtime.db.transaction() as session:
+        with runtime.db.read() as session:
             events = store.load(session, conversion_id)
         if not events:
             raise Problem(404, "conversion_id", "no conversion with this id")
@@ -118,6 +118,6 @@ def include_routes(runtime: ServiceRuntime, grace: timedelta):
 
 
 def _status(runtime: ServiceRuntime, conversion_id: str) -> str:
-    with runtime.db.transaction() as session:
+    with runtime.db.read() as session:
         return session.scalar(select(tables.conversiones_view.c.status)
                               .where(tables.conversiones_view.c.id == conversion_id)) or domain.DETECTED

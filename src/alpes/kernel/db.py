@@ -13,13 +13,13 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 
-def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+def make_engine(url: str, *, pool_size: int = 10, for_writes: bool = True) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-        _sqlite_pragmas(engine)
+        _sqlite_pragmas(engine, "BEGIN IMMEDIATE" if for_writes else "BEGIN")
         return engine
     return create_engine(
         url,
@@ -32,7 +32,7 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     )
 
 
-def _sqlite_pragmas(engine: Engine) -> None:
+def _sqlite_pragmas(engine: Engine, begin: str) -> None:
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection, _record):  # pragma: no cover - exercised by every sqlite test
         # Let SQLAlchemy, not pysqlite, emit BEGIN: pysqlite's deferred BEGIN upgrades a read
@@ -47,8 +47,9 @@ def _sqlite_pragmas(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def on_begin(connection):  # pragma: no cover
-        # One writer at a time is SQLite's rule: take the write lock up front and wait for it.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers: one at a time is SQLite's rule, so take the write lock up front and wait
+        # for it. Readers: a plain BEGIN reads a WAL snapshot without blocking anyone.
+        connection.exec_driver_sql(begin)
 
 
 class Database:
@@ -58,6 +59,10 @@ class Database:
         self.url = url
         self.engine = make_engine(url, pool_size=pool_size)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite: a separate engine whose transactions do not take the write lock, so queries
+        # and health checks are not queued behind consumers' writes. Elsewhere: the same engine.
+        self.read_engine = make_engine(url, pool_size=pool_size, for_writes=False) if self.is_sqlite else self.engine
+        self._readers = sessionmaker(self.read_engine, expire_on_commit=False)
 
     @property
     def is_sqlite(self) -> bool:
@@ -69,12 +74,23 @@ class Database:
         with self._sessions.begin() as session:
             yield session
 
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A read-only snapshot: for queries, never for changes (it is rolled back)."""
+        with self._readers() as session:
+            try:
+                yield session
+            finally:
+                session.rollback()
+
     def ping(self) -> None:
-        with self.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
+        with self.read() as session:
+            session.execute(text("SELECT 1"))
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self.read_engine is not self.engine:
+            self.read_engine.dispose()
 
 
 def migrate(url: str, script_location: str) -> None:

@@ -193,9 +193,8 @@ class ServiceRuntime:
         database = {"ok": True}
         pending = None
         try:
-            with self.db.engine.connect() as connection:
-                with Session(bind=connection) as session:
-                    pending = self.outbox.pending_count(session)
+            with self.db.read() as session:
+                pending = self.outbox.pending_count(session)
         except Exception as error:
             database = {"ok": False, "error": str(error)[:200]}
         broker = {"ok": _tcp_reachable(self.broker_url), "url": self.broker_url}

@@ -57,13 +57,13 @@ def include_routes(runtime: ServiceRuntime):
 
     @router.get("/campanas", tags=["campanas"])
     def listar(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict:
-        with runtime.db.transaction() as session:
+        with runtime.db.read() as session:
             rows = session.execute(select(c).order_by(c.c.creada_en, c.c.id).limit(limit).offset(offset)).mappings().all()
         return {"campanas": [_campana(r).model_dump(mode="json") for r in rows]}
 
     @router.get("/campanas/{campana_id}", response_model=Campana, tags=["campanas"])
     def obtener(campana_id: str) -> Campana:
-        with runtime.db.transaction() as session:
+        with runtime.db.read() as session:
             row = session.execute(select(c).where(c.c.id == campana_id)).mappings().first()
         if row is None:
             raise Problem(404, "campana_id", "no campaign with this id")
@@ -76,13 +76,13 @@ def include_routes(runtime: ServiceRuntime):
         for column, value in (("afiliado_id", afiliado_id), ("campana_id", campana_id), ("conversion_id", conversion_id)):
             if value is not None:
                 query = query.where(k.c[column] == value)
-        with runtime.db.transaction() as session:
+        with runtime.db.read() as session:
             rows = session.execute(query).mappings().all()
         return {"comisiones": [_comision(r) for r in rows]}
 
     @router.get("/comisiones/{comision_id}", tags=["comisiones"])
     def comision(comision_id: str) -> dict:
-        with runtime.db.transaction() as session:
+        with runtime.db.read() as session:
             row = session.execute(select(k).where(k.c.id == comision_id)).mappings().first()
         if row is None:
             raise Problem(404, "comision_id", "no commission with this id")
@@ -95,7 +95,7 @@ def include_routes(runtime: ServiceRuntime):
         if desde and hasta and desde > hasta:
             raise Problem(422, "desde", "desde is after hasta")
         rows: dict[tuple, dict] = {}
-        with runtime.db.transaction() as session:
+        with runtime.db.read() as session:
             for table, fields in ((tables.analitica_conversiones, ("detectadas", "validadas", "rechazadas", "ingresos")),
                                   (tables.reporte_comisiones, ("comisiones", "monto"))):
                 query = select(table)
@@ -126,7 +126,7 @@ def include_routes(runtime: ServiceRuntime):
     def saldos() -> dict:
         """payment-consumer's ledger, summed per affiliate and currency."""
         l = tables.ledger_pagos
-        with runtime.db.transaction() as session:
+        with runtime.db.read() as session:
             rows = session.execute(select(l.c.afiliado_id, l.c.moneda, func.count(), func.sum(l.c.monto))
                                    .group_by(l.c.afiliado_id, l.c.moneda).order_by(l.c.afiliado_id)).all()
         return {"saldos": [{"afiliado_id": a, "moneda": m, "lineas": n, "saldo": str(s)} for a, m, n, s in rows]}
@@ -137,7 +137,7 @@ def include_routes(runtime: ServiceRuntime):
         query = select(l).order_by(l.c.id).limit(limit)
         if afiliado_id:
             query = query.where(l.c.afiliado_id == afiliado_id)
-        with runtime.db.transaction() as session:
+        with runtime.db.read() as session:
             rows = session.execute(query).mappings().all()
         return {"ledger": [{"id": r["id"], "afiliado_id": r["afiliado_id"], "comision_id": r["comision_id"],
                             "tipo": r["tipo"], "monto": str(r["monto"]), "moneda": r["moneda"],
