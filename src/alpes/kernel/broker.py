@@ -133,6 +133,14 @@ class PulsarBroker:
             ),
         )
 
+    def dead_letter(self, topic: str, subscription: str, message, error: str) -> None:
+        """Store `message` in the subscription's dead-letter topic; raises unless the broker confirmed it."""
+        properties = {**message.properties(), "REAL_TOPIC": message.topic_name(),
+                      "ORIGIN_MESSAGE_ID": str(message.message_id()), "dead_letter_error": error[:500]}
+        key = message.partition_key()
+        producer = self.producer(f"{topic}-{subscription}-DLQ")  # = dead_letter_topic(topic, subscription)
+        producer.send(message.data(), properties=properties, **({"partition_key": key} if key else {}))
+
     def reachable(self) -> bool:
         try:
             self.client.get_topic_partitions(self.topic("sistema.eventos"))
@@ -163,6 +171,7 @@ class ConsumerState:
     nacked: int = 0
     undecodable: int = 0
     dead_lettered: int = 0
+    retrying: int = 0
     last_message_at: float | None = None
     last_error: str | None = None
     connected: bool = False
@@ -174,22 +183,45 @@ class ConsumerState:
             "topic": self.topic, "subscription": self.subscription, "running": self.running,
             "connected": self.connected, "received": self.received, "acked": self.acked,
             "nacked": self.nacked, "undecodable": self.undecodable, "dead_lettered": self.dead_lettered,
+            "retrying": self.retrying,
             "last_message_age_s": None if self.last_message_at is None else round(time.time() - self.last_message_at, 3),
             "last_error": self.last_error,
         }
 
 
-class ConsumerWorker:
-    """Receive → decode → process (inbox + handler + outbox, one commit) → ack; nack on failure.
+@dataclass
+class _Retry:
+    """A message whose handling failed, waiting in this worker for its next attempt."""
 
-    Nothing is acknowledged before its transaction committed; a message that keeps failing is
-    redelivered at most `max_redeliveries` times and then lands in the dead-letter topic.
+    message: object
+    event: IncomingEvent | None  # None: undecodable, it can only be dead-lettered
+    properties: dict
+    error: str = ""
+    failures: int = 0
+    due: float = 0.0
+    dead: bool = False  # attempts exhausted: only the dead-letter publish is left to do
+
+
+class ConsumerWorker:
+    """Receive → decode → process (inbox + handler + outbox, one commit) → ack; retry on failure.
+
+    Nothing is acknowledged before its transaction committed. A failed message is retried by
+    this worker (exponential backoff, other messages keep flowing) at most `max_redeliveries`
+    times; then it is published to the dead-letter topic and acknowledged only once the broker
+    confirmed the dead-letter copy. An undecodable message is dead-lettered at once.
+
+    Retries are not left to the broker's negative acknowledgement: pulsar-lite 0.2.0 ignores
+    every nack (its log says "requested redelivery for non-pending message" for messages it
+    just dispatched) and replays a Key_Shared message at most once, so a nacked message never
+    came back and never reached the dead-letter topic. On a real cluster the nack redelivery
+    counter is not durable either (it resets on reconnect). With the default delays a message
+    is dead-lettered ~15 s after its first failure, well inside the 60 s unacked timeout.
     """
 
     def __init__(self, broker: PulsarBroker, registry: SchemaRegistry, topic: str, subscription: str,
                  process: Callable[[list[IncomingEvent]], dict[str, str | None]], *, consumer_name: str,
                  max_redeliveries: int = 5, on_dead_letter: Callable[[IncomingEvent | None, dict, str], None] | None = None,
-                 batch_size: int = 200) -> None:
+                 batch_size: int = 200, retry_delay_seconds: float = 0.5, max_retry_delay_seconds: float = 8.0) -> None:
         self.broker = broker
         self.registry = registry
         self.topic = topic
@@ -199,8 +231,11 @@ class ConsumerWorker:
         self.max_redeliveries = max_redeliveries
         self.on_dead_letter = on_dead_letter or (lambda *_: None)
         self.batch_size = batch_size
+        self.retry_delay_seconds = retry_delay_seconds
+        self.max_retry_delay_seconds = max_retry_delay_seconds
         self.state = ConsumerState(topic, subscription)
         self._consumer: pulsar.Consumer | None = None
+        self._retries: list[_Retry] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -209,6 +244,8 @@ class ConsumerWorker:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        # Messages still waiting for a retry stay unacknowledged: closing the consumer hands
+        # them back to the broker for another instance (or this one after a restart).
         self._stop.set()
         if self._thread:
             self._thread.join(timeout)
@@ -237,7 +274,7 @@ class ConsumerWorker:
                     self._stop.wait(1.0)
                     continue
             try:
-                messages = self._consumer.batch_receive()
+                messages = self._consumer.batch_receive()  # returns within the policy's 20 ms
             except Exception as error:
                 self.state.last_error = f"receive: {error}"
                 self._stop.wait(0.5)
@@ -245,11 +282,10 @@ class ConsumerWorker:
             self.state.connected = self.connected()
             if messages:
                 self._handle(messages)
+            self._retry_due()
         self.state.running = False
 
     def _handle(self, messages: list) -> None:
-        consumer = self._consumer
-        assert consumer is not None
         self.state.received += len(messages)
         self.state.last_message_at = time.time()
         decoded: list[tuple[object, IncomingEvent]] = []
@@ -259,33 +295,83 @@ class ConsumerWorker:
                 event = decode_message(self.registry, self.topic, self.subscription, properties,
                                        message.partition_key(), message.data())
             except UndecodableMessage as error:
+                # Decoding is deterministic: retrying cannot help.
                 self.state.undecodable += 1
+                self.state.nacked += 1
                 self.state.last_error = str(error)[:300]
-                self._reject(consumer, message, None, properties, str(error))
+                self._dead_letter(_Retry(message, None, properties, str(error), failures=1))
                 continue
             decoded.append((message, event))
         if not decoded:
             return
         try:
             verdicts = self.process([event for _, event in decoded])
-        except Exception as error:  # the database is down: every message goes back
+        except Exception as error:  # the database is down: every message is retried
             verdicts = {event.event_id: f"{type(error).__name__}: {error}" for _, event in decoded}
         for message, event in decoded:
             error = verdicts.get(event.event_id, "no verdict")
             if error is None:
-                consumer.acknowledge(message)
-                self.state.acked += 1
+                self._ack(message)
             else:
-                self.state.last_error = error[:300]
-                self._reject(consumer, message, event, message.properties(), error)
+                self._failed(_Retry(message, event, message.properties()), error)
 
-    def _reject(self, consumer, message, event: IncomingEvent | None, properties: dict, error: str) -> None:
+    def _ack(self, message) -> None:
+        assert self._consumer is not None
+        self._consumer.acknowledge(message)
+        self.state.acked += 1
+
+    def _failed(self, entry: _Retry, error: str) -> None:
+        entry.failures += 1
+        entry.error = error
         self.state.nacked += 1
-        if message.redelivery_count() >= self.max_redeliveries:
-            # This nack sends it to the dead-letter topic: say so on sistema.eventos.
-            self.state.dead_lettered += 1
+        self.state.last_error = error[:300]
+        if entry.failures > self.max_redeliveries:
+            self._dead_letter(entry)
+            return
+        delay = min(self.max_retry_delay_seconds, self.retry_delay_seconds * 2 ** (entry.failures - 1))
+        self._schedule(entry, delay)
+
+    def _schedule(self, entry: _Retry, delay: float) -> None:
+        entry.due = time.monotonic() + delay
+        self._retries.append(entry)
+        self.state.retrying = len(self._retries)
+
+    def _retry_due(self) -> None:
+        if not self._retries:
+            return
+        now = time.monotonic()
+        due = sorted((r for r in self._retries if r.due <= now), key=lambda r: r.due)
+        if not due:
+            return
+        self._retries = [r for r in self._retries if r.due > now]
+        self.state.retrying = len(self._retries)
+        for entry in due:
+            if entry.dead:
+                self._dead_letter(entry)
+                continue
+            assert entry.event is not None
             try:
-                self.on_dead_letter(event, properties, error)
+                error = self.process([entry.event]).get(entry.event.event_id, "no verdict")
             except Exception as failure:
-                log.warning("dead-letter notice failed", error=str(failure))
-        consumer.negative_acknowledge(message)
+                error = f"{type(failure).__name__}: {failure}"
+            if error is None:
+                self._ack(entry.message)
+            else:
+                self._failed(entry, error)
+
+    def _dead_letter(self, entry: _Retry) -> None:
+        entry.dead = True
+        try:
+            self.broker.dead_letter(self.topic, self.subscription, entry.message, entry.error)
+        except Exception as failure:  # not stored: keep the message unacknowledged, try again later
+            log.warning("dead-letter publish failed", topic=self.topic, subscription=self.subscription,
+                        error=str(failure)[:300])
+            self._schedule(entry, self.max_retry_delay_seconds)
+            return
+        self.state.dead_lettered += 1
+        try:  # say so on sistema.eventos
+            self.on_dead_letter(entry.event, entry.properties, entry.error)
+        except Exception as failure:
+            log.warning("dead-letter notice failed", error=str(failure))
+        assert self._consumer is not None
+        self._consumer.acknowledge(entry.message)  # only now: the dead-letter copy is stored
