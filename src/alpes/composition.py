@@ -28,6 +28,7 @@ def compose(name: str, settings: Settings, *, outbox: Table, inbox: Table, consu
         name, Database(url), SchemaRegistry.from_directory(), outbox, inbox, settings.resolved_broker_url(),
         tenant=settings.pulsar_tenant, namespace=settings.pulsar_namespace, consumers=consumers,
         max_redeliveries=settings.max_redeliveries, consumer_batch_size=settings.consumer_batch_size,
+        subscription_type=settings.subscription_type,
     )
     if configure is not None:
         configure(runtime)

@@ -12,6 +12,7 @@ ALPES_<SERVICE>_PORT      HTTP port per service (8001-8004 by default)
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,6 +42,8 @@ class Settings(BaseSettings):
     auditoria_port: int = SERVICES["auditoria"]
 
     max_redeliveries: int = Field(5, ge=1)
+    # failover (default; safe on pulsar-lite) or key_shared (a real Pulsar cluster).
+    subscription_type: Literal["failover", "key_shared"] = "failover"
     # How long conversiones waits to learn of an affiliate/campaign it has not heard of yet
     # (events are eventually consistent) before rejecting a conversion that names it.
     reference_grace_seconds: float = Field(10.0, ge=0)

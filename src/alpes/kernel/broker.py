@@ -1,4 +1,4 @@
-"""Pulsar adapter: producers for the outbox relay, Key_Shared consumers for the inbox.
+"""Pulsar adapter: producers for the outbox relay, Failover/Key_Shared consumers for the inbox.
 
 Payloads are Avro bytes encoded by our codec (Pulsar's AvroSchema needs a schema registry,
 which the embedded broker lacks); event type, schema version and ids travel as properties.
@@ -9,16 +9,24 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from collections import deque
 from dataclasses import dataclass, field
 
 import pulsar
 import structlog
 
 from .codec import SchemaRegistry
-from .messages import IncomingEvent, UndecodableMessage, decode_message, properties_of
+from .messages import IncomingEvent, TransientFailure, UndecodableMessage, decode_message, properties_of
 from .outbox import PendingMessage
 
 log = structlog.get_logger(__name__)
+
+
+# Both keep per-key order: the partition key picks the partition, and Failover gives each
+# partition one active consumer; Key_Shared spreads keys over consumers. Failover is the
+# default because pulsar-lite 0.2.0 was measured to strand Key_Shared messages when a consumer
+# is killed (see README); on a real Pulsar cluster Key_Shared scales past the partition count.
+SUBSCRIPTION_TYPES = {"failover": pulsar.ConsumerType.Failover, "key_shared": pulsar.ConsumerType.KeyShared}
 
 
 def _quiet_logger() -> pulsar.ConsoleLogger:
@@ -29,8 +37,10 @@ class PulsarBroker:
     """One pulsar.Client per process, created by the composition root, closed on stop."""
 
     def __init__(self, service_url: str, *, tenant: str = "public", namespace: str = "default",
-                 producer_name: str = "alpes", operation_timeout_seconds: int = 10) -> None:
+                 producer_name: str = "alpes", operation_timeout_seconds: int = 10,
+                 subscription_type: str = "failover") -> None:
         self.service_url = service_url
+        self.subscription_type = SUBSCRIPTION_TYPES[subscription_type]
         self.tenant = tenant
         self.namespace = namespace
         self.producer_name = producer_name
@@ -113,24 +123,15 @@ class PulsarBroker:
         return results
 
     # -- consuming -------------------------------------------------------------------------
-    def subscribe(self, topic: str, subscription: str, *, max_redeliveries: int, consumer_name: str,
-                  batch_size: int = 200) -> pulsar.Consumer:
+    def subscribe(self, topic: str, subscription: str, *, consumer_name: str, batch_size: int = 200) -> pulsar.Consumer:
         return self.client.subscribe(
             self.topic(topic),
             subscription,
-            consumer_type=pulsar.ConsumerType.KeyShared,
+            consumer_type=self.subscription_type,
             consumer_name=consumer_name,
             initial_position=pulsar.InitialPosition.Earliest,
             receiver_queue_size=1000,
-            negative_ack_redelivery_delay_ms=500,
-            # A consumer that dies holding messages releases them when its connection drops;
-            # this also re-delivers the ones a stuck handler never answered.
-            unacked_messages_timeout_ms=60000,
             batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(batch_size, 4 * 1024 * 1024, 20),
-            dead_letter_policy=pulsar.ConsumerDeadLetterPolicy(
-                max_redeliver_count=max_redeliveries,
-                dead_letter_topic=self.dead_letter_topic(topic, subscription),
-            ),
         )
 
     def dead_letter(self, topic: str, subscription: str, message, error: str) -> None:
@@ -190,32 +191,30 @@ class ConsumerState:
 
 
 @dataclass
-class _Retry:
-    """A message whose handling failed, waiting in this worker for its next attempt."""
+class _Held:
+    """A message waiting in this worker: its handling failed, or an earlier event of its key did."""
 
     message: object
-    event: IncomingEvent | None  # None: undecodable, it can only be dead-lettered
-    properties: dict
+    event: IncomingEvent
     error: str = ""
     failures: int = 0
     due: float = 0.0
-    dead: bool = False  # attempts exhausted: only the dead-letter publish is left to do
 
 
 class ConsumerWorker:
     """Receive → decode → process (inbox + handler + outbox, one commit) → ack; retry on failure.
 
     Nothing is acknowledged before its transaction committed. A failed message is retried by
-    this worker (exponential backoff, other messages keep flowing) at most `max_redeliveries`
-    times; then it is published to the dead-letter topic and acknowledged only once the broker
-    confirmed the dead-letter copy. An undecodable message is dead-lettered at once.
+    this worker with exponential backoff, at most `max_redeliveries` times; then it is published
+    to the dead-letter topic and acknowledged only once the broker confirmed that copy. Later
+    events of the same key wait behind it (per-aggregate order), other keys keep flowing. An
+    undecodable message is dead-lettered at once. While the database is unreachable nothing is
+    counted as a failure: the worker waits and retries, so an outage never dead-letters good
+    messages.
 
     Retries are not left to the broker's negative acknowledgement: pulsar-lite 0.2.0 ignores
-    every nack (its log says "requested redelivery for non-pending message" for messages it
-    just dispatched) and replays a Key_Shared message at most once, so a nacked message never
-    came back and never reached the dead-letter topic. On a real cluster the nack redelivery
-    counter is not durable either (it resets on reconnect). With the default delays a message
-    is dead-lettered ~15 s after its first failure, well inside the 60 s unacked timeout.
+    nacks (its log says "requested redelivery for non-pending message"), and on a real cluster
+    the redelivery counter is not durable either (it resets on reconnect).
     """
 
     def __init__(self, broker: PulsarBroker, registry: SchemaRegistry, topic: str, subscription: str,
@@ -235,7 +234,7 @@ class ConsumerWorker:
         self.max_retry_delay_seconds = max_retry_delay_seconds
         self.state = ConsumerState(topic, subscription)
         self._consumer: pulsar.Consumer | None = None
-        self._retries: list[_Retry] = []
+        self._held: dict[str, deque[_Held]] = {}  # key -> its waiting messages, in arrival order
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -244,8 +243,8 @@ class ConsumerWorker:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        # Messages still waiting for a retry stay unacknowledged: closing the consumer hands
-        # them back to the broker for another instance (or this one after a restart).
+        # Held messages stay unacknowledged: closing the consumer hands them back to the broker
+        # for another instance (or this one after a restart).
         self._stop.set()
         if self._thread:
             self._thread.join(timeout)
@@ -266,9 +265,8 @@ class ConsumerWorker:
         while not self._stop.is_set():
             if self._consumer is None:
                 try:
-                    self._consumer = self.broker.subscribe(
-                        self.topic, self.subscription, max_redeliveries=self.max_redeliveries,
-                        consumer_name=self.consumer_name, batch_size=self.batch_size)
+                    self._consumer = self.broker.subscribe(self.topic, self.subscription,
+                                                           consumer_name=self.consumer_name, batch_size=self.batch_size)
                 except Exception as error:
                     self.state.last_error = f"subscribe: {error}"
                     self._stop.wait(1.0)
@@ -288,7 +286,7 @@ class ConsumerWorker:
     def _handle(self, messages: list) -> None:
         self.state.received += len(messages)
         self.state.last_message_at = time.time()
-        decoded: list[tuple[object, IncomingEvent]] = []
+        ready: list[tuple[object, IncomingEvent]] = []
         for message in messages:
             properties = message.properties()
             try:
@@ -299,79 +297,95 @@ class ConsumerWorker:
                 self.state.undecodable += 1
                 self.state.nacked += 1
                 self.state.last_error = str(error)[:300]
-                self._dead_letter(_Retry(message, None, properties, str(error), failures=1))
+                while not self._dead_letter(message, None, str(error)) and not self._stop.wait(1.0):
+                    pass  # the broker refused the copy: it is down, try again
                 continue
-            decoded.append((message, event))
-        if not decoded:
-            return
-        try:
-            verdicts = self.process([event for _, event in decoded])
-        except Exception as error:  # the database is down: every message is retried
-            verdicts = {event.event_id: f"{type(error).__name__}: {error}" for _, event in decoded}
-        for message, event in decoded:
-            error = verdicts.get(event.event_id, "no verdict")
-            if error is None:
-                self._ack(message)
+            if event.key in self._held:
+                self._hold(_Held(message, event))  # behind an earlier event of its key
             else:
-                self._failed(_Retry(message, event, message.properties()), error)
+                ready.append((message, event))
+        if not ready:
+            return
+        verdicts = self._process([event for _, event in ready])
+        if verdicts is None:
+            return  # stopping while the database is down: everything stays unacknowledged
+        for message, event in ready:
+            error = verdicts.get(event.event_id, "no verdict")
+            if error is None and event.key not in self._held:
+                self._ack(message)
+            elif event.key in self._held:
+                self._hold(_Held(message, event, error or ""))
+            else:
+                self._hold(self._failed(_Held(message, event), error))
+
+    def _process(self, events: list[IncomingEvent]) -> dict[str, str | None] | None:
+        """Process; while the database is unreachable, wait and try again (None: stopping)."""
+        delay = self.retry_delay_seconds
+        while True:
+            try:
+                return self.process(events)
+            except TransientFailure as error:
+                self.state.last_error = f"waiting for the database: {error}"[:300]
+                if self._stop.wait(delay):
+                    return None
+                delay = min(self.max_retry_delay_seconds, delay * 2)
+
+    def _hold(self, entry: _Held) -> None:
+        self._held.setdefault(entry.event.key, deque()).append(entry)
+        self.state.retrying = sum(len(q) for q in self._held.values())
+
+    def _failed(self, entry: _Held, error: str) -> _Held:
+        entry.failures += 1
+        entry.error = error
+        self.state.nacked += 1
+        self.state.last_error = error[:300]
+        entry.due = time.monotonic() + min(self.max_retry_delay_seconds,
+                                           self.retry_delay_seconds * 2 ** (entry.failures - 1))
+        return entry
+
+    def _retry_due(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, q in self._held.items() if q[0].due <= now]:
+            queue = self._held[key]
+            while queue and not self._stop.is_set():
+                head = queue[0]
+                if head.failures > self.max_redeliveries:
+                    if not self._dead_letter(head.message, head.event, head.error):
+                        head.due = time.monotonic() + self.max_retry_delay_seconds
+                        break
+                    queue.popleft()
+                    continue
+                verdicts = self._process([head.event])
+                if verdicts is None:
+                    return
+                error = verdicts.get(head.event.event_id, "no verdict")
+                if error is not None:
+                    self._failed(head, error)
+                    break
+                self._ack(head.message)
+                queue.popleft()
+            if not queue:
+                del self._held[key]
+        self.state.retrying = sum(len(q) for q in self._held.values())
 
     def _ack(self, message) -> None:
         assert self._consumer is not None
         self._consumer.acknowledge(message)
         self.state.acked += 1
 
-    def _failed(self, entry: _Retry, error: str) -> None:
-        entry.failures += 1
-        entry.error = error
-        self.state.nacked += 1
-        self.state.last_error = error[:300]
-        if entry.failures > self.max_redeliveries:
-            self._dead_letter(entry)
-            return
-        delay = min(self.max_retry_delay_seconds, self.retry_delay_seconds * 2 ** (entry.failures - 1))
-        self._schedule(entry, delay)
-
-    def _schedule(self, entry: _Retry, delay: float) -> None:
-        entry.due = time.monotonic() + delay
-        self._retries.append(entry)
-        self.state.retrying = len(self._retries)
-
-    def _retry_due(self) -> None:
-        if not self._retries:
-            return
-        now = time.monotonic()
-        due = sorted((r for r in self._retries if r.due <= now), key=lambda r: r.due)
-        if not due:
-            return
-        self._retries = [r for r in self._retries if r.due > now]
-        self.state.retrying = len(self._retries)
-        for entry in due:
-            if entry.dead:
-                self._dead_letter(entry)
-                continue
-            assert entry.event is not None
-            try:
-                error = self.process([entry.event]).get(entry.event.event_id, "no verdict")
-            except Exception as failure:
-                error = f"{type(failure).__name__}: {failure}"
-            if error is None:
-                self._ack(entry.message)
-            else:
-                self._failed(entry, error)
-
-    def _dead_letter(self, entry: _Retry) -> None:
-        entry.dead = True
+    def _dead_letter(self, message, event: IncomingEvent | None, error: str) -> bool:
+        """Store the message in the dead-letter topic, then acknowledge it; False if not stored."""
         try:
-            self.broker.dead_letter(self.topic, self.subscription, entry.message, entry.error)
-        except Exception as failure:  # not stored: keep the message unacknowledged, try again later
+            self.broker.dead_letter(self.topic, self.subscription, message, error)
+        except Exception as failure:  # not stored: it stays unacknowledged and is tried again
             log.warning("dead-letter publish failed", topic=self.topic, subscription=self.subscription,
                         error=str(failure)[:300])
-            self._schedule(entry, self.max_retry_delay_seconds)
-            return
+            return False
         self.state.dead_lettered += 1
         try:  # say so on sistema.eventos
-            self.on_dead_letter(entry.event, entry.properties, entry.error)
+            self.on_dead_letter(event, message.properties(), error)
         except Exception as failure:
             log.warning("dead-letter notice failed", error=str(failure))
-        assert self._consumer is not None
-        self._consumer.acknowledge(entry.message)  # only now: the dead-letter copy is stored
+        self._ack(message)
+        self.state.acked -= 1  # a dead letter is not a processed message
+        return True

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import structlog
 from sqlalchemy import Column, MetaData, PrimaryKeyConstraint, String, Table, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DisconnectionError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from .db import Database, UtcDateTime
-from .messages import IncomingEvent, OutgoingEvent, utcnow
+from .messages import IncomingEvent, OutgoingEvent, TransientFailure, utcnow
 from .outbox import Outbox
 
 log = structlog.get_logger(__name__)
@@ -75,8 +75,15 @@ class InboxProcessor:
                 log.info("batch failed, retrying one by one", subscription=self.subscription,
                          size=len(events), error=str(error)[:200])
         verdicts: dict[str, str | None] = {}
+        failed_keys: set[str] = set()
         for event in events:
+            if event.key in failed_keys:
+                # Per-aggregate order: never apply an event before an earlier one of its key.
+                verdicts[event.event_id] = "blocked: an earlier event of this key failed"
+                continue
             verdicts[event.event_id] = self._process_single(event)
+            if verdicts[event.event_id] is not None:
+                failed_keys.add(event.key)
         return verdicts
 
     def _process_batch(self, events: Sequence[IncomingEvent]) -> Outcome:
@@ -112,6 +119,8 @@ class InboxProcessor:
         except _AlreadyProcessed:
             self._count(Outcome(duplicates=1))
             return None
+        except (OperationalError, InterfaceError, DisconnectionError) as error:
+            raise TransientFailure(str(error)[:300]) from error
         except Exception as error:
             log.warning("handler failed", subscription=self.subscription, event_type=event.event_type,
                         event_id=event.event_id, error=str(error)[:300])

@@ -79,6 +79,11 @@ def properties_of(event_id: str, event_type: str, version: int, occurred_at: dat
     }
 
 
+class TransientFailure(Exception):
+    """The database could not be reached or was busy: not the message's fault, retry it later
+    without counting it as a failed attempt."""
+
+
 class UndecodableMessage(ValueError):
     """The message cannot be turned into an event (missing properties, bad Avro)."""
 

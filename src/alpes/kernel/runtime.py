@@ -53,7 +53,8 @@ class ServiceRuntime:
     def __init__(self, service: str, db: Database, registry: SchemaRegistry, outbox_table: Table,
                  inbox_table: Table, broker_url: str, *, tenant: str = "public", namespace: str = "default",
                  consumers: list[ConsumerSpec] | None = None, jobs: list[PeriodicJob] | None = None,
-                 max_redeliveries: int = 5, consumer_batch_size: int = 200) -> None:
+                 max_redeliveries: int = 5, consumer_batch_size: int = 200,
+                 subscription_type: str = "failover") -> None:
         self.service = service
         self.instance = f"{service}-{socket.gethostname()}-{os.getpid()}"
         self.db = db
@@ -66,8 +67,10 @@ class ServiceRuntime:
         self.consumer_specs = consumers or []
         self.jobs = jobs or []
         self.max_redeliveries = max_redeliveries
+        self.subscription_type = subscription_type
         self.consumer_batch_size = consumer_batch_size
         self.broker: PulsarBroker | None = None
+        self._clients: list[PulsarBroker] = []
         self.relay: OutboxRelay | None = None
         self.workers: list[ConsumerWorker] = []
         self.processors: list[InboxProcessor] = []
@@ -91,16 +94,19 @@ class ServiceRuntime:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         self.started_at = time.time()
-        self.broker = PulsarBroker(self.broker_url, tenant=self.tenant, namespace=self.namespace,
-                                   producer_name=self.instance)
+        self.broker = self._client("relay")
         self.relay = OutboxRelay(self.db, self.outbox.table, self.broker)
         self._announce("ServicioIniciado", {})
         self.relay.start()
+        consumers = self._client("consumers")
         for spec in self.consumer_specs:
             processor = InboxProcessor(self.db, self.inbox_table, self.outbox, spec.subscription,
                                        spec.handlers, after_commit=self.wake_relay)
+            # One client for all of this process's consumers: the client numbers its consumers,
+            # and pulsar-lite refuses a consumer id already used under the same subscription
+            # name (even on another topic), dropping the whole connection.
             worker = ConsumerWorker(
-                self.broker, self.registry, spec.topic, spec.subscription, processor.process,
+                consumers, self.registry, spec.topic, spec.subscription, processor.process,
                 consumer_name=f"{self.instance}-{spec.topic}-{spec.subscription}",
                 max_redeliveries=self.max_redeliveries, batch_size=self.consumer_batch_size,
                 on_dead_letter=self._dead_letter_notice(spec))
@@ -111,6 +117,12 @@ class ServiceRuntime:
             self._spawn(f"job-{job.name}", self._job_loop, job)
         self._spawn("watchdog", self._watchdog)
         log.info("service started", service=self.service, instance=self.instance)
+
+    def _client(self, role: str) -> PulsarBroker:
+        broker = PulsarBroker(self.broker_url, tenant=self.tenant, namespace=self.namespace,
+                              producer_name=f"{self.instance}-{role}", subscription_type=self.subscription_type)
+        self._clients.append(broker)
+        return broker
 
     def stop(self) -> None:
         if self._stop.is_set():
@@ -130,8 +142,8 @@ class ServiceRuntime:
             log.warning("could not flush outbox on stop", error=str(error))
         if self.relay is not None:
             self.relay.stop()
-        if self.broker is not None:
-            self.broker.close()
+        for client in self._clients:
+            client.close()
         self.db.dispose()
 
     def _spawn(self, name: str, target: Callable, *args) -> None:
