@@ -196,6 +196,8 @@ class Supervisor:
                     child.next_start = now + delay
                     self.console.print(f"[yellow]{child.name} exited (code {code}); restarting in {delay:.1f}s[/]")
                 if now >= child.next_start:
+                    if child is not self.broker and self.broker and child.process and child.process.returncode != 0:
+                        self._clear_dead_consumers(child.name)
                     child.next_start = 0.0
                     child.restarts += 1
                     child.start()
@@ -205,6 +207,19 @@ class Supervisor:
             if changed:
                 self._write_state(self.settings.resolved_broker_url() if not self.broker
                                   else f"pulsar://127.0.0.1:{self.settings.broker_port}")
+
+    def _clear_dead_consumers(self, service: str) -> None:
+        """pulsar-lite 0.2.0 keeps the consumers of a connection that died without closing them
+        (a crashed service): they stay registered, collide with the restarted service's consumer
+        ids and, as the active Failover consumer, hold their partitions' messages forever. Its
+        registry lives in memory only, so a restart of the embedded broker clears them; messages
+        are durable and every client reconnects by itself. A real Pulsar cluster needs none of this."""
+        assert self.broker is not None and self.broker.process is not None
+        self.console.print(f"[yellow]{service} died without closing its consumers: restarting the embedded broker[/]")
+        self.broker.stop()
+        self.broker.restarts += 1
+        self.broker.start()
+        embedded_broker.wait_until_listening(self.settings.broker_port, self.broker.process)
 
     def shutdown(self) -> None:
         for child in self.children.values():
