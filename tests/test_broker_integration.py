@@ -88,8 +88,9 @@ class Kit:
     _relays: list[OutboxRelay] = field(default_factory=list)
     _clients: list[pulsar.Client] = field(default_factory=list)
 
-    def broker(self) -> PulsarBroker:
-        broker = PulsarBroker(self.broker_url, producer_name=f"test-{uuid.uuid4().hex[:6]}")
+    def broker(self, subscription_type: str = "failover") -> PulsarBroker:
+        broker = PulsarBroker(self.broker_url, producer_name=f"test-{uuid.uuid4().hex[:6]}",
+                              subscription_type=subscription_type)
         self._brokers.append(broker)
         return broker
 
@@ -460,7 +461,7 @@ def test_two_key_shared_consumers_keep_per_key_order(kit: Kit):
     processors = []
     for name in ("one", "two"):
         processor, worker = kit.worker(topic, subscription, recording_handler(kit, consumer=name, seq_of=seq_of),
-                                       name=name, batch_size=50)
+                                       name=name, batch_size=50, broker=kit.broker("key_shared"))
         worker.start()
         workers.append(worker)
         processors.append(processor)
@@ -491,6 +492,52 @@ def test_two_key_shared_consumers_keep_per_key_order(kit: Kit):
     by_consumer = Counter(r["consumer"] for r in effects)
     assert by_consumer["one"] > 0 and by_consumer["two"] > 0, by_consumer
     assert all(r["status"] == SENT for r in kit.outbox_rows())
+
+
+def test_failover_standby_takes_over_in_order_and_exactly_once(kit: Kit):
+    """The default subscription type: one active consumer per partition, the other instance on
+    standby; when the active one leaves mid-stream, the standby continues where it stopped."""
+    topic, subscription = unique("t"), "svc-consumer"
+    keys = [f"conversion-{k:02d}-{uuid.uuid4().hex[:6]}" for k in range(10)]
+    per_key = 20
+    seq_of: dict[str, int] = {}
+    batches = []
+    for seq in range(per_key):
+        batch = []
+        for key in keys:
+            event = validado(topic, key)
+            seq_of[event.event_id] = seq
+            batch.append(event)
+        batches.append(batch)
+    workers = {}
+    processors = {}
+    for name in ("one", "two"):
+        processors[name], workers[name] = kit.worker(topic, subscription,
+                                                     recording_handler(kit, consumer=name, seq_of=seq_of),
+                                                     name=name, batch_size=20)
+        workers[name].start()
+    wait_until(lambda: all(w.connected() for w in workers.values()), 40, "both consumers subscribed")
+    relay = kit.relay()
+    for batch in batches[: per_key // 2]:
+        kit.add(batch)
+    kit.relay_all(relay)
+    half = len(keys) * per_key // 2
+    wait_until(lambda: kit.effect_count() >= half, 60, f"{half} effects")
+    active = Counter(r["consumer"] for r in kit.effect_rows()).most_common(1)[0][0]
+    workers[active].stop()  # the active instance leaves; the standby must take over
+    for batch in batches[per_key // 2:]:
+        kit.add(batch)
+    kit.relay_all(relay)
+    total = len(keys) * per_key
+    wait_until(lambda: len({r["event_id"] for r in kit.effect_rows()}) >= total, 60, f"{total} effects")
+    effects = kit.effect_rows()
+    assert Counter(r["event_id"] for r in effects) == Counter({e: 1 for e in seq_of})
+    arrival: dict[str, list[int]] = defaultdict(list)
+    for row in effects:
+        arrival[row["key"]].append(row["seq"])
+    assert all(s == list(range(per_key)) for s in arrival.values()), arrival
+    standby = "two" if active == "one" else "one"
+    assert Counter(r["consumer"] for r in effects)[standby] > 0
 
 
 # -- 6. provisioning -------------------------------------------------------------------------
