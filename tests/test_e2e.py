@@ -143,5 +143,10 @@ def test_data_survives_a_restart(tmp_path):
                             and any(x["aggregate_id"] == campaign["id"] for x in e) and e, what="audit after restart")
         assert len({e["event_id"] for e in events}) == len(events)
         assert second.get("auditoria", "/auditoria/verificacion")["ok"]
+        # The first run's instances said they stopped; the second run's that they started.
+        states = wait_until(lambda: (s := second.get("auditoria", "/sistema/servicios")["servicios"])
+                            and sorted(x["estado"] for x in s) == ["detenido"] * 4 + ["iniciado"] * 4 and s,
+                            what="lifecycle of both runs on sistema.eventos")
+        assert {x["servicio"] for x in states if x["estado"] == "detenido"} == set(SERVICES)
     finally:
         second.stop()
