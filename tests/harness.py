@@ -82,7 +82,8 @@ class Platform:
         return json.loads((self.data_dir / "state.json").read_text())
 
     def pid(self, service: str) -> int:
-        return self.state()["services"][service]["pid"]
+        state = self.state()
+        return state["broker_pid"] if service == "broker" else state["services"][service]["pid"]
 
     def kill(self, service: str) -> int:
         """SIGKILL one service process; returns its pid."""
@@ -92,8 +93,9 @@ class Platform:
 
     def wait_restarted(self, service: str, old_pid: int, timeout: float = 60.0) -> None:
         wait_until(lambda: self.pid(service) != old_pid, timeout, what=f"{service} restarted")
-        wait_until(lambda: self.http.get(self.url(service) + "/health").status_code == 200, timeout,
-                   what=f"{service} healthy again")
+        for name in ([service] if service in self.ports else list(self.ports)):
+            wait_until(lambda: self.http.get(self.url(name) + "/health").status_code == 200, timeout,
+                       what=f"{name} healthy again")
 
     def stop(self, timeout: float = 60.0) -> int | None:
         if self.process is None:

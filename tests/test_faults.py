@@ -9,11 +9,10 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from alpes.contract import SERVICES
 from harness import Platform, wait_until
-
-CONVERSIONS = 500
 
 
 def _postback(platform: Platform, body: dict, deadline: float) -> str:
@@ -31,6 +30,16 @@ def _postback(platform: Platform, body: dict, deadline: float) -> str:
 
 
 def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(tmp_path):
+    crash_scenario(tmp_path, conversions=500, kills=(("conversiones", 150), ("marketing", 300), ("auditoria", 400)))
+
+
+@pytest.mark.slow
+def test_sigkill_every_process_during_a_longer_stream(tmp_path):
+    crash_scenario(tmp_path, conversions=3000, kills=(("afiliados", 300), ("conversiones", 800), ("broker", 1300),
+                                                      ("marketing", 1800), ("auditoria", 2300)))
+
+
+def crash_scenario(tmp_path, conversions: int, kills: tuple[tuple[str, int], ...]) -> None:
     platform = Platform(tmp_path / "alpes").start()
     try:
         affiliates = []
@@ -47,14 +56,14 @@ def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(tmp_path):
 
         rng = random.Random(20261128)
         bodies = []
-        for n in range(CONVERSIONS):
+        for n in range(conversions):
             affiliate = rng.choice(affiliates) if n % 10 else "unknown-partner"  # 1 in 10 is rejected
             bodies.append({"affiliate_id": affiliate, "campaign_id": campaign, "user_id": f"c{n}",
                            "conversion_value": f"{rng.randint(100, 99999) / 100:.2f}", "conversion_type": "sale",
                            "order_id": f"order-{n}"})
         sent = Counter()
         lock = threading.Lock()
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 240 + conversions / 10
 
         def send(body: dict) -> str:
             conversion_id = _postback(platform, body, deadline)
@@ -65,7 +74,7 @@ def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(tmp_path):
         killed = []
 
         def killer() -> None:
-            for target, at in (("conversiones", 150), ("marketing", 300), ("auditoria", 400)):
+            for target, at in kills:
                 wait_until(lambda: sent["n"] >= at, 240, interval=0.01, what=f"{at} postbacks sent")
                 pid = platform.kill(target)
                 killed.append(target)
@@ -76,17 +85,17 @@ def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(tmp_path):
         with ThreadPoolExecutor(8) as pool:
             ids = list(pool.map(send, bodies))
         chaos.join(120)
-        assert killed == ["conversiones", "marketing", "auditoria"]
-        assert len(set(ids)) == CONVERSIONS  # one conversion per order id, across the crash
+        assert killed == [target for target, _ in kills]
+        assert len(set(ids)) == conversions  # one conversion per order id, across the crash
 
         # Every conversion ends validated or rejected: never stuck, never both.
         def settled():
             listed = platform.get("conversiones", "/conversiones", campaign_id=campaign, limit=10000)["conversiones"]
             mine = [c for c in listed if c["id"] in set(ids)]
-            return len(mine) == CONVERSIONS and all(c["status"] != "detected" for c in mine) and mine
-        conversions = wait_until(settled, 180, interval=0.5, what="all conversions settled",
+            return len(mine) == conversions and all(c["status"] != "detected" for c in mine) and mine
+        final = wait_until(settled, 180, interval=0.5, what="all conversions settled",
                                  diagnose=platform.diagnostics)
-        status = {c["id"]: c["status"] for c in conversions}
+        status = {c["id"]: c["status"] for c in final}
         expected_rejected = {i for i, b in zip(ids, bodies) if b["affiliate_id"] == "unknown-partner"}
         assert {i for i, s in status.items() if s == "rejected"} == expected_rejected
         validated = {i for i, s in status.items() if s == "validated"}
@@ -105,7 +114,7 @@ def test_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(tmp_path):
             events = platform.get("auditoria", "/auditoria/eventos", limit=10000)["eventos"]
             types = Counter(e["event_type"] for e in events)
             total_commissions = len(platform.get("marketing", "/comisiones", limit=10000)["comisiones"])
-            return types["ComisionCalculada"] == total_commissions and types["ConversionDetected"] == CONVERSIONS + 3 and events
+            return types["ComisionCalculada"] == total_commissions and types["ConversionDetected"] == conversions + 3 and events
         events = wait_until(audited, 180, interval=0.5, what="audit complete",
                            diagnose=lambda: f"{Counter(e['event_type'] for e in platform.get('auditoria', '/auditoria/eventos', limit=10000)['eventos'])}\n{platform.diagnostics()}")
         assert len({e["event_id"] for e in events}) == len(events)
