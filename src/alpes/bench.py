@@ -5,7 +5,7 @@ Two measurements, each on scratch infrastructure so a running platform is never 
 1. raw broker — a scratch embedded pulsar-lite broker with one 6-partition topic. Avro
    `ConversionDetected` events are encoded and produced the way the outbox relay does it
    (Key_Shared-friendly key-based batching, block when the queue is full), then consumed
-   with a Key_Shared consumer, decoded with fastavro and acknowledged one by one, the way
+   with a Failover consumer (the services' default), decoded with fastavro and acknowledged one by one, the way
    every service consumer does it. Produce and consume are separate phases, so each rate
    is the rate of that side alone.
 2. end to end — `alpes up` on free ports and a scratch data directory; conversion
@@ -131,7 +131,7 @@ def bench_raw_broker(messages: int, work_dir: Path) -> dict:
         def subscribe():
             # The same consumer settings as kernel/broker.py's service consumers.
             return client.subscribe(
-                topic, subscription, consumer_type=pulsar.ConsumerType.KeyShared,
+                topic, subscription, consumer_type=pulsar.ConsumerType.Failover,
                 initial_position=pulsar.InitialPosition.Earliest, receiver_queue_size=1000,
                 batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(200, 4 * 1024 * 1024, 20))
 
@@ -221,7 +221,7 @@ def bench_raw_broker(messages: int, work_dir: Path) -> dict:
         _say(f"raw: consumed {len(seen)} in {consume_seconds:.2f}s")
         return {
             "method": ("one scratch pulsar-lite broker; produce phase (Avro encode + send_async, key-based "
-                       "batching, LZ4, block_if_queue_full, until every receipt) then consume phase (Key_Shared "
+                       "batching, LZ4, block_if_queue_full, until every receipt) then consume phase (Failover "
                        "batch_receive, fastavro decode, individual acknowledge) on a subscription created "
                        "before producing"),
             "topic_partitions": partitions,
