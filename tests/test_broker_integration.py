@@ -19,16 +19,22 @@ from pathlib import Path
 
 import pulsar
 import pytest
-from sqlalchemy import (Column, Integer, MetaData, String, Table, func, select, update)
+from conftest import unique
+from sqlalchemy import Column, Integer, MetaData, String, Table, func, select, update
 
 from alpes.kernel import embedded_broker
 from alpes.kernel.broker import ConsumerWorker, PulsarBroker
 from alpes.kernel.db import Database
 from alpes.kernel.inbox import InboxProcessor, inbox_table
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent, utcnow
-from alpes.kernel.outbox import PENDING, SENT, Outbox, OutboxRelay, PendingMessage, outbox_table
-
-from conftest import unique
+from alpes.kernel.outbox import (
+    PENDING,
+    SENT,
+    Outbox,
+    OutboxRelay,
+    PendingMessage,
+    outbox_table,
+)
 
 EVENT = "AfiliadoValidado"
 

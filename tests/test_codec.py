@@ -7,7 +7,8 @@ from datetime import datetime, timezone
 from decimal import Decimal
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from alpes.contract import SUBSCRIPTIONS, TOPICS
 from alpes.kernel.codec import SchemaRegistry, UnknownEvent

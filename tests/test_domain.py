@@ -7,7 +7,8 @@ from datetime import datetime, timedelta, timezone
 from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from alpes.afiliados import domain as afiliados
 from alpes.auditoria import domain as auditoria

@@ -6,10 +6,10 @@ from collections import Counter
 from decimal import Decimal
 
 import pytest
+from conftest import create_mariadb_database
+from harness import Platform, wait_until
 
 from alpes.contract import SERVICES
-from harness import Platform, wait_until
-from conftest import create_mariadb_database
 
 
 @pytest.fixture(params=["sqlite", pytest.param("mariadb", marks=pytest.mark.mariadb)])

@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from harness import Platform, wait_until
 
 from alpes.contract import SERVICES
-from harness import Platform, wait_until
 
 
 def _postback(platform: Platform, body: dict, deadline: float) -> str:

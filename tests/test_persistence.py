@@ -19,16 +19,39 @@ from decimal import Decimal
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import (Column, Date, Integer, MetaData, PrimaryKeyConstraint, String, Table, func, inspect,
-                        select, text)
+from sqlalchemy import (
+    Column,
+    Date,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    func,
+    inspect,
+    select,
+    text,
+)
 from sqlalchemy.exc import StatementError
 
 from alpes.kernel.codec import SchemaRegistry
 from alpes.kernel.db import Database, ScaledDecimal, UtcDateTime, migrate, upsert_add
-from alpes.kernel.eventstore import ConcurrencyConflict, EventStore, NewEvent, event_store_table
+from alpes.kernel.eventstore import (
+    ConcurrencyConflict,
+    EventStore,
+    NewEvent,
+    event_store_table,
+)
 from alpes.kernel.inbox import InboxProcessor, inbox_table
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent, new_id, utcnow
-from alpes.kernel.outbox import PENDING, SENT, Outbox, OutboxRelay, PendingMessage, outbox_table
+from alpes.kernel.outbox import (
+    PENDING,
+    SENT,
+    Outbox,
+    OutboxRelay,
+    PendingMessage,
+    outbox_table,
+)
 
 CONTEXTS = ["afiliados", "conversiones", "marketing", "auditoria"]
 

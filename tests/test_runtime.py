@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi.testclient import TestClient
+from harness import wait_until
 from sqlalchemy import select
 
 from alpes.afiliados import service, tables
 from alpes.kernel import embedded_broker
 from alpes.settings import Settings
-from harness import wait_until
 
 
 def _outbox(runtime) -> list[dict]:

@@ -7,12 +7,12 @@ from collections.abc import Callable
 from fastapi import FastAPI
 from sqlalchemy import Table
 
+from .contract import subscriptions_of
 from .kernel.codec import SchemaRegistry
 from .kernel.db import Database, migrate
 from .kernel.http import create_app
 from .kernel.runtime import ConsumerSpec, ServiceRuntime
 from .settings import Settings
-from .contract import subscriptions_of
 
 
 def compose(name: str, settings: Settings, *, outbox: Table, inbox: Table, consumers: list[ConsumerSpec],

@@ -1,7 +1,6 @@
 from sqlalchemy import Column, Integer, MetaData, String, Table, Text
 
 from alpes.kernel.db import ScaledDecimal, UtcDateTime
-
 from alpes.kernel.inbox import inbox_table
 from alpes.kernel.outbox import outbox_table
 

@@ -6,6 +6,7 @@ from datetime import datetime
 from fastapi import APIRouter, FastAPI, Query
 from sqlalchemy import func, select
 
+from alpes.kernel.db import where_equal
 from alpes.kernel.http import Problem
 from alpes.kernel.runtime import ServiceRuntime
 
@@ -24,10 +25,7 @@ def include_routes(runtime: ServiceRuntime):
         if desde and hasta and desde > hasta:
             raise Problem(422, "desde", "desde is after hasta")
         query = select(log).where(log.c.seq > after_seq).order_by(log.c.seq).limit(limit)
-        for column, value in (("aggregate_id", aggregate_id), ("event_type", event_type),
-                              ("correlation_id", correlation_id)):
-            if value is not None:
-                query = query.where(log.c[column] == value)
+        query = where_equal(query, log, aggregate_id=aggregate_id, event_type=event_type, correlation_id=correlation_id)
         if desde:
             query = query.where(log.c.occurred_at >= desde)
         if hasta:

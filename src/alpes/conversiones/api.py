@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from alpes.kernel.eventstore import EventStore
+from alpes.kernel.db import where_equal
 from alpes.kernel.http import Problem
 from alpes.kernel.money import Amount, Currency
 from alpes.kernel.runtime import ServiceRuntime
@@ -84,9 +84,7 @@ def include_routes(runtime: ServiceRuntime, grace: timedelta):
                limit: int = Query(1000, ge=1, le=10000), offset: int = Query(0, ge=0)) -> dict:
         """Oldest first."""
         query = select(v).order_by(v.c.timestamp, v.c.id).limit(limit).offset(offset)
-        for column, value in (("status", status), ("affiliate_id", affiliate_id), ("campaign_id", campaign_id)):
-            if value is not None:
-                query = query.where(v.c[column] == value)
+        query = where_equal(query, v, status=status, affiliate_id=affiliate_id, campaign_id=campaign_id)
         with runtime.db.read() as session:
             rows = session.execute(query).mappings().all()
         return {"conversiones": [_conversion(r) for r in rows]}

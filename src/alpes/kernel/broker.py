@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pulsar
 import structlog
 
 from .codec import SchemaRegistry
-from .messages import IncomingEvent, TransientFailure, UndecodableMessage, decode_message, properties_of
+from .messages import (
+    IncomingEvent,
+    TransientFailure,
+    UndecodableMessage,
+    decode_message,
+    properties_of,
+)
 from .outbox import PendingMessage
 
 log = structlog.get_logger(__name__)

@@ -8,7 +8,15 @@ from datetime import timezone
 from decimal import MAX_PREC, Context, Decimal
 from pathlib import Path
 
-from sqlalchemy import BigInteger, DateTime, Table, TypeDecorator, create_engine, event, text
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Table,
+    TypeDecorator,
+    create_engine,
+    event,
+    text,
+)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -197,3 +205,11 @@ class UtcDateTime(TypeDecorator):
         if value is None:
             return None
         return value.replace(tzinfo=timezone.utc)
+
+
+def where_equal(query, table: Table, **filters):
+    """Add `column = value` for every filter given (None means no filter)."""
+    for column, value in filters.items():
+        if value is not None:
+            query = query.where(table.c[column] == value)
+    return query

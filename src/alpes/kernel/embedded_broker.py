@@ -11,7 +11,6 @@ cluster is provisioned through its admin REST API instead (see `provision_pulsar
 from __future__ import annotations
 
 import json
-
 import socket
 import subprocess
 import time

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 
 import structlog
 from sqlalchemy import Column, MetaData, PrimaryKeyConstraint, String, Table, select
-from sqlalchemy.exc import DisconnectionError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import (
+    DisconnectionError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+)
 from sqlalchemy.orm import Session
 
 from .db import Database, UtcDateTime

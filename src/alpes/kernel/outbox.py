@@ -15,8 +15,19 @@ from datetime import datetime
 from typing import Protocol
 
 import structlog
-from sqlalchemy import (BigInteger, Column, Index, Integer, LargeBinary, MetaData,
-                        String, Table, func, select, update)
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from .codec import SchemaRegistry

@@ -7,6 +7,7 @@ from fastapi import APIRouter, FastAPI, Query
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 
+from alpes.kernel.db import where_equal
 from alpes.kernel.http import Problem
 from alpes.kernel.money import Currency, Percentage
 from alpes.kernel.runtime import ServiceRuntime
@@ -73,9 +74,7 @@ def include_routes(runtime: ServiceRuntime):
     def comisiones(afiliado_id: str | None = None, campana_id: str | None = None, conversion_id: str | None = None,
                    limit: int = Query(1000, ge=1, le=10000), offset: int = Query(0, ge=0)) -> dict:
         query = select(k).order_by(k.c.calculada_en, k.c.id).limit(limit).offset(offset)
-        for column, value in (("afiliado_id", afiliado_id), ("campana_id", campana_id), ("conversion_id", conversion_id)):
-            if value is not None:
-                query = query.where(k.c[column] == value)
+        query = where_equal(query, k, afiliado_id=afiliado_id, campana_id=campana_id, conversion_id=conversion_id)
         with runtime.db.read() as session:
             rows = session.execute(query).mappings().all()
         return {"comisiones": [_comision(r) for r in rows]}
@@ -98,10 +97,7 @@ def include_routes(runtime: ServiceRuntime):
         with runtime.db.read() as session:
             for table, fields in ((tables.analitica_conversiones, ("detectadas", "validadas", "rechazadas", "ingresos")),
                                   (tables.reporte_comisiones, ("comisiones", "monto"))):
-                query = select(table)
-                for column, value in (("campana_id", campana_id), ("afiliado_id", afiliado_id)):
-                    if value is not None:
-                        query = query.where(table.c[column] == value)
+                query = where_equal(select(table), table, campana_id=campana_id, afiliado_id=afiliado_id)
                 if desde:
                     query = query.where(table.c.dia >= desde)
                 if hasta:

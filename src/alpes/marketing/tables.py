@@ -1,5 +1,13 @@
-from sqlalchemy import Column, Date, Integer, MetaData, PrimaryKeyConstraint, String, Table
-from sqlalchemy import BigInteger
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Date,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+)
 
 from alpes.kernel.db import ScaledDecimal, UtcDateTime
 from alpes.kernel.inbox import inbox_table

@@ -4,10 +4,10 @@ Revision ID: 0001
 Revises: 
 Create Date: 2026-11-28 04:53:23.114447
 """
-from alembic import op
 import sqlalchemy as sa
-import alpes.kernel.db
+from alembic import op
 
+import alpes.kernel.db
 
 revision = '0001'
 down_revision = None
