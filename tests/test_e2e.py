@@ -150,3 +150,31 @@ def test_data_survives_a_restart(tmp_path):
         assert {x["servicio"] for x in states if x["estado"] == "detenido"} == set(SERVICES)
     finally:
         second.stop()
+
+
+def test_a_poison_message_is_dead_lettered_and_alerted(tmp_path):
+    """Undecodable bytes on a business topic: every subscription dead-letters them, keeps going,
+    and the alerting consumer raises an alert; health shows the count."""
+    import pulsar
+
+    platform = Platform(tmp_path / "alpes").start()
+    try:
+        client = pulsar.Client(platform.state()["broker_url"], logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Error))
+        producer = client.create_producer("persistent://public/default/conversiones.eventos", block_if_queue_full=True)
+        producer.send(b"\x00not avro", properties={"event_id": "poison-1", "event_type": "ConversionDetected",
+                                                  "schema_version": "2", "occurred_at": "2026-11-28T00:00:00+00:00"},
+                      partition_key="poison")
+        client.close()
+        subscriptions = {"marketing-consumer", "analytics-consumer", "audit-consumer"}  # on conversiones.eventos
+        alerts = wait_until(lambda: (a := [x for x in platform.get("auditoria", "/sistema/alertas")["alertas"]
+                                            if x["tipo"] == "dead_letter" and "poison-1" in x["mensaje"]])
+                            and len(a) == len(subscriptions) and a, 60, what="dead-letter alerts")
+        assert {m for a in alerts for m in subscriptions if f"/{m} dead-lettered" in a["mensaje"]} == subscriptions
+        consumers = platform.get("marketing", "/health")["consumers"]
+        assert sum(c["dead_lettered"] for c in consumers if c["topic"] == "conversiones.eventos") == 2
+        # The consumers keep going: the platform still turns a postback into an audited event.
+        campaign = platform.post("marketing", "/campanas", {"nombre": "After poison", "porcentaje_comision": 1}).json()
+        wait_until(lambda: platform.get("auditoria", "/auditoria/eventos", aggregate_id=campaign["id"])["eventos"],
+                   what="audit after the poison message")
+    finally:
+        platform.stop()
