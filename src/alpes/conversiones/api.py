@@ -51,6 +51,23 @@ def _conversion(row) -> dict:
     return Conversion(**{k: row[k] for k in Conversion.model_fields}).model_dump(mode="json")
 
 
+class Figures(BaseModel):
+    affiliate_id: str
+    campaign_id: str
+    currency: str
+    detected: int
+    validated: int
+    rejected: int
+    pending: int
+    validated_revenue: Decimal  # a decimal string in JSON
+
+
+def _figures(row) -> dict:
+    stored = {k: row[k] for k in Figures.model_fields if k != "pending"}
+    pending = row["detected"] - row["validated"] - row["rejected"]
+    return Figures(**stored, pending=pending).model_dump(mode="json")
+
+
 def include_routes(runtime: ServiceRuntime, grace: timedelta):
     router = APIRouter(tags=["conversiones"])
     store = handlers.event_store(runtime.registry)
@@ -88,6 +105,17 @@ def include_routes(runtime: ServiceRuntime, grace: timedelta):
         with runtime.db.read() as session:
             rows = session.execute(query).mappings().all()
         return {"conversiones": [_conversion(r) for r in rows]}
+
+    # Declared before /conversiones/{conversion_id}, which would otherwise take "cifras" for an id.
+    @router.get("/conversiones/cifras")
+    def cifras(affiliate_id: str | None = None, campaign_id: str | None = None) -> dict:
+        """Counts and validated revenue per affiliate, campaign and currency."""
+        f = tables.conversion_figures
+        query = where_equal(select(f).order_by(f.c.affiliate_id, f.c.campaign_id, f.c.currency), f,
+                            affiliate_id=affiliate_id, campaign_id=campaign_id)
+        with runtime.db.read() as session:
+            rows = session.execute(query).mappings().all()
+        return {"cifras": [_figures(r) for r in rows]}
 
     @router.get("/conversiones/{conversion_id}")
     def obtener(conversion_id: str) -> dict:

@@ -1,4 +1,4 @@
-from sqlalchemy import Column, Index, MetaData, PrimaryKeyConstraint, String, Table
+from sqlalchemy import Column, Index, Integer, MetaData, PrimaryKeyConstraint, String, Table
 
 from alpes.kernel.db import ScaledDecimal, UtcDateTime
 from alpes.kernel.eventstore import event_store_table
@@ -37,6 +37,25 @@ conversiones_view = Table(
     Index("ix_conversiones_view_timestamp", "timestamp", "id"),
     Index("ix_conversiones_view_status", "status", "timestamp"),
 )
+
+# Read side: figures per affiliate, campaign and currency (money is never summed across
+# currencies), fed by the same projection call as conversiones_view. pending = detected -
+# validated - rejected.
+conversion_figures = Table(
+    "conversion_figures", metadata,
+    Column("affiliate_id", String(36), nullable=False),
+    Column("campaign_id", String(36), nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("detected", Integer, nullable=False),
+    Column("validated", Integer, nullable=False),
+    Column("rejected", Integer, nullable=False),
+    Column("validated_revenue", ScaledDecimal(2), nullable=False),
+    PrimaryKeyConstraint("affiliate_id", "campaign_id", "currency", name="pk_conversion_figures"),
+    Index("ix_conversion_figures_campaign", "campaign_id"),
+)
+
+# Every table built only from the event store: what a replay deletes and rebuilds.
+projection_tables = (conversiones_view, conversion_figures)
 
 # Reference data learned from marketing.eventos (conversiones-consumer).
 ref_afiliados = Table(
