@@ -13,6 +13,8 @@ from .settings import Settings
 app = typer.Typer(help="AlpesPartner: event-driven partner marketing platform.", no_args_is_help=True)
 audit_app = typer.Typer(help="Audit log tools.")
 app.add_typer(audit_app, name="audit")
+replay_app = typer.Typer(help="Rebuild a service's projections from its event store.")
+app.add_typer(replay_app, name="replay")
 
 
 def _settings(data_dir: Path | None) -> Settings:
@@ -81,6 +83,35 @@ def audit_verify(data_dir: Path = typer.Option(None)) -> None:
         typer.echo(f"BROKEN at record {broken.seq}: {broken.problem} ({count} records before it verified)")
         raise typer.Exit(1)
     typer.echo(f"ok: {count} records, chain intact")
+
+
+@replay_app.command("conversiones")
+def replay_conversiones(data_dir: Path = typer.Option(None)) -> None:
+    """Delete and rebuild every conversiones projection from its event store (service stopped)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from sqlalchemy.engine import make_url
+
+    from .conversiones.handlers import rebuild_projections
+    from .kernel.codec import SchemaRegistry
+    from .kernel.db import Database, migrate
+
+    url = _settings(data_dir).db_url("conversiones")
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
+        # A mistyped --data-dir would otherwise create an empty database and "replay" nothing.
+        typer.echo(f"no conversiones database at {parsed.database}", err=True)
+        raise typer.Exit(1)
+    migrate(url, "alpes.conversiones:migrations")  # the projection tables of this version must exist
+    db = Database(url)
+    try:
+        with Progress(TextColumn("replaying conversiones"), BarColumn(), MofNCompleteColumn(), TextColumn("events"),
+                      TimeElapsedColumn()) as bar:
+            task = bar.add_task("replay", total=None)
+            summary = rebuild_projections(db, SchemaRegistry.from_directory(),
+                                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+    finally:
+        db.dispose()
+    typer.echo(f"replayed {summary.events} events of {summary.streams} streams in {summary.seconds:.2f} s")
 
 
 @app.command()
