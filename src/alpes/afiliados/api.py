@@ -19,12 +19,54 @@ class RegistrarAfiliado(BaseModel):
     email: str = Field(min_length=3, max_length=254)
     nombre: str = Field(min_length=1, max_length=200)
 
+    # Optional so the original body {user_id, email, nombre} is still a valid registration.
+    tipo_documento: str | None = None
+    numero_documento: str | None = None
+    pais: str | None = None
+    metodo_pago: str | None = None
+
     @field_validator("email")
     @classmethod
     def email_shape(cls, value: str) -> str:
         if not domain.EMAIL.match(value):
             raise ValueError("not a valid email address")
         return value
+
+    @field_validator("tipo_documento")
+    @classmethod
+    def known_tipo_documento(cls, value: str | None) -> str | None:
+        return _one_of(value.upper(), domain.TIPOS_DOCUMENTO) if value is not None else None
+
+    @field_validator("numero_documento")
+    @classmethod
+    def numero_documento_shape(cls, value: str | None) -> str | None:
+        if value is not None and not domain.NUMERO_DOCUMENTO.match(value):
+            raise ValueError("must be 4 to 20 letters or digits")
+        return value
+
+    @field_validator("pais")
+    @classmethod
+    def known_pais(cls, value: str | None) -> str | None:
+        if value is not None and value.upper() not in domain.PAISES:
+            raise ValueError("must be an ISO 3166-1 alpha-2 country code")
+        return value.upper() if value is not None else None
+
+    @field_validator("metodo_pago")
+    @classmethod
+    def known_metodo_pago(cls, value: str | None) -> str | None:
+        return _one_of(value.lower(), domain.METODOS_PAGO) if value is not None else None
+
+
+def _one_of(value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"must be one of {', '.join(allowed)}")
+    return value
+
+
+class SuspenderAfiliado(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    motivo: str = Field(min_length=1, max_length=500)
 
 
 class Afiliado(BaseModel):
@@ -38,6 +80,11 @@ class Afiliado(BaseModel):
     validado_en: str | None
     comisiones: int
     ganancias_pendientes: Decimal
+    tipo_documento: str | None
+    numero_documento: str | None
+    pais: str | None
+    metodo_pago: str | None
+    motivo_suspension: str | None
 
 
 def _afiliado(row) -> Afiliado:
@@ -45,7 +92,9 @@ def _afiliado(row) -> Afiliado:
         id=row["id"], user_id=row["user_id"], email=row["email"], nombre=row["nombre"], estado=row["estado"],
         motivos=[m for m in row["motivos"].split(",") if m], registrado_en=row["registrado_en"].isoformat(),
         validado_en=row["validado_en"].isoformat() if row["validado_en"] else None,
-        comisiones=row["comisiones"], ganancias_pendientes=row["ganancias_pendientes"])
+        comisiones=row["comisiones"], ganancias_pendientes=row["ganancias_pendientes"],
+        tipo_documento=row["tipo_documento"], numero_documento=row["numero_documento"], pais=row["pais"],
+        metodo_pago=row["metodo_pago"], motivo_suspension=row["motivo_suspension"])
 
 
 def include_routes(runtime: ServiceRuntime):
@@ -54,14 +103,38 @@ def include_routes(runtime: ServiceRuntime):
 
     @router.post("/afiliados", status_code=201, response_model=Afiliado)
     def registrar(body: RegistrarAfiliado) -> Afiliado:
+        # A document is its type and its number: one without the other identifies nobody.
+        if (body.tipo_documento is None) != (body.numero_documento is None):
+            missing = "tipo_documento" if body.tipo_documento is None else "numero_documento"
+            raise Problem(422, missing, "tipo_documento and numero_documento go together")
         with runtime.unit_of_work() as (session, emit):
-            afiliado_id, events = handlers.register_afiliado(
-                session, domain.SolicitudRegistro(body.user_id, body.email, body.nombre))
+            afiliado_id, events = handlers.register_afiliado(session, domain.SolicitudRegistro(
+                body.user_id, body.email, body.nombre, body.tipo_documento, body.numero_documento, body.pais,
+                body.metodo_pago))
             emit(events)
         return obtener(afiliado_id)
 
+    @router.post("/afiliados/{afiliado_id}/aprobar", response_model=Afiliado)
+    def aprobar(afiliado_id: str) -> Afiliado:
+        """A human approves an affiliate the automatic validation rejected."""
+        with runtime.unit_of_work() as (session, emit):
+            emit(handlers.approve_afiliado(session, afiliado_id))
+        return obtener(afiliado_id)
+
+    @router.post("/afiliados/{afiliado_id}/suspender", response_model=Afiliado)
+    def suspender(afiliado_id: str, body: SuspenderAfiliado) -> Afiliado:
+        with runtime.unit_of_work() as (session, emit):
+            emit(handlers.suspend_afiliado(session, afiliado_id, body.motivo))
+        return obtener(afiliado_id)
+
+    @router.post("/afiliados/{afiliado_id}/reactivar", response_model=Afiliado)
+    def reactivar(afiliado_id: str) -> Afiliado:
+        with runtime.unit_of_work() as (session, emit):
+            emit(handlers.reactivate_afiliado(session, afiliado_id))
+        return obtener(afiliado_id)
+
     @router.get("/afiliados")
-    def listar(estado: str | None = Query(None, pattern="^(registrado|validado|rechazado)$"),
+    def listar(estado: str | None = Query(None, pattern="^(registrado|validado|rechazado|suspendido)$"),
                limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict:
         query = select(a).order_by(a.c.registrado_en, a.c.id).limit(limit).offset(offset)
         if estado:

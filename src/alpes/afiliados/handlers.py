@@ -20,17 +20,22 @@ def register_afiliado(session: Session, solicitud: domain.SolicitudRegistro) -> 
     email = domain.normalizar_email(solicitud.email)
     if session.scalar(select(exists().where(tables.afiliados.c.email == email))):
         raise Problem(409, "email", "an affiliate with this email is already registered")
+    numero_documento = domain.normalizar_documento(solicitud.numero_documento) if solicitud.numero_documento else None
     afiliado_id = new_id()
     now = utcnow()
     try:
         session.execute(tables.afiliados.insert().values(
             id=afiliado_id, user_id=solicitud.user_id, email=email, nombre=solicitud.nombre,
-            estado=domain.REGISTRADO, motivos="", registrado_en=now, comisiones=0, ganancias_pendientes=0))
+            estado=domain.REGISTRADO, motivos="", registrado_en=now, comisiones=0, ganancias_pendientes=0,
+            tipo_documento=solicitud.tipo_documento, numero_documento=numero_documento, pais=solicitud.pais,
+            metodo_pago=solicitud.metodo_pago))
         session.flush()
     except IntegrityError:  # a concurrent registration with the same email won the race
         raise Problem(409, "email", "an affiliate with this email is already registered") from None
     event = OutgoingEvent(TOPIC, "AfiliadoRegistrado", afiliado_id, {
-        "id": afiliado_id, "user_id": solicitud.user_id, "email": email, "nombre": solicitud.nombre, "timestamp": now})
+        "id": afiliado_id, "user_id": solicitud.user_id, "email": email, "nombre": solicitud.nombre,
+        "tipo_documento": solicitud.tipo_documento, "numero_documento": numero_documento, "pais": solicitud.pais,
+        "metodo_pago": solicitud.metodo_pago, "timestamp": now})
     return afiliado_id, [event]
 
 
@@ -46,7 +51,8 @@ def validate_registered_afiliados(db: Database, outbox: Outbox, batch: int = 100
             duplicate = session.scalar(select(exists().where(
                 a.c.user_id == row["user_id"], a.c.estado == domain.VALIDADO, a.c.id != row["id"])))
             motivos = domain.motivos_de_rechazo(
-                domain.SolicitudRegistro(row["user_id"], row["email"], row["nombre"]), duplicate)
+                domain.SolicitudRegistro(row["user_id"], row["email"], row["nombre"]), duplicate,
+                documento_duplicado=_documento_taken(session, row))
             now = utcnow()
             if motivos:
                 session.execute(update(a).where(a.c.id == row["id"]).values(
@@ -58,6 +64,47 @@ def validate_registered_afiliados(db: Database, outbox: Outbox, batch: int = 100
                 events.append(OutgoingEvent(TOPIC, "AfiliadoValidado", row["id"], {"id": row["id"], "timestamp": now}))
         outbox.add(session, events)
         return len(rows)
+
+
+def _documento_taken(session: Session, row) -> bool:
+    """Another affiliate already holds this identity document. A rejected holder does not count
+    (its registration never became an account); a suspended one does (no way around a suspension)."""
+    if not row["numero_documento"]:
+        return False
+    a = tables.afiliados
+    return bool(session.scalar(select(exists().where(
+        a.c.tipo_documento == row["tipo_documento"], a.c.numero_documento == row["numero_documento"],
+        a.c.estado.in_([domain.VALIDADO, domain.SUSPENDIDO]), a.c.id != row["id"]))))
+
+
+# -- actions taken by a human, each a state change and its event committed together ---------
+def approve_afiliado(session: Session, afiliado_id: str) -> list[OutgoingEvent]:
+    now = utcnow()
+    _change_estado(session, afiliado_id, domain.APROBAR, validado_en=now)
+    return [OutgoingEvent(TOPIC, "AfiliadoAprobado", afiliado_id, {"id": afiliado_id, "timestamp": now})]
+
+
+def suspend_afiliado(session: Session, afiliado_id: str, motivo: str) -> list[OutgoingEvent]:
+    _change_estado(session, afiliado_id, domain.SUSPENDER, motivo_suspension=motivo)
+    return [OutgoingEvent(TOPIC, "AfiliadoSuspendido", afiliado_id,
+                          {"id": afiliado_id, "motivo": motivo, "timestamp": utcnow()})]
+
+
+def reactivate_afiliado(session: Session, afiliado_id: str) -> list[OutgoingEvent]:
+    _change_estado(session, afiliado_id, domain.REACTIVAR, motivo_suspension=None)
+    return [OutgoingEvent(TOPIC, "AfiliadoReactivado", afiliado_id, {"id": afiliado_id, "timestamp": utcnow()})]
+
+
+def _change_estado(session: Session, afiliado_id: str, accion: str, **values) -> None:
+    a = tables.afiliados
+    estado = session.scalar(select(a.c.estado).where(a.c.id == afiliado_id).with_for_update())
+    if estado is None:
+        raise Problem(404, "afiliado_id", "no affiliate with this id")
+    try:
+        nuevo = domain.siguiente_estado(estado, accion)
+    except domain.TransicionInvalida as refusal:
+        raise Problem(409, "estado", str(refusal)) from None
+    session.execute(update(a).where(a.c.id == afiliado_id).values(estado=nuevo, **values))
 
 
 def record_comision(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:

@@ -1,4 +1,4 @@
-from sqlalchemy import Column, Integer, MetaData, String, Table, Text
+from sqlalchemy import Column, Index, Integer, MetaData, String, Table, Text
 
 from alpes.kernel.db import ScaledDecimal, UtcDateTime
 from alpes.kernel.inbox import inbox_table
@@ -19,6 +19,14 @@ afiliados = Table(
     # Earnings fed from comisiones.eventos (exact decimal money).
     Column("comisiones", Integer, nullable=False, default=0),
     Column("ganancias_pendientes", ScaledDecimal(2), nullable=False, default=0),
+    # Identity and payment data; null for affiliates registered before they were asked for.
+    Column("tipo_documento", String(20)),
+    Column("numero_documento", String(20)),
+    Column("pais", String(2)),
+    Column("metodo_pago", String(20)),
+    Column("motivo_suspension", String(500)),
+    # Not unique: a second registration with a taken document is stored, then rejected.
+    Index("ix_afiliados_documento", "tipo_documento", "numero_documento"),
 )
 
 programas = Table(
