@@ -10,5 +10,6 @@ def consumer_specs() -> list[ConsumerSpec]:
         ConsumerSpec("marketing.eventos", "conversiones-consumer", {
             "CampanaCreada": handlers.learn_campana,
             "AfiliadoHabilitado": handlers.learn_afiliado,
+            "AfiliadoInhabilitado": handlers.learn_afiliado_inhabilitado,
         }),
     ]

@@ -18,6 +18,7 @@ CONVERSION_TYPES = ("sale", "purchase", "lead")
 
 # Reasons a conversion is rejected; each travels verbatim in ConversionRejected.reason.
 AFFILIATE_UNKNOWN = "affiliate_unknown"
+AFFILIATE_SUSPENDED = "affiliate_suspended"
 CAMPAIGN_UNKNOWN = "campaign_unknown"
 CAMPAIGN_INACTIVE = "campaign_inactive"
 CURRENCY_MISMATCH = "currency_mismatch"
@@ -83,6 +84,7 @@ class Reference:
     affiliate_enabled: bool | None  # None: never heard of it
     campaign_active: bool | None
     campaign_currency: str | None
+    affiliate_suspended: bool = False  # known, but disabled after a suspension
 
 
 @dataclass
@@ -102,6 +104,8 @@ def decide_validation(conversion: Conversion, ref: Reference, now: datetime, gra
     waited_enough = now - conversion.detected.timestamp >= grace
     if ref.affiliate_enabled is None:
         return Decision([Rejected(AFFILIATE_UNKNOWN, now)] if waited_enough else [])
+    if ref.affiliate_suspended:  # final whatever the campaign: no need to wait for it
+        return Decision([Rejected(AFFILIATE_SUSPENDED, now)])
     if ref.campaign_active is None:
         return Decision([Rejected(CAMPAIGN_UNKNOWN, now)] if waited_enough else [])
     if not ref.affiliate_enabled:

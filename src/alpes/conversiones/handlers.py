@@ -166,9 +166,10 @@ def reference(session: Session, affiliate_id: str, campaign_id: str) -> domain.R
     c = session.execute(select(tables.ref_campanas.c.estado, tables.ref_campanas.c.moneda)
                         .where(tables.ref_campanas.c.campana_id == campaign_id)).first()
     return domain.Reference(
-        affiliate_enabled=None if a is None else a == "habilitado",
+        affiliate_enabled=None if a is None else a == AFILIADO_HABILITADO,
         campaign_active=None if c is None else c.estado == "activa",
-        campaign_currency=None if c is None else c.moneda)
+        campaign_currency=None if c is None else c.moneda,
+        affiliate_suspended=a == AFILIADO_SUSPENDIDO)
 
 
 # -- commands --------------------------------------------------------------------------------
@@ -228,9 +229,26 @@ def learn_campana(session: Session, event: IncomingEvent) -> list[OutgoingEvent]
     return []
 
 
+# What conversiones knows of an affiliate (ref_afiliados.estado), as marketing announced it.
+AFILIADO_HABILITADO = "habilitado"
+AFILIADO_SUSPENDIDO = "suspendido"
+
+
 def learn_afiliado(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
-    t = tables.ref_afiliados
-    afiliado_id = event.payload["afiliado_id"]
-    if not session.scalar(select(exists().where(t.c.afiliado_id == afiliado_id))):
-        session.execute(t.insert().values(afiliado_id=afiliado_id, estado="habilitado", updated_at=utcnow()))
+    """AfiliadoHabilitado: enabled for the first time, or again after a suspension."""
+    _learn_estado_afiliado(session, event.payload["afiliado_id"], AFILIADO_HABILITADO)
     return []
+
+
+def learn_afiliado_inhabilitado(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """AfiliadoInhabilitado: its new conversions are rejected until it is enabled again."""
+    _learn_estado_afiliado(session, event.payload["afiliado_id"], AFILIADO_SUSPENDIDO)
+    return []
+
+
+def _learn_estado_afiliado(session: Session, afiliado_id: str, estado: str) -> None:
+    t = tables.ref_afiliados
+    if session.scalar(select(exists().where(t.c.afiliado_id == afiliado_id))):
+        session.execute(update(t).where(t.c.afiliado_id == afiliado_id).values(estado=estado, updated_at=utcnow()))
+    else:
+        session.execute(t.insert().values(afiliado_id=afiliado_id, estado=estado, updated_at=utcnow()))

@@ -9,7 +9,10 @@ def consumer_specs() -> list[ConsumerSpec]:
     return [
         ConsumerSpec("afiliados.eventos", "marketing-consumer", {
             "AfiliadoValidado": handlers.enable_afiliado,
+            "AfiliadoAprobado": handlers.enable_afiliado,
+            "AfiliadoReactivado": handlers.enable_afiliado,
             "AfiliadoRechazado": handlers.note_rejected_afiliado,
+            "AfiliadoSuspendido": handlers.disable_afiliado,
         }),
         ConsumerSpec("conversiones.eventos", "marketing-consumer", {
             "ConversionValidated": handlers.calculate_comision,

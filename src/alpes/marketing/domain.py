@@ -8,6 +8,11 @@ CENT = Decimal("0.01")
 ACTIVA = "activa"
 PENDIENTE = "pendiente"
 
+# What marketing knows of an affiliate, learned on afiliados.eventos.
+HABILITADO = "habilitado"
+INHABILITADO = "inhabilitado"
+RECHAZADO = "rechazado"
+
 
 def calcular_comision(base: Decimal, porcentaje: Decimal) -> Decimal:
     """Commission of a sale: base × percentage, rounded half-up to the cent. Exact decimals only."""

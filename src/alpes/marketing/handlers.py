@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from sqlalchemy import exists, select
+from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session
 
 from alpes.kernel.db import upsert_add
@@ -28,21 +28,42 @@ def create_campana(session: Session, nombre: str, porcentaje: Decimal, moneda: s
 
 # -- marketing-consumer on afiliados.eventos ----------------------------------------------
 def enable_afiliado(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
-    """A validated affiliate may take part in programs: tell conversiones through our topic."""
+    """A validated, approved or reactivated affiliate may take part in programs: tell conversiones
+    through our topic. Idempotent per state: one already enabled is not announced twice."""
     afiliado_id = event.payload["id"]
-    t = tables.afiliados
-    if session.scalar(select(exists().where(t.c.afiliado_id == afiliado_id))):
+    if not _set_estado_afiliado(session, afiliado_id, domain.HABILITADO):
         return []
-    now = utcnow()
-    session.execute(t.insert().values(afiliado_id=afiliado_id, estado="habilitado", actualizado_en=now))
-    return [OutgoingEvent(MARKETING, "AfiliadoHabilitado", afiliado_id, {"afiliado_id": afiliado_id, "timestamp": now})]
+    return [OutgoingEvent(MARKETING, "AfiliadoHabilitado", afiliado_id,
+                          {"afiliado_id": afiliado_id, "timestamp": utcnow()})]
+
+
+def disable_afiliado(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """A suspended affiliate takes part in no program until reactivated: tell conversiones."""
+    afiliado_id = event.payload["id"]
+    if not _set_estado_afiliado(session, afiliado_id, domain.INHABILITADO):
+        return []
+    return [OutgoingEvent(MARKETING, "AfiliadoInhabilitado", afiliado_id, {
+        "afiliado_id": afiliado_id, "motivo": event.payload["motivo"], "timestamp": utcnow()})]
+
+
+def _set_estado_afiliado(session: Session, afiliado_id: str, estado: str) -> bool:
+    """Record the affiliate's state; False when it already was in that state (nothing to announce)."""
+    t = tables.afiliados
+    actual = session.scalar(select(t.c.estado).where(t.c.afiliado_id == afiliado_id).with_for_update())
+    if actual == estado:
+        return False
+    if actual is None:
+        session.execute(t.insert().values(afiliado_id=afiliado_id, estado=estado, actualizado_en=utcnow()))
+    else:
+        session.execute(update(t).where(t.c.afiliado_id == afiliado_id).values(estado=estado, actualizado_en=utcnow()))
+    return True
 
 
 def note_rejected_afiliado(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
     t = tables.afiliados
     afiliado_id = event.payload["id"]
     if not session.scalar(select(exists().where(t.c.afiliado_id == afiliado_id))):
-        session.execute(t.insert().values(afiliado_id=afiliado_id, estado="rechazado", actualizado_en=utcnow()))
+        session.execute(t.insert().values(afiliado_id=afiliado_id, estado=domain.RECHAZADO, actualizado_en=utcnow()))
     return []
 
 
