@@ -9,6 +9,9 @@ def consumer_specs() -> list[ConsumerSpec]:
     return [
         ConsumerSpec("marketing.eventos", "conversiones-consumer", {
             "CampanaCreada": handlers.learn_campana,
+            "CampanaActivada": handlers.learn_campana_estado,
+            "CampanaPausada": handlers.learn_campana_estado,
+            "CampanaFinalizada": handlers.learn_campana_estado,
             "AfiliadoHabilitado": handlers.learn_afiliado,
             "AfiliadoInhabilitado": handlers.learn_afiliado_inhabilitado,
         }),

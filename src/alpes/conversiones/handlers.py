@@ -225,7 +225,20 @@ def learn_campana(session: Session, event: IncomingEvent) -> list[OutgoingEvent]
     p = event.payload
     t = tables.ref_campanas
     if not session.scalar(select(exists().where(t.c.campana_id == p["id"]))):
-        session.execute(t.insert().values(campana_id=p["id"], estado="activa", moneda=p["moneda"], updated_at=utcnow()))
+        # v1 events carry no state: they were created active (the v2 reader default).
+        session.execute(t.insert().values(campana_id=p["id"], estado=p["estado"], moneda=p["moneda"],
+                                          updated_at=utcnow()))
+    return []
+
+
+_CAMPAIGN_STATE = {"CampanaActivada": "activa", "CampanaPausada": "pausada", "CampanaFinalizada": "finalizada"}
+
+
+def learn_campana_estado(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """Activated, paused or ended: only an active campaign validates conversions."""
+    t = tables.ref_campanas
+    session.execute(update(t).where(t.c.campana_id == event.payload["id"]).values(
+        estado=_CAMPAIGN_STATE[event.event_type], updated_at=utcnow()))
     return []
 
 

@@ -1,18 +1,32 @@
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime
 from decimal import Decimal
+from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo,
+                      field_validator)
 from sqlalchemy import func, select
 
 from alpes.kernel.db import where_equal
 from alpes.kernel.http import Problem
-from alpes.kernel.money import Currency, Percentage
+from alpes.kernel.money import Amount, Currency, Percentage
 from alpes.kernel.runtime import ServiceRuntime
 
-from . import handlers, tables
+from . import domain, handlers, tables
+
+
+Code = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,40}$")]
+Country = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")]
+
+
+class Segmentacion(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    paises: list[Country] = Field(default_factory=list, max_length=250)
+    canales: list[Code] = Field(default_factory=list, max_length=50)
+    categorias: list[Code] = Field(default_factory=list, max_length=50)
 
 
 class CrearCampana(BaseModel):
@@ -21,6 +35,22 @@ class CrearCampana(BaseModel):
     nombre: str = Field(min_length=1, max_length=200)
     porcentaje_comision: Percentage
     moneda: Currency = "EUR"
+    fecha_inicio: AwareDatetime | None = None
+    fecha_fin: AwareDatetime | None = None
+    landing_url: str | None = Field(None, max_length=2000, pattern=r"^https?://[^\s/$.?#][^\s]*$")
+    presupuesto: Amount | None = None
+    ventana_atribucion_dias: int = Field(30, ge=1, le=365)
+    periodo_bloqueo_dias: int = Field(30, ge=0, le=365)
+    segmentacion: Segmentacion = Field(default_factory=Segmentacion)
+    activar: bool = True
+
+    @field_validator("fecha_fin")
+    @classmethod
+    def end_after_start(cls, fecha_fin: datetime | None, info: ValidationInfo) -> datetime | None:
+        inicio = info.data.get("fecha_inicio")
+        if fecha_fin is not None and inicio is not None and fecha_fin <= inicio:
+            raise ValueError("must be after fecha_inicio")
+        return fecha_fin
 
 
 class Campana(BaseModel):
@@ -30,11 +60,22 @@ class Campana(BaseModel):
     moneda: str
     estado: str
     creada_en: str
+    fecha_inicio: datetime | None
+    fecha_fin: datetime | None
+    landing_url: str | None
+    presupuesto: Decimal | None
+    ventana_atribucion_dias: int
+    periodo_bloqueo_dias: int
+    segmentacion: dict[str, list[str]]
 
 
 def _campana(row) -> Campana:
     return Campana(id=row["id"], nombre=row["nombre"], porcentaje_comision=row["porcentaje_comision"],
-                   moneda=row["moneda"], estado=row["estado"], creada_en=row["creada_en"].isoformat())
+                   moneda=row["moneda"], estado=row["estado"], creada_en=row["creada_en"].isoformat(),
+                   fecha_inicio=row["fecha_inicio"], fecha_fin=row["fecha_fin"], landing_url=row["landing_url"],
+                   presupuesto=row["presupuesto"], ventana_atribucion_dias=row["ventana_atribucion_dias"],
+                   periodo_bloqueo_dias=row["periodo_bloqueo_dias"],
+                   segmentacion={k: [v for v in row[k].split(",") if v] for k in ("paises", "canales", "categorias")})
 
 
 def _comision(row) -> dict:
@@ -52,9 +93,29 @@ def include_routes(runtime: ServiceRuntime):
     @router.post("/campanas", status_code=201, response_model=Campana, tags=["campanas"])
     def crear(body: CrearCampana) -> Campana:
         with runtime.unit_of_work() as (session, emit):
-            campana_id, events = handlers.create_campana(session, body.nombre, body.porcentaje_comision, body.moneda)
+            campana_id, events = handlers.create_campana(session, domain.NuevaCampana(
+                nombre=body.nombre, porcentaje_comision=body.porcentaje_comision, moneda=body.moneda,
+                vigencia=domain.Vigencia(body.fecha_inicio, body.fecha_fin), landing_url=body.landing_url,
+                presupuesto=body.presupuesto, ventana_atribucion_dias=body.ventana_atribucion_dias,
+                periodo_bloqueo_dias=body.periodo_bloqueo_dias, activa=body.activar,
+                segmentacion=domain.Segmentacion(frozenset(body.segmentacion.paises),
+                                                 frozenset(body.segmentacion.canales),
+                                                 frozenset(body.segmentacion.categorias))))
             emit(events)
         return obtener(campana_id)
+
+    def _action(accion: str):
+        def change(campana_id: str) -> Campana:
+            with runtime.unit_of_work() as (session, emit):
+                emit(handlers.change_campana_estado(session, campana_id, accion))
+            return obtener(campana_id)
+        change.__name__ = f"{accion}_campana"
+        return change
+
+    for accion in ("activar", "pausar", "finalizar"):
+        router.add_api_route(f"/campanas/{{campana_id}}/{accion}", _action(accion), methods=["POST"],
+                             response_model=Campana, tags=["campanas"],
+                             summary=f"{accion.capitalize()} a campaign (409 if its state does not allow it)")
 
     @router.get("/campanas", tags=["campanas"])
     def listar(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict:

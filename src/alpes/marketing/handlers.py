@@ -8,6 +8,7 @@ from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session
 
 from alpes.kernel.db import upsert_add
+from alpes.kernel.http import Problem
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent, new_id, utcnow
 
 from . import domain, tables
@@ -16,14 +17,39 @@ MARKETING = "marketing.eventos"
 COMISIONES = "comisiones.eventos"
 
 
-def create_campana(session: Session, nombre: str, porcentaje: Decimal, moneda: str) -> tuple[str, list[OutgoingEvent]]:
+def create_campana(session: Session, nueva: domain.NuevaCampana) -> tuple[str, list[OutgoingEvent]]:
     campana_id = new_id()
     now = utcnow()
+    estado = domain.ACTIVA if nueva.activa else domain.BORRADOR
+    seg = nueva.segmentacion
     session.execute(tables.campanas.insert().values(
-        id=campana_id, nombre=nombre, porcentaje_comision=porcentaje, moneda=moneda,
-        estado=domain.ACTIVA, creada_en=now))
+        id=campana_id, nombre=nueva.nombre, porcentaje_comision=nueva.porcentaje_comision, moneda=nueva.moneda,
+        estado=estado, creada_en=now, fecha_inicio=nueva.vigencia.fecha_inicio, fecha_fin=nueva.vigencia.fecha_fin,
+        landing_url=nueva.landing_url, presupuesto=nueva.presupuesto,
+        ventana_atribucion_dias=nueva.ventana_atribucion_dias, periodo_bloqueo_dias=nueva.periodo_bloqueo_dias,
+        paises=",".join(sorted(seg.paises)), canales=",".join(sorted(seg.canales)),
+        categorias=",".join(sorted(seg.categorias))))
     return campana_id, [OutgoingEvent(MARKETING, "CampanaCreada", campana_id, {
-        "id": campana_id, "nombre": nombre, "porcentaje_comision": porcentaje, "moneda": moneda, "timestamp": now})]
+        "id": campana_id, "nombre": nueva.nombre, "porcentaje_comision": nueva.porcentaje_comision,
+        "moneda": nueva.moneda, "timestamp": now, "estado": estado, "fecha_inicio": nueva.vigencia.fecha_inicio,
+        "fecha_fin": nueva.vigencia.fecha_fin, "landing_url": nueva.landing_url, "presupuesto": nueva.presupuesto,
+        "ventana_atribucion_dias": nueva.ventana_atribucion_dias, "periodo_bloqueo_dias": nueva.periodo_bloqueo_dias,
+        "paises": sorted(seg.paises), "canales": sorted(seg.canales), "categorias": sorted(seg.categorias)})]
+
+
+def change_campana_estado(session: Session, campana_id: str, accion: str) -> list[OutgoingEvent]:
+    """activar / pausar / finalizar: the new state and its event commit together."""
+    c = tables.campanas
+    estado = session.scalar(select(c.c.estado).where(c.c.id == campana_id).with_for_update())
+    if estado is None:
+        raise Problem(404, "campana_id", "no campaign with this id")
+    try:
+        nuevo, evento = domain.transicion(estado, accion)
+    except domain.TransicionInvalida as error:
+        raise Problem(409, "estado", str(error)) from None
+    now = utcnow()
+    session.execute(update(c).where(c.c.id == campana_id).values(estado=nuevo, actualizada_en=now))
+    return [OutgoingEvent(MARKETING, evento, campana_id, {"id": campana_id, "timestamp": now})]
 
 
 # -- marketing-consumer on afiliados.eventos ----------------------------------------------

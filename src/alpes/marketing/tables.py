@@ -23,6 +23,17 @@ campanas = Table(
     Column("moneda", String(3), nullable=False),
     Column("estado", String(20), nullable=False),
     Column("creada_en", UtcDateTime(), nullable=False),
+    Column("fecha_inicio", UtcDateTime()),
+    Column("fecha_fin", UtcDateTime()),
+    Column("landing_url", String(2000)),
+    Column("presupuesto", ScaledDecimal(2)),
+    Column("ventana_atribucion_dias", Integer, nullable=False, server_default="30"),
+    Column("periodo_bloqueo_dias", Integer, nullable=False, server_default="30"),
+    # Segmentation criteria as comma-separated codes (empty: any).
+    Column("paises", String(1000), nullable=False, server_default=""),
+    Column("canales", String(1000), nullable=False, server_default=""),
+    Column("categorias", String(1000), nullable=False, server_default=""),
+    Column("actualizada_en", UtcDateTime()),
 )
 
 # Affiliates marketing learned of on afiliados.eventos.
