@@ -392,6 +392,6 @@ class ConsumerWorker:
             self.on_dead_letter(event, message.properties(), error)
         except Exception as failure:
             log.warning("dead-letter notice failed", error=str(failure))
-        self._ack(message)
-        self.state.acked -= 1  # a dead letter is not a processed message
+        assert self._consumer is not None
+        self._consumer.acknowledge(message)  # only now: the dead-letter copy is stored
         return True
