@@ -61,3 +61,22 @@ def test_deleting_the_last_record_is_reported(audited):
         session.execute(tables.audit_log.delete().where(tables.audit_log.c.seq == 10))
     code, output = _verify(data_dir)
     assert code == 1 and "BROKEN at record 10" in output
+
+
+def test_a_suspension_becomes_a_security_finding_with_its_reason(audited):
+    db, _ = audited
+    when = datetime(2026, 11, 28, 13, 0, tzinfo=timezone.utc)
+    suspension = IncomingEvent(topic="afiliados.eventos", subscription="audit-consumer", event_id="s-1",
+                               event_type="AfiliadoSuspendido", schema_version=1, key="a-1", occurred_at=when,
+                               correlation_id="s-1", causation_id="s-1",
+                               payload={"id": "a-1", "motivo": "fraude de clics", "timestamp": when})
+    with db.transaction() as session:
+        [announced] = handlers.audit_event(session, suspension)
+        notice = IncomingEvent(topic="auditoria.eventos", subscription="security-consumer", event_id="n-1",
+                               event_type="EventoAuditado", schema_version=1, key="a-1", occurred_at=when,
+                               correlation_id="s-1", causation_id="s-1", payload=announced.payload)
+        handlers.flag_security_event(session, notice)
+    with db.read() as session:
+        findings = session.execute(tables.security_findings.select()).mappings().all()
+    assert [(f["event_type"], f["aggregate_id"], f["motivo"]) for f in findings] == [
+        ("AfiliadoSuspendido", "a-1", "fraude de clics")]

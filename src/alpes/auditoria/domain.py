@@ -20,6 +20,7 @@ GENESIS = "0" * 64
 SECURITY_RELEVANT = {
     "ConversionRejected": "reason",
     "AfiliadoRechazado": "motivos",
+    "AfiliadoSuspendido": "motivo",
 }
 
 
