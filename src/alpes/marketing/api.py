@@ -4,10 +4,11 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated
 
-from fastapi import APIRouter, FastAPI, Query
+from fastapi import APIRouter, FastAPI, Query, Response
 from pydantic import (AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo,
                       field_validator)
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from alpes.kernel.db import where_equal
 from alpes.kernel.http import Problem
@@ -78,6 +79,20 @@ def _campana(row) -> Campana:
                    segmentacion={k: [v for v in row[k].split(",") if v] for k in ("paises", "canales", "categorias")})
 
 
+class Inscribir(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    afiliado_id: str = Field(min_length=1, max_length=36)
+    canal: Code | None = None
+    categoria: Code | None = None
+
+
+def _inscripcion(row) -> dict:
+    return {"id": row["id"], "campana_id": row["campana_id"], "afiliado_id": row["afiliado_id"],
+            "link_code": row["link_code"], "canal": row["canal"], "categoria": row["categoria"],
+            "estado": row["estado"], "inscrita_en": row["inscrita_en"].isoformat()}
+
+
 def _comision(row) -> dict:
     return {"id": row["id"], "conversion_id": row["conversion_id"], "afiliado_id": row["afiliado_id"],
             "campana_id": row["campana_id"], "base": str(row["base"]), "porcentaje": str(row["porcentaje"]),
@@ -130,6 +145,39 @@ def include_routes(runtime: ServiceRuntime):
         if row is None:
             raise Problem(404, "campana_id", "no campaign with this id")
         return _campana(row)
+
+    @router.post("/campanas/{campana_id}/inscripciones", status_code=201, tags=["inscripciones"])
+    def inscribir(campana_id: str, body: Inscribir, response: Response) -> dict:
+        """Enroll an enabled affiliate the campaign's segmentation admits; 200 with the same
+        enrollment when it already was enrolled."""
+        i = tables.inscripciones
+        try:
+            with runtime.unit_of_work() as (session, emit):
+                inscripcion_id, created, events = handlers.enroll_afiliado(
+                    session, campana_id, body.afiliado_id, body.canal, body.categoria)
+                emit(events)
+        except IntegrityError:
+            created = False  # a concurrent twin enrolled the pair first: answer with its enrollment
+            with runtime.db.read() as session:
+                inscripcion_id = session.scalar(select(i.c.id).where(
+                    i.c.campana_id == campana_id, i.c.afiliado_id == body.afiliado_id))
+            if inscripcion_id is None:
+                raise
+        if not created:
+            response.status_code = 200
+        with runtime.db.read() as session:
+            row = session.execute(select(i).where(i.c.id == inscripcion_id)).mappings().one()
+        return _inscripcion(row)
+
+    @router.get("/campanas/{campana_id}/inscripciones", tags=["inscripciones"])
+    def inscripciones(campana_id: str, estado: str | None = None) -> dict:
+        i = tables.inscripciones
+        obtener(campana_id)  # 404 for an unknown campaign
+        query = where_equal(select(i).order_by(i.c.inscrita_en, i.c.id).where(i.c.campana_id == campana_id),
+                            i, estado=estado)
+        with runtime.db.read() as session:
+            rows = session.execute(query).mappings().all()
+        return {"inscripciones": [_inscripcion(r) for r in rows]}
 
     @router.get("/comisiones", tags=["comisiones"])
     def comisiones(afiliado_id: str | None = None, campana_id: str | None = None, conversion_id: str | None = None,

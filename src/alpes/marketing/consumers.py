@@ -8,6 +8,7 @@ from . import handlers
 def consumer_specs() -> list[ConsumerSpec]:
     return [
         ConsumerSpec("afiliados.eventos", "marketing-consumer", {
+            "AfiliadoRegistrado": handlers.note_registered_afiliado,
             "AfiliadoValidado": handlers.enable_afiliado,
             "AfiliadoAprobado": handlers.enable_afiliado,
             "AfiliadoReactivado": handlers.enable_afiliado,

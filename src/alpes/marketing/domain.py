@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
@@ -10,6 +11,7 @@ CENT = Decimal("0.01")
 PENDIENTE = "pendiente"
 
 # What marketing knows of an affiliate, learned on afiliados.eventos.
+REGISTRADO = "registrado"  # known (with its country), not yet allowed to take part
 HABILITADO = "habilitado"
 INHABILITADO = "inhabilitado"
 RECHAZADO = "rechazado"
@@ -48,8 +50,28 @@ class Segmentacion:
     categorias: frozenset[str] = frozenset()
 
     def admite(self, pais: str | None, canal: str | None, categoria: str | None) -> bool:
-        return all(not criterio or valor in criterio for criterio, valor in
-                   ((self.paises, pais), (self.canales, canal), (self.categorias, categoria)))
+        return self.criterio_incumplido(pais, canal, categoria) is None
+
+    def criterio_incumplido(self, pais: str | None, canal: str | None, categoria: str | None) -> str | None:
+        """The first criterion the affiliate does not meet ("pais", "canal", "categoria"), or None."""
+        for nombre, criterio, valor in (("pais", self.paises, pais), ("canal", self.canales, canal),
+                                        ("categoria", self.categorias, categoria)):
+            if criterio and valor not in criterio:
+                return nombre
+        return None
+
+
+# An enrollment (inscripción) of an affiliate in a campaign, with its tracking link.
+INSCRIPCION_ACTIVA = "activa"
+INSCRIPCION_SUSPENDIDA = "suspendida"  # its affiliate was disabled; reactivated with it
+
+LINK_CODE_LENGTH = 10
+
+
+def nuevo_link_code() -> str:
+    """A short, URL-safe, unguessable tracking code: 10 base32 characters (50 random bits),
+    lower case. The unique key on the column is what guarantees uniqueness; collisions are retried."""
+    return "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz234567") for _ in range(LINK_CODE_LENGTH))
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,9 @@ def enable_afiliado(session: Session, event: IncomingEvent) -> list[OutgoingEven
     if not _set_estado_afiliado(session, afiliado_id, domain.HABILITADO):
         return []
     return [OutgoingEvent(MARKETING, "AfiliadoHabilitado", afiliado_id,
-                          {"afiliado_id": afiliado_id, "timestamp": utcnow()})]
+                          {"afiliado_id": afiliado_id, "timestamp": utcnow()})] + \
+        _change_inscripciones(session, afiliado_id, domain.INSCRIPCION_SUSPENDIDA, domain.INSCRIPCION_ACTIVA,
+                              "InscripcionReactivada", {})
 
 
 def disable_afiliado(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
@@ -69,7 +71,26 @@ def disable_afiliado(session: Session, event: IncomingEvent) -> list[OutgoingEve
     if not _set_estado_afiliado(session, afiliado_id, domain.INHABILITADO):
         return []
     return [OutgoingEvent(MARKETING, "AfiliadoInhabilitado", afiliado_id, {
-        "afiliado_id": afiliado_id, "motivo": event.payload["motivo"], "timestamp": utcnow()})]
+        "afiliado_id": afiliado_id, "motivo": event.payload["motivo"], "timestamp": utcnow()})] + \
+        _change_inscripciones(session, afiliado_id, domain.INSCRIPCION_ACTIVA, domain.INSCRIPCION_SUSPENDIDA,
+                              "InscripcionSuspendida", {"motivo": event.payload["motivo"]})
+
+
+def _change_inscripciones(session: Session, afiliado_id: str, desde: str, hacia: str, evento: str,
+                          extra: dict) -> list[OutgoingEvent]:
+    """Suspend or reactivate every enrollment of the affiliate, one event each. Keyed by the
+    affiliate, like AfiliadoInhabilitado/Habilitado, so conversiones sees them in that order."""
+    i = tables.inscripciones
+    rows = session.execute(select(i).where(i.c.afiliado_id == afiliado_id, i.c.estado == desde)
+                           .order_by(i.c.inscrita_en, i.c.id)).mappings().all()
+    now = utcnow()
+    events = []
+    for row in rows:
+        session.execute(update(i).where(i.c.id == row["id"]).values(estado=hacia, actualizada_en=now))
+        events.append(OutgoingEvent(MARKETING, evento, afiliado_id, {
+            "inscripcion_id": row["id"], "campana_id": row["campana_id"], "afiliado_id": afiliado_id,
+            "link_code": row["link_code"], **extra, "timestamp": now}))
+    return events
 
 
 def _set_estado_afiliado(session: Session, afiliado_id: str, estado: str) -> bool:
@@ -88,9 +109,61 @@ def _set_estado_afiliado(session: Session, afiliado_id: str, estado: str) -> boo
 def note_rejected_afiliado(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
     t = tables.afiliados
     afiliado_id = event.payload["id"]
-    if not session.scalar(select(exists().where(t.c.afiliado_id == afiliado_id))):
+    actual = session.scalar(select(t.c.estado).where(t.c.afiliado_id == afiliado_id).with_for_update())
+    if actual is None:
         session.execute(t.insert().values(afiliado_id=afiliado_id, estado=domain.RECHAZADO, actualizado_en=utcnow()))
+    elif actual == domain.REGISTRADO:  # known only from its registration: now we know it was rejected
+        session.execute(update(t).where(t.c.afiliado_id == afiliado_id).values(
+            estado=domain.RECHAZADO, actualizado_en=utcnow()))
     return []
+
+
+def note_registered_afiliado(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """Remember the affiliate's country (v2; None for v1) to check campaign segmentation on enrollment.
+    It takes part in nothing until validated or approved."""
+    t = tables.afiliados
+    afiliado_id, pais = event.payload["id"], event.payload.get("pais")
+    if session.scalar(select(exists().where(t.c.afiliado_id == afiliado_id))):
+        session.execute(update(t).where(t.c.afiliado_id == afiliado_id).values(pais=pais))
+    else:
+        session.execute(t.insert().values(afiliado_id=afiliado_id, estado=domain.REGISTRADO, pais=pais,
+                                          actualizado_en=utcnow()))
+    return []
+
+
+# -- enrollments ------------------------------------------------------------------------------
+def enroll_afiliado(session: Session, campana_id: str, afiliado_id: str, canal: str | None,
+                    categoria: str | None) -> tuple[str, bool, list[OutgoingEvent]]:
+    """Enroll an enabled affiliate in a campaign its segmentation admits; it gets a tracking link.
+    Returns (enrollment id, created?, events); enrolling again returns the existing enrollment."""
+    c, a, i = tables.campanas, tables.afiliados, tables.inscripciones
+    campana = session.execute(select(c).where(c.c.id == campana_id)).mappings().first()
+    if campana is None:
+        raise Problem(404, "campana_id", "no campaign with this id")
+    if campana["estado"] == domain.FINALIZADA:
+        raise Problem(409, "estado", "a finished campaign takes no enrollments")
+    afiliado = session.execute(select(a).where(a.c.afiliado_id == afiliado_id)).mappings().first()
+    if afiliado is None or afiliado["estado"] != domain.HABILITADO:
+        estado = "unknown" if afiliado is None else afiliado["estado"]
+        raise Problem(409, "afiliado_id", f"only enabled affiliates may enroll (this one: {estado})")
+    existing = session.scalar(select(i.c.id).where(i.c.campana_id == campana_id, i.c.afiliado_id == afiliado_id))
+    if existing is not None:
+        return existing, False, []
+    segmentacion = domain.Segmentacion(*(frozenset(v for v in campana[k].split(",") if v)
+                                         for k in ("paises", "canales", "categorias")))
+    incumplido = segmentacion.criterio_incumplido(afiliado["pais"], canal, categoria)
+    if incumplido is not None:
+        raise Problem(409, incumplido, f"the campaign's segmentation does not admit this {incumplido}")
+    link_code = domain.nuevo_link_code()
+    while session.scalar(select(exists().where(i.c.link_code == link_code))):
+        link_code = domain.nuevo_link_code()  # 50 random bits: practically never loops
+    inscripcion_id, now = new_id(), utcnow()
+    session.execute(i.insert().values(id=inscripcion_id, campana_id=campana_id, afiliado_id=afiliado_id,
+                                      link_code=link_code, canal=canal, categoria=categoria,
+                                      estado=domain.INSCRIPCION_ACTIVA, inscrita_en=now, actualizada_en=now))
+    return inscripcion_id, True, [OutgoingEvent(MARKETING, "AfiliadoInscrito", afiliado_id, {
+        "inscripcion_id": inscripcion_id, "campana_id": campana_id, "afiliado_id": afiliado_id,
+        "link_code": link_code, "timestamp": now})]
 
 
 # -- marketing-consumer on conversiones.eventos ---------------------------------------------

@@ -7,6 +7,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     String,
     Table,
+    UniqueConstraint,
 )
 
 from alpes.kernel.db import ScaledDecimal, UtcDateTime
@@ -42,6 +43,22 @@ afiliados = Table(
     Column("afiliado_id", String(36), primary_key=True),
     Column("estado", String(20), nullable=False),
     Column("actualizado_en", UtcDateTime(), nullable=False),
+    Column("pais", String(2)),  # from AfiliadoRegistrado v2; checked against campaign segmentation
+)
+
+# Enrollments: an affiliate in a campaign, with its tracking link code (one per pair).
+inscripciones = Table(
+    "inscripciones", metadata,
+    Column("id", String(36), primary_key=True),
+    Column("campana_id", String(36), nullable=False),
+    Column("afiliado_id", String(36), nullable=False, index=True),
+    Column("link_code", String(16), nullable=False, unique=True),
+    Column("canal", String(40)),
+    Column("categoria", String(40)),
+    Column("estado", String(20), nullable=False),
+    Column("inscrita_en", UtcDateTime(), nullable=False),
+    Column("actualizada_en", UtcDateTime(), nullable=False),
+    UniqueConstraint("campana_id", "afiliado_id", name="uq_inscripciones_campana_afiliado"),
 )
 
 comisiones = Table(
