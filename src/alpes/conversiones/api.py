@@ -1,22 +1,26 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Literal
 
-from fastapi import APIRouter, FastAPI, Header, Query
+from fastapi import APIRouter, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from alpes.kernel.db import where_equal
 from alpes.kernel.http import Problem
+from alpes.kernel.messages import utcnow
 from alpes.kernel.money import Amount, Currency
 from alpes.kernel.runtime import ServiceRuntime
 
 from . import domain, handlers, tables
 
-Identifier = Field(min_length=1, max_length=36, pattern=r"^[A-Za-z0-9._:-]+$")
+OptionalIdentifier = Field(None, min_length=1, max_length=36, pattern=r"^[A-Za-z0-9._:-]+$")
 
 
 class Postback(BaseModel):
@@ -24,8 +28,10 @@ class Postback(BaseModel):
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    affiliate_id: str = Identifier
-    campaign_id: str = Identifier
+    # Either click_id (attribution through the tracking link's click) or both ids.
+    affiliate_id: str | None = OptionalIdentifier
+    campaign_id: str | None = OptionalIdentifier
+    click_id: str | None = OptionalIdentifier
     user_id: str = Field(min_length=1, max_length=120)
     conversion_value: Amount
     conversion_type: Literal["sale", "purchase", "lead"]
@@ -68,21 +74,42 @@ def _figures(row) -> dict:
     return Figures(**stored, pending=pending).model_dump(mode="json")
 
 
-def include_routes(runtime: ServiceRuntime, grace: timedelta):
+def include_routes(runtime: ServiceRuntime, grace: timedelta, clock: Callable[[], datetime] = utcnow):
+    """`clock` stamps clicks and conversions; tests inject one to place them in time."""
     router = APIRouter(tags=["conversiones"])
     store = handlers.event_store(runtime.registry)
     v = tables.conversiones_view
+
+    @router.get("/r/{link_code}", tags=["clicks"], status_code=302, response_class=RedirectResponse)
+    def redirect(link_code: str, request: Request) -> RedirectResponse:
+        """A tracking link: record the click, redirect to the campaign's landing URL with `alpes_click_id`."""
+        with runtime.unit_of_work() as (session, _emit):
+            _click_id, location = handlers.record_click(
+                session, link_code, ip=domain.client_ip(request.headers.get("x-forwarded-for"),
+                                                        request.client.host if request.client else None),
+                user_agent=request.headers.get("user-agent"), referrer=request.headers.get("referer"),
+                now=clock())
+        return RedirectResponse(location, status_code=302)
 
     @router.post("/conversiones")
     def postback(body: Postback, idempotency_key: str | None = Header(None, max_length=120)) -> dict:
         """Record a conversion. 200 with its id; the same order id (or Idempotency-Key) gives the same id."""
         order_id = body.order_id or idempotency_key
+        affiliate_id, campaign_id = body.affiliate_id, body.campaign_id
+        if body.click_id is not None:
+            with runtime.db.read() as session:  # clicks never change: reading ahead of the transaction is safe
+                affiliate_id, campaign_id = handlers.attribution_of(session, body.click_id, affiliate_id, campaign_id)
+        elif affiliate_id is None or campaign_id is None:
+            raise RequestValidationError([
+                {"loc": ("body", name), "msg": "required unless click_id is given", "type": "missing"}
+                for name, value in (("affiliate_id", affiliate_id), ("campaign_id", campaign_id)) if value is None])
         try:
             with runtime.unit_of_work() as (session, emit):
                 conversion_id, created, events = handlers.record_conversion(
-                    session, store, affiliate_id=body.affiliate_id, campaign_id=body.campaign_id,
+                    session, store, affiliate_id=affiliate_id, campaign_id=campaign_id,
                     user_id=body.user_id, conversion_value=body.conversion_value,
-                    conversion_type=body.conversion_type, currency=body.currency, order_id=order_id, grace=grace)
+                    conversion_type=body.conversion_type, currency=body.currency, order_id=order_id, grace=grace,
+                    click_id=body.click_id, now=clock())
                 emit(events)
         except IntegrityError:
             if order_id is None:
@@ -90,7 +117,7 @@ def include_routes(runtime: ServiceRuntime, grace: timedelta):
             # A concurrent postback with the same order id committed first: answer with its id.
             with runtime.db.read() as session:
                 conversion_id = session.scalar(select(tables.order_keys.c.conversion_id).where(
-                    tables.order_keys.c.campaign_id == body.campaign_id, tables.order_keys.c.order_id == order_id))
+                    tables.order_keys.c.campaign_id == campaign_id, tables.order_keys.c.order_id == order_id))
             created = False
         status = _status(runtime, conversion_id)
         return {"id": conversion_id, "status": status, "duplicate": not created}

@@ -14,5 +14,8 @@ def consumer_specs() -> list[ConsumerSpec]:
             "CampanaFinalizada": handlers.learn_campana_estado,
             "AfiliadoHabilitado": handlers.learn_afiliado,
             "AfiliadoInhabilitado": handlers.learn_afiliado_inhabilitado,
+            "AfiliadoInscrito": handlers.learn_inscripcion,
+            "InscripcionSuspendida": handlers.learn_inscripcion_estado,
+            "InscripcionReactivada": handlers.learn_inscripcion_estado,
         }),
     ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 DETECTED = "detected"
 VALIDATED = "validated"
@@ -22,6 +23,8 @@ AFFILIATE_SUSPENDED = "affiliate_suspended"
 CAMPAIGN_UNKNOWN = "campaign_unknown"
 CAMPAIGN_INACTIVE = "campaign_inactive"
 CURRENCY_MISMATCH = "currency_mismatch"
+AFFILIATE_NOT_ENROLLED = "affiliate_not_enrolled"
+OUTSIDE_ATTRIBUTION_WINDOW = "outside_attribution_window"
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,11 @@ class Reference:
     campaign_active: bool | None
     campaign_currency: str | None
     affiliate_suspended: bool = False  # known, but disabled after a suspension
+    # None: not enforced (a campaign nobody enrolled in takes id-based postbacks from any affiliate).
+    affiliate_enrolled: bool | None = None
+    # The click the conversion was attributed through, and the campaign's window for it.
+    clicked_at: datetime | None = None
+    attribution_window: timedelta | None = None
 
 
 @dataclass
@@ -114,4 +122,36 @@ def decide_validation(conversion: Conversion, ref: Reference, now: datetime, gra
         return Decision([Rejected(CAMPAIGN_INACTIVE, now)])
     if ref.campaign_currency != conversion.detected.currency:
         return Decision([Rejected(CURRENCY_MISMATCH, now)])
+    if ref.affiliate_enrolled is False:
+        # The enrollment may still be on its way through the broker: wait like for unknown references.
+        return Decision([Rejected(AFFILIATE_NOT_ENROLLED, now)] if waited_enough else [])
+    if ref.clicked_at is not None and ref.attribution_window is not None and \
+            not within_attribution_window(ref.clicked_at, conversion.detected.timestamp, ref.attribution_window):
+        return Decision([Rejected(OUTSIDE_ATTRIBUTION_WINDOW, now)])
     return Decision([Validated(now)])
+
+
+def within_attribution_window(clicked_at: datetime, converted_at: datetime, window: timedelta) -> bool:
+    """A click earns the conversions that happen within the window after it (bounds included).
+    Measured at the conversion's time, not at validation time: a late decision changes nothing."""
+    return timedelta(0) <= converted_at - clicked_at <= window
+
+
+def landing_with_click_id(landing_url: str, click_id: str) -> str:
+    """The landing URL with `alpes_click_id` appended, keeping its query and fragment."""
+    parts = urlsplit(landing_url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    query = [(k, v) for k, v in query if k != CLICK_ID_PARAM] + [(CLICK_ID_PARAM, click_id)]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+CLICK_ID_PARAM = "alpes_click_id"
+
+
+def client_ip(forwarded_for: str | None, peer: str | None) -> str | None:
+    """The visitor's address: the first hop of X-Forwarded-For (set by our proxy), else the peer."""
+    if forwarded_for:
+        first = forwarded_for.split(",")[0].strip()
+        if first:
+            return first[:45]
+    return peer

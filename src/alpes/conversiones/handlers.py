@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from alpes.kernel.codec import SchemaRegistry
 from alpes.kernel.db import Database, upsert_add
 from alpes.kernel.eventstore import EventStore, NewEvent, StoredEvent
+from alpes.kernel.http import Problem
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent, new_id, utcnow
 from alpes.kernel.outbox import Outbox
 
@@ -160,22 +161,84 @@ def _commit_events(session: Session, store: EventStore, conversion: domain.Conve
     return outgoing
 
 
-def reference(session: Session, affiliate_id: str, campaign_id: str) -> domain.Reference:
+def reference(session: Session, affiliate_id: str, campaign_id: str,
+              conversion_id: str | None = None) -> domain.Reference:
     a = session.execute(select(tables.ref_afiliados.c.estado)
                         .where(tables.ref_afiliados.c.afiliado_id == affiliate_id)).scalar()
-    c = session.execute(select(tables.ref_campanas.c.estado, tables.ref_campanas.c.moneda)
+    c = session.execute(select(tables.ref_campanas.c.estado, tables.ref_campanas.c.moneda,
+                               tables.ref_campanas.c.ventana_atribucion_dias)
                         .where(tables.ref_campanas.c.campana_id == campaign_id)).first()
+    click = None
+    if conversion_id is not None:
+        k, ca = tables.clicks, tables.click_attributions
+        click = session.execute(select(k.c.clicked_at, k.c.link_code).join(ca, ca.c.click_id == k.c.id)
+                                .where(ca.c.conversion_id == conversion_id)).first()
     return domain.Reference(
         affiliate_enabled=None if a is None else a == AFILIADO_HABILITADO,
         campaign_active=None if c is None else c.estado == "activa",
         campaign_currency=None if c is None else c.moneda,
-        affiliate_suspended=a == AFILIADO_SUSPENDIDO)
+        affiliate_suspended=a == AFILIADO_SUSPENDIDO,
+        affiliate_enrolled=_enrolled(session, affiliate_id, campaign_id, None if click is None else click.link_code),
+        clicked_at=None if click is None else click.clicked_at,
+        attribution_window=None if c is None else timedelta(days=c.ventana_atribucion_dias))
+
+
+def _enrolled(session: Session, affiliate_id: str, campaign_id: str, link_code: str | None) -> bool | None:
+    """Through a click: its link's enrollment must be active. By ids: an active enrollment, but
+    only for a campaign somebody enrolled in (None: not enforced, the original postback contract)."""
+    i = tables.ref_inscripciones
+    if link_code is not None:
+        return bool(session.scalar(select(i.c.activa).where(i.c.link_code == link_code)))
+    if not session.scalar(select(exists().where(i.c.campana_id == campaign_id))):
+        return None
+    return bool(session.scalar(select(exists().where(
+        i.c.campana_id == campaign_id, i.c.afiliado_id == affiliate_id, i.c.activa.is_(True)))))
+
+
+# -- tracking links and clicks ---------------------------------------------------------------
+def record_click(session: Session, link_code: str, *, ip: str | None, user_agent: str | None,
+                 referrer: str | None, now: datetime | None = None) -> tuple[str, str]:
+    """A visit to a tracking link: store the click, answer where to redirect (the campaign's
+    landing URL with the click id). Unknown or inactive links get a 404 and store nothing."""
+    i, c = tables.ref_inscripciones, tables.ref_campanas
+    link = session.execute(select(i.c.afiliado_id, i.c.campana_id, i.c.activa, c.c.estado, c.c.landing_url)
+                           .join(c, c.c.campana_id == i.c.campana_id, isouter=True)
+                           .where(i.c.link_code == link_code)).first()
+    if link is None:
+        raise Problem(404, "link_code", "no tracking link with this code")
+    if not link.activa:
+        raise Problem(404, "link_code", "this tracking link is suspended")
+    if link.estado != "activa":
+        raise Problem(404, "link_code", "the link's campaign is not active")
+    if not link.landing_url:
+        raise Problem(404, "link_code", "campaign has no landing URL")
+    click_id = new_id()
+    session.execute(tables.clicks.insert().values(
+        id=click_id, link_code=link_code, affiliate_id=link.afiliado_id, campaign_id=link.campana_id,
+        clicked_at=now or utcnow(), ip=ip, user_agent=(user_agent or None) and user_agent[:500],
+        referrer=(referrer or None) and referrer[:2000]))
+    return click_id, domain.landing_with_click_id(link.landing_url, click_id)
+
+
+def attribution_of(session: Session, click_id: str, affiliate_id: str | None,
+                   campaign_id: str | None) -> tuple[str, str]:
+    """The affiliate and campaign a postback's click_id attributes it to; ids given beside it must agree."""
+    k = tables.clicks
+    click = session.execute(select(k.c.affiliate_id, k.c.campaign_id).where(k.c.id == click_id)).first()
+    if click is None:
+        raise Problem(422, "click_id", "no click with this id")
+    for field, given, clicked in (("affiliate_id", affiliate_id, click.affiliate_id),
+                                  ("campaign_id", campaign_id, click.campaign_id)):
+        if given is not None and given != clicked:
+            raise Problem(422, field, f"differs from the {field} of the click")
+    return click.affiliate_id, click.campaign_id
 
 
 # -- commands --------------------------------------------------------------------------------
 def record_conversion(session: Session, store: EventStore, *, affiliate_id: str, campaign_id: str, user_id: str,
                       conversion_value, conversion_type: str, currency: str, order_id: str | None,
-                      grace: timedelta) -> tuple[str, bool, list[OutgoingEvent]]:
+                      grace: timedelta, click_id: str | None = None,
+                      now: datetime | None = None) -> tuple[str, bool, list[OutgoingEvent]]:
     """A postback. Returns (conversion id, created?, events). A known order id returns its conversion."""
     if order_id is not None:
         known = session.scalar(select(tables.order_keys.c.conversion_id).where(
@@ -187,13 +250,16 @@ def record_conversion(session: Session, store: EventStore, *, affiliate_id: str,
         # The durable idempotency key; a concurrent twin fails here and the caller re-reads.
         session.execute(tables.order_keys.insert().values(
             campaign_id=campaign_id, order_id=order_id, conversion_id=conversion_id))
-    now = utcnow()
+    if click_id is not None:
+        session.execute(tables.click_attributions.insert().values(conversion_id=conversion_id, click_id=click_id))
+    now = now or utcnow()
     conversion = domain.Conversion()
     detected = domain.Detected(conversion_id, affiliate_id, campaign_id, user_id, conversion_value, conversion_type,
                                order_id, currency, now)
     correlation_id = conversion_id
     events = _commit_events(session, store, conversion, [detected], correlation_id)
-    decision = domain.decide_validation(conversion, reference(session, affiliate_id, campaign_id), now, grace)
+    decision = domain.decide_validation(conversion, reference(session, affiliate_id, campaign_id, conversion_id),
+                                        now, grace)
     if not decision.pending:
         events += _commit_events(session, store, conversion, decision.events, correlation_id)
     return conversion_id, True, events
@@ -211,8 +277,8 @@ def validate_pending(db: Database, store: EventStore, outbox: Outbox, grace: tim
             conversion = domain.Conversion.rebuild([from_record(e) for e in store.load(session, conversion_id)])
             assert conversion.detected is not None
             decision = domain.decide_validation(
-                conversion, reference(session, conversion.detected.affiliate_id, conversion.detected.campaign_id),
-                now or utcnow(), grace)
+                conversion, reference(session, conversion.detected.affiliate_id, conversion.detected.campaign_id,
+                                      conversion_id), now or utcnow(), grace)
             if decision.pending:
                 continue
             outbox.add(session, _commit_events(session, store, conversion, decision.events, conversion_id))
@@ -227,7 +293,27 @@ def learn_campana(session: Session, event: IncomingEvent) -> list[OutgoingEvent]
     if not session.scalar(select(exists().where(t.c.campana_id == p["id"]))):
         # v1 events carry no state: they were created active (the v2 reader default).
         session.execute(t.insert().values(campana_id=p["id"], estado=p["estado"], moneda=p["moneda"],
+                                          landing_url=p["landing_url"],
+                                          ventana_atribucion_dias=p["ventana_atribucion_dias"], updated_at=utcnow()))
+    return []
+
+
+def learn_inscripcion(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """AfiliadoInscrito: its link code now redirects and attributes to the affiliate and campaign."""
+    p = event.payload
+    i = tables.ref_inscripciones
+    if not session.scalar(select(exists().where(i.c.link_code == p["link_code"]))):
+        session.execute(i.insert().values(link_code=p["link_code"], inscripcion_id=p["inscripcion_id"],
+                                          afiliado_id=p["afiliado_id"], campana_id=p["campana_id"], activa=True,
                                           updated_at=utcnow()))
+    return []
+
+
+def learn_inscripcion_estado(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """InscripcionSuspendida / InscripcionReactivada: a suspended link neither redirects nor attributes."""
+    i = tables.ref_inscripciones
+    session.execute(update(i).where(i.c.inscripcion_id == event.payload["inscripcion_id"]).values(
+        activa=event.event_type == "InscripcionReactivada", updated_at=utcnow()))
     return []
 
 

@@ -1,4 +1,4 @@
-from sqlalchemy import Column, Index, Integer, MetaData, PrimaryKeyConstraint, String, Table
+from sqlalchemy import Boolean, Column, Index, Integer, MetaData, PrimaryKeyConstraint, String, Table
 
 from alpes.kernel.db import ScaledDecimal, UtcDateTime
 from alpes.kernel.eventstore import event_store_table
@@ -70,6 +70,42 @@ ref_campanas = Table(
     Column("estado", String(20), nullable=False),
     Column("moneda", String(3), nullable=False),
     Column("updated_at", UtcDateTime(), nullable=False),
+    Column("landing_url", String(2000)),  # where its tracking links redirect; None: links answer 404
+    Column("ventana_atribucion_dias", Integer, nullable=False, server_default="30"),
+)
+
+# Enrollments learned from marketing.eventos: which affiliate and campaign a tracking link is for.
+ref_inscripciones = Table(
+    "ref_inscripciones", metadata,
+    Column("link_code", String(16), primary_key=True),
+    Column("inscripcion_id", String(36), nullable=False, unique=True),
+    Column("afiliado_id", String(36), nullable=False),
+    Column("campana_id", String(36), nullable=False),
+    Column("activa", Boolean, nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    Index("ix_ref_inscripciones_campana_afiliado", "campana_id", "afiliado_id"),
+)
+
+# Clicks on tracking links: their own table, not the conversion event store (many more
+# clicks than conversions; a click is a fact about a link, not about a conversion).
+clicks = Table(
+    "clicks", metadata,
+    Column("id", String(36), primary_key=True),
+    Column("link_code", String(16), nullable=False, index=True),
+    Column("affiliate_id", String(36), nullable=False),
+    Column("campaign_id", String(36), nullable=False),
+    Column("clicked_at", UtcDateTime(), nullable=False),
+    Column("ip", String(45)),
+    Column("user_agent", String(500)),
+    Column("referrer", String(2000)),
+)
+
+# Which click a conversion was attributed through (write side, beside the event store like
+# order_keys): validation reads it back to apply the campaign's attribution window.
+click_attributions = Table(
+    "click_attributions", metadata,
+    Column("conversion_id", String(36), primary_key=True),
+    Column("click_id", String(36), nullable=False, index=True),
 )
 
 outbox = outbox_table(metadata)
