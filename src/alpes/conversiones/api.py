@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from alpes.kernel.db import where_equal
+from alpes.kernel.eventstore import ConcurrencyConflict
 from alpes.kernel.http import Problem
 from alpes.kernel.messages import utcnow
 from alpes.kernel.money import Amount, Currency
@@ -37,6 +38,13 @@ class Postback(BaseModel):
     conversion_type: Literal["sale", "purchase", "lead"]
     currency: Currency = "EUR"
     order_id: str | None = Field(None, min_length=1, max_length=120)
+
+
+class Reembolso(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    tipo: Literal["reembolso", "contracargo"] = "reembolso"
+    motivo: str | None = Field(None, min_length=1, max_length=500)
 
 
 class Conversion(BaseModel):
@@ -123,7 +131,7 @@ def include_routes(runtime: ServiceRuntime, grace: timedelta, clock: Callable[[]
         return {"id": conversion_id, "status": status, "duplicate": not created}
 
     @router.get("/conversiones")
-    def listar(status: Literal["detected", "validated", "rejected"] | None = None,
+    def listar(status: Literal["detected", "validated", "rejected", "refunded"] | None = None,
                affiliate_id: str | None = None, campaign_id: str | None = None,
                limit: int = Query(1000, ge=1, le=10000), offset: int = Query(0, ge=0)) -> dict:
         """Oldest first."""
@@ -151,6 +159,21 @@ def include_routes(runtime: ServiceRuntime, grace: timedelta, clock: Callable[[]
         if row is None:
             raise Problem(404, "conversion_id", "no conversion with this id")
         return _conversion(row)
+
+    @router.post("/conversiones/{conversion_id}/reembolso")
+    def reembolso(conversion_id: str, body: Reembolso | None = None) -> dict:
+        """Refund (or charge back) a validated conversion: ConversionRefunded, and marketing reverses
+        its commission. 409 on `status` unless validated; a repeated refund answers the same state."""
+        body = body or Reembolso()
+        for attempt in range(3):
+            try:
+                with runtime.unit_of_work() as (session, emit):
+                    emit(handlers.refund_conversion(session, store, conversion_id, body.tipo, body.motivo))
+                break
+            except ConcurrencyConflict:
+                if attempt == 2:  # the stream kept moving under us: let the caller retry
+                    raise Problem(409, "conversion_id", "the conversion changed meanwhile; retry") from None
+        return obtener(conversion_id)
 
     @router.get("/conversiones/{conversion_id}/eventos")
     def historia(conversion_id: str) -> dict:

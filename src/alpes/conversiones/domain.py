@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 DETECTED = "detected"
 VALIDATED = "validated"
 REJECTED = "rejected"
+REFUNDED = "refunded"
 
 CONVERSION_TYPES = ("sale", "purchase", "lead")
 
@@ -51,7 +52,14 @@ class Rejected:
     timestamp: datetime
 
 
-DomainEvent = Detected | Validated | Rejected
+@dataclass(frozen=True)
+class Refunded:
+    refund_type: str
+    reason: str | None
+    timestamp: datetime
+
+
+DomainEvent = Detected | Validated | Rejected | Refunded
 
 
 @dataclass
@@ -69,6 +77,8 @@ class Conversion:
             self.status = VALIDATED
         elif isinstance(event, Rejected):
             self.status, self.reason = REJECTED, event.reason
+        elif isinstance(event, Refunded):
+            self.status = REFUNDED
         self.version += 1
         return self
 
@@ -155,3 +165,22 @@ def client_ip(forwarded_for: str | None, peer: str | None) -> str | None:
         if first:
             return first[:45]
     return peer
+
+
+# -- refunds -------------------------------------------------------------------------------------
+REFUND_TYPES = ("reembolso", "contracargo")  # a refund by the brand, or a chargeback by the bank
+
+
+class NotRefundable(ValueError):
+    pass
+
+
+def decide_refund(conversion: Conversion, refund_type: str, reason: str | None, now: datetime) -> list[DomainEvent]:
+    """Only a validated conversion is refunded; refunding it again is the same refund (no event)."""
+    if refund_type not in REFUND_TYPES:
+        raise ValueError(f"refund_type must be one of {', '.join(REFUND_TYPES)}")
+    if conversion.status == REFUNDED:
+        return []
+    if conversion.status != VALIDATED:
+        raise NotRefundable(f"a conversion in status {conversion.status!r} cannot be refunded")
+    return [Refunded(refund_type, reason, now)]

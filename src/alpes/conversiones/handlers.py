@@ -42,6 +42,11 @@ def to_record(conversion: domain.Conversion, event: domain.DomainEvent) -> NewEv
             "conversion_id": d.conversion_id, "affiliate_id": d.affiliate_id, "campaign_id": d.campaign_id,
             "conversion_value": d.conversion_value, "currency": d.currency, "conversion_type": d.conversion_type,
             "timestamp": event.timestamp}, event.timestamp)
+    if isinstance(event, domain.Refunded):
+        return NewEvent("ConversionRefunded", {
+            "conversion_id": d.conversion_id, "affiliate_id": d.affiliate_id, "campaign_id": d.campaign_id,
+            "conversion_value": d.conversion_value, "currency": d.currency, "refund_type": event.refund_type,
+            "reason": event.reason, "timestamp": event.timestamp}, event.timestamp)
     return NewEvent("ConversionRejected", {
         "conversion_id": d.conversion_id, "affiliate_id": d.affiliate_id, "campaign_id": d.campaign_id,
         "reason": event.reason, "timestamp": event.timestamp}, event.timestamp)
@@ -56,6 +61,8 @@ def from_record(stored: StoredEvent) -> domain.DomainEvent:
         return domain.Validated(p["timestamp"])
     if stored.event_type == "ConversionRejected":
         return domain.Rejected(p["reason"], p["timestamp"])
+    if stored.event_type == "ConversionRefunded":
+        return domain.Refunded(p["refund_type"], p["reason"], p["timestamp"])
     raise ValueError(f"not a conversion event: {stored.event_type}")
 
 
@@ -82,6 +89,9 @@ def _project_view(session: Session, stored: StoredEvent) -> None:
     elif stored.event_type == "ConversionRejected":
         session.execute(update(v).where(v.c.id == p["conversion_id"]).values(
             status=domain.REJECTED, reason=p["reason"], updated_at=stored.occurred_at))
+    elif stored.event_type == "ConversionRefunded":
+        session.execute(update(v).where(v.c.id == p["conversion_id"]).values(
+            status=domain.REFUNDED, reason=p["refund_type"], updated_at=stored.occurred_at))
 
 
 def _project_figures(session: Session, stored: StoredEvent) -> None:
@@ -351,3 +361,21 @@ def _learn_estado_afiliado(session: Session, afiliado_id: str, estado: str) -> N
         session.execute(update(t).where(t.c.afiliado_id == afiliado_id).values(estado=estado, updated_at=utcnow()))
     else:
         session.execute(t.insert().values(afiliado_id=afiliado_id, estado=estado, updated_at=utcnow()))
+
+
+def refund_conversion(session: Session, store: EventStore, conversion_id: str, refund_type: str,
+                      reason: str | None, now: datetime | None = None) -> list[OutgoingEvent]:
+    """Append ConversionRefunded to a validated conversion's stream (marketing reverses its
+    commission on it). 404 for an unknown conversion, 409 on `status` when it was not validated;
+    a repeated refund returns no event."""
+    stored = store.load(session, conversion_id)
+    if not stored:
+        raise Problem(404, "conversion_id", "no conversion with this id")
+    conversion = domain.Conversion.rebuild([from_record(e) for e in stored])
+    try:
+        events = domain.decide_refund(conversion, refund_type, reason, now or utcnow())
+    except domain.NotRefundable as refusal:
+        raise Problem(409, "status", str(refusal)) from None
+    if not events:
+        return []
+    return _commit_events(session, store, conversion, events, conversion_id)
