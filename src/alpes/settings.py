@@ -11,6 +11,7 @@ ALPES_<SERVICE>_PORT      HTTP port per service (8001-8004 by default)
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
@@ -48,6 +49,11 @@ class Settings(BaseSettings):
     # (events are eventually consistent) before rejecting a conversion that names it.
     reference_grace_seconds: float = Field(10.0, ge=0)
     consumer_batch_size: int = Field(200, ge=1, le=5000)
+    # Commission lifecycle (marketing): how often pending commissions past their lock period are
+    # approved, how often payouts are created, and the least a payout may pay (in its currency).
+    approval_interval_seconds: float = Field(30.0, gt=0)
+    payout_interval_seconds: float = Field(3600.0, gt=0)
+    payout_threshold: Decimal = Field(Decimal("50.00"), ge=0, decimal_places=2)
 
     def db_url(self, service: str) -> str:
         url = getattr(self, f"{service}_db_url")

@@ -97,10 +97,23 @@ def _comision(row) -> dict:
     return {"id": row["id"], "conversion_id": row["conversion_id"], "afiliado_id": row["afiliado_id"],
             "campana_id": row["campana_id"], "base": str(row["base"]), "porcentaje": str(row["porcentaje"]),
             "monto": str(row["monto"]), "moneda": row["moneda"], "estado": row["estado"],
-            "calculada_en": row["calculada_en"].isoformat()}
+            "calculada_en": row["calculada_en"].isoformat(), "pago_id": row["pago_id"],
+            "motivo_reversion": row["motivo_reversion"]}
 
 
-def include_routes(runtime: ServiceRuntime):
+class CrearPagos(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    afiliado_id: str | None = Field(None, min_length=1, max_length=36)
+
+
+def _pago(row) -> dict:
+    return {"id": row["id"], "afiliado_id": row["afiliado_id"], "moneda": row["moneda"], "monto": str(row["monto"]),
+            "estado": row["estado"], "creado_en": row["creado_en"].isoformat(),
+            "pagado_en": row["pagado_en"].isoformat() if row["pagado_en"] else None}
+
+
+def include_routes(runtime: ServiceRuntime, umbral: Decimal = Decimal("50.00")):
     router = APIRouter()
     c = tables.campanas
     k = tables.comisiones
@@ -247,6 +260,46 @@ def include_routes(runtime: ServiceRuntime):
         return {"ledger": [{"id": r["id"], "afiliado_id": r["afiliado_id"], "comision_id": r["comision_id"],
                             "tipo": r["tipo"], "monto": str(r["monto"]), "moneda": r["moneda"],
                             "registrado_en": r["registrado_en"].isoformat()} for r in rows]}
+
+    @router.post("/pagos", tags=["pagos"])
+    def crear_pagos(body: CrearPagos | None = None) -> dict:
+        """Create the payouts due now: per affiliate and currency, every approved unpaid commission
+        plus outstanding negative adjustments, when they reach the threshold. Lists those created."""
+        afiliado_id = body.afiliado_id if body else None
+        with runtime.unit_of_work() as (session, emit):
+            ids, events = handlers.create_pagos(session, umbral, afiliado_id)
+            emit(events)
+        return {"pagos": [pago(pago_id) for pago_id in ids]}
+
+    @router.get("/pagos", tags=["pagos"])
+    def pagos(afiliado_id: str | None = None, estado: str | None = Query(None, pattern="^(pendiente|pagado)$"),
+              limit: int = Query(1000, ge=1, le=10000), offset: int = Query(0, ge=0)) -> dict:
+        t = tables.pagos
+        query = where_equal(select(t).order_by(t.c.creado_en, t.c.id).limit(limit).offset(offset), t,
+                            afiliado_id=afiliado_id, estado=estado)
+        with runtime.db.read() as session:
+            rows = session.execute(query).mappings().all()
+        return {"pagos": [_pago(r) for r in rows]}
+
+    @router.get("/pagos/{pago_id}", tags=["pagos"])
+    def pago(pago_id: str) -> dict:
+        """A payout with its lines (commissions and negative adjustments)."""
+        t, lineas = tables.pagos, tables.pago_lineas
+        with runtime.db.read() as session:
+            row = session.execute(select(t).where(t.c.id == pago_id)).mappings().first()
+            lines = session.execute(select(lineas).where(lineas.c.pago_id == pago_id)
+                                    .order_by(lineas.c.linea)).mappings().all()
+        if row is None:
+            raise Problem(404, "pago_id", "no payout with this id")
+        return {**_pago(row), "lineas": [{"linea": r["linea"], "tipo": r["tipo"], "referencia_id": r["referencia_id"],
+                                          "monto": str(r["monto"])} for r in lines]}
+
+    @router.post("/pagos/{pago_id}/pagar", tags=["pagos"])
+    def pagar(pago_id: str) -> dict:
+        """Mark the payout paid (its commissions become paid); paying it again changes nothing."""
+        with runtime.unit_of_work() as (session, emit):
+            emit(handlers.pay_pago(session, pago_id))
+        return pago(pago_id)
 
     def include(app: FastAPI) -> None:
         app.include_router(router)

@@ -17,6 +17,7 @@ def consumer_specs() -> list[ConsumerSpec]:
         }),
         ConsumerSpec("conversiones.eventos", "marketing-consumer", {
             "ConversionValidated": handlers.calculate_comision,
+            "ConversionRefunded": handlers.reverse_comision,
         }),
         ConsumerSpec("conversiones.eventos", "analytics-consumer", {
             "ConversionDetected": handlers.count_detected,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
 CENT = Decimal("0.01")
@@ -109,3 +109,74 @@ class NuevaCampana:
     periodo_bloqueo_dias: int = 30
     segmentacion: Segmentacion = Segmentacion()
     activa: bool = True  # false: created as a draft, activated later
+
+
+# -- the commission lifecycle: pendiente → aprobada → pagada, or revertida from any of them ----
+APROBADA = "aprobada"
+PAGADA = "pagada"
+REVERTIDA = "revertida"
+
+# Why a commission is reversed: its sale was refunded, or the payment was charged back.
+REEMBOLSO = "reembolso"
+CONTRACARGO = "contracargo"
+MOTIVOS_REVERSION = (REEMBOLSO, CONTRACARGO)
+
+
+def aprobable_desde(calculada_en: datetime, periodo_bloqueo_dias: int) -> datetime:
+    """A commission is held for its campaign's lock period (the one in force when it was
+    calculated), then approved. A lock period of 0 days approves it at the next run."""
+    if periodo_bloqueo_dias < 0:
+        raise ValueError("a lock period cannot be negative")
+    return calculada_en + timedelta(days=periodo_bloqueo_dias)
+
+
+class ReversionInvalida(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Reversion:
+    estado_anterior: str
+    ajuste: Decimal | None  # a negative amount carried into the affiliate's next payout
+
+
+def revertir(estado: str, monto: Decimal, en_un_pago: bool) -> Reversion:
+    """Reverse a commission. One already committed to a payout is never taken out of it (a
+    payout is history): the money is clawed back by a negative adjustment in the next one."""
+    if estado == REVERTIDA:
+        raise ReversionInvalida("the commission is already reversed")
+    return Reversion(estado, -monto if en_un_pago else None)
+
+
+@dataclass(frozen=True)
+class LineaPago:
+    tipo: str  # "comision" or "ajuste"
+    referencia_id: str
+    monto: Decimal
+
+
+@dataclass(frozen=True)
+class PropuestaPago:
+    """A payout for one affiliate in one currency: its amount is, by definition, its lines' sum."""
+
+    afiliado_id: str
+    moneda: str
+    lineas: tuple[LineaPago, ...]
+
+    @property
+    def monto(self) -> Decimal:
+        return sum((linea.monto for linea in self.lineas), Decimal("0.00"))
+
+
+def proponer_pago(afiliado_id: str, moneda: str, comisiones: list[LineaPago], ajustes: list[LineaPago],
+                  umbral: Decimal) -> PropuestaPago | None:
+    """Every approved, unpaid commission plus every outstanding negative adjustment, once their
+    sum reaches the threshold; below it (or negative) they wait for more commissions."""
+    if not comisiones:
+        return None
+    propuesta = PropuestaPago(afiliado_id, moneda, tuple(comisiones) + tuple(ajustes))
+    return propuesta if propuesta.monto >= umbral and propuesta.monto > 0 else None
+
+# A payout's states: created with its lines, then paid (once).
+PAGO_PENDIENTE = "pendiente"
+PAGO_PAGADO = "pagado"

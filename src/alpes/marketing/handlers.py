@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session
 
-from alpes.kernel.db import upsert_add
+from alpes.kernel.db import Database, upsert_add
 from alpes.kernel.http import Problem
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent, new_id, utcnow
+from alpes.kernel.outbox import Outbox
 
 from . import domain, tables
 
@@ -172,6 +174,8 @@ def calculate_comision(session: Session, event: IncomingEvent) -> list[OutgoingE
     c = tables.comisiones
     if session.scalar(select(exists().where(c.c.conversion_id == p["conversion_id"]))):
         return []  # the unique key on conversion_id guards races; this skips the common duplicate
+    if session.scalar(select(exists().where(tables.conversiones_reembolsadas.c.conversion_id == p["conversion_id"]))):
+        return []  # refunded before its commission was booked: never booked
     campana = session.execute(select(tables.campanas).where(tables.campanas.c.id == p["campaign_id"])).mappings().first()
     if campana is None:
         raise LookupError(f"conversion {p['conversion_id']} names unknown campaign {p['campaign_id']}")
@@ -181,7 +185,8 @@ def calculate_comision(session: Session, event: IncomingEvent) -> list[OutgoingE
     session.execute(c.insert().values(
         id=comision_id, conversion_id=p["conversion_id"], afiliado_id=p["affiliate_id"], campana_id=p["campaign_id"],
         base=p["conversion_value"], porcentaje=campana["porcentaje_comision"], monto=monto, moneda=campana["moneda"],
-        estado=domain.PENDIENTE, correlation_id=event.correlation_id, calculada_en=now))
+        estado=domain.PENDIENTE, correlation_id=event.correlation_id, calculada_en=now,
+        aprobable_desde=domain.aprobable_desde(now, campana["periodo_bloqueo_dias"])))
     return [OutgoingEvent(COMISIONES, "ComisionCalculada", comision_id, {
         "id": comision_id, "conversion_id": p["conversion_id"], "afiliado_id": p["affiliate_id"],
         "campana_id": p["campaign_id"], "base": p["conversion_value"], "porcentaje": campana["porcentaje_comision"],
@@ -222,3 +227,135 @@ def book_accrual(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
         afiliado_id=p["afiliado_id"], comision_id=p["id"], tipo="devengo", monto=p["monto"], moneda=p["moneda"],
         registrado_en=utcnow()))
     return []
+
+
+# -- the commission lifecycle: approval, reversal, payouts ---------------------------------------
+def approve_due_comisiones(db: Database, outbox: Outbox, now: datetime | None = None, batch: int = 200) -> int:
+    """The approval scheduler (the broker has no delayed delivery): every pending commission
+    whose lock period has passed becomes approved, each with its ComisionAprobada."""
+    k = tables.comisiones
+    now = now or utcnow()
+    with db.transaction() as session:
+        rows = session.execute(
+            select(k).where(k.c.estado == domain.PENDIENTE, k.c.aprobable_desde <= now)
+            .order_by(k.c.aprobable_desde, k.c.id).limit(batch).with_for_update(skip_locked=True)).mappings().all()
+        events = []
+        for row in rows:
+            session.execute(update(k).where(k.c.id == row["id"]).values(estado=domain.APROBADA, aprobada_en=now))
+            events.append(OutgoingEvent(COMISIONES, "ComisionAprobada", row["id"], {
+                "id": row["id"], "conversion_id": row["conversion_id"], "afiliado_id": row["afiliado_id"],
+                "campana_id": row["campana_id"], "monto": row["monto"], "moneda": row["moneda"],
+                "calculada_en": row["calculada_en"], "timestamp": now}, correlation_id=row["correlation_id"]))
+        outbox.add(session, events)
+    return len(rows)
+
+
+# -- marketing-consumer on conversiones.eventos ---------------------------------------------
+def reverse_comision(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """ConversionRefunded → the conversion's commission is reversed, whatever its state, with a
+    negative adjustment when it already went into a payout. The refund itself is remembered, so
+    a commission arriving after it (or a conversion that never had one) is never booked."""
+    p = event.payload
+    r = tables.conversiones_reembolsadas
+    if session.scalar(select(exists().where(r.c.conversion_id == p["conversion_id"]))):
+        return []
+    now = utcnow()
+    session.execute(r.insert().values(conversion_id=p["conversion_id"], tipo=p["refund_type"], motivo=p["reason"],
+                                      reembolsada_en=now))
+    k = tables.comisiones
+    row = session.execute(select(k).where(k.c.conversion_id == p["conversion_id"]).with_for_update()).mappings().first()
+    if row is None or row["estado"] == domain.REVERTIDA:
+        return []
+    reversion = domain.revertir(row["estado"], row["monto"], en_un_pago=row["pago_id"] is not None)
+    ajuste_id = None
+    if reversion.ajuste is not None:
+        ajuste_id = new_id()
+        session.execute(tables.ajustes.insert().values(
+            id=ajuste_id, afiliado_id=row["afiliado_id"], comision_id=row["id"], monto=reversion.ajuste,
+            moneda=row["moneda"], motivo=p["refund_type"], creado_en=now))
+    session.execute(update(k).where(k.c.id == row["id"]).values(
+        estado=domain.REVERTIDA, revertida_en=now, motivo_reversion=p["refund_type"]))
+    return [OutgoingEvent(COMISIONES, "ComisionRevertida", row["id"], {
+        "id": row["id"], "conversion_id": row["conversion_id"], "afiliado_id": row["afiliado_id"],
+        "campana_id": row["campana_id"], "monto": row["monto"], "moneda": row["moneda"],
+        "estado_anterior": reversion.estado_anterior, "motivo": p["refund_type"], "detalle": p["reason"],
+        "ajuste_id": ajuste_id, "ajuste_monto": reversion.ajuste, "timestamp": now})]
+
+
+def create_pagos(session: Session, umbral: Decimal, afiliado_id: str | None = None,
+                 now: datetime | None = None) -> tuple[list[str], list[OutgoingEvent]]:
+    """One payout per affiliate and currency whose approved, unpaid commissions plus outstanding
+    negative adjustments reach `umbral`. Its amount is summed from its stored lines in this
+    transaction: a payout always equals the sum of its lines, by construction."""
+    k, a, lineas = tables.comisiones, tables.ajustes, tables.pago_lineas
+    now = now or utcnow()
+    query = select(k.c.id, k.c.afiliado_id, k.c.moneda, k.c.monto).where(
+        k.c.estado == domain.APROBADA, k.c.pago_id.is_(None)).order_by(
+        k.c.afiliado_id, k.c.moneda, k.c.calculada_en, k.c.id).with_for_update()
+    if afiliado_id is not None:
+        query = query.where(k.c.afiliado_id == afiliado_id)
+    grupos: dict[tuple[str, str], list[domain.LineaPago]] = {}
+    for row in session.execute(query):
+        grupos.setdefault((row.afiliado_id, row.moneda), []).append(domain.LineaPago("comision", row.id, row.monto))
+    ids, events = [], []
+    for (afiliado, moneda), comisiones in grupos.items():
+        ajustes = [domain.LineaPago("ajuste", row.id, row.monto) for row in session.execute(
+            select(a.c.id, a.c.monto).where(a.c.afiliado_id == afiliado, a.c.moneda == moneda, a.c.pago_id.is_(None))
+            .order_by(a.c.creado_en, a.c.id).with_for_update())]
+        propuesta = domain.proponer_pago(afiliado, moneda, comisiones, ajustes, umbral)
+        if propuesta is None:
+            continue
+        pago_id = new_id()
+        session.execute(lineas.insert(), [{"pago_id": pago_id, "linea": n, "tipo": linea.tipo,
+                                           "referencia_id": linea.referencia_id, "monto": linea.monto}
+                                          for n, linea in enumerate(propuesta.lineas, start=1)])
+        monto = session.scalar(select(func.sum(lineas.c.monto)).where(lineas.c.pago_id == pago_id))
+        session.execute(tables.pagos.insert().values(id=pago_id, afiliado_id=afiliado, moneda=moneda, monto=monto,
+                                                     estado=domain.PAGO_PENDIENTE, creado_en=now))
+        session.execute(update(k).where(k.c.id.in_([c.referencia_id for c in comisiones])).values(pago_id=pago_id))
+        if ajustes:
+            session.execute(update(a).where(a.c.id.in_([j.referencia_id for j in ajustes])).values(pago_id=pago_id))
+        ids.append(pago_id)
+        events.append(OutgoingEvent(COMISIONES, "PagoCreado", pago_id, {
+            "id": pago_id, "afiliado_id": afiliado, "moneda": moneda, "monto": monto, "timestamp": now,
+            "lineas": [{"tipo": linea.tipo, "referencia_id": linea.referencia_id, "monto": linea.monto}
+                       for linea in propuesta.lineas]}))
+    return ids, events
+
+
+def create_due_pagos(db: Database, outbox: Outbox, umbral: Decimal) -> int:
+    """The payout scheduler: what POST /pagos does for every affiliate."""
+    with db.transaction() as session:
+        ids, events = create_pagos(session, umbral)
+        outbox.add(session, events)
+    return len(ids)
+
+
+def pay_pago(session: Session, pago_id: str, now: datetime | None = None) -> list[OutgoingEvent]:
+    """Mark a payout paid: its commissions become paid (one ComisionPagada each) and PagoRealizado
+    lists what it settled. Paying it again changes nothing and emits nothing."""
+    t, k, lineas = tables.pagos, tables.comisiones, tables.pago_lineas
+    pago = session.execute(select(t).where(t.c.id == pago_id).with_for_update()).mappings().first()
+    if pago is None:
+        raise Problem(404, "pago_id", "no payout with this id")
+    if pago["estado"] == domain.PAGO_PAGADO:
+        return []
+    now = now or utcnow()
+    session.execute(update(t).where(t.c.id == pago_id).values(estado=domain.PAGO_PAGADO, pagado_en=now))
+    lines = session.execute(select(lineas).where(lineas.c.pago_id == pago_id).order_by(lineas.c.linea)).mappings().all()
+    comision_ids = [line["referencia_id"] for line in lines if line["tipo"] == "comision"]
+    # A commission reversed while its payout waited stays reversed: its adjustment claws it back.
+    pagadas = session.execute(select(k).where(k.c.id.in_(comision_ids), k.c.estado == domain.APROBADA)
+                              .order_by(k.c.id)).mappings().all()
+    events = []
+    for row in pagadas:
+        session.execute(update(k).where(k.c.id == row["id"]).values(estado=domain.PAGADA, pagada_en=now))
+        events.append(OutgoingEvent(COMISIONES, "ComisionPagada", row["id"], {
+            "id": row["id"], "conversion_id": row["conversion_id"], "afiliado_id": row["afiliado_id"],
+            "pago_id": pago_id, "monto": row["monto"], "moneda": row["moneda"], "timestamp": now},
+            correlation_id=row["correlation_id"]))
+    events.append(OutgoingEvent(COMISIONES, "PagoRealizado", pago_id, {
+        "id": pago_id, "afiliado_id": pago["afiliado_id"], "moneda": pago["moneda"], "monto": pago["monto"],
+        "comision_ids": comision_ids, "ajuste_ids": [line["referencia_id"] for line in lines if line["tipo"] == "ajuste"],
+        "timestamp": now}))
+    return events

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 from alpes.composition import compose
+from alpes.kernel.runtime import PeriodicJob, ServiceRuntime
 from alpes.settings import Settings
 
-from . import api, consumers, tables
+from . import api, consumers, handlers, tables
 
 
 def build(settings: Settings):
+    def configure(runtime: ServiceRuntime) -> None:
+        runtime.jobs.append(PeriodicJob("approve-comisiones", settings.approval_interval_seconds,
+                                        lambda: handlers.approve_due_comisiones(runtime.db, runtime.outbox)))
+        runtime.jobs.append(PeriodicJob("create-pagos", settings.payout_interval_seconds,
+                                        lambda: handlers.create_due_pagos(runtime.db, runtime.outbox,
+                                                                          settings.payout_threshold)))
+
     return compose("marketing", settings, outbox=tables.outbox, inbox=tables.inbox,
-                   consumers=consumers.consumer_specs(), routes=api.include_routes)
+                   consumers=consumers.consumer_specs(),
+                   routes=lambda runtime: api.include_routes(runtime, settings.payout_threshold),
+                   configure=configure)

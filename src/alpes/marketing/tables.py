@@ -2,6 +2,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     Date,
+    Index,
     Integer,
     MetaData,
     PrimaryKeyConstraint,
@@ -75,6 +76,16 @@ comisiones = Table(
     Column("estado", String(20), nullable=False),
     Column("correlation_id", String(36), nullable=False),
     Column("calculada_en", UtcDateTime(), nullable=False),
+    # Lifecycle. aprobable_desde = calculada_en + the campaign's lock period at calculation time
+    # (null only for rows older than the lifecycle, which the migration backfills).
+    Column("aprobable_desde", UtcDateTime()),
+    Column("aprobada_en", UtcDateTime()),
+    Column("pago_id", String(36)),
+    Column("pagada_en", UtcDateTime()),
+    Column("revertida_en", UtcDateTime()),
+    Column("motivo_reversion", String(20)),
+    Index("ix_comisiones_por_aprobar", "estado", "aprobable_desde"),
+    Index("ix_comisiones_por_pagar", "estado", "pago_id", "afiliado_id"),
 )
 
 # analytics-consumer (conversiones.eventos): conversions per day, campaign and affiliate.
@@ -115,3 +126,53 @@ ledger_pagos = Table(
 
 outbox = outbox_table(metadata)
 inbox = inbox_table(metadata)
+
+# -- commission lifecycle: refunds, adjustments and payouts -------------------------------------
+# Refunds marketing learned on conversiones.eventos, kept even when no commission was booked
+# (rejected conversion, or the refund overtook the validation): a late commission is not booked.
+conversiones_reembolsadas = Table(
+    "conversiones_reembolsadas", metadata,
+    Column("conversion_id", String(36), primary_key=True),
+    Column("tipo", String(20), nullable=False),
+    Column("motivo", String(500)),
+    Column("reembolsada_en", UtcDateTime(), nullable=False),
+)
+
+# Negative adjustments: a commission reversed after it went into a payout. Carried into the
+# affiliate's next payout in the same currency (pago_id set then); never edited otherwise.
+ajustes = Table(
+    "ajustes", metadata,
+    Column("id", String(36), primary_key=True),
+    Column("afiliado_id", String(36), nullable=False),
+    Column("comision_id", String(36), nullable=False, unique=True),
+    Column("monto", ScaledDecimal(2), nullable=False),
+    Column("moneda", String(3), nullable=False),
+    Column("motivo", String(20), nullable=False),
+    Column("creado_en", UtcDateTime(), nullable=False),
+    Column("pago_id", String(36)),
+    Index("ix_ajustes_pendientes", "afiliado_id", "moneda", "pago_id"),
+)
+
+pagos = Table(
+    "pagos", metadata,
+    Column("id", String(36), primary_key=True),
+    Column("afiliado_id", String(36), nullable=False, index=True),
+    Column("moneda", String(3), nullable=False),
+    # Written once, from the sum of pago_lineas in the transaction that inserts them.
+    Column("monto", ScaledDecimal(2), nullable=False),
+    Column("estado", String(20), nullable=False),
+    Column("creado_en", UtcDateTime(), nullable=False),
+    Column("pagado_en", UtcDateTime()),
+)
+
+pago_lineas = Table(
+    "pago_lineas", metadata,
+    Column("pago_id", String(36), nullable=False),
+    Column("linea", Integer, nullable=False),
+    Column("tipo", String(20), nullable=False),
+    Column("referencia_id", String(36), nullable=False),
+    Column("monto", ScaledDecimal(2), nullable=False),
+    PrimaryKeyConstraint("pago_id", "linea", name="pk_pago_lineas"),
+    # A commission or an adjustment is in one payout at most, by construction.
+    UniqueConstraint("tipo", "referencia_id", name="uq_pago_lineas_referencia"),
+)
