@@ -80,6 +80,9 @@ class Afiliado(BaseModel):
     validado_en: str | None
     comisiones: int
     ganancias_pendientes: Decimal
+    ganancias_aprobadas: Decimal
+    ganancias_pagadas: Decimal
+    ganancias_revertidas: Decimal
     tipo_documento: str | None
     numero_documento: str | None
     pais: str | None
@@ -93,6 +96,8 @@ def _afiliado(row) -> Afiliado:
         motivos=[m for m in row["motivos"].split(",") if m], registrado_en=row["registrado_en"].isoformat(),
         validado_en=row["validado_en"].isoformat() if row["validado_en"] else None,
         comisiones=row["comisiones"], ganancias_pendientes=row["ganancias_pendientes"],
+        ganancias_aprobadas=row["ganancias_aprobadas"], ganancias_pagadas=row["ganancias_pagadas"],
+        ganancias_revertidas=row["ganancias_revertidas"],
         tipo_documento=row["tipo_documento"], numero_documento=row["numero_documento"], pais=row["pais"],
         metodo_pago=row["metodo_pago"], motivo_suspension=row["motivo_suspension"])
 

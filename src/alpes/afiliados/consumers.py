@@ -8,5 +8,10 @@ from . import handlers
 def consumer_specs() -> list[ConsumerSpec]:
     return [
         ConsumerSpec("marketing.eventos", "afiliados-consumer", {"CampanaCreada": handlers.record_programa}),
-        ConsumerSpec("comisiones.eventos", "afiliados-consumer", {"ComisionCalculada": handlers.record_comision}),
+        ConsumerSpec("comisiones.eventos", "afiliados-consumer", {
+            "ComisionCalculada": handlers.record_comision,
+            "ComisionAprobada": handlers.record_aprobacion,
+            "ComisionPagada": handlers.record_pago,
+            "ComisionRevertida": handlers.record_reversion,
+        }),
     ]

@@ -124,3 +124,36 @@ def record_programa(session: Session, event: IncomingEvent) -> list[OutgoingEven
         session.execute(t.insert().values(id=p["id"], nombre=p["nombre"], porcentaje_comision=p["porcentaje_comision"],
                                           moneda=p["moneda"], creada_en=p["timestamp"]))
     return []
+
+
+# -- afiliados-consumer on comisiones.eventos: each lifecycle step moves the amount between the
+# affiliate's earnings by state, so pending + approved + paid + reversed = everything calculated.
+_GANANCIAS_POR_ESTADO = {"pendiente": "ganancias_pendientes", "aprobada": "ganancias_aprobadas",
+                         "pagada": "ganancias_pagadas"}
+
+
+def record_aprobacion(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    p = event.payload
+    _move_ganancias(session, p["afiliado_id"], p["monto"], "ganancias_pendientes", "ganancias_aprobadas")
+    return []
+
+
+def record_pago(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    p = event.payload
+    _move_ganancias(session, p["afiliado_id"], p["monto"], "ganancias_aprobadas", "ganancias_pagadas")
+    return []
+
+
+def record_reversion(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """A reversed commission leaves the state it was in; one that had been paid is also owed back
+    (marketing carries that negative adjustment into the next payout)."""
+    p = event.payload
+    _move_ganancias(session, p["afiliado_id"], p["monto"], _GANANCIAS_POR_ESTADO[p["estado_anterior"]],
+                    "ganancias_revertidas")
+    return []
+
+
+def _move_ganancias(session: Session, afiliado_id: str, monto, desde: str, hacia: str) -> None:
+    a = tables.afiliados
+    session.execute(update(a).where(a.c.id == afiliado_id).values(
+        {desde: a.c[desde] - monto, hacia: a.c[hacia] + monto}))

@@ -19,6 +19,10 @@ afiliados = Table(
     # Earnings fed from comisiones.eventos (exact decimal money).
     Column("comisiones", Integer, nullable=False, default=0),
     Column("ganancias_pendientes", ScaledDecimal(2), nullable=False, default=0),
+    # The rest of the commission lifecycle: approved (unpaid), paid, and reversed amounts.
+    Column("ganancias_aprobadas", ScaledDecimal(2), nullable=False, default=0, server_default="0"),
+    Column("ganancias_pagadas", ScaledDecimal(2), nullable=False, default=0, server_default="0"),
+    Column("ganancias_revertidas", ScaledDecimal(2), nullable=False, default=0, server_default="0"),
     # Identity and payment data; null for affiliates registered before they were asked for.
     Column("tipo_documento", String(20)),
     Column("numero_documento", String(20)),
