@@ -252,6 +252,13 @@ def test_a_tracking_link_records_the_click_and_redirects_with_its_id(tracking):
     assert (click["link_code"], click["affiliate_id"], click["campaign_id"], click["clicked_at"], click["ip"],
             click["user_agent"], click["referrer"]) == ("linkcodea1", "a1", "k1", NOW, "203.0.113.9", "Mozilla/5.0",
                                                         "https://blog.example.org/post")
+    with runtime.db.read() as session:
+        [row] = session.execute(select(tables.outbox)).mappings().all()
+    event = REGISTRY.decode("ClickRecorded", row["payload"], row["schema_version"])
+    assert (row["event_type"], row["topic"], row["partition_key"]) == ("ClickRecorded", "conversiones.eventos",
+                                                                      click["id"])
+    assert (event["link_code"], event["affiliate_id"], event["campaign_id"], event["timestamp"]) == \
+        ("linkcodea1", "a1", "k1", NOW) and "ip" not in event
     assert _click(client).status_code == 302 and _count(runtime, tables.clicks) == 2  # every click counts
 
 
@@ -273,7 +280,7 @@ def test_unknown_suspended_and_inactive_links_answer_404_without_a_click(trackin
             "id": "k1", "timestamp": NOW}, 1))
     paused = _click(client)
     assert paused.status_code == 404 and "location" not in paused.headers
-    assert _count(runtime, tables.clicks) == 0
+    assert _count(runtime, tables.clicks) == 0 and _count(runtime, tables.outbox) == 0
 
 
 POSTBACK = {"user_id": "cliente", "conversion_value": "80.00", "conversion_type": "sale"}
@@ -359,5 +366,8 @@ def test_enroll_click_and_convert_through_the_platform(tmp_path):
         [comision] = wait_until(lambda: platform.get("marketing", "/comisiones", conversion_id=conversion["id"])
                                 ["comisiones"], what="the commission of the attributed conversion")
         assert (comision["afiliado_id"], comision["monto"]) == (afiliado, "8.00")
+        audited = wait_until(lambda: platform.get("auditoria", "/auditoria/eventos", aggregate_id=click_id)["eventos"],
+                             what="the click audited")
+        assert [e["event_type"] for e in audited] == ["ClickRecorded"]
     finally:
         platform.stop()

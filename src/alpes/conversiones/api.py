@@ -91,12 +91,13 @@ def include_routes(runtime: ServiceRuntime, grace: timedelta, clock: Callable[[]
     @router.get("/r/{link_code}", tags=["clicks"], status_code=302, response_class=RedirectResponse)
     def redirect(link_code: str, request: Request) -> RedirectResponse:
         """A tracking link: record the click, redirect to the campaign's landing URL with `alpes_click_id`."""
-        with runtime.unit_of_work() as (session, _emit):
-            _click_id, location = handlers.record_click(
+        with runtime.unit_of_work() as (session, emit):
+            _click_id, location, events = handlers.record_click(
                 session, link_code, ip=domain.client_ip(request.headers.get("x-forwarded-for"),
                                                         request.client.host if request.client else None),
                 user_agent=request.headers.get("user-agent"), referrer=request.headers.get("referer"),
                 now=clock())
+            emit(events)
         return RedirectResponse(location, status_code=302)
 
     @router.post("/conversiones")

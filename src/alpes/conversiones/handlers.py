@@ -207,9 +207,9 @@ def _enrolled(session: Session, affiliate_id: str, campaign_id: str, link_code: 
 
 # -- tracking links and clicks ---------------------------------------------------------------
 def record_click(session: Session, link_code: str, *, ip: str | None, user_agent: str | None,
-                 referrer: str | None, now: datetime | None = None) -> tuple[str, str]:
+                 referrer: str | None, now: datetime | None = None) -> tuple[str, str, list[OutgoingEvent]]:
     """A visit to a tracking link: store the click, answer where to redirect (the campaign's
-    landing URL with the click id). Unknown or inactive links get a 404 and store nothing."""
+    landing URL with the click id) and ClickRecorded. Unknown or inactive links get a 404 and store nothing."""
     i, c = tables.ref_inscripciones, tables.ref_campanas
     link = session.execute(select(i.c.afiliado_id, i.c.campana_id, i.c.activa, c.c.estado, c.c.landing_url)
                            .join(c, c.c.campana_id == i.c.campana_id, isouter=True)
@@ -222,12 +222,17 @@ def record_click(session: Session, link_code: str, *, ip: str | None, user_agent
         raise Problem(404, "link_code", "the link's campaign is not active")
     if not link.landing_url:
         raise Problem(404, "link_code", "campaign has no landing URL")
-    click_id = new_id()
+    click_id, clicked_at = new_id(), now or utcnow()
+    user_agent = user_agent[:500] if user_agent else None
+    referrer = referrer[:2000] if referrer else None
     session.execute(tables.clicks.insert().values(
         id=click_id, link_code=link_code, affiliate_id=link.afiliado_id, campaign_id=link.campana_id,
-        clicked_at=now or utcnow(), ip=ip, user_agent=(user_agent or None) and user_agent[:500],
-        referrer=(referrer or None) and referrer[:2000]))
-    return click_id, domain.landing_with_click_id(link.landing_url, click_id)
+        clicked_at=clicked_at, ip=ip, user_agent=user_agent, referrer=referrer))
+    # The IP stays in the clicks table (personal data): the event carries what analytics needs.
+    event = OutgoingEvent(TOPIC, "ClickRecorded", click_id, {
+        "click_id": click_id, "link_code": link_code, "affiliate_id": link.afiliado_id,
+        "campaign_id": link.campana_id, "timestamp": clicked_at, "user_agent": user_agent, "referrer": referrer})
+    return click_id, domain.landing_with_click_id(link.landing_url, click_id), [event]
 
 
 def attribution_of(session: Session, click_id: str, affiliate_id: str | None,
