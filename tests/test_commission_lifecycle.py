@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 from harness import Platform, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import func, select
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from alpes.afiliados import handlers as afiliados_handlers
 from alpes.conversiones import domain as conversiones
@@ -277,6 +278,29 @@ def test_a_refund_reverses_the_commission_in_any_state_and_a_paid_one_is_clawed_
         ("comision", "90.00"), ("comision", "50.00"), ("ajuste", "-80.00")]
 
 
+def test_the_payment_ledger_records_accruals_reversals_payouts_and_withheld_adjustments(mk):
+    campana = mk.campana()
+    pagada = mk.validated("ana", campana, "800.00")
+    mk.approve()
+    [pago] = mk.client.post("/pagos", json={}).json()["pagos"]
+    mk.client.post(f"/pagos/{pago['id']}/pagar")
+    mk.refunded(pagada)
+    mk.validated("ana", campana, "1500.00")
+    mk.approve()
+    [siguiente] = mk.client.post("/pagos", json={}).json()["pagos"]
+    mk.client.post(f"/pagos/{siguiente['id']}/pagar")
+    realizados = [OutgoingEvent("comisiones.eventos", t, p["id"], p)
+                  for t, p in _outbox(mk.runtime, mk.tables, "PagoRealizado")]
+    _feed_ledger(mk, mk.emitted + realizados)
+    ledger = [(line["tipo"], line["monto"]) for line in mk.client.get("/pagos/ledger").json()["ledger"]]
+    assert sorted(ledger) == sorted([("devengo", "80.00"), ("devengo", "150.00"), ("reversion", "-80.00"),
+                                     ("pago", "-80.00"), ("pago", "-150.00"), ("compensacion", "80.00")])
+    assert _saldo(mk, "ana") == Decimal("0.00")  # 80 paid, 80 clawed back, 150 paid less 80 withheld
+    # Behind the inbox, the unique key refuses to book a payout twice.
+    with pytest.raises(IntegrityError):
+        _feed_ledger(mk, realizados[:1])
+
+
 def test_a_refund_that_overtakes_its_commission_or_has_none_is_remembered(mk):
     campana = mk.campana()
     early = new_id()
@@ -379,6 +403,25 @@ def _feed_afiliados(runtime, events: list[OutgoingEvent]) -> None:
             handler(session, _incoming("comisiones.eventos", event.event_type, event.key, payload))
 
 
+LEDGER_HANDLERS = {"ComisionCalculada": marketing_handlers.book_accrual,
+                   "ComisionRevertida": marketing_handlers.book_reversal,
+                   "PagoRealizado": marketing_handlers.book_payout}
+
+
+def _feed_ledger(mk: "Marketing", events: list[OutgoingEvent]) -> None:
+    """What marketing's payment-consumer does with comisiones.eventos."""
+    for event in events:
+        handler = LEDGER_HANDLERS.get(event.event_type)
+        if handler is not None:
+            with mk.runtime.db.transaction() as session:
+                handler(session, _incoming("comisiones.eventos", event.event_type, event.key, event.payload))
+
+
+def _saldo(mk: "Marketing", afiliado_id: str) -> Decimal:
+    return sum((Decimal(s["saldo"]) for s in mk.client.get("/pagos/saldos").json()["saldos"]
+                if s["afiliado_id"] == afiliado_id), Decimal(0))
+
+
 def _register(client) -> str:
     response = client.post("/afiliados", json={"user_id": new_id(), "email": f"{new_id()}@example.com",
                                                "nombre": "Ana"})
@@ -437,14 +480,17 @@ def test_the_books_balance_after_any_sequence_of_events(tmp_path_factory, action
         elif conversions:
             mk.refunded(conversions[step[1] % len(conversions)])
         # What the consumers emitted (calculations, reversals) and what the outbox got (the rest).
-        _feed_afiliados(runtime, mk.emitted[handled:] + [OutgoingEvent("comisiones.eventos", t, "", p)
-                                                         for t, p in _outbox(mk.runtime, mk.tables)[before:]])
+        published = mk.emitted[handled:] + [OutgoingEvent("comisiones.eventos", t, "", p)
+                                            for t, p in _outbox(mk.runtime, mk.tables)[before:]]
+        _feed_afiliados(runtime, published)
+        _feed_ledger(mk, published)
     # Settle what is still waiting, so that every payout created was paid.
     for pago in mk.client.get("/pagos", params={"estado": "pendiente"}).json()["pagos"]:
         before = len(_outbox(mk.runtime, mk.tables))
         mk.client.post(f"/pagos/{pago['id']}/pagar")
-        _feed_afiliados(runtime, [OutgoingEvent("comisiones.eventos", t, "", p)
-                                  for t, p in _outbox(mk.runtime, mk.tables)[before:]])
+        published = [OutgoingEvent("comisiones.eventos", t, "", p) for t, p in _outbox(mk.runtime, mk.tables)[before:]]
+        _feed_afiliados(runtime, published)
+        _feed_ledger(mk, published)
 
     comisiones = mk.client.get("/comisiones").json()["comisiones"]
     pagos = [mk.client.get(f"/pagos/{p['id']}").json() for p in mk.client.get("/pagos").json()["pagos"]]
@@ -472,6 +518,8 @@ def test_the_books_balance_after_any_sequence_of_events(tmp_path_factory, action
         owed_back = sum((a["monto"] for a in ajustes if a["afiliado_id"] == afiliado_id and a["pago_id"] is None),
                         Decimal(0))
         assert cash + owed_back == by_state["pagada"], nombre
+        # The payment ledger says what is still owed: unpaid commissions less the clawbacks.
+        assert _saldo(mk, afiliado_id) == by_state["pendiente"] + by_state["aprobada"] + owed_back, nombre
 
 
 # -- end to end through the running platform -----------------------------------------------------------------
@@ -535,6 +583,12 @@ def test_commission_lifecycle_end_to_end(tmp_path):
                               "140.00" and a, what="earnings by state", diagnose=platform.diagnostics)
         assert (earnings["ganancias_pendientes"], earnings["ganancias_aprobadas"], earnings["ganancias_revertidas"],
                 earnings["comisiones"]) == ("0.00", "0.00", "40.00", 4)
+
+        # The payment ledger: 4 accruals, 1 reversal, 4 commissions paid, 1 clawback withheld; nothing owed.
+        saldo = wait_until(lambda: [s for s in platform.get("marketing", "/pagos/saldos")["saldos"]
+                                    if s["afiliado_id"] == ana and s["lineas"] == 10],
+                           what="the payment ledger", diagnose=platform.diagnostics)
+        assert saldo[0]["saldo"] == "0.00"
 
         def audited():
             types = Counter(e["event_type"] for e in platform.get("auditoria", "/auditoria/eventos",

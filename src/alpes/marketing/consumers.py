@@ -25,5 +25,9 @@ def consumer_specs() -> list[ConsumerSpec]:
             "ConversionRejected": handlers.count_rejected,
         }),
         ConsumerSpec("comisiones.eventos", "reporting-consumer", {"ComisionCalculada": handlers.report_comision}),
-        ConsumerSpec("comisiones.eventos", "payment-consumer", {"ComisionCalculada": handlers.book_accrual}),
+        ConsumerSpec("comisiones.eventos", "payment-consumer", {
+            "ComisionCalculada": handlers.book_accrual,
+            "ComisionRevertida": handlers.book_reversal,
+            "PagoRealizado": handlers.book_payout,
+        }),
     ]

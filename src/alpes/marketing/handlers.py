@@ -359,3 +359,30 @@ def pay_pago(session: Session, pago_id: str, now: datetime | None = None) -> lis
         "comision_ids": comision_ids, "ajuste_ids": [line["referencia_id"] for line in lines if line["tipo"] == "ajuste"],
         "timestamp": now}))
     return events
+
+
+# -- payment-consumer on comisiones.eventos: the ledger is what the platform owes each affiliate.
+# Accruals add, reversals and payouts subtract, adjustments netted in a payout add back what the
+# payout withheld; a reversal after a payout leaves the balance negative until then.
+def book_reversal(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    p = event.payload
+    session.execute(tables.ledger_pagos.insert().values(
+        afiliado_id=p["afiliado_id"], comision_id=p["id"], tipo="reversion", monto=-p["monto"], moneda=p["moneda"],
+        registrado_en=utcnow()))
+    return []
+
+
+def book_payout(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """One line per commission the payout paid, one per adjustment it withheld (keyed by the
+    reversed commission), from the payout's own lines: their sum is minus the payout's amount."""
+    p = event.payload
+    lineas, a = tables.pago_lineas, tables.ajustes
+    now = utcnow()
+    rows = session.execute(select(lineas.c.tipo, lineas.c.referencia_id, lineas.c.monto, a.c.comision_id)
+                           .join(a, a.c.id == lineas.c.referencia_id, isouter=True)
+                           .where(lineas.c.pago_id == p["id"]).order_by(lineas.c.linea)).all()
+    session.execute(tables.ledger_pagos.insert(), [{
+        "afiliado_id": p["afiliado_id"], "moneda": p["moneda"], "monto": -row.monto, "registrado_en": now,
+        **({"comision_id": row.referencia_id, "tipo": "pago"} if row.tipo == "comision" else
+           {"comision_id": row.comision_id, "tipo": "compensacion"})} for row in rows])
+    return []

@@ -112,16 +112,18 @@ reporte_comisiones = Table(
     PrimaryKeyConstraint("dia", "campana_id", "afiliado_id", name="pk_reporte_comisiones"),
 )
 
-# payment-consumer (comisiones.eventos): the payment ledger, one accrual line per commission.
+# payment-consumer (comisiones.eventos): the payment ledger, what is owed to each affiliate.
 ledger_pagos = Table(
     "ledger_pagos", metadata,
     Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
     Column("afiliado_id", String(36), nullable=False, index=True),
-    Column("comision_id", String(36), nullable=False, unique=True),
+    Column("comision_id", String(36), nullable=False),
     Column("tipo", String(20), nullable=False),
     Column("monto", ScaledDecimal(2), nullable=False),
     Column("moneda", String(3), nullable=False),
     Column("registrado_en", UtcDateTime(), nullable=False),
+    # devengo, reversion, pago, compensacion: each at most once per commission.
+    UniqueConstraint("comision_id", "tipo", name="uq_ledger_pagos_comision_tipo"),
 )
 
 outbox = outbox_table(metadata)
