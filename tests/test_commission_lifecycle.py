@@ -4,6 +4,7 @@ when the money had already gone out. Refunds in conversiones; earnings by state 
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -15,13 +16,16 @@ from harness import Platform, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from alpes.afiliados import handlers as afiliados_handlers
 from alpes.conversiones import domain as conversiones
+from alpes.kernel.db import Database, migrate
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent, new_id
+from alpes.kernel.outbox import Outbox
 from alpes.marketing import domain as marketing
 from alpes.marketing import handlers as marketing_handlers
+from alpes.marketing import tables as marketing_tables
 from alpes.settings import Settings
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
@@ -604,3 +608,47 @@ def test_commission_lifecycle_end_to_end(tmp_path):
         assert platform.get("auditoria", "/auditoria/verificacion")["ok"] is True
     finally:
         platform.stop()
+
+
+# -- racing payout schedulers on SQLite and MariaDB --------------------------------------------------------
+def test_racing_payout_runs_put_each_commission_in_exactly_one_payout(db_url, registry):
+    migrate(db_url, "alpes.marketing:migrations")
+    tables = marketing_tables
+    db, outbox = Database(db_url), Outbox(tables.outbox, registry)
+    try:
+        with db.transaction() as session:
+            campana, _ = marketing_handlers.create_campana(session, marketing.NuevaCampana(
+                "Carrera", Decimal("10"), "EUR", periodo_bloqueo_dias=0))
+            for n in range(60):
+                marketing_handlers.calculate_comision(session, _incoming("conversiones.eventos", "ConversionValidated",
+                                                                         f"c{n}", {
+                    "conversion_id": new_id(), "affiliate_id": f"a{n % 3}", "campaign_id": campana,
+                    "conversion_value": Decimal("100.00") + n, "currency": "EUR", "conversion_type": "sale",
+                    "timestamp": NOW}))
+        assert marketing_handlers.approve_due_comisiones(db, outbox) == 60
+
+        def run():
+            for _attempt in range(10):  # a deadlock or lost race is retried, like the job loop does
+                try:
+                    marketing_handlers.create_due_pagos(db, outbox, Decimal("50.00"))
+                    return
+                except DBAPIError:
+                    continue
+            raise AssertionError("a payout run kept failing")
+
+        threads = [threading.Thread(target=run) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        with db.transaction() as session:
+            pagos = session.execute(select(tables.pagos)).mappings().all()
+            lineas = session.execute(select(tables.pago_lineas)).mappings().all()
+            comisiones = session.execute(select(tables.comisiones)).mappings().all()
+        assert sorted(p["afiliado_id"] for p in pagos) == ["a0", "a1", "a2"]
+        assert sorted(line["referencia_id"] for line in lineas) == sorted(c["id"] for c in comisiones)
+        for pago in pagos:
+            assert pago["monto"] == sum(line["monto"] for line in lineas if line["pago_id"] == pago["id"])
+        assert {c["pago_id"] for c in comisiones} == {p["id"] for p in pagos}
+    finally:
+        db.dispose()
