@@ -23,8 +23,15 @@ def consumer_specs() -> list[ConsumerSpec]:
             "ConversionDetected": handlers.count_detected,
             "ConversionValidated": handlers.count_validated,
             "ConversionRejected": handlers.count_rejected,
+            "ConversionRefunded": handlers.count_refunded,
+            "ClickRecorded": handlers.count_click,
         }),
-        ConsumerSpec("comisiones.eventos", "reporting-consumer", {"ComisionCalculada": handlers.report_comision}),
+        ConsumerSpec("comisiones.eventos", "reporting-consumer", {
+            "ComisionCalculada": handlers.report_comision,
+            "ComisionAprobada": handlers.report_approved_comision,
+            "ComisionPagada": handlers.report_paid_comision,
+            "ComisionRevertida": handlers.report_reversed_comision,
+        }),
         ConsumerSpec("comisiones.eventos", "payment-consumer", {
             "ComisionCalculada": handlers.book_accrual,
             "ComisionRevertida": handlers.book_reversal,

@@ -207,18 +207,82 @@ def _count_conversion(column: str, with_revenue: bool = False):
     return handler
 
 
+def _add_to_analytics(session: Session, event: IncomingEvent, increments: dict) -> None:
+    p = event.payload
+    upsert_add(session, tables.analitica_conversiones,
+               {"dia": p["timestamp"].date(), "campana_id": p["campaign_id"], "afiliado_id": p["affiliate_id"]},
+               {"detectadas": 0, "validadas": 0, "rechazadas": 0, "ingresos": Decimal(0), "clicks": 0,
+                "reembolsadas": 0, "ingresos_reembolsados": Decimal(0), **increments})
+
+
+def _count_conversion(column: str, with_revenue: bool = False):
+    def handler(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+        increments = {column: 1}
+        if with_revenue:
+            increments["ingresos"] = event.payload["conversion_value"]
+        _add_to_analytics(session, event, increments)
+        return []
+    return handler
+
+
 count_detected = _count_conversion("detectadas")
 count_validated = _count_conversion("validadas", with_revenue=True)
 count_rejected = _count_conversion("rechazadas")
 
 
+def count_click(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    _add_to_analytics(session, event, {"clicks": 1})
+    return []
+
+
+def count_refunded(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """On the refund's day; `ingresos` keeps what was validated, the refunded revenue sits beside it."""
+    _add_to_analytics(session, event, {"reembolsadas": 1, "ingresos_reembolsados": event.payload["conversion_value"]})
+    return []
+
+
 # -- reporting-consumer and payment-consumer on comisiones.eventos ---------------------------
+# The report column holding the amount of commissions in each state.
+MONTO_POR_ESTADO = {domain.PENDIENTE: "monto_pendiente", domain.APROBADA: "monto_aprobado",
+                    domain.PAGADA: "monto_pagado", domain.REVERTIDA: "monto_revertido"}
+# A commission only moves forward: pending → approved → paid, and any of them → reversed.
+_ORDEN_ESTADO = {domain.PENDIENTE: 0, domain.APROBADA: 1, domain.PAGADA: 2, domain.REVERTIDA: 3}
+
+
 def report_comision(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
     p = event.payload
+    dia = p["timestamp"].date()
     upsert_add(session, tables.reporte_comisiones,
-               {"dia": p["timestamp"].date(), "campana_id": p["campana_id"], "afiliado_id": p["afiliado_id"]},
-               {"comisiones": 1, "monto": p["monto"]})
+               {"dia": dia, "campana_id": p["campana_id"], "afiliado_id": p["afiliado_id"]},
+               {"comisiones": 1, "monto": p["monto"], "monto_pendiente": p["monto"], "monto_aprobado": Decimal(0),
+                "monto_pagado": Decimal(0), "monto_revertido": Decimal(0)})
+    session.execute(tables.reporte_comision_estado.insert().values(
+        comision_id=p["id"], dia=dia, campana_id=p["campana_id"], afiliado_id=p["afiliado_id"], monto=p["monto"],
+        estado=domain.PENDIENTE))
     return []
+
+
+def _move_reported_comision(estado: str):
+    """Move the commission's amount from its reported state to `estado`, on the day it was
+    calculated, so each day's split always adds up to its `monto`. Same topic and key as its
+    ComisionCalculada, so that came first; a commission calculated before this report kept
+    state (no row) stays counted where it was."""
+    def handler(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+        r = tables.reporte_comision_estado
+        row = session.execute(select(r).where(r.c.comision_id == event.payload["id"]).with_for_update()).mappings().first()
+        if row is None or _ORDEN_ESTADO[row["estado"]] >= _ORDEN_ESTADO[estado]:
+            return []
+        upsert_add(session, tables.reporte_comisiones,
+                   {"dia": row["dia"], "campana_id": row["campana_id"], "afiliado_id": row["afiliado_id"]},
+                   {MONTO_POR_ESTADO[row["estado"]]: -row["monto"], MONTO_POR_ESTADO[estado]: row["monto"]})
+        session.execute(update(r).where(r.c.comision_id == row["comision_id"]).values(estado=estado))
+        return []
+    return handler
+
+
+report_approved_comision = _move_reported_comision(domain.APROBADA)
+report_paid_comision = _move_reported_comision(domain.PAGADA)
+report_reversed_comision = _move_reported_comision(domain.REVERTIDA)
 
 
 def book_accrual(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:

@@ -98,6 +98,10 @@ analitica_conversiones = Table(
     Column("validadas", Integer, nullable=False, default=0),
     Column("rechazadas", Integer, nullable=False, default=0),
     Column("ingresos", ScaledDecimal(2), nullable=False, default=0),
+    # Clicks (ClickRecorded) and refunds (ConversionRefunded), each on the day of its own event.
+    Column("clicks", Integer, nullable=False, default=0, server_default="0"),
+    Column("reembolsadas", Integer, nullable=False, default=0, server_default="0"),
+    Column("ingresos_reembolsados", ScaledDecimal(2), nullable=False, default=0, server_default="0"),
     PrimaryKeyConstraint("dia", "campana_id", "afiliado_id", name="pk_analitica_conversiones"),
 )
 
@@ -109,7 +113,25 @@ reporte_comisiones = Table(
     Column("afiliado_id", String(36), nullable=False),
     Column("comisiones", Integer, nullable=False, default=0),
     Column("monto", ScaledDecimal(2), nullable=False, default=0),
+    # monto split by the commissions' current state, on the day each was calculated, so that
+    # pendiente + aprobado + pagado + revertido = monto for every day.
+    Column("monto_pendiente", ScaledDecimal(2), nullable=False, default=0, server_default="0"),
+    Column("monto_aprobado", ScaledDecimal(2), nullable=False, default=0, server_default="0"),
+    Column("monto_pagado", ScaledDecimal(2), nullable=False, default=0, server_default="0"),
+    Column("monto_revertido", ScaledDecimal(2), nullable=False, default=0, server_default="0"),
     PrimaryKeyConstraint("dia", "campana_id", "afiliado_id", name="pk_reporte_comisiones"),
+)
+
+# reporting-consumer: each commission's report row and current state, to move its amount between
+# states on the day it was calculated (ComisionPagada carries neither its campaign nor that day).
+reporte_comision_estado = Table(
+    "reporte_comision_estado", metadata,
+    Column("comision_id", String(36), primary_key=True),
+    Column("dia", Date, nullable=False),
+    Column("campana_id", String(36), nullable=False),
+    Column("afiliado_id", String(36), nullable=False),
+    Column("monto", ScaledDecimal(2), nullable=False),
+    Column("estado", String(20), nullable=False),
 )
 
 # payment-consumer (comisiones.eventos): the payment ledger, what is owed to each affiliate.
