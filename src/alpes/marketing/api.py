@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from datetime import date, datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, Query, Response
@@ -113,6 +113,133 @@ def _pago(row) -> dict:
             "pagado_en": row["pagado_en"].isoformat() if row["pagado_en"] else None}
 
 
+# -- reports -------------------------------------------------------------------------------------
+_CONTADORES = ("clicks", "detectadas", "validadas", "rechazadas", "reembolsadas", "comisiones")
+_IMPORTES = ("ingresos", "ingresos_reembolsados", "monto", "monto_pendiente", "monto_aprobado", "monto_pagado",
+             "monto_revertido")
+_RATE = Decimal("0.0001")
+
+
+def _report_lines(session, desde: date | None, hasta: date | None, **filters) -> list[dict]:
+    """The stored figures per day, campaign and affiliate, both read models merged."""
+    if desde and hasta and desde > hasta:
+        raise Problem(422, "desde", "desde is after hasta")
+    lines: dict[tuple, dict] = {}
+    for table, fields in ((tables.analitica_conversiones, ("clicks", "detectadas", "validadas", "rechazadas",
+                                                           "reembolsadas", "ingresos", "ingresos_reembolsados")),
+                          (tables.reporte_comisiones, ("comisiones", "monto", "monto_pendiente", "monto_aprobado",
+                                                       "monto_pagado", "monto_revertido"))):
+        query = where_equal(select(table), table, **filters)
+        if desde:
+            query = query.where(table.c.dia >= desde)
+        if hasta:
+            query = query.where(table.c.dia <= hasta)
+        for r in session.execute(query).mappings():
+            line = lines.setdefault((r["dia"], r["campana_id"], r["afiliado_id"]), {
+                "dia": r["dia"].isoformat(), "campana_id": r["campana_id"], "afiliado_id": r["afiliado_id"],
+                **{f: 0 for f in _CONTADORES}, **{f: Decimal("0.00") for f in _IMPORTES}})
+            for f in fields:
+                line[f] += r[f]
+    return [lines[key] for key in sorted(lines)]
+
+
+def _por(agrupar: str):
+    return (lambda line: line["dia"]) if agrupar == "dia" else (lambda line: None)
+
+
+def _summed(lines: list[dict], key, **fixed) -> list[dict]:
+    """Sum the lines sharing a key (a day, or the whole period when the key is None), then add
+    the derived figures. Fields the key does not keep (e.g. the campaign of a per-day
+    affiliate report) are dropped, except those given in `fixed`."""
+    groups: dict = {}
+    for line in lines:
+        k = key(line)
+        group = groups.get(k)
+        if group is None:
+            group = groups[k] = {**line, **fixed}
+            if k is None:
+                group["dia"] = None
+            continue
+        for f in _CONTADORES + _IMPORTES:
+            group[f] += line[f]
+        for f in ("campana_id", "afiliado_id"):
+            if f not in fixed and group[f] != line[f]:
+                group[f] = None
+    return [_with_rates(groups[k]) for k in groups]
+
+
+def _ratio(numerator, denominator) -> str | None:
+    return str((Decimal(numerator) / denominator).quantize(_RATE, rounding=ROUND_HALF_UP)) if denominator else None
+
+
+def _with_rates(line: dict) -> dict:
+    """Conversion rates and EPC. tasa_conversion is validated per click when there were clicks,
+    else validated per detected conversion (postbacks without tracked clicks); tasa_conversion_base
+    says which. EPC: commission earned (pending + approved + paid, not reversed) per click."""
+    ganada = line["monto_pendiente"] + line["monto_aprobado"] + line["monto_pagado"]
+    line["tasa_validacion"] = _ratio(line["validadas"], line["detectadas"])
+    line["tasa_conversion_clicks"] = _ratio(line["validadas"], line["clicks"])
+    base = "clicks" if line["clicks"] else "detectadas"
+    line["tasa_conversion"] = line["tasa_conversion_clicks"] if line["clicks"] else line["tasa_validacion"]
+    line["tasa_conversion_base"] = base
+    line["comision_ganada"] = ganada
+    line["epc"] = _ratio(ganada, line["clicks"])
+    for f in _IMPORTES + ("comision_ganada",):
+        line[f] = str(line[f])
+    return line
+
+
+class ReglaComision(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    tipo: Literal["cpa", "cps"]
+    monto: Amount | None = None  # cpa: the flat amount per conversion
+    porcentaje: Percentage | None = None  # cps: of the sale value
+    conversion_type: Literal["sale", "purchase", "lead"] | None = None
+    afiliado_id: str | None = Field(None, min_length=1, max_length=36)
+    min_aprobadas: int | None = Field(None, ge=1, le=1_000_000)
+
+
+class TopeAfiliado(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    monto: Amount
+    periodo: Literal["dia", "semana", "mes", "total"]
+
+
+class ReemplazarReglas(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reglas: list[ReglaComision] = Field(max_length=100)
+    tope_por_afiliado: TopeAfiliado | None = None
+
+
+def _reglas_del_cuerpo(body: ReemplazarReglas) -> tuple[tuple[domain.Regla, ...], domain.Tope | None]:
+    """The kind decides which amount a rule needs: name the missing or extra one."""
+    reglas = []
+    for n, regla in enumerate(body.reglas):
+        needed, extra = ("monto", "porcentaje") if regla.tipo == domain.CPA else ("porcentaje", "monto")
+        if getattr(regla, needed) is None:
+            raise Problem(422, f"reglas.{n}.{needed}", f"a {regla.tipo} rule needs {needed}")
+        if getattr(regla, extra) is not None:
+            raise Problem(422, f"reglas.{n}.{extra}", f"a {regla.tipo} rule takes no {extra}")
+        reglas.append(domain.Regla(regla.tipo, regla.monto, regla.porcentaje, regla.conversion_type,
+                                   regla.afiliado_id, regla.min_aprobadas))
+    tope = body.tope_por_afiliado
+    return tuple(reglas), domain.Tope(tope.monto, tope.periodo) if tope else None
+
+
+def _explicacion(row) -> dict:
+    lineage = json.loads(row["explicacion"]) if row["explicacion"] else {
+        "inputs": {"base": str(row["base"]), "porcentaje": str(row["porcentaje"])}, "chequeos": [], "topes": None,
+        "monto_sin_tope": None}  # booked before commission rules: base × the campaign percentage
+    return {"comision_id": row["id"], "conversion_id": row["conversion_id"],
+            "click_id": None,  # marketing does not learn the click of a conversion (yet)
+            "campana_id": row["campana_id"], "afiliado_id": row["afiliado_id"],
+            "version_reglas": row["version_reglas"], "regla_id": row["regla_id"], "tipo": row["tipo_regla"],
+            **lineage, "limitado_por": row["limitado_por"], "monto": str(row["monto"]), "moneda": row["moneda"]}
+
+
 def include_routes(runtime: ServiceRuntime, umbral: Decimal = Decimal("50.00")):
     router = APIRouter()
     c = tables.campanas
@@ -212,33 +339,29 @@ def include_routes(runtime: ServiceRuntime, umbral: Decimal = Decimal("50.00")):
     @router.get("/reportes", tags=["reportes"])
     def reportes(desde: date | None = None, hasta: date | None = None, campana_id: str | None = None,
                  afiliado_id: str | None = None) -> dict:
-        """Per day, campaign and affiliate: conversions (analytics-consumer) and commissions (reporting-consumer)."""
-        if desde and hasta and desde > hasta:
-            raise Problem(422, "desde", "desde is after hasta")
-        rows: dict[tuple, dict] = {}
+        """Per day, campaign and affiliate: clicks and conversions (analytics-consumer) and
+        commissions by state (reporting-consumer), with conversion rates and EPC."""
         with runtime.db.read() as session:
-            for table, fields in ((tables.analitica_conversiones, ("detectadas", "validadas", "rechazadas", "ingresos")),
-                                  (tables.reporte_comisiones, ("comisiones", "monto"))):
-                query = where_equal(select(table), table, campana_id=campana_id, afiliado_id=afiliado_id)
-                if desde:
-                    query = query.where(table.c.dia >= desde)
-                if hasta:
-                    query = query.where(table.c.dia <= hasta)
-                for r in session.execute(query).mappings():
-                    key = (r["dia"], r["campana_id"], r["afiliado_id"])
-                    line = rows.setdefault(key, {
-                        "dia": r["dia"].isoformat(), "campana_id": r["campana_id"], "afiliado_id": r["afiliado_id"],
-                        "detectadas": 0, "validadas": 0, "rechazadas": 0, "ingresos": Decimal("0.00"),
-                        "comisiones": 0, "monto": Decimal("0.00")})
-                    for f in fields:
-                        line[f] += r[f]
-        lines = [rows[key] for key in sorted(rows)]
-        for line in lines:
-            line["tasa_validacion"] = str((Decimal(line["validadas"]) / line["detectadas"]).quantize(Decimal("0.0001"))) \
-                if line["detectadas"] else None
-            line["ingresos"] = str(line["ingresos"])
-            line["monto"] = str(line["monto"])
-        return {"reportes": lines}
+            lines = _report_lines(session, desde, hasta, campana_id=campana_id, afiliado_id=afiliado_id)
+        return {"reportes": _summed(lines, lambda line: (line["dia"], line["campana_id"], line["afiliado_id"]))}
+
+    @router.get("/reportes/campanas/{campana_id}", tags=["reportes"])
+    def reporte_campana(campana_id: str, desde: date | None = None, hasta: date | None = None,
+                        agrupar: str = Query("dia", pattern="^(dia|total)$")) -> dict:
+        """One campaign, all its affiliates: per day (`agrupar=dia`) or one line for the period."""
+        with runtime.db.read() as session:
+            lines = _report_lines(session, desde, hasta, campana_id=campana_id)
+        return {"campana_id": campana_id, "desde": desde, "hasta": hasta, "agrupar": agrupar,
+                "reportes": _summed(lines, _por(agrupar), campana_id=campana_id)}
+
+    @router.get("/reportes/afiliados/{afiliado_id}", tags=["reportes"])
+    def reporte_afiliado(afiliado_id: str, desde: date | None = None, hasta: date | None = None,
+                         agrupar: str = Query("dia", pattern="^(dia|total)$")) -> dict:
+        """One affiliate, all its campaigns: per day (`agrupar=dia`) or one line for the period."""
+        with runtime.db.read() as session:
+            lines = _report_lines(session, desde, hasta, afiliado_id=afiliado_id)
+        return {"afiliado_id": afiliado_id, "desde": desde, "hasta": hasta, "agrupar": agrupar,
+                "reportes": _summed(lines, _por(agrupar), afiliado_id=afiliado_id)}
 
     @router.get("/pagos/saldos", tags=["pagos"])
     def saldos() -> dict:
