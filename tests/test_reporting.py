@@ -102,7 +102,7 @@ def fed(marketing):
 
 
 def _without_keys(line: dict) -> dict:
-    return {k: v for k, v in line.items() if k not in ("dia", "campana_id", "afiliado_id")}
+    return {k: v for k, v in line.items() if k not in ("dia", "campana_id", "afiliado_id", "moneda")}
 
 
 DAY1_FIGURES = {
@@ -180,6 +180,20 @@ def test_affiliate_report_sums_its_campaigns(fed):
         ("a1", 4, "17.50", "0.5000")
 
 
+def test_amounts_of_different_currencies_are_never_added_together(marketing):
+    client, runtime, _ = marketing
+    eur = client.post("/campanas", json={"nombre": "E", "porcentaje_comision": "10", "moneda": "EUR"}).json()["id"]
+    cop = client.post("/campanas", json={"nombre": "C", "porcentaje_comision": "10", "moneda": "COP"}).json()["id"]
+    for campana, valor in ((eur, "40.00"), (cop, "90000.00")):
+        _feed(runtime, _click(0, campana=campana), _conversion("ConversionValidated", f"v-{campana}", DAY1, valor,
+                                                               campaign_id=campana))
+    lines = client.get("/reportes/afiliados/a1", params={"agrupar": "total"}).json()["reportes"]
+    assert sorted((r["moneda"], r["campana_id"], r["clicks"], r["ingresos"]) for r in lines) == [
+        ("COP", cop, 1, "90000.00"), ("EUR", eur, 1, "40.00")]
+    [line] = client.get("/reportes", params={"campana_id": cop}).json()["reportes"]
+    assert line["moneda"] == "COP"
+
+
 @pytest.mark.parametrize("path", ["/reportes", "/reportes/campanas/k1", "/reportes/afiliados/a1"])
 def test_desde_after_hasta_is_422_naming_desde(fed, path):
     response = fed.get(path, params={"desde": "2026-11-05", "hasta": "2026-11-01"})
@@ -212,6 +226,7 @@ def test_a_click_and_its_attributed_conversion_show_in_the_report_with_epc(tmp_p
                                              agrupar="total")["reportes"]
                      if r["clicks"] == 1 and r["validadas"] == 1 and r["comisiones"] == 1],
             what="the click, the conversion and its commission reported", diagnose=platform.diagnostics)
+        assert line["moneda"] == "EUR"
         assert (line["afiliado_id"], line["monto_pendiente"], line["comision_ganada"], line["epc"],
                 line["tasa_conversion"]) == (afiliado, "8.00", "8.00", "8.0000", "1.0000")
         [by_affiliate] = platform.get("marketing", f"/reportes/afiliados/{afiliado}", agrupar="total")["reportes"]

@@ -140,24 +140,35 @@ def _report_lines(session, desde: date | None, hasta: date | None, **filters) ->
                 **{f: 0 for f in _CONTADORES}, **{f: Decimal("0.00") for f in _IMPORTES}})
             for f in fields:
                 line[f] += r[f]
+    # Money is summed per currency only: each line carries its campaign's currency.
+    c = tables.campanas
+    campana_ids = {key[1] for key in lines}
+    monedas = dict(session.execute(select(c.c.id, c.c.moneda).where(c.c.id.in_(sorted(campana_ids)))).all()) \
+        if campana_ids else {}
+    for (_, campana_id, _), line in lines.items():
+        line["moneda"] = monedas.get(campana_id)
     return [lines[key] for key in sorted(lines)]
 
 
 def _por(agrupar: str):
-    return (lambda line: line["dia"]) if agrupar == "dia" else (lambda line: None)
+    """Per day or for the whole period (None), and per currency: amounts of different
+    currencies are never added together."""
+    if agrupar == "dia":
+        return lambda line: (line["dia"], line["moneda"] or "")
+    return lambda line: (None, line["moneda"] or "")
 
 
 def _summed(lines: list[dict], key, **fixed) -> list[dict]:
-    """Sum the lines sharing a key (a day, or the whole period when the key is None), then add
-    the derived figures. Fields the key does not keep (e.g. the campaign of a per-day
-    affiliate report) are dropped, except those given in `fixed`."""
+    """Sum the lines sharing a key (its first element: a day, or None for the whole period), then
+    add the derived figures. A campaign or affiliate that differs within a group (e.g. the
+    campaigns of a per-day affiliate report) becomes None, unless given in `fixed`."""
     groups: dict = {}
     for line in lines:
         k = key(line)
         group = groups.get(k)
         if group is None:
             group = groups[k] = {**line, **fixed}
-            if k is None:
+            if k[0] is None:
                 group["dia"] = None
             continue
         for f in _CONTADORES + _IMPORTES:
