@@ -86,8 +86,8 @@ def test_contract_event_names_and_fields_are_kept():
 def test_money_is_exact_decimal_never_float():
     payload = _sample(REGISTRY.schema("ComisionCalculada", 1))
     payload["monto"] = Decimal("0.10") + Decimal("0.20")
-    data, _ = REGISTRY.encode("ComisionCalculada", payload)
-    assert REGISTRY.decode("ComisionCalculada", data, 1)["monto"] == Decimal("0.30")
+    data, version = REGISTRY.encode("ComisionCalculada", payload)
+    assert REGISTRY.decode("ComisionCalculada", data, version)["monto"] == Decimal("0.30")
     payload["monto"] = Decimal("1.005")  # more places than the schema's scale: refused, not rounded
     with pytest.raises(Exception):
         REGISTRY.encode("ComisionCalculada", payload)

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+import json
 from datetime import date, datetime
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, FastAPI, Query, Response
 from pydantic import (AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo,
@@ -329,6 +330,45 @@ def include_routes(runtime: ServiceRuntime, umbral: Decimal = Decimal("50.00")):
         with runtime.db.read() as session:
             rows = session.execute(query).mappings().all()
         return {"inscripciones": [_inscripcion(r) for r in rows]}
+
+    @router.put("/campanas/{campana_id}/reglas", tags=["reglas"])
+    def reemplazar_reglas(campana_id: str, body: ReemplazarReglas) -> dict:
+        """Replace the campaign's commission rules (ordered, first match wins) with a new version
+        in force from now; no rule matching a conversion leaves it at porcentaje_comision."""
+        reglas, tope = _reglas_del_cuerpo(body)
+        with runtime.unit_of_work() as (session, emit):
+            version, events = handlers.replace_reglas(session, campana_id, reglas, tope)
+            emit(events)
+        return ver_reglas(campana_id, version)
+
+    @router.get("/campanas/{campana_id}/reglas", tags=["reglas"])
+    def ver_reglas(campana_id: str, version: int | None = Query(None, ge=0)) -> dict:
+        """A version of the rules (default: the newest). Version 0 is the campaign's flat percentage."""
+        campana = obtener(campana_id)
+        with runtime.db.read() as session:
+            versiones = {v.version: v for v in handlers.load_versiones(session, campana_id)}
+        version = max(versiones, default=0) if version is None else version
+        if version == 0:
+            return {"campana_id": campana_id, "version": 0, "vigente_desde": campana.creada_en,
+                    "versiones": sorted(versiones), "reglas": [], "tope_por_afiliado": None,
+                    "porcentaje_comision": str(campana.porcentaje_comision)}
+        if version not in versiones:
+            raise Problem(404, "version", "no rule set with this version")
+        conjunto = versiones[version]
+        tope = conjunto.tope_por_afiliado
+        return {"campana_id": campana_id, "version": version, "vigente_desde": conjunto.vigente_desde.isoformat(),
+                "versiones": sorted(versiones), "reglas": handlers.reglas_json(conjunto.reglas),
+                "tope_por_afiliado": {"monto": str(tope.monto), "periodo": tope.periodo} if tope else None,
+                "porcentaje_comision": str(campana.porcentaje_comision)}
+
+    @router.get("/comisiones/{comision_id}/explain", tags=["comisiones"])
+    def explicar(comision_id: str) -> dict:
+        """How the commission was computed: rule and version, inputs, checks, caps, amount."""
+        with runtime.db.read() as session:
+            row = session.execute(select(k).where(k.c.id == comision_id)).mappings().first()
+        if row is None:
+            raise Problem(404, "comision_id", "no commission with this id")
+        return _explicacion(row)
 
     @router.get("/comisiones", tags=["comisiones"])
     def comisiones(afiliado_id: str | None = None, campana_id: str | None = None, conversion_id: str | None = None,

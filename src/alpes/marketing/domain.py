@@ -180,3 +180,164 @@ def proponer_pago(afiliado_id: str, moneda: str, comisiones: list[LineaPago], aj
 # A payout's states: created with its lines, then paid (once).
 PAGO_PENDIENTE = "pendiente"
 PAGO_PAGADO = "pagado"
+
+
+# -- commission rules: ordered, first match wins, effective-dated versions ------------------------
+CPA = "cpa"  # a flat amount per conversion
+CPS = "cps"  # a percentage of the sale value
+TIPOS_REGLA = (CPA, CPS)
+TIPOS_CONVERSION = ("sale", "purchase", "lead")  # what conversiones accepts on a postback
+PERIODOS_TOPE = ("dia", "semana", "mes", "total")
+TOPE_AFILIADO = "tope_afiliado"
+PRESUPUESTO = "presupuesto"
+
+
+@dataclass(frozen=True)
+class Regla:
+    tipo: str
+    monto: Decimal | None = None  # cpa
+    porcentaje: Decimal | None = None  # cps
+    conversion_type: str | None = None  # None: any type
+    afiliado_id: str | None = None  # None: any affiliate (an override names one)
+    min_aprobadas: int | None = None  # tier: commissions already calculated this calendar month
+
+    def __post_init__(self) -> None:
+        if self.tipo not in TIPOS_REGLA:
+            raise ValueError(f"unknown rule kind {self.tipo!r}")
+        if (self.tipo == CPA) != (self.monto is not None) or (self.tipo == CPS) != (self.porcentaje is not None):
+            raise ValueError("a cpa rule has a monto, a cps rule a porcentaje")
+
+
+@dataclass(frozen=True)
+class Tope:
+    monto: Decimal
+    periodo: str
+
+    def __post_init__(self) -> None:
+        if self.periodo not in PERIODOS_TOPE:
+            raise ValueError(f"unknown cap period {self.periodo!r}")
+
+
+@dataclass(frozen=True)
+class ConjuntoReglas:
+    """One version of a campaign's rules, in force from `vigente_desde` until the next version."""
+
+    version: int
+    vigente_desde: datetime
+    reglas: tuple[Regla, ...]
+    tope_por_afiliado: Tope | None = None
+
+
+def regla_id(posicion: int) -> str:
+    """A rule is named by its 1-based position in its version: (version, "r2") identifies it."""
+    return f"r{posicion}"
+
+
+def version_vigente(versiones: list[ConjuntoReglas], momento: datetime) -> ConjuntoReglas | None:
+    """The version in force at `momento`: the newest that started at or before it. None: the
+    campaign's flat percentage ("version 0") applies. Not retroactive: a later version never
+    recomputes a conversion that happened before it."""
+    vigentes = [v for v in versiones if v.vigente_desde <= momento]
+    return max(vigentes, key=lambda v: v.version) if vigentes else None
+
+
+@dataclass(frozen=True)
+class ConversionACalcular:
+    base: Decimal
+    conversion_type: str
+    afiliado_id: str
+    calculadas_en_el_mes: int  # the affiliate's commissions in this campaign this calendar month
+
+
+def elegir_regla(reglas: tuple[Regla, ...], conversion: ConversionACalcular) -> tuple[int | None, list[str]]:
+    """The first rule that matches (1-based position) and, for the explanation, why each rule
+    before it was skipped."""
+    chequeos = []
+    for posicion, regla in enumerate(reglas, start=1):
+        nombre = f"rule {regla_id(posicion)}"
+        if regla.afiliado_id is not None and regla.afiliado_id != conversion.afiliado_id:
+            chequeos.append(f"{nombre} skipped: afiliado_id {conversion.afiliado_id} != {regla.afiliado_id}")
+        elif regla.conversion_type is not None and regla.conversion_type != conversion.conversion_type:
+            chequeos.append(f"{nombre} skipped: conversion_type {conversion.conversion_type} != {regla.conversion_type}")
+        elif regla.min_aprobadas is not None and conversion.calculadas_en_el_mes < regla.min_aprobadas:
+            chequeos.append(f"{nombre} skipped: {conversion.calculadas_en_el_mes} commissions this month "
+                            f"< min_aprobadas {regla.min_aprobadas}")
+        else:
+            chequeos.append(f"{nombre} matched ({regla.tipo})")
+            return posicion, chequeos
+    return None, chequeos
+
+
+def monto_de_regla(regla: Regla, base: Decimal) -> Decimal:
+    if regla.tipo == CPA:
+        return regla.monto.quantize(CENT, rounding=ROUND_HALF_UP)
+    return calcular_comision(base, regla.porcentaje)
+
+
+def aplicar_topes(monto: Decimal, restante_afiliado: Decimal | None,
+                  restante_presupuesto: Decimal | None) -> tuple[Decimal, str | None]:
+    """Cut the amount to what the affiliate's cap and the campaign budget still allow (None:
+    unlimited). A cut commission is booked with the reason, never dropped; when both cut, the
+    tighter one is named."""
+    limitado_por = None
+    for restante, razon in ((restante_afiliado, TOPE_AFILIADO), (restante_presupuesto, PRESUPUESTO)):
+        disponible = None if restante is None else max(restante, Decimal(0)).quantize(CENT)
+        if disponible is not None and monto > disponible:
+            monto, limitado_por = disponible, razon
+    return monto, limitado_por
+
+
+@dataclass(frozen=True)
+class Calculo:
+    """A commission with its lineage: which rule of which version, from which inputs, capped how."""
+
+    monto: Decimal
+    monto_sin_tope: Decimal
+    version: int  # 0: no rule set in force, the campaign's flat percentage
+    regla_id: str | None
+    tipo: str
+    porcentaje: Decimal  # of the sale value (0 for a flat cpa amount)
+    monto_fijo: Decimal | None
+    limitado_por: str | None
+    chequeos: tuple[str, ...]
+
+
+def calcular(conjunto: ConjuntoReglas | None, porcentaje_campana: Decimal, conversion: ConversionACalcular,
+             restante_afiliado: Decimal | None, restante_presupuesto: Decimal | None) -> Calculo:
+    """The commission of one conversion under the rules in force: the first matching rule, else
+    the campaign's percentage; then the affiliate cap and the campaign budget."""
+    posicion, chequeos = elegir_regla(conjunto.reglas, conversion) if conjunto else (None, [])
+    if posicion is None:
+        chequeos.append(f"no rule matched: campaign porcentaje_comision {porcentaje_campana}")
+        regla = Regla(CPS, porcentaje=porcentaje_campana)
+    else:
+        regla = conjunto.reglas[posicion - 1]
+    bruto = monto_de_regla(regla, conversion.base)
+    monto, limitado_por = aplicar_topes(bruto, restante_afiliado, restante_presupuesto)
+    chequeos.append(f"caps: affiliate remaining {restante_afiliado if restante_afiliado is not None else 'unlimited'}, "
+                    f"budget remaining {restante_presupuesto if restante_presupuesto is not None else 'unlimited'}"
+                    + (f": cut {bruto} to {monto} ({limitado_por})" if limitado_por else ": within"))
+    return Calculo(monto=monto, monto_sin_tope=bruto, version=conjunto.version if conjunto else 0,
+                   regla_id=regla_id(posicion) if posicion else None, tipo=regla.tipo,
+                   porcentaje=regla.porcentaje if regla.tipo == CPS else Decimal(0),
+                   monto_fijo=regla.monto, limitado_por=limitado_por, chequeos=tuple(chequeos))
+
+
+def ventana_del_periodo(periodo: str, momento: datetime) -> tuple[datetime | None, datetime | None]:
+    """[desde, hasta) of the cap period holding `momento` (UTC calendar day, ISO week from
+    Monday, calendar month); "total" has no bounds."""
+    dia = momento.replace(hour=0, minute=0, second=0, microsecond=0)
+    if periodo == "dia":
+        return dia, dia + timedelta(days=1)
+    if periodo == "semana":
+        lunes = dia - timedelta(days=dia.weekday())
+        return lunes, lunes + timedelta(days=7)
+    if periodo == "mes":
+        return inicio_del_mes(momento), inicio_del_mes(inicio_del_mes(momento) + timedelta(days=32))
+    if periodo == "total":
+        return None, None
+    raise ValueError(f"unknown cap period {periodo!r}")
+
+
+def inicio_del_mes(momento: datetime) -> datetime:
+    return momento.replace(day=1, hour=0, minute=0, second=0, microsecond=0)

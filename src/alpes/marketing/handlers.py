@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from decimal import Decimal
 
@@ -176,21 +177,121 @@ def calculate_comision(session: Session, event: IncomingEvent) -> list[OutgoingE
         return []  # the unique key on conversion_id guards races; this skips the common duplicate
     if session.scalar(select(exists().where(tables.conversiones_reembolsadas.c.conversion_id == p["conversion_id"]))):
         return []  # refunded before its commission was booked: never booked
-    campana = session.execute(select(tables.campanas).where(tables.campanas.c.id == p["campaign_id"])).mappings().first()
+    # The campaign row is locked while its budget and caps are read and the commission booked:
+    # two conversions of one campaign never both spend the same remaining budget (on SQLite the
+    # write lock taken at BEGIN serializes them anyway).
+    campana = session.execute(select(tables.campanas).where(tables.campanas.c.id == p["campaign_id"])
+                              .with_for_update()).mappings().first()
     if campana is None:
         raise LookupError(f"conversion {p['conversion_id']} names unknown campaign {p['campaign_id']}")
-    monto = domain.calcular_comision(p["conversion_value"], campana["porcentaje_comision"])
+    # ConversionValidated carries only its validation time (not the detection time): the rule
+    # version, the tier month and the cap periods are those of that moment.
+    momento = p["timestamp"]
+    calculo, explicacion = _calcular_con_reglas(session, campana, p, momento)
     comision_id = new_id()
     now = utcnow()
     session.execute(c.insert().values(
         id=comision_id, conversion_id=p["conversion_id"], afiliado_id=p["affiliate_id"], campana_id=p["campaign_id"],
-        base=p["conversion_value"], porcentaje=campana["porcentaje_comision"], monto=monto, moneda=campana["moneda"],
+        base=p["conversion_value"], porcentaje=calculo.porcentaje, monto=calculo.monto, moneda=campana["moneda"],
         estado=domain.PENDIENTE, correlation_id=event.correlation_id, calculada_en=now,
-        aprobable_desde=domain.aprobable_desde(now, campana["periodo_bloqueo_dias"])))
+        aprobable_desde=domain.aprobable_desde(now, campana["periodo_bloqueo_dias"]),
+        momento_conversion=momento, version_reglas=calculo.version, regla_id=calculo.regla_id, tipo_regla=calculo.tipo,
+        limitado_por=calculo.limitado_por, explicacion=json.dumps(explicacion)))
     return [OutgoingEvent(COMISIONES, "ComisionCalculada", comision_id, {
         "id": comision_id, "conversion_id": p["conversion_id"], "afiliado_id": p["affiliate_id"],
-        "campana_id": p["campaign_id"], "base": p["conversion_value"], "porcentaje": campana["porcentaje_comision"],
-        "monto": monto, "moneda": campana["moneda"], "timestamp": now})]
+        "campana_id": p["campaign_id"], "base": p["conversion_value"], "porcentaje": calculo.porcentaje,
+        "monto": calculo.monto, "moneda": campana["moneda"], "timestamp": now, "regla_id": calculo.regla_id,
+        "version_reglas": calculo.version, "limitado_por": calculo.limitado_por})]
+
+
+def _calcular_con_reglas(session: Session, campana, p: dict, momento: datetime) -> tuple[domain.Calculo, dict]:
+    """Gather what the rules need (version in force, tier count, what the caps have left) and
+    apply them. Spent = every commission booked in the campaign, reversed ones included: a
+    reversal does not give budget back (the money may already have been paid)."""
+    k = tables.comisiones
+    conjunto = domain.version_vigente(load_versiones(session, campana["id"]), momento)
+    desde_mes, hasta_mes = domain.ventana_del_periodo("mes", momento)
+    del_afiliado = (k.c.campana_id == campana["id"], k.c.afiliado_id == p["affiliate_id"])
+    calculadas_en_el_mes = session.scalar(select(func.count()).select_from(k).where(
+        *del_afiliado, k.c.momento_conversion >= desde_mes, k.c.momento_conversion < hasta_mes))
+    restante_afiliado = None
+    tope = conjunto.tope_por_afiliado if conjunto else None
+    if tope is not None:
+        desde, hasta = domain.ventana_del_periodo(tope.periodo, momento)
+        query = select(func.coalesce(func.sum(k.c.monto), 0)).where(*del_afiliado)
+        if desde is not None:
+            query = query.where(k.c.momento_conversion >= desde, k.c.momento_conversion < hasta)
+        restante_afiliado = tope.monto - session.scalar(query)
+    restante_presupuesto = None
+    if campana["presupuesto"] is not None:
+        gastado = session.scalar(select(func.coalesce(func.sum(k.c.monto), 0)).where(k.c.campana_id == campana["id"]))
+        restante_presupuesto = campana["presupuesto"] - gastado
+    conversion = domain.ConversionACalcular(p["conversion_value"], p["conversion_type"], p["affiliate_id"],
+                                            calculadas_en_el_mes)
+    calculo = domain.calcular(conjunto, campana["porcentaje_comision"], conversion, restante_afiliado,
+                              restante_presupuesto)
+    explicacion = {
+        "inputs": {"base": str(conversion.base), "conversion_type": conversion.conversion_type,
+                   "momento_conversion": momento.isoformat(), "calculadas_en_el_mes": calculadas_en_el_mes,
+                   "porcentaje": str(calculo.porcentaje) if calculo.tipo == domain.CPS else None,
+                   "monto_fijo": str(calculo.monto_fijo) if calculo.monto_fijo is not None else None},
+        "chequeos": list(calculo.chequeos),
+        "topes": {"tope_por_afiliado": {"monto": str(tope.monto), "periodo": tope.periodo} if tope else None,
+                  "restante_afiliado": _str_or_none(restante_afiliado),
+                  "presupuesto": _str_or_none(campana["presupuesto"]),
+                  "restante_presupuesto": _str_or_none(restante_presupuesto)},
+        "monto_sin_tope": str(calculo.monto_sin_tope)}
+    return calculo, explicacion
+
+
+def _str_or_none(value) -> str | None:
+    return None if value is None else str(value)
+
+
+# -- commission rules: versioned rule sets per campaign ---------------------------------------------
+def _regla_json(posicion: int, regla: domain.Regla) -> dict:
+    return {"id": domain.regla_id(posicion), "tipo": regla.tipo, "monto": _str_or_none(regla.monto),
+            "porcentaje": _str_or_none(regla.porcentaje), "conversion_type": regla.conversion_type,
+            "afiliado_id": regla.afiliado_id, "min_aprobadas": regla.min_aprobadas}
+
+
+def reglas_json(reglas: tuple[domain.Regla, ...]) -> list[dict]:
+    return [_regla_json(n, regla) for n, regla in enumerate(reglas, start=1)]
+
+
+def _conjunto(row) -> domain.ConjuntoReglas:
+    reglas = tuple(domain.Regla(r["tipo"], Decimal(r["monto"]) if r["monto"] is not None else None,
+                                Decimal(r["porcentaje"]) if r["porcentaje"] is not None else None,
+                                r["conversion_type"], r["afiliado_id"], r["min_aprobadas"])
+                   for r in json.loads(row["reglas"]))
+    tope = domain.Tope(row["tope_monto"], row["tope_periodo"]) if row["tope_monto"] is not None else None
+    return domain.ConjuntoReglas(row["version"], row["vigente_desde"], reglas, tope)
+
+
+def load_versiones(session: Session, campana_id: str) -> list[domain.ConjuntoReglas]:
+    r = tables.reglas_comision
+    return [_conjunto(row) for row in session.execute(
+        select(r).where(r.c.campana_id == campana_id).order_by(r.c.version)).mappings()]
+
+
+def replace_reglas(session: Session, campana_id: str, reglas: tuple[domain.Regla, ...],
+                   tope: domain.Tope | None) -> tuple[int, list[OutgoingEvent]]:
+    """A new version of the campaign's rules, in force from now; earlier versions are kept and
+    still govern the conversions of their time."""
+    c, r = tables.campanas, tables.reglas_comision
+    estado = session.scalar(select(c.c.estado).where(c.c.id == campana_id).with_for_update())
+    if estado is None:
+        raise Problem(404, "campana_id", "no campaign with this id")
+    if estado == domain.FINALIZADA:
+        raise Problem(409, "estado", "a finished campaign's commission rules cannot change")
+    version = (session.scalar(select(func.max(r.c.version)).where(r.c.campana_id == campana_id)) or 0) + 1
+    now = utcnow()
+    texto = json.dumps(reglas_json(reglas))
+    session.execute(r.insert().values(campana_id=campana_id, version=version, vigente_desde=now, reglas=texto,
+                                      tope_monto=tope.monto if tope else None,
+                                      tope_periodo=tope.periodo if tope else None))
+    return version, [OutgoingEvent(MARKETING, "ReglasComisionActualizadas", campana_id, {
+        "campana_id": campana_id, "version": version, "reglas": texto, "timestamp": now})]
 
 
 # -- analytics-consumer on conversiones.eventos ---------------------------------------------

@@ -8,6 +8,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     String,
     Table,
+    Text,
     UniqueConstraint,
 )
 
@@ -84,8 +85,29 @@ comisiones = Table(
     Column("pagada_en", UtcDateTime()),
     Column("revertida_en", UtcDateTime()),
     Column("motivo_reversion", String(20)),
+    # Lineage (null on rows older than commission rules): the rule set version (0: the campaign's
+    # flat percentage), the rule, its kind, the cap that cut it, and the explanation as JSON.
+    Column("momento_conversion", UtcDateTime()),
+    Column("version_reglas", Integer),
+    Column("regla_id", String(40)),
+    Column("tipo_regla", String(10)),
+    Column("limitado_por", String(20)),
+    Column("explicacion", Text),
     Index("ix_comisiones_por_aprobar", "estado", "aprobable_desde"),
     Index("ix_comisiones_por_pagar", "estado", "pago_id", "afiliado_id"),
+    Index("ix_comisiones_topes", "campana_id", "afiliado_id", "momento_conversion"),
+)
+
+# Commission rule sets: one row per version, never edited; the rules as ordered JSON.
+reglas_comision = Table(
+    "reglas_comision", metadata,
+    Column("campana_id", String(36), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("vigente_desde", UtcDateTime(), nullable=False),
+    Column("reglas", Text, nullable=False),
+    Column("tope_monto", ScaledDecimal(2)),
+    Column("tope_periodo", String(10)),
+    PrimaryKeyConstraint("campana_id", "version", name="pk_reglas_comision"),
 )
 
 # analytics-consumer (conversiones.eventos): conversions per day, campaign and affiliate.
