@@ -7,6 +7,7 @@ ALPES_PULSAR_TENANT       default public
 ALPES_PULSAR_NAMESPACE    default default
 ALPES_<SERVICE>_DB_URL    SQLAlchemy URL per service, e.g. mysql+pymysql://u:p@db/afiliados
 ALPES_<SERVICE>_PORT      HTTP port per service (8001-8004 by default)
+ALPES_MAX_CONVERSIONS_PER_IP  conversions per IP and campaign in 60 minutes before holding them; default 5
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class Settings(BaseSettings):
     # How long conversiones waits to learn of an affiliate/campaign it has not heard of yet
     # (events are eventually consistent) before rejecting a conversion that names it.
     reference_grace_seconds: float = Field(10.0, ge=0)
+    # More conversions than this from one IP for one campaign within 60 minutes: held (ip_velocity).
+    max_conversions_per_ip: int = Field(5, ge=1)
     consumer_batch_size: int = Field(200, ge=1, le=5000)
     # Commission lifecycle (marketing): how often pending commissions past their lock period are
     # approved, how often payouts are created, and the least a payout may pay (in its currency).

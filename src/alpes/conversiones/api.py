@@ -8,7 +8,7 @@ from typing import Literal
 from fastapi import APIRouter, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -38,6 +38,16 @@ class Postback(BaseModel):
     conversion_type: Literal["sale", "purchase", "lead"]
     currency: Currency = "EUR"
     order_id: str | None = Field(None, min_length=1, max_length=120)
+    # Fraud signals, both optional: the customer's address (velocity per IP) and email (self-referral).
+    ip: IPvAnyAddress | None = None
+    customer_email: str | None = Field(None, min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+class Rechazo(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    # Short: it travels as `rejected_in_review:<motivo>` in the reason (80 characters in the view).
+    motivo: str = Field(min_length=1, max_length=60)
 
 
 class Reembolso(BaseModel):
@@ -82,7 +92,8 @@ def _figures(row) -> dict:
     return Figures(**stored, pending=pending).model_dump(mode="json")
 
 
-def include_routes(runtime: ServiceRuntime, grace: timedelta, clock: Callable[[], datetime] = utcnow):
+def include_routes(runtime: ServiceRuntime, grace: timedelta, clock: Callable[[], datetime] = utcnow,
+                   max_conversions_per_ip: int = 5):
     """`clock` stamps clicks and conversions; tests inject one to place them in time."""
     router = APIRouter(tags=["conversiones"])
     store = handlers.event_store(runtime.registry)
@@ -118,7 +129,8 @@ def include_routes(runtime: ServiceRuntime, grace: timedelta, clock: Callable[[]
                     session, store, affiliate_id=affiliate_id, campaign_id=campaign_id,
                     user_id=body.user_id, conversion_value=body.conversion_value,
                     conversion_type=body.conversion_type, currency=body.currency, order_id=order_id, grace=grace,
-                    click_id=body.click_id, now=clock())
+                    click_id=body.click_id, now=clock(), ip=None if body.ip is None else str(body.ip),
+                    customer_email=body.customer_email, max_conversions_per_ip=max_conversions_per_ip)
                 emit(events)
         except IntegrityError:
             if order_id is None:
@@ -132,7 +144,7 @@ def include_routes(runtime: ServiceRuntime, grace: timedelta, clock: Callable[[]
         return {"id": conversion_id, "status": status, "duplicate": not created}
 
     @router.get("/conversiones")
-    def listar(status: Literal["detected", "validated", "rejected", "refunded"] | None = None,
+    def listar(status: Literal["detected", "on_hold", "validated", "rejected", "refunded"] | None = None,
                affiliate_id: str | None = None, campaign_id: str | None = None,
                limit: int = Query(1000, ge=1, le=10000), offset: int = Query(0, ge=0)) -> dict:
         """Oldest first."""
@@ -175,6 +187,29 @@ def include_routes(runtime: ServiceRuntime, grace: timedelta, clock: Callable[[]
                 if attempt == 2:  # the stream kept moving under us: let the caller retry
                     raise Problem(409, "conversion_id", "the conversion changed meanwhile; retry") from None
         return obtener(conversion_id)
+
+    def _review(conversion_id: str, approve: bool, motivo: str | None) -> dict:
+        for attempt in range(3):
+            try:
+                with runtime.unit_of_work() as (session, emit):
+                    emit(handlers.review_conversion(session, store, conversion_id, approve, motivo, clock()))
+                break
+            except ConcurrencyConflict:
+                if attempt == 2:
+                    raise Problem(409, "conversion_id", "the conversion changed meanwhile; retry") from None
+        return obtener(conversion_id)
+
+    @router.post("/conversiones/{conversion_id}/aprobar")
+    def aprobar(conversion_id: str) -> dict:
+        """Approve a conversion on hold: ConversionValidated, and marketing computes its commission.
+        409 on `status` unless on hold; 404 unknown."""
+        return _review(conversion_id, True, None)
+
+    @router.post("/conversiones/{conversion_id}/rechazar")
+    def rechazar(conversion_id: str, body: Rechazo) -> dict:
+        """Reject a conversion on hold: ConversionRejected `rejected_in_review:<motivo>`.
+        409 on `status` unless on hold; 404 unknown."""
+        return _review(conversion_id, False, body.motivo)
 
     @router.get("/conversiones/{conversion_id}/eventos")
     def historia(conversion_id: str) -> dict:

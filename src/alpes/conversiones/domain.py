@@ -6,6 +6,7 @@ what conversiones learned from its own subscriptions (reference data), never oth
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -15,6 +16,7 @@ DETECTED = "detected"
 VALIDATED = "validated"
 REJECTED = "rejected"
 REFUNDED = "refunded"
+HELD = "on_hold"  # a suspicious conversion waiting for a person's decision
 
 CONVERSION_TYPES = ("sale", "purchase", "lead")
 
@@ -26,6 +28,16 @@ CAMPAIGN_INACTIVE = "campaign_inactive"
 CURRENCY_MISMATCH = "currency_mismatch"
 AFFILIATE_NOT_ENROLLED = "affiliate_not_enrolled"
 OUTSIDE_ATTRIBUTION_WINDOW = "outside_attribution_window"
+CAMPAIGN_OUTSIDE_DATES = "campaign_outside_dates"
+SELF_REFERRAL = "self_referral"
+REJECTED_IN_REVIEW = "rejected_in_review"  # followed by ":<motivo>"
+
+# Reasons a conversion is put on hold for manual review (ConversionHeld.reason).
+TOO_FAST = "too_fast"  # click-to-conversion faster than a person buys: click injection (Everflow)
+IP_VELOCITY = "ip_velocity"  # too many conversions from one address for one campaign
+
+DEFAULT_MIN_SECONDS_CLICK_TO_CONVERSION = 15
+IP_VELOCITY_WINDOW = timedelta(minutes=60)
 
 
 @dataclass(frozen=True)
@@ -53,13 +65,19 @@ class Rejected:
 
 
 @dataclass(frozen=True)
+class Held:
+    reason: str
+    timestamp: datetime
+
+
+@dataclass(frozen=True)
 class Refunded:
     refund_type: str
     reason: str | None
     timestamp: datetime
 
 
-DomainEvent = Detected | Validated | Rejected | Refunded
+DomainEvent = Detected | Validated | Rejected | Held | Refunded
 
 
 @dataclass
@@ -77,6 +95,8 @@ class Conversion:
             self.status = VALIDATED
         elif isinstance(event, Rejected):
             self.status, self.reason = REJECTED, event.reason
+        elif isinstance(event, Held):
+            self.status, self.reason = HELD, event.reason
         elif isinstance(event, Refunded):
             self.status = REFUNDED
         self.version += 1
@@ -103,6 +123,16 @@ class Reference:
     # The click the conversion was attributed through, and the campaign's window for it.
     clicked_at: datetime | None = None
     attribution_window: timedelta | None = None
+    # Fraud rules. Dates: None is open-ended. The minimum only applies to click-attributed conversions.
+    campaign_starts_at: datetime | None = None
+    campaign_ends_at: datetime | None = None
+    min_seconds_click_to_conversion: int | None = None  # None: the campaign does not enforce one
+    affiliate_email_sha256: str | None = None
+    customer_email_sha256: str | None = None
+    # Conversions for the campaign from this conversion's IP in the hour up to it (itself included);
+    # None: the postback carried no IP.
+    conversions_from_same_ip: int | None = None
+    max_conversions_per_ip: int = 5
 
 
 @dataclass
@@ -138,7 +168,50 @@ def decide_validation(conversion: Conversion, ref: Reference, now: datetime, gra
     if ref.clicked_at is not None and ref.attribution_window is not None and \
             not within_attribution_window(ref.clicked_at, conversion.detected.timestamp, ref.attribution_window):
         return Decision([Rejected(OUTSIDE_ATTRIBUTION_WINDOW, now)])
+    fraud = fraud_verdict(conversion.detected.timestamp, ref)
+    if fraud is not None:
+        return Decision([fraud(now)])
     return Decision([Validated(now)])
+
+
+def fraud_verdict(converted_at: datetime, ref: Reference):
+    """The first fraud rule the conversion breaks, as a partial event to stamp (Rejected for clear
+    violations, Held for suspicious ones), or None. Clear violations are checked first: a conversion
+    that must be rejected is not worth a reviewer's time."""
+    if not within_campaign_dates(converted_at, ref.campaign_starts_at, ref.campaign_ends_at):
+        return lambda now: Rejected(CAMPAIGN_OUTSIDE_DATES, now)
+    if ref.affiliate_email_sha256 is not None and ref.customer_email_sha256 == ref.affiliate_email_sha256:
+        return lambda now: Rejected(SELF_REFERRAL, now)
+    if ref.clicked_at is not None and ref.min_seconds_click_to_conversion is not None and \
+            converted_at - ref.clicked_at < timedelta(seconds=ref.min_seconds_click_to_conversion):
+        return lambda now: Held(TOO_FAST, now)
+    if ref.conversions_from_same_ip is not None and ref.conversions_from_same_ip > ref.max_conversions_per_ip:
+        return lambda now: Held(IP_VELOCITY, now)
+    return None
+
+
+def within_campaign_dates(converted_at: datetime, starts_at: datetime | None, ends_at: datetime | None) -> bool:
+    """Bounds included; a missing bound is open. Measured at the conversion's time, like the window."""
+    return (starts_at is None or starts_at <= converted_at) and (ends_at is None or converted_at <= ends_at)
+
+
+def email_sha256(email: str) -> str:
+    """The hash both sides compare: of the address stripped and lower-cased (never the address itself)."""
+    return hashlib.sha256(email.strip().lower().encode()).hexdigest()
+
+
+# -- manual review ------------------------------------------------------------------------------
+class NotInReview(ValueError):
+    pass
+
+
+def decide_review(conversion: Conversion, approve: bool, motivo: str | None, now: datetime) -> list[DomainEvent]:
+    """A reviewer's decision on a held conversion: Validated, or Rejected with `rejected_in_review:<motivo>`."""
+    if conversion.status != HELD:
+        raise NotInReview(f"only a conversion on hold is reviewed; this one is {conversion.status!r}")
+    if approve:
+        return [Validated(now)]
+    return [Rejected(f"{REJECTED_IN_REVIEW}:{motivo}", now)]
 
 
 def within_attribution_window(clicked_at: datetime, converted_at: datetime, window: timedelta) -> bool:

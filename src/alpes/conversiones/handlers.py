@@ -47,6 +47,10 @@ def to_record(conversion: domain.Conversion, event: domain.DomainEvent) -> NewEv
             "conversion_id": d.conversion_id, "affiliate_id": d.affiliate_id, "campaign_id": d.campaign_id,
             "conversion_value": d.conversion_value, "currency": d.currency, "refund_type": event.refund_type,
             "reason": event.reason, "timestamp": event.timestamp}, event.timestamp)
+    if isinstance(event, domain.Held):
+        return NewEvent("ConversionHeld", {
+            "conversion_id": d.conversion_id, "affiliate_id": d.affiliate_id, "campaign_id": d.campaign_id,
+            "reason": event.reason, "timestamp": event.timestamp}, event.timestamp)
     return NewEvent("ConversionRejected", {
         "conversion_id": d.conversion_id, "affiliate_id": d.affiliate_id, "campaign_id": d.campaign_id,
         "reason": event.reason, "timestamp": event.timestamp}, event.timestamp)
@@ -61,6 +65,8 @@ def from_record(stored: StoredEvent) -> domain.DomainEvent:
         return domain.Validated(p["timestamp"])
     if stored.event_type == "ConversionRejected":
         return domain.Rejected(p["reason"], p["timestamp"])
+    if stored.event_type == "ConversionHeld":
+        return domain.Held(p["reason"], p["timestamp"])
     if stored.event_type == "ConversionRefunded":
         return domain.Refunded(p["refund_type"], p["reason"], p["timestamp"])
     raise ValueError(f"not a conversion event: {stored.event_type}")
@@ -89,6 +95,9 @@ def _project_view(session: Session, stored: StoredEvent) -> None:
     elif stored.event_type == "ConversionRejected":
         session.execute(update(v).where(v.c.id == p["conversion_id"]).values(
             status=domain.REJECTED, reason=p["reason"], updated_at=stored.occurred_at))
+    elif stored.event_type == "ConversionHeld":
+        session.execute(update(v).where(v.c.id == p["conversion_id"]).values(
+            status=domain.HELD, reason=p["reason"], updated_at=stored.occurred_at))
     elif stored.event_type == "ConversionRefunded":
         session.execute(update(v).where(v.c.id == p["conversion_id"]).values(
             status=domain.REFUNDED, reason=p["refund_type"], updated_at=stored.occurred_at))
@@ -172,17 +181,21 @@ def _commit_events(session: Session, store: EventStore, conversion: domain.Conve
 
 
 def reference(session: Session, affiliate_id: str, campaign_id: str,
-              conversion_id: str | None = None) -> domain.Reference:
-    a = session.execute(select(tables.ref_afiliados.c.estado)
-                        .where(tables.ref_afiliados.c.afiliado_id == affiliate_id)).scalar()
-    c = session.execute(select(tables.ref_campanas.c.estado, tables.ref_campanas.c.moneda,
-                               tables.ref_campanas.c.ventana_atribucion_dias)
-                        .where(tables.ref_campanas.c.campana_id == campaign_id)).first()
+              conversion_id: str | None = None, max_conversions_per_ip: int = 5) -> domain.Reference:
+    affiliate = session.execute(select(tables.ref_afiliados.c.estado, tables.ref_afiliados.c.email_sha256)
+                                .where(tables.ref_afiliados.c.afiliado_id == affiliate_id)).first()
+    a = None if affiliate is None else affiliate.estado
+    rc = tables.ref_campanas
+    c = session.execute(select(rc.c.estado, rc.c.moneda, rc.c.ventana_atribucion_dias, rc.c.fecha_inicio,
+                               rc.c.fecha_fin, rc.c.min_segundos_click_conversion)
+                        .where(rc.c.campana_id == campaign_id)).first()
     click = None
     if conversion_id is not None:
         k, ca = tables.clicks, tables.click_attributions
         click = session.execute(select(k.c.clicked_at, k.c.link_code).join(ca, ca.c.click_id == k.c.id)
                                 .where(ca.c.conversion_id == conversion_id)).first()
+    signals = None if conversion_id is None else session.execute(
+        select(tables.conversion_signals).where(tables.conversion_signals.c.conversion_id == conversion_id)).first()
     return domain.Reference(
         affiliate_enabled=None if a is None else a == AFILIADO_HABILITADO,
         campaign_active=None if c is None else c.estado == "activa",
@@ -190,7 +203,24 @@ def reference(session: Session, affiliate_id: str, campaign_id: str,
         affiliate_suspended=a == AFILIADO_SUSPENDIDO,
         affiliate_enrolled=_enrolled(session, affiliate_id, campaign_id, None if click is None else click.link_code),
         clicked_at=None if click is None else click.clicked_at,
-        attribution_window=None if c is None else timedelta(days=c.ventana_atribucion_dias))
+        attribution_window=None if c is None else timedelta(days=c.ventana_atribucion_dias),
+        campaign_starts_at=None if c is None else c.fecha_inicio,
+        campaign_ends_at=None if c is None else c.fecha_fin,
+        min_seconds_click_to_conversion=None if c is None else c.min_segundos_click_conversion,
+        affiliate_email_sha256=None if affiliate is None else affiliate.email_sha256,
+        customer_email_sha256=None if signals is None else signals.customer_email_sha256,
+        conversions_from_same_ip=None if signals is None else _conversions_from_same_ip(session, signals),
+        max_conversions_per_ip=max_conversions_per_ip)
+
+
+def _conversions_from_same_ip(session: Session, signals) -> int | None:
+    """Conversions for the campaign from the signal's IP in the hour up to it, itself included."""
+    if signals.ip is None:
+        return None
+    t = tables.conversion_signals
+    return session.scalar(select(func.count()).select_from(t).where(
+        t.c.campaign_id == signals.campaign_id, t.c.ip == signals.ip,
+        t.c.detected_at > signals.detected_at - domain.IP_VELOCITY_WINDOW, t.c.detected_at <= signals.detected_at))
 
 
 def _enrolled(session: Session, affiliate_id: str, campaign_id: str, link_code: str | None) -> bool | None:
@@ -252,9 +282,12 @@ def attribution_of(session: Session, click_id: str, affiliate_id: str | None,
 # -- commands --------------------------------------------------------------------------------
 def record_conversion(session: Session, store: EventStore, *, affiliate_id: str, campaign_id: str, user_id: str,
                       conversion_value, conversion_type: str, currency: str, order_id: str | None,
-                      grace: timedelta, click_id: str | None = None,
-                      now: datetime | None = None) -> tuple[str, bool, list[OutgoingEvent]]:
-    """A postback. Returns (conversion id, created?, events). A known order id returns its conversion."""
+                      grace: timedelta, click_id: str | None = None, now: datetime | None = None,
+                      ip: str | None = None, customer_email: str | None = None,
+                      max_conversions_per_ip: int = 5) -> tuple[str, bool, list[OutgoingEvent]]:
+    """A postback. Returns (conversion id, created?, events). A known order id returns its conversion.
+    `ip` and `customer_email` are fraud signals: kept beside the stream (the email only as its
+    hash), never in events."""
     if order_id is not None:
         known = session.scalar(select(tables.order_keys.c.conversion_id).where(
             tables.order_keys.c.campaign_id == campaign_id, tables.order_keys.c.order_id == order_id))
@@ -268,20 +301,24 @@ def record_conversion(session: Session, store: EventStore, *, affiliate_id: str,
     if click_id is not None:
         session.execute(tables.click_attributions.insert().values(conversion_id=conversion_id, click_id=click_id))
     now = now or utcnow()
+    if ip is not None or customer_email is not None:
+        session.execute(tables.conversion_signals.insert().values(
+            conversion_id=conversion_id, campaign_id=campaign_id, ip=ip, detected_at=now,
+            customer_email_sha256=None if customer_email is None else domain.email_sha256(customer_email)))
     conversion = domain.Conversion()
     detected = domain.Detected(conversion_id, affiliate_id, campaign_id, user_id, conversion_value, conversion_type,
                                order_id, currency, now)
     correlation_id = conversion_id
     events = _commit_events(session, store, conversion, [detected], correlation_id)
-    decision = domain.decide_validation(conversion, reference(session, affiliate_id, campaign_id, conversion_id),
-                                        now, grace)
+    decision = domain.decide_validation(
+        conversion, reference(session, affiliate_id, campaign_id, conversion_id, max_conversions_per_ip), now, grace)
     if not decision.pending:
         events += _commit_events(session, store, conversion, decision.events, correlation_id)
     return conversion_id, True, events
 
 
 def validate_pending(db: Database, store: EventStore, outbox: Outbox, grace: timedelta, batch: int = 200,
-                     now: datetime | None = None) -> int:
+                     now: datetime | None = None, max_conversions_per_ip: int = 5) -> int:
     """Decide detected conversions whose references have arrived or whose grace ran out."""
     v = tables.conversiones_view
     decided = 0
@@ -293,7 +330,7 @@ def validate_pending(db: Database, store: EventStore, outbox: Outbox, grace: tim
             assert conversion.detected is not None
             decision = domain.decide_validation(
                 conversion, reference(session, conversion.detected.affiliate_id, conversion.detected.campaign_id,
-                                      conversion_id), now or utcnow(), grace)
+                                      conversion_id, max_conversions_per_ip), now or utcnow(), grace)
             if decision.pending:
                 continue
             outbox.add(session, _commit_events(session, store, conversion, decision.events, conversion_id))
@@ -309,7 +346,11 @@ def learn_campana(session: Session, event: IncomingEvent) -> list[OutgoingEvent]
         # v1 events carry no state: they were created active (the v2 reader default).
         session.execute(t.insert().values(campana_id=p["id"], estado=p["estado"], moneda=p["moneda"],
                                           landing_url=p["landing_url"],
-                                          ventana_atribucion_dias=p["ventana_atribucion_dias"], updated_at=utcnow()))
+                                          ventana_atribucion_dias=p["ventana_atribucion_dias"],
+                                          fecha_inicio=p["fecha_inicio"], fecha_fin=p["fecha_fin"],
+                                          # Not announced yet by marketing (a CampanaCreada v3 term): None.
+                                          min_segundos_click_conversion=p.get("min_segundos_click_conversion"),
+                                          updated_at=utcnow()))
     return []
 
 
@@ -349,8 +390,13 @@ AFILIADO_SUSPENDIDO = "suspendido"
 
 
 def learn_afiliado(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
-    """AfiliadoHabilitado: enabled for the first time, or again after a suspension."""
+    """AfiliadoHabilitado: enabled for the first time, or again after a suspension. v2 carries the
+    hash of the affiliate's email (self-referral check); v1 and a null hash keep what was known."""
     _learn_estado_afiliado(session, event.payload["afiliado_id"], AFILIADO_HABILITADO)
+    if event.payload.get("email_sha256") is not None:
+        t = tables.ref_afiliados
+        session.execute(update(t).where(t.c.afiliado_id == event.payload["afiliado_id"]).values(
+            email_sha256=event.payload["email_sha256"]))
     return []
 
 
@@ -383,4 +429,20 @@ def refund_conversion(session: Session, store: EventStore, conversion_id: str, r
         raise Problem(409, "status", str(refusal)) from None
     if not events:
         return []
+    return _commit_events(session, store, conversion, events, conversion_id)
+
+
+def review_conversion(session: Session, store: EventStore, conversion_id: str, approve: bool,
+                      motivo: str | None = None, now: datetime | None = None) -> list[OutgoingEvent]:
+    """A reviewer approves (ConversionValidated: marketing computes the commission) or rejects
+    (ConversionRejected `rejected_in_review:<motivo>`) a held conversion. 404 unknown, 409 on
+    `status` unless on hold."""
+    stored = store.load(session, conversion_id)
+    if not stored:
+        raise Problem(404, "conversion_id", "no conversion with this id")
+    conversion = domain.Conversion.rebuild([from_record(e) for e in stored])
+    try:
+        events = domain.decide_review(conversion, approve, motivo, now or utcnow())
+    except domain.NotInReview as refusal:
+        raise Problem(409, "status", str(refusal)) from None
     return _commit_events(session, store, conversion, events, conversion_id)

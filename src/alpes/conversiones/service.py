@@ -20,8 +20,10 @@ def build(settings: Settings, clock: Callable[[], datetime] = utcnow):
     def configure(runtime: ServiceRuntime) -> None:
         store = handlers.event_store(runtime.registry)
         runtime.jobs.append(PeriodicJob(
-            "validate-conversions", 0.25, lambda: handlers.validate_pending(runtime.db, store, runtime.outbox, grace)))
+            "validate-conversions", 0.25, lambda: handlers.validate_pending(
+                runtime.db, store, runtime.outbox, grace, max_conversions_per_ip=settings.max_conversions_per_ip)))
 
     return compose("conversiones", settings, outbox=tables.outbox, inbox=tables.inbox,
-                   consumers=consumers.consumer_specs(), routes=lambda runtime: api.include_routes(runtime, grace, clock),
+                   consumers=consumers.consumer_specs(), routes=lambda runtime: api.include_routes(
+                       runtime, grace, clock, settings.max_conversions_per_ip),
                    configure=configure)

@@ -63,6 +63,7 @@ ref_afiliados = Table(
     Column("afiliado_id", String(36), primary_key=True),
     Column("estado", String(20), nullable=False),
     Column("updated_at", UtcDateTime(), nullable=False),
+    Column("email_sha256", String(64)),  # hex; compared with the customer's for self-referral
 )
 ref_campanas = Table(
     "ref_campanas", metadata,
@@ -72,6 +73,10 @@ ref_campanas = Table(
     Column("updated_at", UtcDateTime(), nullable=False),
     Column("landing_url", String(2000)),  # where its tracking links redirect; None: links answer 404
     Column("ventana_atribucion_dias", Integer, nullable=False, server_default="30"),
+    Column("fecha_inicio", UtcDateTime()),  # None: open-ended
+    Column("fecha_fin", UtcDateTime()),
+    # None: not enforced (the campaign set no minimum, or was announced before CampanaCreada v3).
+    Column("min_segundos_click_conversion", Integer),
 )
 
 # Enrollments learned from marketing.eventos: which affiliate and campaign a tracking link is for.
@@ -106,6 +111,18 @@ click_attributions = Table(
     "click_attributions", metadata,
     Column("conversion_id", String(36), primary_key=True),
     Column("click_id", String(36), nullable=False, index=True),
+)
+
+# Fraud signals a postback carried (write side, like click_attributions): its IP, and only the
+# sha256 of the customer's email (privacy: the address itself is never stored nor sent).
+conversion_signals = Table(
+    "conversion_signals", metadata,
+    Column("conversion_id", String(36), primary_key=True),
+    Column("campaign_id", String(36), nullable=False),
+    Column("ip", String(45)),
+    Column("customer_email_sha256", String(64)),
+    Column("detected_at", UtcDateTime(), nullable=False),
+    Index("ix_conversion_signals_campaign_ip", "campaign_id", "ip", "detected_at"),
 )
 
 outbox = outbox_table(metadata)
