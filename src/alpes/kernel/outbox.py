@@ -115,6 +115,15 @@ class Outbox:
         return session.scalar(select(func.count()).select_from(self.table).where(self.table.c.status == PENDING)) or 0
 
 
+_SQLITE_RELAY_LOCKS: dict[str, threading.Lock] = {}
+_SQLITE_RELAY_LOCKS_GUARD = threading.Lock()
+
+
+def _sqlite_relay_lock(url: str) -> threading.Lock:
+    with _SQLITE_RELAY_LOCKS_GUARD:
+        return _SQLITE_RELAY_LOCKS.setdefault(url, threading.Lock())
+
+
 class OutboxRelay:
     """Moves pending outbox rows to the broker; run `run_once` in a loop or `start()` a thread."""
 
@@ -134,40 +143,55 @@ class OutboxRelay:
 
     def run_once(self) -> tuple[int, int]:
         """Publish one batch. Returns (published, failed)."""
+        if self.db.is_sqlite:
+            # SQLite has one write lock for the whole file: holding it while the broker answers
+            # (up to the send timeout when it is down) would stall every request of the service.
+            # Read, publish, then record; relays of one process take turns (one relay per file).
+            with _sqlite_relay_lock(self.db.url):
+                with self.db.read() as session:
+                    rows = session.execute(self._pending()).mappings().all()
+                if not rows:
+                    return 0, 0
+                results = self._publish(rows)
+                with self.db.transaction() as session:
+                    sent, failed = self._record(session, rows, results)
+        else:
+            # Row locks only: the claimed rows stay locked while publishing, so a second relay
+            # skips them (SKIP LOCKED) and nothing is published twice.
+            with self.db.transaction() as session:
+                rows = session.execute(self._pending().with_for_update(skip_locked=True)).mappings().all()
+                if not rows:
+                    return 0, 0
+                results = self._publish(rows)
+                sent, failed = self._record(session, rows, results)
+        self.published += sent
+        self.failures += failed
+        return sent, failed
+
+    def _pending(self):
         t = self.table
-        with self.db.transaction() as session:
-            claim = (
-                select(t)
-                .where(t.c.status == PENDING)
-                .order_by(t.c.id)
-                .limit(self.batch_size)
-                .with_for_update(skip_locked=True)
-            )
-            rows = session.execute(claim).mappings().all()
-            if not rows:
-                return 0, 0
-            messages = [PendingMessage(
-                row_id=r["id"], event_id=r["event_id"], topic=r["topic"], event_type=r["event_type"],
-                schema_version=r["schema_version"], partition_key=r["partition_key"], payload=r["payload"],
-                occurred_at=r["occurred_at"], correlation_id=r["correlation_id"], causation_id=r["causation_id"],
-            ) for r in rows]
-            try:
-                results = self.publisher.publish(messages)
-            except Exception as error:  # broker unreachable: nothing was confirmed
-                results = {m.event_id: f"{type(error).__name__}: {error}" for m in messages}
-            sent_ids = [m.row_id for m in messages if results.get(m.event_id, "no receipt") is None]
-            failed = [m for m in messages if results.get(m.event_id, "no receipt") is not None]
-            if sent_ids:
-                session.execute(update(t).where(t.c.id.in_(sent_ids)).values(status=SENT, sent_at=utcnow()))
-            for message in failed:
-                session.execute(
-                    update(t).where(t.c.id == message.row_id).values(
-                        attempts=t.c.attempts + 1,
-                        last_error=(results.get(message.event_id) or "no receipt")[:500],
-                    )
-                )
-        self.published += len(sent_ids)
-        self.failures += len(failed)
+        return select(t).where(t.c.status == PENDING).order_by(t.c.id).limit(self.batch_size)
+
+    def _publish(self, rows) -> dict[str, str | None]:
+        messages = [PendingMessage(
+            row_id=r["id"], event_id=r["event_id"], topic=r["topic"], event_type=r["event_type"],
+            schema_version=r["schema_version"], partition_key=r["partition_key"], payload=r["payload"],
+            occurred_at=r["occurred_at"], correlation_id=r["correlation_id"], causation_id=r["causation_id"],
+        ) for r in rows]
+        try:
+            return self.publisher.publish(messages)
+        except Exception as error:  # broker unreachable: nothing was confirmed
+            return {m.event_id: f"{type(error).__name__}: {error}" for m in messages}
+
+    def _record(self, session: Session, rows, results: dict[str, str | None]) -> tuple[int, int]:
+        t = self.table
+        sent_ids = [r["id"] for r in rows if results.get(r["event_id"], "no receipt") is None]
+        failed = [r for r in rows if results.get(r["event_id"], "no receipt") is not None]
+        if sent_ids:
+            session.execute(update(t).where(t.c.id.in_(sent_ids)).values(status=SENT, sent_at=utcnow()))
+        for row in failed:
+            session.execute(update(t).where(t.c.id == row["id"]).values(
+                attempts=t.c.attempts + 1, last_error=(results.get(row["event_id"]) or "no receipt")[:500]))
         return len(sent_ids), len(failed)
 
     def wake(self) -> None:
