@@ -267,3 +267,28 @@ def test_replay_with_held_and_reviewed_conversions_gives_identical_projections(f
     assert sorted(r["status"] for r in live["conversiones_view"]) == ["on_hold", "rejected", "validated"]
     conversiones_handlers.rebuild_projections(runtime.db, REGISTRY)
     assert _snapshot(runtime.db) == live
+
+
+# -- marketing announces the affiliate's email hash ---------------------------------------------------
+def test_marketing_announces_the_affiliates_email_hash_that_conversiones_compares(tmp_path):
+    from alpes.marketing import handlers as marketing_handlers
+    from test_http import _client
+
+    _, marketing, _ = _client("marketing", tmp_path / "marketing")
+    with marketing.db.transaction() as session:
+        marketing_handlers.note_registered_afiliado(session, _incoming(REGISTRY, "AfiliadoRegistrado", {
+            "id": "a1", "user_id": "u", "email": "E@Example.com", "nombre": "n", "pais": "CO", "timestamp": NOW}, 2))
+        [enabled] = [e for e in marketing_handlers.enable_afiliado(session, _incoming(
+            REGISTRY, "AfiliadoValidado", {"id": "a1", "timestamp": NOW}, 1)) if e.event_type == "AfiliadoHabilitado"]
+    assert enabled.payload["email_sha256"] == domain.email_sha256(" e@example.COM ")
+    assert "example" not in repr(enabled.payload).lower()  # the email itself travels nowhere
+    # conversiones learns it off the wire and rejects a customer with that email as self_referral.
+    data, version = REGISTRY.encode("AfiliadoHabilitado", enabled.payload)
+    client, conversiones, _ = _client("conversiones", tmp_path / "conversiones")
+    with conversiones.db.transaction() as session:
+        conversiones_handlers.learn_afiliado(session, _incoming(REGISTRY, "AfiliadoHabilitado", REGISTRY.decode(
+            "AfiliadoHabilitado", data, version), version))
+        conversiones_handlers.learn_campana(session, _incoming(REGISTRY, "CampanaCreada", {
+            "id": "k1", "nombre": "n", "porcentaje_comision": Decimal("10"), "moneda": "EUR", "timestamp": NOW}, 2))
+    body = client.post("/conversiones", json={**POSTBACK, "customer_email": "e@example.com"}).json()
+    assert (body["status"], client.get(f"/conversiones/{body['id']}").json()["reason"]) == ("rejected", "self_referral")

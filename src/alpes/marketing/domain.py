@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -341,3 +342,9 @@ def ventana_del_periodo(periodo: str, momento: datetime) -> tuple[datetime | Non
 
 def inicio_del_mes(momento: datetime) -> datetime:
     return momento.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def email_sha256(email: str) -> str:
+    """The affiliate's email as conversiones compares it with a customer's for self-referral: the
+    sha256 of the address stripped and lower-cased (the same normalization on both sides)."""
+    return hashlib.sha256(email.strip().lower().encode()).hexdigest()

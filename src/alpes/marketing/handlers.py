@@ -62,8 +62,10 @@ def enable_afiliado(session: Session, event: IncomingEvent) -> list[OutgoingEven
     afiliado_id = event.payload["id"]
     if not _set_estado_afiliado(session, afiliado_id, domain.HABILITADO):
         return []
+    email_sha256 = session.scalar(select(tables.afiliados.c.email_sha256)
+                                  .where(tables.afiliados.c.afiliado_id == afiliado_id))
     return [OutgoingEvent(MARKETING, "AfiliadoHabilitado", afiliado_id,
-                          {"afiliado_id": afiliado_id, "timestamp": utcnow()})] + \
+                          {"afiliado_id": afiliado_id, "timestamp": utcnow(), "email_sha256": email_sha256})] + \
         _change_inscripciones(session, afiliado_id, domain.INSCRIPCION_SUSPENDIDA, domain.INSCRIPCION_ACTIVA,
                               "InscripcionReactivada", {})
 
@@ -126,11 +128,13 @@ def note_registered_afiliado(session: Session, event: IncomingEvent) -> list[Out
     It takes part in nothing until validated or approved."""
     t = tables.afiliados
     afiliado_id, pais = event.payload["id"], event.payload.get("pais")
+    email = event.payload.get("email")
+    email_sha256 = domain.email_sha256(email) if email else None  # only the hash: see AfiliadoHabilitado
     if session.scalar(select(exists().where(t.c.afiliado_id == afiliado_id))):
-        session.execute(update(t).where(t.c.afiliado_id == afiliado_id).values(pais=pais))
+        session.execute(update(t).where(t.c.afiliado_id == afiliado_id).values(pais=pais, email_sha256=email_sha256))
     else:
         session.execute(t.insert().values(afiliado_id=afiliado_id, estado=domain.REGISTRADO, pais=pais,
-                                          actualizado_en=utcnow()))
+                                          email_sha256=email_sha256, actualizado_en=utcnow()))
     return []
 
 

@@ -46,6 +46,9 @@ afiliados = Table(
     Column("estado", String(20), nullable=False),
     Column("actualizado_en", UtcDateTime(), nullable=False),
     Column("pais", String(2)),  # from AfiliadoRegistrado v2; checked against campaign segmentation
+    # sha256 of the email, announced on AfiliadoHabilitado v2 for conversiones' self-referral check;
+    # the email itself is not kept here.
+    Column("email_sha256", String(64)),
 )
 
 # Enrollments: an affiliate in a campaign, with its tracking link code (one per pair).
