@@ -81,9 +81,13 @@ def test_campaign_terms_are_stored_and_carried_by_campana_creada_v2(marketing):
     assert body["segmentacion"] == {"paises": ["CO", "MX"], "canales": ["blog", "email"], "categorias": ["moda"]}
     assert (body["ventana_atribucion_dias"], body["periodo_bloqueo_dias"]) == (60, 14)
     [row] = _outbox(runtime, tables)
-    assert (row["event_type"], row["schema_version"]) == ("CampanaCreada", 2)
-    payload = SchemaRegistry.from_directory().decode("CampanaCreada", row["payload"], 2)
+    registry = SchemaRegistry.from_directory()
+    # Producers write the newest version; the terms are there from v2 on.
+    assert (row["event_type"], row["schema_version"]) == ("CampanaCreada", registry.latest_version("CampanaCreada"))
+    assert row["schema_version"] >= 2
+    payload = registry.decode("CampanaCreada", row["payload"], row["schema_version"])
     assert payload["estado"] == "borrador" and payload["paises"] == ["CO", "MX"]
+    assert payload["min_segundos_click_conversion"] is None and body["min_segundos_click_conversion"] is None
     assert payload["fecha_fin"] == datetime(2027, 3, 1, tzinfo=timezone.utc)
 
 
@@ -116,6 +120,27 @@ def test_lifecycle_changes_commit_with_their_events(marketing):
     assert client.post("/campanas/nope/activar").status_code == 404
     assert [r["event_type"] for r in _outbox(runtime, tables)] == [
         "CampanaCreada", "CampanaActivada", "CampanaPausada", "CampanaFinalizada"]
+
+
+def test_a_click_minimum_travels_to_conversiones(marketing, tmp_path):
+    """The campaign's too_fast threshold is a term of the campaign, learned by conversiones."""
+    from alpes.conversiones import handlers as conversiones_handlers, tables as conversiones_tables
+
+    client, runtime, tables = marketing
+    campana = client.post("/campanas", json={**TERMS, "min_segundos_click_conversion": 20}).json()
+    assert campana["min_segundos_click_conversion"] == 20
+    assert client.post("/campanas", json={**TERMS, "min_segundos_click_conversion": -1}).status_code == 422
+    [row] = _outbox(runtime, tables)
+    registry = SchemaRegistry.from_directory()
+    payload = registry.decode("CampanaCreada", row["payload"], row["schema_version"])
+    event = IncomingEvent("marketing.eventos", "conversiones-consumer", row["event_id"], "CampanaCreada",
+                          row["schema_version"], campana["id"], payload["timestamp"], "c", "c", payload)
+    _, conversiones_runtime, _ = _client("conversiones", tmp_path / "conversiones")
+    with conversiones_runtime.db.transaction() as session:
+        conversiones_handlers.learn_campana(session, event)
+    with conversiones_runtime.db.read() as session:
+        learned = session.scalar(select(conversiones_tables.ref_campanas.c.min_segundos_click_conversion))
+    assert learned == 20
 
 
 def test_original_campaign_body_still_creates_an_active_campaign(marketing):

@@ -45,6 +45,7 @@ class CrearCampana(BaseModel):
     periodo_bloqueo_dias: int = Field(30, ge=0, le=365)
     segmentacion: Segmentacion = Field(default_factory=Segmentacion)
     activar: bool = True
+    min_segundos_click_conversion: int | None = Field(None, ge=0, le=86400)
 
     @field_validator("fecha_fin")
     @classmethod
@@ -69,6 +70,7 @@ class Campana(BaseModel):
     ventana_atribucion_dias: int
     periodo_bloqueo_dias: int
     segmentacion: dict[str, list[str]]
+    min_segundos_click_conversion: int | None
 
 
 def _campana(row) -> Campana:
@@ -77,7 +79,8 @@ def _campana(row) -> Campana:
                    fecha_inicio=row["fecha_inicio"], fecha_fin=row["fecha_fin"], landing_url=row["landing_url"],
                    presupuesto=row["presupuesto"], ventana_atribucion_dias=row["ventana_atribucion_dias"],
                    periodo_bloqueo_dias=row["periodo_bloqueo_dias"],
-                   segmentacion={k: [v for v in row[k].split(",") if v] for k in ("paises", "canales", "categorias")})
+                   segmentacion={k: [v for v in row[k].split(",") if v] for k in ("paises", "canales", "categorias")},
+                   min_segundos_click_conversion=row["min_segundos_click_conversion"])
 
 
 class Inscribir(BaseModel):
@@ -265,6 +268,7 @@ def include_routes(runtime: ServiceRuntime, umbral: Decimal = Decimal("50.00")):
                 vigencia=domain.Vigencia(body.fecha_inicio, body.fecha_fin), landing_url=body.landing_url,
                 presupuesto=body.presupuesto, ventana_atribucion_dias=body.ventana_atribucion_dias,
                 periodo_bloqueo_dias=body.periodo_bloqueo_dias, activa=body.activar,
+                min_segundos_click_conversion=body.min_segundos_click_conversion,
                 segmentacion=domain.Segmentacion(frozenset(body.segmentacion.paises),
                                                  frozenset(body.segmentacion.canales),
                                                  frozenset(body.segmentacion.categorias))))

@@ -110,6 +110,8 @@ class NuevaCampana:
     periodo_bloqueo_dias: int = 30
     segmentacion: Segmentacion = Segmentacion()
     activa: bool = True  # false: created as a draft, activated later
+    # A click-attributed conversion sooner than this after its click is held (too_fast); None: no minimum.
+    min_segundos_click_conversion: int | None = None
 
 
 # -- the commission lifecycle: pendiente → aprobada → pagada, or revertida from any of them ----

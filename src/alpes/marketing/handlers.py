@@ -31,13 +31,14 @@ def create_campana(session: Session, nueva: domain.NuevaCampana) -> tuple[str, l
         landing_url=nueva.landing_url, presupuesto=nueva.presupuesto,
         ventana_atribucion_dias=nueva.ventana_atribucion_dias, periodo_bloqueo_dias=nueva.periodo_bloqueo_dias,
         paises=",".join(sorted(seg.paises)), canales=",".join(sorted(seg.canales)),
-        categorias=",".join(sorted(seg.categorias))))
+        categorias=",".join(sorted(seg.categorias)), min_segundos_click_conversion=nueva.min_segundos_click_conversion))
     return campana_id, [OutgoingEvent(MARKETING, "CampanaCreada", campana_id, {
         "id": campana_id, "nombre": nueva.nombre, "porcentaje_comision": nueva.porcentaje_comision,
         "moneda": nueva.moneda, "timestamp": now, "estado": estado, "fecha_inicio": nueva.vigencia.fecha_inicio,
         "fecha_fin": nueva.vigencia.fecha_fin, "landing_url": nueva.landing_url, "presupuesto": nueva.presupuesto,
         "ventana_atribucion_dias": nueva.ventana_atribucion_dias, "periodo_bloqueo_dias": nueva.periodo_bloqueo_dias,
-        "paises": sorted(seg.paises), "canales": sorted(seg.canales), "categorias": sorted(seg.categorias)})]
+        "paises": sorted(seg.paises), "canales": sorted(seg.canales), "categorias": sorted(seg.categorias),
+        "min_segundos_click_conversion": nueva.min_segundos_click_conversion})]
 
 
 def change_campana_estado(session: Session, campana_id: str, accion: str) -> list[OutgoingEvent]:

@@ -37,6 +37,7 @@ campanas = Table(
     Column("canales", String(1000), nullable=False, server_default=""),
     Column("categorias", String(1000), nullable=False, server_default=""),
     Column("actualizada_en", UtcDateTime()),
+    Column("min_segundos_click_conversion", Integer),
 )
 
 # Affiliates marketing learned of on afiliados.eventos.
