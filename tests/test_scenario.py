@@ -189,3 +189,25 @@ def test_tiered_campaign_with_tracking_suspension_payouts_and_a_refund_after_pay
     finally:
         platform.stop()
 
+
+def test_alpes_demo_loads_a_scenario_into_a_running_platform(tmp_path):
+    from typer.testing import CliRunner
+
+    from alpes.cli import app
+
+    platform = Platform(tmp_path / "alpes", env={"ALPES_APPROVAL_INTERVAL_SECONDS": "1"}).start()
+    try:
+        env = {f"ALPES_{name.upper()}_PORT": str(port) for name, port in platform.ports.items()}
+        result = CliRunner().invoke(app, ["demo", "--conversions", "6", "--timeout", "60"], env=env)
+        assert result.exit_code == 0, result.output
+        assert "6 clicks, 6 conversions" in result.output
+        [campana] = [c for c in platform.get("marketing", "/campanas")["campanas"] if c["nombre"].startswith("Demo ")]
+        assert f"/reportes/campanas/{campana['id']}?agrupar=total" in result.output
+        line = wait_until(lambda: (r := platform.get("marketing", f"/reportes/campanas/{campana['id']}",
+                                                     agrupar="total")["reportes"]) and r[0]["validadas"] == 6 and r[0],
+                          what="the demo in the campaign report", diagnose=platform.diagnostics)
+        assert (line["clicks"], line["detectadas"], line["comisiones"]) == (6, 6, 6)
+        assert Decimal(line["monto"]) > 0
+        assert platform.get("auditoria", "/auditoria/verificacion")["ok"] is True
+    finally:
+        platform.stop()

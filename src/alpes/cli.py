@@ -123,3 +123,33 @@ def bench(conversions: int = typer.Option(2000, help="conversions to push end to
     from .bench import run_bench
 
     typer.echo(run_bench(conversions=conversions, rate=rate, raw_messages=raw_messages, data_dir=data_dir))
+
+
+@app.command()
+def demo(url_base: str = typer.Option("http://127.0.0.1", help="scheme and host of the running services"),
+         conversions: int = typer.Option(200, min=0, help="clicks and postbacks to send"),
+         timeout: float = typer.Option(120.0, help="seconds to wait for each asynchronous step")) -> None:
+    """Load a demo scenario into a running platform (ports from ALPES_<SERVICE>_PORT); print where to look."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .demo import DemoError, run_demo
+
+    settings = Settings()
+    ports = {name: settings.port(name) for name in SERVICES}
+    try:
+        with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn()) as bar:
+            tasks: dict[str, int] = {}
+
+            def progress(step: str, done: int, total: int) -> None:
+                if step not in tasks:
+                    tasks[step] = bar.add_task(step, total=total)
+                bar.update(tasks[step], completed=done, total=total)
+            result = run_demo(url_base, ports, conversions, progress=progress, timeout=timeout)
+    except DemoError as error:
+        typer.echo(f"demo failed: {error}", err=True)
+        raise typer.Exit(1) from error
+    typer.echo(f"campaign {result.campana_id}: {len(result.afiliados)} affiliates, {result.clicks} clicks, "
+               f"{len(result.conversions)} conversions, {result.pagos} payouts")
+    for what, link in result.urls.items():
+        typer.echo(f"  {what:<16} {link}")
