@@ -326,7 +326,7 @@ def validate_pending(db: Database, store: EventStore, outbox: Outbox, grace: tim
         ids = session.scalars(select(v.c.id).where(v.c.status == domain.DETECTED)
                               .order_by(v.c.timestamp).limit(batch).with_for_update(skip_locked=True)).all()
         for conversion_id in ids:
-            conversion = domain.Conversion.rebuild([from_record(e) for e in store.load(session, conversion_id)])
+            conversion = load_conversion(session, store, conversion_id)
             assert conversion.detected is not None
             decision = domain.decide_validation(
                 conversion, reference(session, conversion.detected.affiliate_id, conversion.detected.campaign_id,
@@ -414,15 +414,20 @@ def _learn_estado_afiliado(session: Session, afiliado_id: str, estado: str) -> N
         session.execute(t.insert().values(afiliado_id=afiliado_id, estado=estado, updated_at=utcnow()))
 
 
+def load_conversion(session: Session, store: EventStore, conversion_id: str) -> domain.Conversion:
+    """The aggregate rebuilt from its stream; 404 when there is no such stream."""
+    stored = store.load(session, conversion_id)
+    if not stored:
+        raise Problem(404, "conversion_id", "no conversion with this id")
+    return domain.Conversion.rebuild([from_record(e) for e in stored])
+
+
 def refund_conversion(session: Session, store: EventStore, conversion_id: str, refund_type: str,
                       reason: str | None, now: datetime | None = None) -> list[OutgoingEvent]:
     """Append ConversionRefunded to a validated conversion's stream (marketing reverses its
     commission on it). 404 for an unknown conversion, 409 on `status` when it was not validated;
     a repeated refund returns no event."""
-    stored = store.load(session, conversion_id)
-    if not stored:
-        raise Problem(404, "conversion_id", "no conversion with this id")
-    conversion = domain.Conversion.rebuild([from_record(e) for e in stored])
+    conversion = load_conversion(session, store, conversion_id)
     try:
         events = domain.decide_refund(conversion, refund_type, reason, now or utcnow())
     except domain.NotRefundable as refusal:
@@ -437,10 +442,7 @@ def review_conversion(session: Session, store: EventStore, conversion_id: str, a
     """A reviewer approves (ConversionValidated: marketing computes the commission) or rejects
     (ConversionRejected `rejected_in_review:<motivo>`) a held conversion. 404 unknown, 409 on
     `status` unless on hold."""
-    stored = store.load(session, conversion_id)
-    if not stored:
-        raise Problem(404, "conversion_id", "no conversion with this id")
-    conversion = domain.Conversion.rebuild([from_record(e) for e in stored])
+    conversion = load_conversion(session, store, conversion_id)
     try:
         events = domain.decide_review(conversion, approve, motivo, now or utcnow())
     except domain.NotInReview as refusal:
