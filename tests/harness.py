@@ -15,7 +15,7 @@ from typing import TypeVar
 import httpx
 
 from alpes.contract import SERVICES
-from alpes.kernel.embedded_broker import free_port
+from alpes.kernel.embedded_broker import listen_port
 
 T = TypeVar("T")
 
@@ -44,19 +44,32 @@ def wait_until(check: Callable[[], T], timeout: float = 60.0, interval: float = 
 
 
 class Platform:
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None,
+                 instances: dict[str, int] | None = None) -> None:
         self.data_dir = data_dir
-        self.ports = {name: free_port() for name in SERVICES}
-        self.broker_port = free_port()
+        self.instances = {name: 1 for name in SERVICES} | (instances or {})
+        # Further instances listen on port + 100 * i (settings).
+        self.ports = {name: listen_port(also=[100 * i for i in range(1, self.instances[name])]) for name in SERVICES}
+        self.broker_port = listen_port()
         self.env = dict(os.environ)
         self.env.update({f"ALPES_{name.upper()}_PORT": str(port) for name, port in self.ports.items()})
         self.env.update({"ALPES_BROKER_PORT": str(self.broker_port), "ALPES_REFERENCE_GRACE_SECONDS": "2"})
+        self.env.update({f"ALPES_{name.upper()}_INSTANCES": str(n) for name, n in self.instances.items()})
         self.env.update(env or {})
         self.process: subprocess.Popen | None = None
         self.http = httpx.Client(timeout=30)
 
     def url(self, service: str) -> str:
-        return f"http://127.0.0.1:{self.ports[service]}"
+        """`marketing` (its first instance) or an instance by its name in state.json, `marketing-2`."""
+        if service in self.ports:
+            return f"http://127.0.0.1:{self.ports[service]}"
+        return self.state()["services"][service]["url"]
+
+    def instance_names(self, service: str) -> list[str]:
+        return [service] + [f"{service}-{i + 1}" for i in range(1, self.instances[service])]
+
+    def every_instance(self) -> list[str]:
+        return [name for service in SERVICES for name in self.instance_names(service)]
 
     def get(self, service: str, path: str, **params) -> dict:
         response = self.http.get(self.url(service) + path, params=params)
@@ -74,8 +87,9 @@ class Platform:
         log.close()
         wait_until(lambda: self.process.poll() is None and (self.data_dir / "state.json").exists(), timeout,
                    what=f"alpes up to be ready (see {self.data_dir / 'up.out'})")
-        for name in SERVICES:
-            wait_until(lambda: self.http.get(self.url(name) + "/health").status_code == 200, 60, what=f"{name} healthy")
+        for name in self.every_instance():
+            wait_until(lambda: self.http.get(self.url(name) + "/health").status_code == 200, 60,
+                       what=f"{name} healthy")
         return self
 
     def state(self) -> dict:
@@ -91,9 +105,16 @@ class Platform:
         os.kill(pid, signal.SIGKILL)
         return pid
 
+    def hold(self, service: str, seconds: float) -> None:
+        """Have the supervisor stop `service` cleanly and keep it down for `seconds` (`alpes hold`)."""
+        from alpes.supervisor import hold_service
+
+        hold_service(self.data_dir, service, seconds)
+
     def wait_restarted(self, service: str, old_pid: int, timeout: float = 60.0) -> None:
         wait_until(lambda: self.pid(service) != old_pid, timeout, what=f"{service} restarted")
-        for name in ([service] if service in self.ports else list(self.ports)):
+        # A service instance waits for itself; the broker for every instance (all reconnect).
+        for name in self.every_instance() if service == "broker" else [service]:
             wait_until(lambda: self.http.get(self.url(name) + "/health").status_code == 200, timeout,
                        what=f"{name} healthy again")
 

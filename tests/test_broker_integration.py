@@ -584,3 +584,38 @@ def test_provisioning_sets_partition_counts_and_durable_subscriptions(tmp_path: 
     finally:
         client.close()
         embedded_broker.stop_process(process)
+
+
+class _BrokenProducer:
+    """A producer the client left in a failed state: every send raises."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def send_async(self, *args, **kwargs) -> None:
+        raise pulsar.ProducerBlockedQuotaExceededError("producer is broken")
+
+    def flush(self) -> None:
+        raise AssertionError("nothing was handed to this producer: no flush expected")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_broken_producer_is_replaced_so_the_outbox_does_not_wedge(kit: Kit):
+    topic = unique("t")
+    kit.add([validado(topic, f"afiliado-{uuid.uuid4().hex[:8]}")])
+    broker = kit.broker()
+    relay = kit.relay(broker)
+    broken = _BrokenProducer()
+    broker._producers[topic] = broken  # as if the client had cached a producer that can no longer send
+
+    published, failed = relay.run_once()
+    assert (published, failed) == (0, 1)
+    assert broken.closed and broker._producers.get(topic) is not broken
+    assert [r["status"] for r in kit.outbox_rows()] == [PENDING]
+    assert "producer is broken" in kit.outbox_rows()[0]["last_error"]
+
+    # The next attempt builds a fresh producer and the row goes out.
+    assert relay.run_once() == (1, 0)
+    assert [r["status"] for r in kit.outbox_rows()] == [SENT]

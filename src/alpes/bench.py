@@ -266,7 +266,7 @@ class Platform:
     broker_port: int = 0
 
     def start(self, timeout: float = 180.0) -> float:
-        from .kernel.embedded_broker import free_port
+        from .kernel.embedded_broker import listen_port
 
         env = dict(os.environ)
         # A scratch platform: embedded broker and SQLite files in the scratch directory, even
@@ -274,10 +274,10 @@ class Platform:
         for key in [k for k in env if k.startswith("ALPES_") and (k.endswith("_DB_URL") or k in (
                 "ALPES_BROKER_URL", "ALPES_PULSAR_ADMIN_URL", "ALPES_DATA_DIR", "ALPES_HOST"))]:
             env.pop(key)
-        self.broker_port = free_port()
+        self.broker_port = listen_port()
         env["ALPES_BROKER_PORT"] = str(self.broker_port)
         for name in SERVICES:
-            port = free_port()
+            port = listen_port()
             env[f"ALPES_{name.upper()}_PORT"] = str(port)
             self.urls[name] = f"http://127.0.0.1:{port}"
         env["PYTHONUNBUFFERED"] = "1"

@@ -24,12 +24,27 @@ def _settings(data_dir: Path | None) -> Settings:
     return settings
 
 
+def _instances(value: str | None) -> dict[str, int]:
+    """`marketing=2,conversiones=2` -> {"marketing_instances": 2, ...}."""
+    counts: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in (value or "").split(","))):
+        name, _, count = item.partition("=")
+        if name not in SERVICES or not count.isdigit() or not 1 <= int(count) <= 9:
+            raise typer.BadParameter(f"{item!r}: expected <service>=<1-9>, service one of {', '.join(SERVICES)}")
+        counts[f"{name}_instances"] = int(count)
+    return counts
+
+
 @app.command()
-def up(data_dir: Path = typer.Option(None, help="Data directory (default ./.alpes or ALPES_DATA_DIR)")) -> None:
+def up(data_dir: Path = typer.Option(None, help="Data directory (default ./.alpes or ALPES_DATA_DIR)"),
+       instances: str = typer.Option(None, help="processes per service, e.g. marketing=2,conversiones=2 "
+                                                 "(or ALPES_<SERVICE>_INSTANCES); default 1 each")) -> None:
     """Start the embedded broker and the four services; Ctrl-C stops them all."""
     from .supervisor import Supervisor
 
-    raise typer.Exit(Supervisor(_settings(data_dir)).run())
+    settings = _settings(data_dir)
+    settings = settings.model_copy(update=_instances(instances))
+    raise typer.Exit(Supervisor(settings).run())
 
 
 @app.command()
@@ -112,6 +127,24 @@ def replay_conversiones(data_dir: Path = typer.Option(None)) -> None:
     finally:
         db.dispose()
     typer.echo(f"replayed {summary.events} events of {summary.streams} streams in {summary.seconds:.2f} s")
+
+
+@app.command()
+def hold(name: str = typer.Argument(..., help=f"one of {', '.join(SERVICES)}"),
+         seconds: float = typer.Option(30.0, min=0.0, help="how long it stays down once stopped"),
+         data_dir: Path = typer.Option(None)) -> None:
+    """Stop one service of a running `alpes up` cleanly and keep it down for SECONDS (an outage
+    drill: the others keep working, its messages wait in the broker)."""
+    from .supervisor import hold_service
+
+    if name not in SERVICES:
+        raise typer.BadParameter(f"unknown service {name!r}; one of {', '.join(SERVICES)}")
+    settings = _settings(data_dir)
+    if not (settings.data_dir / "state.json").exists():
+        typer.echo(f"no running `alpes up` on {settings.data_dir.resolve()}", err=True)
+        raise typer.Exit(1)
+    hold_service(settings.data_dir, name, seconds)
+    typer.echo(f"{name} will be stopped and kept down for {seconds:g}s")
 
 
 @app.command()

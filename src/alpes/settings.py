@@ -7,7 +7,14 @@ ALPES_PULSAR_TENANT       default public
 ALPES_PULSAR_NAMESPACE    default default
 ALPES_<SERVICE>_DB_URL    SQLAlchemy URL per service, e.g. mysql+pymysql://u:p@db/afiliados
 ALPES_<SERVICE>_PORT      HTTP port per service (8001-8004 by default)
+ALPES_<SERVICE>_INSTANCES processes of that service run by `alpes up` (default 1)
+ALPES_SUBSCRIPTION_TYPE   key_shared (default) or failover
 ALPES_MAX_CONVERSIONS_PER_IP  conversions per IP and campaign in 60 minutes before holding them; default 5
+ALPES_MAX_BODY_BYTES      largest request body a service reads (larger: 413); default 65536
+ALPES_BROKER_WATCHDOG_SECONDS  how often `alpes up` checks that the embedded broker answers; default 10
+ALPES_BROKER_STALL_SECONDS  how long messages may wait with none handed out before it restarts it; default 60
+ALPES_CONVERSIONES_CLOCK_OFFSET_SECONDS  test/demo knob: conversiones runs this many seconds ahead
+                          (clicks, postbacks, validations); default 0. Never in production.
 """
 
 from __future__ import annotations
@@ -29,6 +36,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     broker_url: str | None = None
     broker_port: int = 6650
+    broker_metrics_port: int = 0  # the embedded broker's Prometheus port on 127.0.0.1; 0: a free one
+    # `alpes up` probes the embedded broker this often; after 3 unanswered probes in a row it restarts it.
+    broker_watchdog_seconds: float = Field(10.0, gt=0)
+    # ... and restarts it when a subscription's messages wait with nothing dispatched for this long.
+    broker_stall_seconds: float = Field(60.0, gt=0)
     pulsar_admin_url: str | None = None
     pulsar_tenant: str = "public"
     pulsar_namespace: str = "default"
@@ -43,20 +55,45 @@ class Settings(BaseSettings):
     marketing_port: int = SERVICES["marketing"]
     auditoria_port: int = SERVICES["auditoria"]
 
+    # Processes per service run by `alpes up` (`--instances marketing=2`); instance i > 0 listens
+    # on the service's port + 100 * i and shares the service's database.
+    afiliados_instances: int = Field(1, ge=1, le=9)
+    conversiones_instances: int = Field(1, ge=1, le=9)
+    marketing_instances: int = Field(1, ge=1, le=9)
+    auditoria_instances: int = Field(1, ge=1, le=9)
+    # Which instance of its service this process is (set by `alpes up`): consumer ids and names.
+    instance_index: int = Field(0, ge=0)
+    # Prometheus endpoint of the embedded broker (set by `alpes up`), read for subscription backlog.
+    pulsar_metrics_url: str | None = None
+    # Set by `alpes up` for its services when the broker it gives them is the embedded one.
+    broker_embedded: bool = False
+
     max_redeliveries: int = Field(5, ge=1)
-    # failover (default; safe on pulsar-lite) or key_shared (a real Pulsar cluster).
-    subscription_type: Literal["failover", "key_shared"] = "failover"
+    # Both keep per-aggregate order. Key_Shared shares keys over instances and, on pulsar-lite, is
+    # the one whose acknowledgements hold (it ignores a Failover consumer's). See README "Scaling".
+    subscription_type: Literal["failover", "key_shared"] = "key_shared"
     # How long conversiones waits to learn of an affiliate/campaign it has not heard of yet
     # (events are eventually consistent) before rejecting a conversion that names it.
     reference_grace_seconds: float = Field(10.0, ge=0)
     # More conversions than this from one IP for one campaign within 60 minutes: held (ip_velocity).
     max_conversions_per_ip: int = Field(5, ge=1)
+    # A test/demo knob: conversiones stamps clicks and conversions and decides validations this many
+    # seconds ahead of the real clock, so time-dependent rules (the attribution window) can be shown
+    # by restarting the platform "later" with the same data. 0 in production.
+    conversiones_clock_offset_seconds: float = Field(0.0, ge=0, le=366 * 24 * 3600)
     consumer_batch_size: int = Field(200, ge=1, le=5000)
+    # Largest HTTP request body read (bytes); a larger one is refused with 413 before it is parsed.
+    max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
     # Commission lifecycle (marketing): how often pending commissions past their lock period are
     # approved, how often payouts are created, and the least a payout may pay (in its currency).
     approval_interval_seconds: float = Field(30.0, gt=0)
     payout_interval_seconds: float = Field(3600.0, gt=0)
     payout_threshold: Decimal = Field(Decimal("50.00"), ge=0, decimal_places=2)
+    # The conversion → commission saga (conversiones): how long it waits for marketing's answer
+    # before asking again, and how many times it asks again before it compensates (rejects the
+    # conversion). Long enough that a service stopped for a while is not taken for a refusal.
+    saga_timeout_seconds: float = Field(120.0, gt=0)
+    saga_max_retries: int = Field(3, ge=0, le=100)
 
     def db_url(self, service: str) -> str:
         url = getattr(self, f"{service}_db_url")
@@ -66,6 +103,12 @@ class Settings(BaseSettings):
 
     def port(self, service: str) -> int:
         return getattr(self, f"{service}_port")
+
+    def instances(self, service: str) -> int:
+        return getattr(self, f"{service}_instances")
+
+    def instance_port(self, service: str, index: int) -> int:
+        return self.port(service) + 100 * index
 
     @property
     def embedded_broker(self) -> bool:

@@ -29,14 +29,39 @@ log = structlog.get_logger(__name__)
 
 
 # Both keep per-key order: the partition key picks the partition, and Failover gives each
-# partition one active consumer; Key_Shared spreads keys over consumers. Failover is the
-# default because pulsar-lite 0.2.0 was measured to strand Key_Shared messages when a consumer
-# is killed (see README); on a real Pulsar cluster Key_Shared scales past the partition count.
+# partition one active consumer; Key_Shared spreads keys over consumers. The services use
+# Key_Shared (settings): pulsar-lite 0.2.0 ignores a Failover consumer's acknowledgements, so
+# everything would be delivered again at each reconnect (tools/measure_acks.py); its Key_Shared
+# strands a departed consumer's messages instead, which `alpes up` clears by restarting it.
 SUBSCRIPTION_TYPES = {"failover": pulsar.ConsumerType.Failover, "key_shared": pulsar.ConsumerType.KeyShared}
 
 
 def _quiet_logger() -> pulsar.ConsoleLogger:
     return pulsar.ConsoleLogger(pulsar.LoggerLevel.Warn)
+
+
+ID_SPACER_TOPIC = "alpes-consumer-id-spacer"
+CONSUMER_IDS_PER_INSTANCE = 500  # a service process uses ~30 (one per partition) plus retries
+
+
+def reserve_consumer_ids(client: pulsar.Client, count: int, tenant: str = "public", namespace: str = "default") -> None:
+    """Make `client`'s next consumer ids start `count` later, by opening and closing readers.
+
+    pulsar-lite 0.2.0 refuses a consumer whose client-side id equals one already registered on
+    the subscription by another connection (the subscribe times out after 10 s), and every
+    client numbers its consumers from 0: two instances of a service would collide on every
+    subscription. Instance i reserves i * CONSUMER_IDS_PER_INSTANCE ids first. Only done for
+    the embedded broker; Apache Pulsar scopes consumer ids per connection.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    if count <= 0:
+        return
+    topic = f"persistent://{tenant}/{namespace}/{ID_SPACER_TOPIC}"
+    with ThreadPoolExecutor(16) as pool:  # ~2 s for 500 ids instead of ~8 s one after another
+        readers = list(pool.map(lambda _: client.create_reader(topic, pulsar.MessageId.latest), range(count)))
+    for reader in readers:
+        reader.close()
 
 
 class PulsarBroker:
@@ -100,33 +125,51 @@ class PulsarBroker:
                         done.set()
             return callback
 
-        used: set[str] = set()
+        used: dict[str, pulsar.Producer] = {}
         for message in messages:
             try:
                 producer = self.producer(message.topic)
-            except Exception as error:
+                producer.send_async(
+                    message.payload,
+                    receipt(message.event_id),
+                    properties=properties_of(
+                        message.event_id, message.event_type, message.schema_version, message.occurred_at,
+                        message.correlation_id, message.causation_id, self.producer_name),
+                    partition_key=message.partition_key,
+                    event_timestamp=int(message.occurred_at.timestamp() * 1000),
+                )
+            except Exception as error:  # not handed to the client: no receipt will come
                 with lock:
                     results[message.event_id] = f"producer: {error}"
                     remaining[0] -= 1
                 continue
-            used.add(message.topic)
-            producer.send_async(
-                message.payload,
-                receipt(message.event_id),
-                properties=properties_of(
-                    message.event_id, message.event_type, message.schema_version, message.occurred_at,
-                    message.correlation_id, message.causation_id, self.producer_name),
-                partition_key=message.partition_key,
-                event_timestamp=int(message.occurred_at.timestamp() * 1000),
-            )
-        for topic in used:
+            used[message.topic] = producer
+        for topic, producer in used.items():
             try:
-                self._producers[topic].flush()
+                producer.flush()
             except Exception as error:  # receipts still tell which messages made it
                 log.warning("flush failed", topic=topic, error=str(error))
         if remaining[0] > 0:
             done.wait(15)
+        with lock:
+            failed = [m for m in messages if results.get(m.event_id, "no receipt") is not None]
+        failed_topics = {m.topic for m in failed}
+        for topic in failed_topics:
+            self._discard_producer(topic)
+        if failed:
+            log.warning("publish failed", topics=sorted(failed_topics), failed=len(failed))
         return results
+
+    def _discard_producer(self, topic: str) -> None:
+        """A producer that failed a send may stay broken (a partition producer that timed out at
+        creation is not recreated by the client): the next attempt builds a fresh one."""
+        with self._lock:
+            producer = self._producers.pop(topic, None)
+        if producer is not None:
+            try:
+                producer.close()
+            except Exception:
+                pass
 
     # -- consuming -------------------------------------------------------------------------
     def subscribe(self, topic: str, subscription: str, *, consumer_name: str, batch_size: int = 200) -> pulsar.Consumer:

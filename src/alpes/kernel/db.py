@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timezone
@@ -91,6 +93,19 @@ class Database:
             finally:
                 session.rollback()
 
+    @contextmanager
+    def exclusive(self, name: str, *, blocking: bool = True) -> Iterator[bool]:
+        """Across processes sharing this SQLite file (instances of one service): only one holds
+        `name` at a time (flock on `<file>.<name>.lock`, released if the process dies). Yields
+        False when not blocking and another process holds it. Other databases yield True: there
+        row locks (SKIP LOCKED) keep instances apart."""
+        path = self.engine.url.database if self.is_sqlite else None
+        if not path or path == ":memory:":
+            yield True
+            return
+        with file_lock(f"{path}.{name}.lock", blocking=blocking) as held:
+            yield held
+
     def ping(self) -> None:
         with self.read() as session:
             session.execute(text("SELECT 1"))
@@ -101,6 +116,24 @@ class Database:
             self.read_engine.dispose()
 
 
+@contextmanager
+def file_lock(path: str, *, blocking: bool = True) -> Iterator[bool]:
+    """flock on `path` (created, with its folder), released on exit or when the process dies.
+    Yields False when not blocking and another holder has it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # A new open file description each time: flock excludes other threads of this process too.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def migrate(url: str, script_location: str) -> None:
     """Bring the database at `url` to the newest Alembic revision of `script_location`."""
     from alembic import command
@@ -109,7 +142,14 @@ def migrate(url: str, script_location: str) -> None:
     config = Config()
     config.set_main_option("script_location", script_location)
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    command.upgrade(config, "head")
+    database = make_url(url).database if url.startswith("sqlite") else None
+    if not database or database == ":memory:":
+        command.upgrade(config, "head")
+        return
+    # Instances of one service start together on one SQLite file: one migrates, the others wait
+    # and then find it at head (two upgrading at once failed with "duplicate column name").
+    with file_lock(f"{database}.migrate.lock"):
+        command.upgrade(config, "head")
 
 
 def run_alembic_env(target_metadata) -> None:

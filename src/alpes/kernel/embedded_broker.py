@@ -11,6 +11,7 @@ cluster is provisioned through its admin REST API instead (see `provision_pulsar
 from __future__ import annotations
 
 import json
+import random
 import socket
 import subprocess
 import time
@@ -34,22 +35,57 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(path: Path, default_partitions: int) -> None:
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def listen_port(also: Iterable[int] = ()) -> int:
+    """A free port for a process that is killed and started again on the same port (a service,
+    the broker). Outside the kernel's ephemeral range: in that range, any outgoing connection
+    made while the process is down may take its port, and the restarted process cannot bind.
+    `also` are offsets that must be free too (further instances at port + 100 * i)."""
+    offsets = (0, *also)
+    low, high = _ephemeral_range()
+    ranges = [(first, last - max(offsets)) for first, last in ((10000, low - 1), (high + 1, 65535))
+              if last - max(offsets) - first > 1000]
+    for _ in range(200):
+        port = random.randint(*random.choice(ranges))
+        if all(_bindable(port + offset) for offset in offsets):
+            return port
+    return free_port()
+
+
+def write_config(path: Path, default_partitions: int, metrics_addr: str | None = None) -> None:
     # Unknown keys are ignored silently by pulsar-lite: only keys read from its binary.
-    # Metrics would bind 0.0.0.0:8080: turned off.
+    # Metrics would bind 0.0.0.0:8080: off, or on the loopback address given (`addr`, found in
+    # its binary and checked by a test: they carry each subscription's backlog).
+    metrics = f'enabled = true\naddr = "{metrics_addr}"\n' if metrics_addr else "enabled = false\n"
     path.write_text(
         f"default_partitions = {default_partitions}\n"
         "max_message_size_bytes = 5242880\n"
-        "\n[metrics]\nenabled = false\n",
+        f"\n[metrics]\n{metrics}",
         encoding="utf-8",
     )
 
 
 def start_broker_process(data_dir: Path, port: int, default_partitions: int = 1,
-                         log_name: str = "broker.log") -> subprocess.Popen:
+                         log_name: str = "broker.log", metrics_addr: str | None = None) -> subprocess.Popen:
     data_dir.mkdir(parents=True, exist_ok=True)
     config = data_dir / f"pulsar-lite-{default_partitions}.toml"
-    write_config(config, default_partitions)
+    write_config(config, default_partitions, metrics_addr)
     log = open(data_dir / log_name, "ab")
     process = subprocess.Popen(
         [broker_binary(), "--config", str(config), "--addr", f"127.0.0.1:{port}",
@@ -72,6 +108,24 @@ def wait_until_listening(port: int, process: subprocess.Popen | None = None, tim
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"broker did not listen on 127.0.0.1:{port} within {timeout}s")
+
+
+def answers_lookups(url: str, topic: str, timeout_seconds: int = 10) -> bool:
+    """True when the broker at `url` answers a partition-metadata request for `topic` within
+    the timeout, through a fresh client (a wedged connection of an old one proves nothing)."""
+    client = pulsar.Client(url, operation_timeout_seconds=timeout_seconds,
+                           connection_timeout_ms=timeout_seconds * 1000,
+                           logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Error))
+    try:
+        client.get_topic_partitions(topic)
+        return True
+    except Exception:
+        return False
+    finally:
+        try:
+            client.close()
+        except Exception:
+            pass
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:

@@ -146,8 +146,9 @@ class OutboxRelay:
         if self.db.is_sqlite:
             # SQLite has one write lock for the whole file: holding it while the broker answers
             # (up to the send timeout when it is down) would stall every request of the service.
-            # Read, publish, then record; relays of one process take turns (one relay per file).
-            with _sqlite_relay_lock(self.db.url):
+            # Read, publish, then record; relays take turns, those of one process (thread lock) and
+            # those of other instances sharing the file (flock), so no row is published twice.
+            with _sqlite_relay_lock(self.db.url), self.db.exclusive("relay"):
                 with self.db.read() as session:
                     rows = session.execute(self._pending()).mappings().all()
                 if not rows:

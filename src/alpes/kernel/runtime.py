@@ -20,7 +20,8 @@ import structlog
 from sqlalchemy import Table
 from sqlalchemy.orm import Session
 
-from .broker import ConsumerWorker, PulsarBroker
+from .backlog import BacklogProbe
+from .broker import ConsumerWorker, PulsarBroker, reserve_consumer_ids
 from .codec import SchemaRegistry
 from .db import Database
 from .inbox import Handler, InboxProcessor
@@ -54,9 +55,15 @@ class ServiceRuntime:
                  inbox_table: Table, broker_url: str, *, tenant: str = "public", namespace: str = "default",
                  consumers: list[ConsumerSpec] | None = None, jobs: list[PeriodicJob] | None = None,
                  max_redeliveries: int = 5, consumer_batch_size: int = 200,
-                 subscription_type: str = "failover") -> None:
+                 subscription_type: str = "failover", instance_index: int = 0, reserve_ids: int = 0,
+                 backlog: BacklogProbe | None = None) -> None:
         self.service = service
         self.instance = f"{service}-{socket.gethostname()}-{os.getpid()}"
+        # Which of the service's instances this is (`alpes up --instances`); several share one
+        # database and the service's subscriptions.
+        self.instance_index = instance_index
+        self.reserve_ids = reserve_ids
+        self.backlog = backlog
         self.db = db
         self.registry = registry
         self.outbox = Outbox(outbox_table, registry)
@@ -78,6 +85,8 @@ class ServiceRuntime:
         self._threads: list[threading.Thread] = []
         self._degraded_reason: str | None = None
         self.started_at: float | None = None
+        # (topic, subscription) -> the last message this process sent to its dead-letter topic.
+        self._last_dead_letter: dict[tuple[str, str], dict] = {}
 
     # -- unit of work used by HTTP handlers ------------------------------------------------
     @contextmanager
@@ -99,6 +108,9 @@ class ServiceRuntime:
         self._announce("ServicioIniciado", {})
         self.relay.start()
         consumers = self._client("consumers")
+        if self.reserve_ids and self.consumer_specs:
+            # Embedded broker only: consumer ids distinct from the other instances' (see broker.py).
+            reserve_consumer_ids(consumers.client, self.reserve_ids, self.tenant, self.namespace)
         for spec in self.consumer_specs:
             processor = InboxProcessor(self.db, self.inbox_table, self.outbox, spec.subscription,
                                        spec.handlers, after_commit=self.wake_relay)
@@ -154,7 +166,10 @@ class ServiceRuntime:
     def _job_loop(self, job: PeriodicJob) -> None:
         while not self._stop.is_set():
             try:
-                done = job.run()
+                # One instance at a time runs a job on a shared SQLite file (the others skip this
+                # tick); on MariaDB the job's own row locks keep instances apart.
+                with self.db.exclusive(f"job-{job.name}", blocking=False) as mine:
+                    done = job.run() if mine else 0
             except Exception as error:
                 log.warning("job failed", job=job.name, error=str(error)[:300])
                 done = 0
@@ -178,6 +193,9 @@ class ServiceRuntime:
                 "event_type": (event.event_type if event else properties.get("event_type")) or "unknown",
                 "error": error[:500], "timestamp": utcnow(),
             }
+            self._last_dead_letter[(spec.topic, spec.subscription)] = {
+                "event_id": payload["event_id"], "event_type": payload["event_type"], "error": payload["error"][:200],
+                "at": payload["timestamp"].isoformat()}
             with self.db.transaction() as session:
                 self.outbox.add(session, [OutgoingEvent(SYSTEM_TOPIC, "MensajeEnviadoADeadLetter", self.service, payload)])
             self.wake_relay()
@@ -211,15 +229,23 @@ class ServiceRuntime:
             database = {"ok": False, "error": str(error)[:200]}
         broker = {"ok": _tcp_reachable(self.broker_url), "url": self.broker_url}
         consumers = []
+        backlog = self.backlog.read() if self.backlog else {}
         for worker in self.workers:
             state = worker.state.as_dict()
             state["connected"] = worker.connected()
+            # The subscription's backlog as the broker counts it (all instances together); see
+            # kernel/backlog.py for what the number is on each broker. None: not known.
+            state["backlog"] = backlog.get((worker.topic, worker.subscription), {"backlog": None, "source": None})
+            state["subscription_type"] = self.subscription_type
+            state["dead_letter_topic"] = f"{worker.topic}-{worker.subscription}-DLQ"
+            state["last_dead_letter"] = self._last_dead_letter.get((worker.topic, worker.subscription))
             consumers.append(state)
         ok = database["ok"] and broker["ok"]
         return {
             "status": "ok" if ok else "degraded",
             "service": self.service,
             "instance": self.instance,
+            "instance_index": self.instance_index,
             "uptime_s": round(time.time() - (self.started_at or time.time()), 1),
             "database": database,
             "broker": broker,
@@ -227,6 +253,10 @@ class ServiceRuntime:
                        "published": self.relay.published if self.relay else 0,
                        "publish_failures": self.relay.failures if self.relay else 0},
             "consumers": consumers,
+            # Since this process started: each subscription's count is its `dead_lettered`.
+            "dead_letters": {"total": sum(c["dead_lettered"] for c in consumers),
+                             "subscriptions": sorted(c["subscription"] + "@" + c["topic"] for c in consumers
+                                                     if c["dead_lettered"])},
         }
 
 

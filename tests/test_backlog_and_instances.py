@@ -1,0 +1,299 @@
+"""Per-subscription backlog from the broker, and what keeps instances sharing one SQLite file apart."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pulsar
+from conftest import unique
+from rich.console import Console
+from sqlalchemy import MetaData
+
+from alpes.kernel import embedded_broker
+from alpes.kernel.backlog import BacklogProbe, parse_backlog_metrics, stalled_partitions
+from alpes.kernel.broker import PulsarBroker, reserve_consumer_ids
+from alpes.kernel.db import Database
+from alpes.settings import Settings
+from alpes.supervisor import Child, Supervisor
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_embedded_broker_backlog_is_positive_while_held_and_zero_after_drain(tmp_path: Path):
+    port, metrics_port = embedded_broker.free_port(), embedded_broker.free_port()
+    process = embedded_broker.start_broker_process(tmp_path, port, default_partitions=4,
+                                                   metrics_addr=f"127.0.0.1:{metrics_port}")
+    url = f"pulsar://127.0.0.1:{port}"
+    topic, subscription = unique("backlog"), "held-consumer"
+    full = f"persistent://public/default/{topic}"
+    client = pulsar.Client(url, logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Error))
+    producer_side = PulsarBroker(url)
+    probe = BacklogProbe([(topic, subscription), (topic, "other")], metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+                         cache_seconds=0)
+    try:
+        client.subscribe(full, subscription, consumer_type=pulsar.ConsumerType.KeyShared).close()  # provisioned
+        producer = producer_side.producer(topic)
+        for n in range(60):
+            producer.send_async(b"x", None, partition_key=f"k{n % 12}")
+        producer.flush()
+        # Nobody consumes: the broker counts what waits (entries: a key-based batch counts once).
+        held = wait_for(lambda: (probe.read()[(topic, subscription)]["backlog"] or 0) > 0 and probe.read(), 30,
+                        "a backlog above 0 while the subscription is held")
+        assert held[(topic, "other")]["backlog"] is None  # never subscribed: not reported, not a made-up 0
+        assert "pulsar-lite" in held[(topic, subscription)]["source"]
+
+        consumer = client.subscribe(full, subscription, consumer_type=pulsar.ConsumerType.KeyShared)
+        received = 0
+        while received < 60:
+            message = consumer.receive(10000)
+            consumer.acknowledge(message)
+            received += 1
+        wait_for(lambda: probe.read()[(topic, subscription)]["backlog"] == 0, 30, "the backlog back to 0 after draining")
+        consumer.close()
+    finally:
+        producer_side.close()
+        client.close()
+        embedded_broker.stop_process(process)
+    # The broker gone: the backlog is unknown (None with the error), never reported as 0.
+    gone = probe.read()[(topic, subscription)]
+    assert gone["backlog"] is None and gone["error"]
+
+
+def test_metrics_are_summed_over_partitions_per_subscription_and_namespace():
+    text = textwrap.dedent("""\
+        # TYPE pulsar_subscription_back_log gauge
+        pulsar_subscription_back_log{cluster="c",namespace="public/default",partition="0",subscription="s",topic="t"} 3
+        pulsar_subscription_back_log{cluster="c",namespace="public/default",partition="1",subscription="s",topic="t"} 4
+        pulsar_subscription_back_log{cluster="c",namespace="public/default",partition="0",subscription="u",topic="t"} 1
+        pulsar_subscription_back_log{cluster="c",namespace="other/ns",partition="0",subscription="s",topic="t"} 50
+        pulsar_subscription_unacked_messages{cluster="c",namespace="public/default",partition="0",subscription="s",topic="t"} 9
+        """)
+    assert parse_backlog_metrics(text, "public/default") == {("t", "s"): 7, ("t", "u"): 1}
+
+
+def _serve(body: bytes, asked: list[str] | None = None) -> HTTPServer:
+    """A stand-in for the broker's HTTP side (admin API, metrics): every GET answers `body`;
+    the paths asked are appended to `asked`. Stop it with `shutdown()`."""
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if asked is not None:
+                asked.append(self.path)
+            self.send_response(200)
+            self.send_header("content-type", "application/json" if body.startswith(b"{") else "text/plain")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_admin_api_backlog_is_msg_backlog_of_partitioned_stats():
+    asked: list[str] = []
+
+    server = _serve(json.dumps({"msgBacklog": 99, "subscriptions": {
+        "marketing-consumer": {"msgBacklog": 12}, "analytics-consumer": {"msgBacklog": 0}}}).encode(), asked)
+    try:
+        probe = BacklogProbe([("conversiones.eventos", "marketing-consumer"), ("conversiones.eventos", "analytics-consumer")],
+                             admin_url=f"http://127.0.0.1:{server.server_port}/", tenant="acme", namespace="prod")
+        result = probe.read()
+    finally:
+        server.shutdown()
+    assert asked == ["/admin/v2/persistent/acme/prod/conversiones.eventos/partitioned-stats"]
+    assert result[("conversiones.eventos", "marketing-consumer")]["backlog"] == 12
+    assert result[("conversiones.eventos", "analytics-consumer")]["backlog"] == 0
+    assert "msgBacklog" in result[("conversiones.eventos", "marketing-consumer")]["source"]
+
+
+def test_reserved_consumer_ids_let_a_second_client_subscribe_at_once(broker_url: str):
+    """pulsar-lite refuses a consumer id already registered on the subscription by another
+    connection; every client counts from 0. The second instance reserves ids first."""
+    topic = f"persistent://public/default/{unique('ids')}"
+    quiet = pulsar.ConsoleLogger(pulsar.LoggerLevel.Error)
+    first = pulsar.Client(broker_url, logger=quiet, operation_timeout_seconds=10)
+    second = pulsar.Client(broker_url, logger=quiet, operation_timeout_seconds=10)
+    try:
+        first.subscribe(topic, "svc", consumer_type=pulsar.ConsumerType.KeyShared)
+        reserve_consumer_ids(second, 20)
+        started = time.monotonic()
+        second.subscribe(topic, "svc", consumer_type=pulsar.ConsumerType.KeyShared)
+        assert time.monotonic() - started < 5  # without the reservation: a 10 s timeout first
+    finally:
+        first.close()
+        second.close()
+
+
+def test_exclusive_keeps_other_holders_of_the_sqlite_file_out(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'svc.db'}"
+    one, two = Database(url), Database(url)
+    try:
+        with one.exclusive("job-approve") as mine:
+            assert mine
+            with two.exclusive("job-approve", blocking=False) as theirs:
+                assert not theirs
+            with two.exclusive("job-payout", blocking=False) as other_job:
+                assert other_job
+        with two.exclusive("job-approve", blocking=False) as theirs:
+            assert theirs
+    finally:
+        one.dispose()
+        two.dispose()
+
+
+RELAY_PROCESS = """
+import json, pathlib, sys, time
+from sqlalchemy import MetaData
+from alpes.kernel.db import Database
+from alpes.kernel.outbox import OutboxRelay, outbox_table
+
+url, out, name = sys.argv[1], sys.argv[2], sys.argv[3]
+
+class SlowPublisher:
+    # Takes its time, like a broker answering, so two relays would overlap on the same rows.
+    def publish(self, messages):
+        time.sleep(0.15)
+        with open(out, "a") as f:
+            for m in messages:
+                f.write(json.dumps([name, m.event_id]) + "\\n")
+        return {m.event_id: None for m in messages}
+
+db = Database(url)
+relay = OutboxRelay(db, outbox_table(MetaData()), SlowPublisher(), batch_size=20)
+pathlib.Path(f"{out}.{name}").touch()  # both start together: their relays overlap
+while not all(pathlib.Path(f"{out}.{n}").exists() for n in ("one", "two")):
+    time.sleep(0.01)
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    if relay.run_once() == (0, 0):
+        break
+"""
+
+
+def test_two_relay_processes_on_one_sqlite_file_publish_each_row_once(tmp_path: Path):
+    from alpes.kernel.codec import SchemaRegistry
+    from alpes.kernel.messages import OutgoingEvent
+    from alpes.kernel.outbox import Outbox, outbox_table
+
+    url = f"sqlite:///{tmp_path / 'svc.db'}"
+    metadata = MetaData()
+    table = outbox_table(metadata)
+    db = Database(url)
+    metadata.create_all(db.engine)
+    outbox = Outbox(table, SchemaRegistry.from_directory())
+    ids = []
+    with db.transaction() as session:
+        events = [OutgoingEvent("sistema.eventos", "ServicioIniciado", f"svc-{n}",
+                                {"servicio": "svc", "instancia": f"i{n}", "timestamp": _now()}) for n in range(200)]
+        outbox.add(session, events)
+        ids = [e.event_id for e in events]
+    db.dispose()
+    out = tmp_path / "published.jsonl"
+    script = tmp_path / "relay.py"
+    script.write_text(RELAY_PROCESS)
+    relays = [subprocess.Popen([sys.executable, str(script), url, str(out), name]) for name in ("one", "two")]
+    for relay in relays:
+        assert relay.wait(90) == 0
+    published = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(event_id for _, event_id in published) == sorted(ids)  # each row once, none lost
+    assert {name for name, _ in published} <= {"one", "two"}
+
+
+def _now():
+    from alpes.kernel.messages import utcnow
+
+    return utcnow()
+
+
+def _gauges(topic: str, subscription: str, partition: int, **values: float) -> str:
+    labels = f'cluster="c",namespace="public/default",partition="{partition}",subscription="{subscription}",topic="{topic}"'
+    return "".join(f"pulsar_subscription_{name}{{{labels}}} {value}\n" for name, value in values.items())
+
+
+def test_a_partition_holding_messages_that_nobody_is_handed_is_stalled():
+    now = 1_800_000_000.0
+    text = (_gauges("t", "stuck", 0, back_log=864, unacked_messages=0, last_consumed_timestamp=now - 90)
+            + _gauges("t", "stuck", 1, back_log=0, unacked_messages=0, last_consumed_timestamp=now - 90)  # drained
+            + _gauges("t", "busy", 0, back_log=50, unacked_messages=12, last_consumed_timestamp=now - 90)  # retrying
+            + _gauges("t", "flowing", 0, back_log=50, unacked_messages=0, last_consumed_timestamp=now - 5)
+            + _gauges("t", "never", 0, back_log=3, unacked_messages=0)  # nothing handed out since the broker started
+            + _gauges("t", "unwatched", 0, back_log=9, unacked_messages=0, last_consumed_timestamp=now - 90))
+    watched = [("t", "stuck"), ("t", "busy"), ("t", "flowing"), ("t", "never")]
+    assert stalled_partitions(text, "public/default", watched, now, 60) == [
+        "t/never#0: 3 waiting", "t/stuck#0: 864 waiting"]
+    assert stalled_partitions(text, "public/default", watched, now, 120) == ["t/never#0: 3 waiting"]
+    assert stalled_partitions(text, "other/ns", watched, now, 60) == []
+
+
+def test_alpes_up_restarts_an_embedded_broker_that_hands_nothing_out(tmp_path: Path):
+    """The supervisor's dispatch probe, on a real embedded broker and a metrics endpoint that
+    shows a subscription of a running service stalled; not while that service is held."""
+    now = time.time()
+    metrics = _gauges("conversiones.eventos", "marketing-consumer", 0, back_log=40, unacked_messages=0,
+                      last_consumed_timestamp=now - 120).encode()
+
+    server = _serve(metrics)
+    port = embedded_broker.listen_port()
+    config = tmp_path / "broker.toml"
+    embedded_broker.write_config(config, 1, metrics_addr=f"127.0.0.1:{embedded_broker.listen_port()}")
+    supervisor = Supervisor(Settings(data_dir=tmp_path, broker_port=port, broker_stall_seconds=5),
+                            services=["marketing"], console=Console(file=io.StringIO()))
+    supervisor.metrics_url = f"http://127.0.0.1:{server.server_port}/metrics"
+    supervisor.broker = Child("broker", [embedded_broker.broker_binary(), "--config", str(config), "--addr",
+                                         f"127.0.0.1:{port}", "--db-path", str(tmp_path / "store")],
+                              dict(os.environ), tmp_path / "broker.log")
+    marketing = Child("marketing", [sys.executable, "-c", "import time; time.sleep(120)"], dict(os.environ),
+                      tmp_path / "marketing.log", service="marketing")
+    supervisor.children = {"marketing": marketing}
+    try:
+        supervisor.broker.start()
+        embedded_broker.wait_until_listening(port, supervisor.broker.process)
+        marketing.start()
+        first = supervisor.broker.process.pid
+
+        supervisor._check_dispatch(supervisor.broker)  # both just started: too early to judge
+        assert not supervisor._restart_flagged_broker()
+
+        supervisor.broker.started_at -= 10
+        marketing.started_at -= 10
+        supervisor._check_dispatch(supervisor.broker)
+        assert supervisor._restart_flagged_broker()
+        assert supervisor.broker.process.pid != first and supervisor.broker.alive()
+        assert supervisor.broker_stall_restarts == 1 and supervisor.broker.restarts == 1
+        embedded_broker.wait_until_listening(port, supervisor.broker.process)
+
+        supervisor.broker.started_at -= 9  # a second restart in a row waits twice as long
+        supervisor._check_dispatch(supervisor.broker)
+        assert not supervisor._restart_flagged_broker()
+
+        supervisor.broker.started_at -= 30
+        marketing.held_for = 30.0  # down on purpose: its messages are meant to wait
+        supervisor._check_dispatch(supervisor.broker)
+        assert not supervisor._restart_flagged_broker()
+        marketing.held_for = None
+        supervisor._check_dispatch(supervisor.broker)
+        assert supervisor._restart_flagged_broker()
+        assert supervisor.broker_stall_restarts == 2
+    finally:
+        server.shutdown()
+        marketing.stop(timeout=5)
+        supervisor.broker.stop(timeout=5)
