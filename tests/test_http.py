@@ -8,6 +8,7 @@ from importlib import import_module
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 from alpes.settings import Settings
 
@@ -56,6 +57,23 @@ def test_register_affiliate_commits_row_and_event_together(afiliados):
         ("AfiliadoRegistrado", body["id"], "afiliados.eventos", "pending")]
     assert client.get(f"/afiliados/{body['id']}").json()["id"] == body["id"]
     assert [a["id"] for a in client.get("/afiliados").json()["afiliados"]] == [body["id"]]
+
+
+def test_a_deadlock_at_commit_answers_503_retry_and_stores_nothing(afiliados, monkeypatch):
+    """MariaDB picks a victim among concurrent writers (error 1213): that request's unit of work
+    is rolled back whole and the caller is told to retry, not handed a bare 500."""
+    client, runtime, tables = afiliados
+
+    def deadlocked(session, events):  # after the affiliate row was added to the session
+        raise OperationalError("INSERT INTO outbox ...", {}, Exception(1213, "Deadlock found when trying to get lock"))
+    monkeypatch.setattr(runtime.outbox, "add", deadlocked)
+    response = client.post("/afiliados", json={"user_id": "u1", "email": "ana@example.com", "nombre": "Ana"})
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert response.json()["detail"].endswith("retry") and "INSERT" not in response.text
+    assert _count(runtime, tables.afiliados) == 0 and _count(runtime, tables.outbox) == 0
+    monkeypatch.undo()
+    assert client.post("/afiliados", json={"user_id": "u1", "email": "ana@example.com", "nombre": "Ana"}).status_code == 201
+    assert "503" in client.get("/openapi.json").json()["paths"]["/afiliados"]["post"]["responses"]
 
 
 def test_duplicate_email_is_a_conflict_naming_the_field(afiliados):
@@ -174,7 +192,8 @@ def test_bad_postbacks_answer_422_and_store_nothing(conversiones, change, field)
 
 def test_wrong_content_type_and_broken_json_are_4xx(conversiones):
     client, runtime, tables = conversiones
-    assert client.post("/conversiones", content=b"affiliate_id=a1", headers={"content-type": "text/plain"}).status_code == 422
+    wrong = client.post("/conversiones", content=b"affiliate_id=a1", headers={"content-type": "text/plain"})
+    assert wrong.status_code == 415 and _fields(wrong) == {"content-type"}
     assert client.post("/conversiones", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
     assert _count(runtime, tables.event_store) == 0
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter, FastAPI, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 
-from alpes.kernel.http import Problem
+from alpes.kernel.http import MAX_OFFSET, PlainText, Problem
 from alpes.kernel.runtime import ServiceRuntime
 
 from . import domain, handlers, tables
@@ -15,9 +15,9 @@ from . import domain, handlers, tables
 class RegistrarAfiliado(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    user_id: str = Field(min_length=1, max_length=120)
-    email: str = Field(min_length=3, max_length=254)
-    nombre: str = Field(min_length=1, max_length=200)
+    user_id: PlainText = Field(min_length=1, max_length=120)
+    email: str = Field(min_length=3, max_length=254, pattern=domain.EMAIL.pattern)
+    nombre: PlainText = Field(min_length=1, max_length=200)
 
     # Optional so the original body {user_id, email, nombre} is still a valid registration.
     tipo_documento: str | None = None
@@ -66,7 +66,7 @@ def _one_of(value: str, allowed: tuple[str, ...]) -> str:
 class SuspenderAfiliado(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    motivo: str = Field(min_length=1, max_length=500)
+    motivo: PlainText = Field(min_length=1, max_length=500)
 
 
 class Afiliado(BaseModel):
@@ -140,7 +140,7 @@ def include_routes(runtime: ServiceRuntime):
 
     @router.get("/afiliados")
     def listar(estado: str | None = Query(None, pattern="^(registrado|validado|rechazado|suspendido)$"),
-               limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict:
+               limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict:
         query = select(a).order_by(a.c.registrado_en, a.c.id).limit(limit).offset(offset)
         if estado:
             query = query.where(a.c.estado == estado)

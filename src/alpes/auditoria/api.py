@@ -1,13 +1,12 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
 
 from fastapi import APIRouter, FastAPI, Query
 from sqlalchemy import func, select
 
 from alpes.kernel.db import where_equal
-from alpes.kernel.http import Problem
+from alpes.kernel.http import MAX_SEQ, IsoDatetime, Problem
 from alpes.kernel.runtime import ServiceRuntime
 
 from . import handlers, tables
@@ -19,8 +18,8 @@ def include_routes(runtime: ServiceRuntime):
 
     @router.get("/auditoria/eventos", tags=["auditoria"])
     def eventos(aggregate_id: str | None = None, event_type: str | None = None, correlation_id: str | None = None,
-                desde: datetime | None = None, hasta: datetime | None = None,
-                after_seq: int = Query(0, ge=0), limit: int = Query(1000, ge=1, le=10000)) -> dict:
+                desde: IsoDatetime | None = None, hasta: IsoDatetime | None = None,
+                after_seq: int = Query(0, ge=0, le=MAX_SEQ), limit: int = Query(1000, ge=1, le=10000)) -> dict:
         """Audit records in chain order, filtered by aggregate, type, correlation and time."""
         if desde and hasta and desde > hasta:
             raise Problem(422, "desde", "desde is after hasta")

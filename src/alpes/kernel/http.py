@@ -1,18 +1,41 @@
-"""HTTP mechanics shared by the services: app factory with lifespan, /health, error shape."""
+"""HTTP mechanics shared by the services: app factory with lifespan, /health, error shape,
+request limits (body size, content type) and the validators of text and dates from outside."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from datetime import date, datetime
+from typing import Annotated
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from pydantic import AfterValidator, AwareDatetime, BeforeValidator, StringConstraints
+from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException
 
 from .runtime import ServiceRuntime
 
+DEFAULT_MAX_BODY_BYTES = 64 * 1024
 
-def create_app(title: str, runtime: ServiceRuntime, include: Callable[[FastAPI], None]) -> FastAPI:
+# The one error shape of every 4xx, as published in each service's OpenAPI.
+ERROR_SCHEMA = {
+    "type": "object", "title": "Error", "required": ["detail", "errors"],
+    "properties": {
+        "detail": {"type": "string"},
+        "errors": {"type": "array", "items": {
+            "type": "object", "required": ["field", "reason"],
+            "properties": {"field": {"anyOf": [{"type": "string"}, {"type": "null"}]}, "reason": {"type": "string"}}}},
+    },
+}
+_ERROR_REF = {"$ref": "#/components/schemas/Error"}
+
+
+def create_app(title: str, runtime: ServiceRuntime, include: Callable[[FastAPI], None], *,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         runtime.start()
@@ -26,19 +49,128 @@ def create_app(title: str, runtime: ServiceRuntime, include: Callable[[FastAPI],
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
         # One line per bad field: which field and why, nothing stored.
-        errors = [{"field": ".".join(str(p) for p in e["loc"] if p != "body"), "reason": e["msg"]}
-                  for e in error.errors()]
-        return JSONResponse(status_code=422, content={"detail": "invalid request", "errors": errors})
+        return JSONResponse(status_code=422, content={"detail": "invalid request",
+                                                      "errors": [_field_error(e) for e in error.errors()]})
 
     app.add_exception_handler(Problem, problem_handler)
 
-    @app.get("/health", tags=["ops"])
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, error: HTTPException) -> JSONResponse:
+        # Starlette's own refusals (unknown path, wrong method, unparsable body) in the same shape.
+        reason = str(error.detail)
+        return JSONResponse(status_code=error.status_code, headers=error.headers, content={
+            "detail": reason, "errors": [{"field": "body" if error.status_code == 400 else None, "reason": reason}]})
+
+    @app.exception_handler(OperationalError)
+    async def database_unavailable(_request: Request, _error: OperationalError) -> JSONResponse:
+        # A deadlock or lock timeout (MariaDB under concurrent writers) or a lost connection: the
+        # unit of work was rolled back. Retryable, so 503 with Retry-After rather than a bare 500;
+        # the driver's message (SQL, parameters) stays in the log, not in the answer.
+        return JSONResponse(status_code=503, headers={"Retry-After": "1"}, content={
+            "detail": "the database did not complete the request; retry",
+            "errors": [{"field": None, "reason": "deadlock, lock timeout or lost connection: the change was rolled back"}]})
+
+    @app.get("/health", tags=["ops"], responses={503: {"description": "the database or the broker is unreachable "
+                                                                      "(same body, status degraded)"}})
     def health() -> JSONResponse:
         report = runtime.health()
         return JSONResponse(status_code=200 if report["status"] == "ok" else 503, content=report)
 
     include(app)
+    app.openapi = lambda: _openapi(app)
+    # A body too large or not JSON is refused before anything reads it.
+    app.add_middleware(RequestLimits, max_body_bytes=max_body_bytes)
     return app
+
+
+def _field_error(error: dict) -> dict:
+    if error.get("type") == "json_invalid":  # the body is not JSON at all: no field to name but the body
+        return {"field": "body", "reason": f"invalid JSON: {error.get('ctx', {}).get('error', error['msg'])}"}
+    return {"field": ".".join(str(p) for p in error["loc"] if p != "body"), "reason": error["msg"]}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's OpenAPI with our error shape: every operation documents its 4xx answers as
+    {"detail", "errors": [{"field", "reason"}]} (422 included), never FastAPI's default."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.pop("ValidationError", None)
+    components.pop("HTTPValidationError", None)
+    components["Error"] = ERROR_SCHEMA
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            for status in [s for s in responses if s.startswith("4")]:
+                responses[status] = {"description": responses[status].get("description", "refused"),
+                                     "content": {"application/json": {"schema": _ERROR_REF}}}
+            responses.setdefault("4XX", {"description": "refused: each bad field and why",
+                                         "content": {"application/json": {"schema": _ERROR_REF}}})
+            responses.setdefault("503", {"description": "the database did not complete it (deadlock, lock "
+                                                        "timeout, lost connection); retry after Retry-After",
+                                         "content": {"application/json": {"schema": _ERROR_REF}}})
+    app.openapi_schema = schema
+    return schema
+
+
+class RequestLimits:
+    """ASGI middleware: a request body larger than `max_body_bytes` gets 413 and one with a body
+    that is not JSON gets 415, both before the app reads a byte of it (a body is read whole only
+    up to the limit, whatever Content-Length claims)."""
+
+    def __init__(self, app, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._too_large(scope, receive, send)
+            return
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body_bytes:
+                await self._too_large(scope, receive, send)
+                return
+        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if body and not (media_type == "application/json" or media_type.endswith("+json")):
+            await _refuse(scope, receive, send, 415, "content-type",
+                          f"must be application/json, not {media_type or 'missing'}")
+            return
+        try:
+            bytes(body).decode("utf-8")
+        except UnicodeDecodeError as error:
+            await _refuse(scope, receive, send, 422, "body", f"not valid UTF-8 (byte {error.start})")
+            return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # waits for the disconnect, as the app expects
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send) -> None:
+        await _refuse(scope, receive, send, 413, "body",
+                      f"request body larger than {self.max_body_bytes} bytes (ALPES_MAX_BODY_BYTES)")
+
+
+async def _refuse(scope, receive, send, status: int, field: str, reason: str) -> None:
+    await JSONResponse(status_code=status, content={"detail": reason, "errors": [{"field": field, "reason": reason}]})(
+        scope, receive, send)
 
 
 class Problem(Exception):
@@ -54,3 +186,54 @@ class Problem(Exception):
 def problem_handler(_request: Request, problem: Problem) -> JSONResponse:
     return JSONResponse(status_code=problem.status, content={
         "detail": problem.reason, "errors": [{"field": problem.field, "reason": problem.reason}]})
+
+
+# -- validators of what arrives from outside ---------------------------------------------------
+# Control characters (C0, DEL, C1) and the Unicode line/paragraph separators: never part of a
+# name, a reason or an id, and a way to forge log lines or break CSV exports.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_MARKUP = re.compile(r"[<>]")
+# Dates a business fact can carry: before 2000 or from 2100 on is a typo or a probe, and beyond
+# year 9999 (or before 1) the databases and the UTC conversion would fail.
+EARLIEST = date(2000, 1, 1)
+LATEST = date(2099, 12, 31)
+
+
+def _plain_text(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters")
+    if _MARKUP.search(value):
+        raise ValueError("must not contain < or > (markup)")
+    return value
+
+
+def _in_range(value: date) -> date:
+    day = value.date() if isinstance(value, datetime) else value
+    if not EARLIEST <= day <= LATEST:
+        raise ValueError(f"must be between {EARLIEST.isoformat()} and {LATEST.isoformat()}")
+    return value
+
+
+_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
+
+
+def _iso_text(value):
+    # Numbers (in JSON or a query string) would be read as Unix timestamps: dates are ISO 8601 text.
+    if isinstance(value, date):
+        return value
+    if not isinstance(value, str) or not _ISO_DATE.match(value):
+        raise ValueError("must be an ISO 8601 date (YYYY-MM-DD...)")
+    return value
+
+
+PlainText = Annotated[str, AfterValidator(_plain_text)]
+# An id of ours or of a caller's system: letters, digits and . _ : - only (no quotes, spaces, markup).
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=36, pattern=r"^[A-Za-z0-9._:-]+$")]
+BoundedDate = Annotated[date, BeforeValidator(_iso_text), AfterValidator(_in_range)]
+BoundedDatetime = Annotated[AwareDatetime, BeforeValidator(_iso_text), AfterValidator(_in_range)]
+# Filters in query strings: any ISO 8601 date or date-time (a time zone is optional there).
+IsoDate = Annotated[date, BeforeValidator(_iso_text)]
+IsoDatetime = Annotated[datetime, BeforeValidator(_iso_text)]
+# Paging beyond this is a probe, and past 2**63 the databases cannot even bind the number.
+MAX_OFFSET = 10**9
+MAX_SEQ = 2**62
