@@ -257,8 +257,11 @@ def test_a_refund_reverses_the_commission_in_any_state_and_a_paid_one_is_clawed_
     mk.approve()
 
     for conversion_id in (pendiente, aprobada_tarde, pagada):
-        [event] = mk.refunded(conversion_id)
+        # The reversal, and the saga's answer to conversiones on marketing.eventos.
+        event, answer = mk.refunded(conversion_id)
         assert event.event_type == "ComisionRevertida" and event.payload["motivo"] == "reembolso"
+        assert (answer.event_type, answer.topic, answer.key) == \
+            ("ReversionComisionRegistrada", "marketing.eventos", conversion_id)
     assert mk.refunded(pagada) == []  # the same refund again: nothing more
     revertidas = {e.payload["conversion_id"]: e.payload for e in mk.emitted if e.event_type == "ComisionRevertida"}
     assert (revertidas[pendiente]["estado_anterior"], revertidas[pendiente]["ajuste_id"]) == ("pendiente", None)
@@ -319,7 +322,7 @@ def test_a_reversal_while_its_payout_waits_keeps_the_payout_and_adds_an_adjustme
     conversion = mk.validated("ana", campana, "600.00")
     mk.approve()
     [pago] = mk.client.post("/pagos", json={}).json()["pagos"]
-    [event] = mk.refunded(conversion, tipo="contracargo")
+    event, _answer = mk.refunded(conversion, tipo="contracargo")
     assert event.payload["ajuste_monto"] == Decimal("-60.00") and event.payload["motivo"] == "contracargo"
     paid = mk.client.post(f"/pagos/{pago['id']}/pagar").json()
     assert paid["monto"] == "60.00" and mk.comision(conversion)["estado"] == "revertida"

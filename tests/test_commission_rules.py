@@ -63,11 +63,11 @@ def test_the_first_matching_rule_wins_in_order():
     assert (sale.regla_id, sale.monto) == ("r3", Decimal("5.00"))  # r4 also matches: never reached
 
 
-def test_a_tier_applies_from_its_threshold_of_commissions_this_month():
+def test_a_tier_applies_from_its_threshold_of_approved_conversions_this_month():
     reglas = _set(domain.Regla("cps", porcentaje=Decimal("15"), min_aprobadas=10), domain.Regla("cps", porcentaje=Decimal("10")))
     below = domain.calcular(reglas, Decimal(1), _conv(en_el_mes=9), None, None)
     assert (below.regla_id, below.monto) == ("r2", Decimal("10.00"))
-    assert below.chequeos[0] == "rule r1 skipped: 9 commissions this month < min_aprobadas 10"
+    assert below.chequeos[0] == "rule r1 skipped: 9 approved conversions this month < min_aprobadas 10"
     assert domain.calcular(reglas, Decimal(1), _conv(en_el_mes=10), None, None).monto == Decimal("15.00")
 
 
@@ -104,32 +104,40 @@ def test_cap_periods_are_the_utc_day_iso_week_calendar_month_or_all_time():
 # -- property: caps and budget are never exceeded, amounts exact to the cent --------------------------
 _conversions = st.lists(st.tuples(st.sampled_from(["a1", "a2", "a3"]), st.sampled_from(["sale", "lead"]),
                                   st.decimals(min_value=0, max_value=Decimal("5000.00"), places=2),
-                                  st.integers(min_value=0, max_value=60 * 24 * 40)), max_size=40)
+                                  st.integers(min_value=0, max_value=60 * 24 * 40),
+                                  st.booleans()), max_size=40)  # the last: refunded right after booking
 
 
 @settings(max_examples=150, deadline=None)
 @given(_conversions, st.sampled_from(domain.PERIODOS_TOPE), st.decimals(min_value=Decimal("0.01"),
        max_value=Decimal("300.00"), places=2), st.none() | st.decimals(min_value=0, max_value=Decimal("900.00"), places=2))
 def test_booked_commissions_never_exceed_the_budget_nor_an_affiliate_cap(conversions, periodo, tope, presupuesto):
-    """The same bookkeeping the handler does (sums of what was booked per period and in all),
-    on random sequences of conversions in time order."""
+    """The same bookkeeping the handler does (sums of what was booked per period and in all, the
+    tier counting the month's approved conversions not reversed), on random sequences of
+    conversions in time order, some refunded: a reversal gives no cap or budget back."""
     reglas = _set(domain.Regla("cpa", monto=Decimal("9.99"), conversion_type="lead"),
                   domain.Regla("cps", porcentaje=Decimal("12.3456"), min_aprobadas=3),
                   domain.Regla("cps", porcentaje=Decimal("7.5")), tope=domain.Tope(tope, periodo), desde=NOW)
     booked: list[tuple[str, datetime, Decimal]] = []
-    for afiliado, tipo, base, minutos in sorted(conversions, key=lambda c: c[3]):
+    reversed_: set[int] = set()  # positions in `booked`
+    for afiliado, tipo, base, minutos, refunded in sorted(conversions, key=lambda c: c[3]):
         momento = NOW + timedelta(minutes=minutos)
         desde, hasta = domain.ventana_del_periodo(periodo, momento)
         en_periodo = sum((m for a, t, m in booked if a == afiliado and (desde is None or desde <= t < hasta)),
                          Decimal(0))
         mes = domain.ventana_del_periodo("mes", momento)
-        en_el_mes = sum(1 for a, t, _ in booked if a == afiliado and mes[0] <= t < mes[1])
+        en_el_mes = sum(1 for n, (a, t, _) in enumerate(booked)
+                        if a == afiliado and mes[0] <= t < mes[1] and n not in reversed_)
         restante = None if presupuesto is None else presupuesto - sum((m for *_, m in booked), Decimal(0))
         calculo = domain.calcular(reglas, Decimal(10), _conv(str(base), tipo, afiliado, en_el_mes), tope - en_periodo,
                                   restante)
         assert calculo.monto.as_tuple().exponent == -2 and calculo.monto >= 0
         assert calculo.monto <= calculo.monto_sin_tope
         assert (calculo.limitado_por is None) == (calculo.monto == calculo.monto_sin_tope)
+        # The tier (r2) applies to a sale exactly when 3 approved, unreversed conversions precede it this month.
+        assert tipo == "lead" or (calculo.regla_id == "r2") == (en_el_mes >= 3)
+        if refunded:
+            reversed_.add(len(booked))
         booked.append((afiliado, momento, calculo.monto))
     if presupuesto is not None:
         assert sum((m for *_, m in booked), Decimal(0)) <= presupuesto
@@ -219,7 +227,7 @@ def test_a_conversion_uses_the_version_in_force_at_its_time_and_explains_itself(
     explain = mk.client.get(f"/comisiones/{lead['id']}/explain").json()
     assert (explain["conversion_id"], explain["click_id"], explain["campana_id"]) == (lead["conversion_id"], None, campana)
     assert (explain["version_reglas"], explain["regla_id"], explain["tipo"]) == (1, "r2", "cpa")
-    assert explain["inputs"]["monto_fijo"] == "3.00" and explain["inputs"]["calculadas_en_el_mes"] == 2
+    assert explain["inputs"]["monto_fijo"] == "3.00" and explain["inputs"]["aprobadas_en_el_mes"] == 2
     assert explain["chequeos"][:2] == ["rule r1 skipped: afiliado_id ana != vip", "rule r2 matched (cpa)"]
     assert (explain["monto"], explain["limitado_por"]) == ("3.00", None)
     flat = mk.client.get(f"/comisiones/{old['id']}/explain").json()

@@ -106,9 +106,15 @@ def test_the_whole_flow_through_four_services(platform: Platform):
     assert types["AfiliadoRegistrado"] == 2 and types["AfiliadoValidado"] == 1 and types["CampanaCreada"] == 1
     assert types["AfiliadoHabilitado"] == 1
     assert types["ConversionDetected"] == len(listed)
-    trail = platform.get("auditoria", "/auditoria/eventos", aggregate_id=conversion_id)["eventos"]
-    assert [e["event_type"] for e in trail] == ["ConversionDetected", "ConversionValidated"]
+    # The conversion's own events, and marketing's saga answer keyed by it (another topic: no order promised).
+    trail = wait_until(lambda: (t := platform.get("auditoria", "/auditoria/eventos", aggregate_id=conversion_id)
+                                ["eventos"]) and len(t) == 3 and t, what="saga answer audited")
+    assert [e["event_type"] for e in trail if e["topic"] == "conversiones.eventos"] == \
+        ["ConversionDetected", "ConversionValidated"]
+    assert [e["event_type"] for e in trail if e["topic"] == "marketing.eventos"] == ["ComisionRegistrada"]
     assert all(e["correlation_id"] == conversion_id for e in trail)
+    assert wait_until(lambda: platform.get("conversiones", f"/sagas/{conversion_id}")["estado"] == "completed",
+                      what="saga completed")
     verification = wait_until(lambda: (v := platform.get("auditoria", "/auditoria/verificacion"))["compliance_consumer"]["verified"] == len(events) and v,
                               what="compliance consumer caught up")
     assert verification["ok"] and verification["records"] == len(events)
@@ -176,5 +182,31 @@ def test_a_poison_message_is_dead_lettered_and_alerted(tmp_path):
         campaign = platform.post("marketing", "/campanas", {"nombre": "After poison", "porcentaje_comision": 1}).json()
         wait_until(lambda: platform.get("auditoria", "/auditoria/eventos", aggregate_id=campaign["id"])["eventos"],
                    what="audit after the poison message")
+    finally:
+        platform.stop()
+
+
+def test_a_broker_that_stops_answering_is_restarted_and_nothing_is_lost(tmp_path):
+    """The embedded broker alive but silent (SIGSTOP: what a starved pulsar-lite runtime looks
+    like to its clients): `alpes up`'s watchdog kills and restarts it, and what was written
+    meanwhile is delivered once it is back."""
+    import os
+    import signal
+
+    platform = Platform(tmp_path / "alpes", {"ALPES_BROKER_WATCHDOG_SECONDS": "1"}).start()
+    try:
+        wedged = platform.pid("broker")
+        os.kill(wedged, signal.SIGSTOP)
+        # Written while the broker is silent: stored in marketing's outbox, published later.
+        campaign = platform.post("marketing", "/campanas", {"nombre": "While silent", "porcentaje_comision": 1})
+        assert campaign.status_code == 201
+        state = wait_until(lambda: (s := platform.state())["broker_pid"] != wedged and s, 90,
+                           what="the silent broker replaced")
+        assert state["broker_watchdog_restarts"] == 1
+        wait_until(lambda: platform.get("auditoria", "/auditoria/eventos", aggregate_id=campaign.json()["id"])["eventos"],
+                   90, what="the event written while the broker was silent audited")
+        assert wait_until(lambda: all(platform.get(n, "/health")["outbox"]["pending"] == 0 for n in SERVICES),
+                          60, what="outboxes drained")
+        assert platform.state()["broker_watchdog_restarts"] == 1  # a healthy broker is left alone
     finally:
         platform.stop()

@@ -1,8 +1,7 @@
 """One end-to-end scenario through the running platform: tiered rules, tracking links, a duplicate postback,
-a suspension, payouts, a refund after payout clawed back from the next payout, the report and the audit log.
-
-Not here, because they need control of the clock: conversions held `too_fast` and conversions rejected
-`outside_attribution_window` (covered in-process in tests/test_tracking.py and tests/test_fraud_rules.py).
+a suspension, payouts, a refund after payout clawed back from the next payout, a first-click campaign whose
+too-fast conversion is held and approved in review, a conversion outside the attribution window (the
+platform restarted "two days later" with ALPES_CONVERSIONES_CLOCK_OFFSET_SECONDS), the report and the audit log.
 """
 
 from __future__ import annotations
@@ -11,15 +10,17 @@ from collections import Counter
 from decimal import ROUND_HALF_UP, Decimal
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 from harness import Platform, wait_until
 
 CENT = Decimal("0.01")
-# First matching rule wins: 20 % once the affiliate has 2 commissions this month in the campaign, else 10 %.
+# First matching rule wins: 20 % once the affiliate has 2 approved (not reversed) conversions this month in the
+# campaign, else 10 %.
 REGLAS = {"reglas": [{"tipo": "cps", "porcentaje": "20", "min_aprobadas": 2}, {"tipo": "cps", "porcentaje": "10"}]}
 
 
-def _commission(value: str, calculated_before: int) -> Decimal:
-    pct = Decimal(20) if calculated_before >= 2 else Decimal(10)
+def _commission(value: str, approved_before: int) -> Decimal:
+    pct = Decimal(20) if approved_before >= 2 else Decimal(10)
     return (Decimal(value) * pct / 100).quantize(CENT, rounding=ROUND_HALF_UP)
 
 
@@ -53,33 +54,37 @@ def test_tiered_campaign_with_tracking_suspension_payouts_and_a_refund_after_pay
                 what=f"{name} enrolled", diagnose=diag)
             links[name] = inscripcion["link_code"]
 
-        def click(name: str) -> str:
+        def click(name: str, browser: httpx.Client = platform.http, code: str | None = None) -> str:
+            """A visit with `browser` (its cookie jar is the visitor: the same one throughout by default)."""
             redirect = wait_until(
-                lambda: (r := platform.http.get(platform.url("conversiones") + f"/r/{links[name]}",
-                                                headers={"User-Agent": "scenario"}, follow_redirects=False))
+                lambda: (r := browser.get(platform.url("conversiones") + f"/r/{code or links[name]}",
+                                          headers={"User-Agent": "scenario"}, follow_redirects=False))
                 .status_code == 302 and r, what=f"{name}'s link redirects", diagnose=diag)
             location = urlsplit(redirect.headers["location"])
             assert (location.netloc, location.path) == ("shop.example.com", "/oferta")
             [click_id] = parse_qs(location.query)["alpes_click_id"]
             return click_id
 
-        calculated = Counter()
+        approved_before = Counter()  # per affiliate: approved conversions not reversed (the tier count)
         expected: dict[str, Decimal] = {}  # conversion id -> commission
         owner: dict[str, str] = {}
 
         def sale(name: str, order: str, value: str) -> str:
+            click_id = click(name)  # the visitor's latest click: last click (the default) attributes through it
             response = platform.post("conversiones", "/conversiones", {
-                "click_id": click(name), "user_id": "cliente", "conversion_value": value,
+                "click_id": click_id, "user_id": "cliente", "conversion_value": value,
                 "conversion_type": "sale", "order_id": order})
             assert response.status_code == 200, response.text
             conversion = response.json()["id"]
-            # Wait for the commission before the next sale: the tier counts the commissions already calculated.
+            # Wait for the commission before the next sale: the tier counts the approved conversions before it.
             [comision] = wait_until(lambda: platform.get("marketing", "/comisiones", conversion_id=conversion)[
                 "comisiones"], what=f"commission of {order}", diagnose=diag)
-            expected[conversion] = _commission(value, calculated[name])
-            calculated[name] += 1
+            expected[conversion] = _commission(value, approved_before[name])
+            approved_before[name] += 1
             owner[conversion] = name
             assert (comision["afiliado_id"], Decimal(comision["monto"])) == (afiliados[name], expected[conversion])
+            explain = platform.get("marketing", f"/comisiones/{comision['id']}/explain")
+            assert (explain["click_id"], explain["conversion_id"]) == (click_id, conversion)
             return conversion
 
         a1 = sale("ana", "o-a1", "100.00")
@@ -140,7 +145,8 @@ def test_tiered_campaign_with_tracking_suspension_payouts_and_a_refund_after_pay
         assert refund.status_code == 200 and refund.json()["status"] == "refunded", refund.text
         wait_until(lambda: platform.get("marketing", "/comisiones", conversion_id=a2)["comisiones"][0]["estado"]
                    == "revertida", what="commission reversed", diagnose=diag)
-        a4 = sale("ana", "o-a4", "400.00")  # 3 calculated before (the reversed one still counts): 20 %
+        approved_before["ana"] -= 1  # a2 refunded: no longer an approved conversion
+        a4 = sale("ana", "o-a4", "400.00")  # a1 and a3 approved before it (a2 reversed): still 20 %
         assert expected[a4] == Decimal("80.00")
         wait_until(lambda: approved([a4]), what="the new commission approved", diagnose=diag)
         [siguiente] = platform.post("marketing", "/pagos", {}).json()["pagos"]
@@ -172,10 +178,57 @@ def test_tiered_campaign_with_tracking_suspension_payouts_and_a_refund_after_pay
         assert (total, pagado) == (Decimal("198.56"), Decimal("170.56"))
         assert Decimal(line["comision_ganada"]) == total - revertido == Decimal("178.56")
 
+        # A first-click campaign with a 1-day window that holds conversions sooner than 2 minutes after their click.
+        rapida = platform.post("marketing", "/campanas", {
+            "nombre": "Rapida", "porcentaje_comision": "10", "periodo_bloqueo_dias": 0, "ventana_atribucion_dias": 1,
+            "min_segundos_click_conversion": 120, "modelo_atribucion": "primer_click",
+            "landing_url": "https://shop.example.com/oferta"})
+        assert rapida.status_code == 201 and rapida.json()["modelo_atribucion"] == "primer_click", rapida.text
+        rapida = rapida.json()["id"]
+        rapida_links = {name: platform.post("marketing", f"/campanas/{rapida}/inscripciones",
+                                            {"afiliado_id": afiliados[name]}).json()["link_code"]
+                        for name in ("ana", "beto")}
+        # A new visitor (its own cookie jar) comes through beto's link, then ana's; the shop reports the sale
+        # at once with ana's click id. First click credits beto, and a second after beto's click is too fast.
+        with httpx.Client(timeout=30) as visitor:
+            first_click = click("beto", visitor, rapida_links["beto"])
+            ana_click = click("ana", visitor, rapida_links["ana"])
+        fast = platform.post("conversiones", "/conversiones", {
+            "click_id": ana_click, "user_id": "visitante", "conversion_value": "50.00", "conversion_type": "sale",
+            "order_id": "r-1"})
+        assert fast.status_code == 200, fast.text
+        fast = fast.json()["id"]
+        held = wait_until(lambda: (c := platform.get("conversiones", f"/conversiones/{fast}"))["status"] != "detected"
+                          and c, what="the fast conversion decided", diagnose=diag)
+        assert (held["status"], held["reason"], held["affiliate_id"]) == ("on_hold", "too_fast", afiliados["beto"])
+        assert platform.get("marketing", "/comisiones", conversion_id=fast)["comisiones"] == []  # no commission held
+        # A reviewer approves it: the commission goes to beto, through his click, 10 % of 50.00.
+        assert platform.post("conversiones", f"/conversiones/{fast}/aprobar", {}).json()["status"] == "validated"
+        [rapida_comision] = wait_until(lambda: platform.get("marketing", "/comisiones", conversion_id=fast)[
+            "comisiones"], what="the reviewed conversion's commission", diagnose=diag)
+        assert (rapida_comision["afiliado_id"], rapida_comision["monto"]) == (afiliados["beto"], "5.00")
+        assert platform.get("marketing", f"/comisiones/{rapida_comision['id']}/explain")["click_id"] == first_click
+
+        # Outside the window: a click now, the postback "two days later" (the 1-day window has closed). The
+        # platform is stopped and started again on the same data with conversiones' clock two days ahead.
+        with httpx.Client(timeout=30) as visitor:
+            stale_click = click("ana", visitor, rapida_links["ana"])
+        platform.stop()
+        platform.env["ALPES_CONVERSIONES_CLOCK_OFFSET_SECONDS"] = str(2 * 24 * 3600)
+        platform.start()
+        late = platform.post("conversiones", "/conversiones", {
+            "click_id": stale_click, "user_id": "visitante", "conversion_value": "70.00", "conversion_type": "sale",
+            "order_id": "r-2"})
+        assert late.status_code == 200, late.text
+        outside = wait_until(lambda: (c := platform.get("conversiones", f"/conversiones/{late.json()['id']}"))[
+            "status"] != "detected" and c, what="the late conversion decided", diagnose=diag)
+        assert (outside["status"], outside["reason"], outside["affiliate_id"]) == (
+            "rejected", "outside_attribution_window", afiliados["ana"])
+
         # The audit log: every event once, and the hash chain verifies.
-        wanted = {"AfiliadoRegistrado": 3, "CampanaCreada": 1, "AfiliadoInscrito": 3, "ClickRecorded": clicks,
-                  "ConversionDetected": 8, "ConversionValidated": 7, "ConversionRejected": 1,
-                  "ComisionCalculada": 7, "ComisionAprobada": 7, "PagoCreado": 3, "PagoRealizado": 3,
+        wanted = {"AfiliadoRegistrado": 3, "CampanaCreada": 2, "AfiliadoInscrito": 5, "ClickRecorded": clicks + 3,
+                  "ConversionDetected": 10, "ConversionValidated": 8, "ConversionRejected": 2, "ConversionHeld": 1,
+                  "ComisionCalculada": 8, "ComisionAprobada": 8, "PagoCreado": 3, "PagoRealizado": 3,
                   "ComisionPagada": 6, "ConversionRefunded": 1, "ComisionRevertida": 1}
 
         def audited():
@@ -186,6 +239,9 @@ def test_tiered_campaign_with_tracking_suspension_payouts_and_a_refund_after_pay
         ids = [e["event_id"] for e in eventos]
         assert len(ids) == len(set(ids))
         assert platform.get("auditoria", "/auditoria/verificacion")["ok"] is True
+        # No commission for the conversion outside the window; beto's reviewed one is the only one in Rapida.
+        assert [c["id"] for c in platform.get("marketing", "/comisiones", campana_id=rapida)["comisiones"]] == [
+            rapida_comision["id"]]
     finally:
         platform.stop()
 

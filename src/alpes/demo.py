@@ -1,8 +1,9 @@
 """`alpes demo`: load a small affiliate-marketing scenario into an already running platform over HTTP.
 
-A campaign with a landing URL, no lock period and tiered rules (10 %, 20 % from an affiliate's third commission
-of the month), three affiliates registered and enrolled, then clicks on their tracking links and postbacks
-attributed through the click ids (one of them sent twice), then a payout run. Prints where to look.
+A last-click campaign with a landing URL, no lock period and tiered rules (10 %, 20 % from an affiliate's third
+approved conversion of the month), three affiliates registered and enrolled, then clicks on their tracking links,
+each by a new visitor (its own `alpes_vid` cookie), and postbacks attributed through the click ids (one of them
+sent twice), then a payout run. Prints where to look.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def run_demo(url_base: str, ports: dict[str, int], conversions: int = 200,
     with httpx.Client(timeout=30) as http:
         campana = _ok(http.post(url["marketing"] + "/campanas", json={
             "nombre": f"Demo {run}", "porcentaje_comision": "5", "periodo_bloqueo_dias": 0,
-            "landing_url": "https://shop.example.com/demo"}), 201)["id"]
+            "modelo_atribucion": "ultimo_click", "landing_url": "https://shop.example.com/demo"}), 201)["id"]
         _ok(http.put(url["marketing"] + f"/campanas/{campana}/reglas", json=REGLAS))
         result = DemoResult(campana, {})
         links: dict[str, str] = {}
@@ -83,6 +84,7 @@ def run_demo(url_base: str, ports: dict[str, int], conversions: int = 200,
             tell("affiliates", n + 1, len(AFFILIATES))
         for n in range(conversions):
             name = AFFILIATES[n % len(AFFILIATES)]
+            http.cookies.clear()  # a new customer: a new visitor, whose clicks compete only with its own
             redirect = _wait(lambda c=links[name]: (r := http.get(url["conversiones"] + f"/r/{c}",
                                                                   headers={"User-Agent": "alpes-demo"},
                                                                   follow_redirects=False)).status_code == 302 and r,

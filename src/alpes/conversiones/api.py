@@ -8,18 +8,18 @@ from typing import Literal
 from fastapi import APIRouter, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse
-from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, ValidationInfo, field_validator
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from alpes.kernel.db import where_equal
 from alpes.kernel.eventstore import ConcurrencyConflict
-from alpes.kernel.http import Problem
+from alpes.kernel.http import MAX_OFFSET, PlainText, Problem
 from alpes.kernel.messages import utcnow
-from alpes.kernel.money import Amount, Currency
+from alpes.kernel.money import Amount, Currency, check_places
 from alpes.kernel.runtime import ServiceRuntime
 
-from . import domain, handlers, tables
+from . import domain, handlers, saga, tables
 
 OptionalIdentifier = Field(None, min_length=1, max_length=36, pattern=r"^[A-Za-z0-9._:-]+$")
 
@@ -33,28 +33,33 @@ class Postback(BaseModel):
     affiliate_id: str | None = OptionalIdentifier
     campaign_id: str | None = OptionalIdentifier
     click_id: str | None = OptionalIdentifier
-    user_id: str = Field(min_length=1, max_length=120)
+    user_id: PlainText = Field(min_length=1, max_length=120)
+    currency: Currency = "EUR"  # before conversion_value, which is checked against its minor units
     conversion_value: Amount
     conversion_type: Literal["sale", "purchase", "lead"]
-    currency: Currency = "EUR"
-    order_id: str | None = Field(None, min_length=1, max_length=120)
+    order_id: PlainText | None = Field(None, min_length=1, max_length=120)
     # Fraud signals, both optional: the customer's address (velocity per IP) and email (self-referral).
     ip: IPvAnyAddress | None = None
-    customer_email: str | None = Field(None, min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+    customer_email: PlainText | None = Field(None, min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+    @field_validator("conversion_value")
+    @classmethod
+    def value_fits_currency(cls, value: Decimal, info: ValidationInfo) -> Decimal:
+        return check_places(value, info.data.get("currency"))
 
 
 class Rechazo(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     # Short: it travels as `rejected_in_review:<motivo>` in the reason (80 characters in the view).
-    motivo: str = Field(min_length=1, max_length=60)
+    motivo: PlainText = Field(min_length=1, max_length=60)
 
 
 class Reembolso(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     tipo: Literal["reembolso", "contracargo"] = "reembolso"
-    motivo: str | None = Field(None, min_length=1, max_length=500)
+    motivo: PlainText | None = Field(None, min_length=1, max_length=500)
 
 
 class Conversion(BaseModel):
@@ -101,24 +106,31 @@ def include_routes(runtime: ServiceRuntime, grace: timedelta, clock: Callable[[]
 
     @router.get("/r/{link_code}", tags=["clicks"], status_code=302, response_class=RedirectResponse)
     def redirect(link_code: str, request: Request) -> RedirectResponse:
-        """A tracking link: record the click, redirect to the campaign's landing URL with `alpes_click_id`."""
+        """A tracking link: record the click, redirect to the campaign's landing URL with `alpes_click_id`,
+        and set (or renew) the visitor's `alpes_vid` cookie, which ties its clicks together for attribution."""
+        visitor_id = domain.visitor_id_or_new(request.cookies.get(domain.VISITOR_COOKIE))
         with runtime.unit_of_work() as (session, emit):
             _click_id, location, events = handlers.record_click(
                 session, link_code, ip=domain.client_ip(request.headers.get("x-forwarded-for"),
                                                         request.client.host if request.client else None),
                 user_agent=request.headers.get("user-agent"), referrer=request.headers.get("referer"),
-                now=clock())
+                now=clock(), visitor_id=visitor_id)
             emit(events)
-        return RedirectResponse(location, status_code=302)
+        response = RedirectResponse(location, status_code=302)
+        response.set_cookie(domain.VISITOR_COOKIE, visitor_id, max_age=domain.VISITOR_COOKIE_MAX_AGE, path="/r/",
+                            httponly=True, samesite="lax")
+        return response
 
     @router.post("/conversiones")
     def postback(body: Postback, idempotency_key: str | None = Header(None, max_length=120)) -> dict:
         """Record a conversion. 200 with its id; the same order id (or Idempotency-Key) gives the same id."""
         order_id = body.order_id or idempotency_key
-        affiliate_id, campaign_id = body.affiliate_id, body.campaign_id
+        affiliate_id, campaign_id, click_id = body.affiliate_id, body.campaign_id, body.click_id
+        now = clock()
         if body.click_id is not None:
             with runtime.db.read() as session:  # clicks never change: reading ahead of the transaction is safe
-                affiliate_id, campaign_id = handlers.attribution_of(session, body.click_id, affiliate_id, campaign_id)
+                attribution = handlers.attribution_of(session, body.click_id, affiliate_id, campaign_id, now)
+            affiliate_id, campaign_id, click_id = attribution.affiliate_id, attribution.campaign_id, attribution.click_id
         elif affiliate_id is None or campaign_id is None:
             raise RequestValidationError([
                 {"loc": ("body", name), "msg": "required unless click_id is given", "type": "missing"}
@@ -129,7 +141,7 @@ def include_routes(runtime: ServiceRuntime, grace: timedelta, clock: Callable[[]
                     session, store, affiliate_id=affiliate_id, campaign_id=campaign_id,
                     user_id=body.user_id, conversion_value=body.conversion_value,
                     conversion_type=body.conversion_type, currency=body.currency, order_id=order_id, grace=grace,
-                    click_id=body.click_id, now=clock(), ip=None if body.ip is None else str(body.ip),
+                    click_id=click_id, now=now, ip=None if body.ip is None else str(body.ip),
                     customer_email=body.customer_email, max_conversions_per_ip=max_conversions_per_ip)
                 emit(events)
         except IntegrityError:
@@ -146,7 +158,7 @@ def include_routes(runtime: ServiceRuntime, grace: timedelta, clock: Callable[[]
     @router.get("/conversiones")
     def listar(status: Literal["detected", "on_hold", "validated", "rejected", "refunded"] | None = None,
                affiliate_id: str | None = None, campaign_id: str | None = None,
-               limit: int = Query(1000, ge=1, le=10000), offset: int = Query(0, ge=0)) -> dict:
+               limit: int = Query(1000, ge=1, le=10000), offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict:
         """Oldest first."""
         query = select(v).order_by(v.c.timestamp, v.c.id).limit(limit).offset(offset)
         query = where_equal(query, v, status=status, affiliate_id=affiliate_id, campaign_id=campaign_id)
@@ -233,3 +245,37 @@ def _status(runtime: ServiceRuntime, conversion_id: str) -> str:
     with runtime.db.read() as session:
         return session.scalar(select(tables.conversiones_view.c.status)
                               .where(tables.conversiones_view.c.id == conversion_id)) or domain.DETECTED
+
+
+# -- the conversion → commission saga ----------------------------------------------------------
+def with_saga_routes(include: Callable[[FastAPI], None], runtime: ServiceRuntime,
+                     policy: saga.SagaPolicy) -> Callable[[FastAPI], None]:
+    """`include` plus GET /sagas and GET /sagas/{correlation_id}."""
+    router = APIRouter(tags=["sagas"])
+    s = tables.sagas
+
+    @router.get("/sagas")
+    def sagas(estado: Literal["running", "completed", "compensated"] | None = None,
+              limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict:
+        """Sagas, oldest first, without their steps; `estado` filters (terminal: completed, compensated)."""
+        query = where_equal(select(s).order_by(s.c.created_at, s.c.saga_id).limit(limit).offset(offset), s,
+                            estado=estado)
+        with runtime.db.read() as session:
+            rows = session.execute(query).mappings().all()
+        return {"sagas": [saga.summary(r, policy) for r in rows], "terminal_states": list(saga.TERMINAL_STATES)}
+
+    @router.get("/sagas/{correlation_id}")
+    def una(correlation_id: str) -> dict:
+        """One conversion's saga (its id is the conversion id, the flow's correlation id): its state and
+        each step with its status and timestamps. 404 when there is none."""
+        with runtime.db.read() as session:
+            found = saga.view(session, correlation_id, policy)
+        if found is None:
+            raise Problem(404, "correlation_id", "no saga with this correlation id")
+        return found
+
+    def include_all(app: FastAPI) -> None:
+        include(app)
+        app.include_router(router)
+
+    return include_all

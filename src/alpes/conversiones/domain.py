@@ -7,6 +7,8 @@ what conversiones learned from its own subscriptions (reference data), never oth
 from __future__ import annotations
 
 import hashlib
+import re
+import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -31,6 +33,10 @@ OUTSIDE_ATTRIBUTION_WINDOW = "outside_attribution_window"
 CAMPAIGN_OUTSIDE_DATES = "campaign_outside_dates"
 SELF_REFERRAL = "self_referral"
 REJECTED_IN_REVIEW = "rejected_in_review"  # followed by ":<motivo>"
+# Compensations of the conversion → commission saga: a validated conversion rejected afterwards.
+AFFILIATE_SUSPENDED_DURING_PROCESSING = "affiliate_suspended_during_processing"
+COMMISSION_NOT_CONFIRMED = "commission_not_confirmed"  # marketing did not answer after every retry
+COMMISSION_DENIED = "commission_denied"  # followed by ":<razon>" for a denial with no reason of its own
 
 # Reasons a conversion is put on hold for manual review (ConversionHeld.reason).
 TOO_FAST = "too_fast"  # click-to-conversion faster than a person buys: click injection (Everflow)
@@ -62,6 +68,7 @@ class Validated:
 class Rejected:
     reason: str
     timestamp: datetime
+    compensation: bool = False  # a validated conversion rejected by the saga's compensation
 
 
 @dataclass(frozen=True)
@@ -87,12 +94,13 @@ class Conversion:
     status: str | None = None
     detected: Detected | None = None
     reason: str | None = None
+    validated_at: datetime | None = None  # a compensation undoes the validation of that moment
 
     def apply(self, event: DomainEvent) -> "Conversion":
         if isinstance(event, Detected):
             self.id, self.status, self.detected = event.conversion_id, DETECTED, event
         elif isinstance(event, Validated):
-            self.status = VALIDATED
+            self.status, self.validated_at = VALIDATED, event.timestamp
         elif isinstance(event, Rejected):
             self.status, self.reason = REJECTED, event.reason
         elif isinstance(event, Held):
@@ -220,6 +228,48 @@ def within_attribution_window(clicked_at: datetime, converted_at: datetime, wind
     return timedelta(0) <= converted_at - clicked_at <= window
 
 
+# Attribution models (per campaign, announced in CampanaCreada v4): which of a visitor's clicks on
+# the campaign, within its window before the conversion, earns the conversion.
+LAST_CLICK = "ultimo_click"  # the default: the click that closed the sale
+FIRST_CLICK = "primer_click"  # the affiliate who brought the visitor first
+ATTRIBUTION_MODELS = (LAST_CLICK, FIRST_CLICK)
+
+
+@dataclass(frozen=True)
+class Click:
+    click_id: str
+    clicked_at: datetime
+
+
+def attributed_click(presented: Click, visitor_clicks: list[Click], model: str, converted_at: datetime,
+                     window: timedelta) -> Click:
+    """The click a conversion is attributed through. `presented` is the click id the postback carried;
+    `visitor_clicks` are the same visitor's clicks on the same campaign (the presented one among them;
+    empty when the click carried no visitor id). Only clicks within the window before the conversion
+    compete: the latest wins under last click, the earliest under first click (ties: the click id, so
+    the choice is stable). None qualifying: the presented click itself, which the window rule then judges."""
+    if model not in ATTRIBUTION_MODELS:
+        raise ValueError(f"unknown attribution model {model!r}")
+    eligible = sorted((c for c in visitor_clicks if within_attribution_window(c.clicked_at, converted_at, window)),
+                      key=lambda c: (c.clicked_at, c.click_id))
+    if not eligible:
+        return presented
+    return eligible[-1] if model == LAST_CLICK else eligible[0]
+
+
+VISITOR_COOKIE = "alpes_vid"
+VISITOR_COOKIE_MAX_AGE = 400 * 24 * 3600  # the longest browsers keep a cookie (RFC 6265bis caps at 400 days)
+_VISITOR_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def visitor_id_or_new(cookie: str | None) -> str:
+    """The visitor's id from its cookie when it is one of ours (32 hex digits), else a new random one:
+    a forged or mangled cookie never reaches the database as is."""
+    if cookie is not None and _VISITOR_ID.match(cookie):
+        return cookie
+    return secrets.token_hex(16)
+
+
 def landing_with_click_id(landing_url: str, click_id: str) -> str:
     """The landing URL with `alpes_click_id` appended, keeping its query and fragment."""
     parts = urlsplit(landing_url)
@@ -257,3 +307,19 @@ def decide_refund(conversion: Conversion, refund_type: str, reason: str | None, 
     if conversion.status != VALIDATED:
         raise NotRefundable(f"a conversion in status {conversion.status!r} cannot be refunded")
     return [Refunded(refund_type, reason, now)]
+
+
+# -- compensation (the conversion → commission saga) ----------------------------------------------
+class NotCompensable(ValueError):
+    pass
+
+
+def decide_compensation(conversion: Conversion, reason: str, now: datetime) -> list[DomainEvent]:
+    """Undo a validation whose commission could not be booked: the conversion is rejected by an
+    explicit event (never a silent rollback). Only a validated conversion is compensated; one
+    already rejected is the same compensation (no event); any other status is refused."""
+    if conversion.status == REJECTED:
+        return []
+    if conversion.status != VALIDATED:
+        raise NotCompensable(f"a conversion in status {conversion.status!r} cannot be compensated")
+    return [Rejected(reason, now, compensation=True)]

@@ -18,7 +18,7 @@ from alpes.kernel.http import Problem
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent, new_id, utcnow
 from alpes.kernel.outbox import Outbox
 
-from . import domain, tables
+from . import domain, saga, tables
 
 TOPIC = "conversiones.eventos"
 STREAM_TYPE = "conversion"
@@ -29,7 +29,9 @@ def event_store(registry) -> EventStore:
 
 
 # -- mapping between domain events and their Avro records --------------------------------
-def to_record(conversion: domain.Conversion, event: domain.DomainEvent) -> NewEvent:
+def to_record(conversion: domain.Conversion, event: domain.DomainEvent, click_id: str | None = None) -> NewEvent:
+    """`click_id`: the click the conversion was attributed through (kept beside the stream in
+    click_attributions), carried by ConversionValidated."""
     if isinstance(event, domain.Detected):
         return NewEvent("ConversionDetected", {
             "conversion_id": event.conversion_id, "affiliate_id": event.affiliate_id, "campaign_id": event.campaign_id,
@@ -41,7 +43,7 @@ def to_record(conversion: domain.Conversion, event: domain.DomainEvent) -> NewEv
         return NewEvent("ConversionValidated", {
             "conversion_id": d.conversion_id, "affiliate_id": d.affiliate_id, "campaign_id": d.campaign_id,
             "conversion_value": d.conversion_value, "currency": d.currency, "conversion_type": d.conversion_type,
-            "timestamp": event.timestamp}, event.timestamp)
+            "timestamp": event.timestamp, "click_id": click_id, "converted_at": d.timestamp}, event.timestamp)
     if isinstance(event, domain.Refunded):
         return NewEvent("ConversionRefunded", {
             "conversion_id": d.conversion_id, "affiliate_id": d.affiliate_id, "campaign_id": d.campaign_id,
@@ -51,9 +53,12 @@ def to_record(conversion: domain.Conversion, event: domain.DomainEvent) -> NewEv
         return NewEvent("ConversionHeld", {
             "conversion_id": d.conversion_id, "affiliate_id": d.affiliate_id, "campaign_id": d.campaign_id,
             "reason": event.reason, "timestamp": event.timestamp}, event.timestamp)
+    # A compensation carries what undoing the validation needs: when it happened and what it was worth.
     return NewEvent("ConversionRejected", {
         "conversion_id": d.conversion_id, "affiliate_id": d.affiliate_id, "campaign_id": d.campaign_id,
-        "reason": event.reason, "timestamp": event.timestamp}, event.timestamp)
+        "reason": event.reason, "timestamp": event.timestamp, "compensation": event.compensation,
+        "validated_at": conversion.validated_at if event.compensation else None,
+        "conversion_value": d.conversion_value, "currency": d.currency}, event.timestamp)
 
 
 def from_record(stored: StoredEvent) -> domain.DomainEvent:
@@ -64,7 +69,7 @@ def from_record(stored: StoredEvent) -> domain.DomainEvent:
     if stored.event_type == "ConversionValidated":
         return domain.Validated(p["timestamp"])
     if stored.event_type == "ConversionRejected":
-        return domain.Rejected(p["reason"], p["timestamp"])
+        return domain.Rejected(p["reason"], p["timestamp"], p.get("compensation", False))
     if stored.event_type == "ConversionHeld":
         return domain.Held(p["reason"], p["timestamp"])
     if stored.event_type == "ConversionRefunded":
@@ -113,11 +118,14 @@ def _project_figures(session: Session, stored: StoredEvent) -> None:
         currency = p["currency"]
         counts["validated"], counts["validated_revenue"] = 1, p["conversion_value"]
     elif stored.event_type == "ConversionRejected":
-        # ConversionRejected carries no currency; the view row, written when the stream's
+        # ConversionRejected v1 carries no currency; the view row, written when the stream's
         # ConversionDetected was projected (always earlier in the stream), has it.
         v = tables.conversiones_view
-        currency = session.scalar(select(v.c.currency).where(v.c.id == p["conversion_id"]))
+        row = session.execute(select(v.c.currency, v.c.conversion_value).where(v.c.id == p["conversion_id"])).first()
+        currency = row.currency
         counts["rejected"] = 1
+        if p.get("compensation"):  # it was counted validated: it moves, never counts as both
+            counts["validated"], counts["validated_revenue"] = -1, -row.conversion_value
     else:
         return
     keys = {"affiliate_id": p["affiliate_id"], "campaign_id": p["campaign_id"], "currency": currency}
@@ -166,9 +174,13 @@ def _commit_events(session: Session, store: EventStore, conversion: domain.Conve
                    events: list[domain.DomainEvent], correlation_id: str) -> list[OutgoingEvent]:
     """Append to the stream, update the projection, and return the integration events."""
     expected = conversion.version
+    click_id = None
+    if any(isinstance(event, domain.Validated) for event in events):
+        click_id = session.scalar(select(tables.click_attributions.c.click_id)
+                                  .where(tables.click_attributions.c.conversion_id == conversion.id))
     records = []
     for event in events:
-        records.append(to_record(conversion, event))
+        records.append(to_record(conversion, event, click_id))
         conversion.apply(event)
     stored = store.append(session, conversion.id, expected, records, correlation_id)
     outgoing = []
@@ -177,6 +189,7 @@ def _commit_events(session: Session, store: EventStore, conversion: domain.Conve
         outgoing.append(OutgoingEvent(TOPIC, item.event_type, item.stream_id, item.payload, event_id=item.event_id,
                                       occurred_at=item.occurred_at, correlation_id=correlation_id,
                                       causation_id=correlation_id))
+    saga.record_events(session, stored)  # the saga's steps commit with the events that make them
     return outgoing
 
 
@@ -237,9 +250,11 @@ def _enrolled(session: Session, affiliate_id: str, campaign_id: str, link_code: 
 
 # -- tracking links and clicks ---------------------------------------------------------------
 def record_click(session: Session, link_code: str, *, ip: str | None, user_agent: str | None,
-                 referrer: str | None, now: datetime | None = None) -> tuple[str, str, list[OutgoingEvent]]:
+                 referrer: str | None, now: datetime | None = None,
+                 visitor_id: str | None = None) -> tuple[str, str, list[OutgoingEvent]]:
     """A visit to a tracking link: store the click, answer where to redirect (the campaign's
-    landing URL with the click id) and ClickRecorded. Unknown or inactive links get a 404 and store nothing."""
+    landing URL with the click id) and ClickRecorded. Unknown or inactive links get a 404 and store nothing.
+    `visitor_id` (the visitor's cookie) ties the visitor's clicks together for attribution."""
     i, c = tables.ref_inscripciones, tables.ref_campanas
     link = session.execute(select(i.c.afiliado_id, i.c.campana_id, i.c.activa, c.c.estado, c.c.landing_url)
                            .join(c, c.c.campana_id == i.c.campana_id, isouter=True)
@@ -257,26 +272,53 @@ def record_click(session: Session, link_code: str, *, ip: str | None, user_agent
     referrer = referrer[:2000] if referrer else None
     session.execute(tables.clicks.insert().values(
         id=click_id, link_code=link_code, affiliate_id=link.afiliado_id, campaign_id=link.campana_id,
-        clicked_at=clicked_at, ip=ip, user_agent=user_agent, referrer=referrer))
+        clicked_at=clicked_at, ip=ip, user_agent=user_agent, referrer=referrer, visitor_id=visitor_id))
     # The IP stays in the clicks table (personal data): the event carries what analytics needs.
     event = OutgoingEvent(TOPIC, "ClickRecorded", click_id, {
         "click_id": click_id, "link_code": link_code, "affiliate_id": link.afiliado_id,
-        "campaign_id": link.campana_id, "timestamp": clicked_at, "user_agent": user_agent, "referrer": referrer})
+        "campaign_id": link.campana_id, "timestamp": clicked_at, "user_agent": user_agent, "referrer": referrer,
+        "visitor_id": visitor_id})
     return click_id, domain.landing_with_click_id(link.landing_url, click_id), [event]
 
 
-def attribution_of(session: Session, click_id: str, affiliate_id: str | None,
-                   campaign_id: str | None) -> tuple[str, str]:
-    """The affiliate and campaign a postback's click_id attributes it to; ids given beside it must agree."""
+@dataclass(frozen=True)
+class Attribution:
+    affiliate_id: str
+    campaign_id: str
+    click_id: str  # the click that earns the conversion (may differ from the one the postback named)
+
+
+def attribution_of(session: Session, click_id: str, affiliate_id: str | None, campaign_id: str | None,
+                   converted_at: datetime) -> Attribution:
+    """Whom a postback's click_id attributes it to. Ids given beside it must agree with that click.
+    When the click carries a visitor id, the visitor's clicks on the same campaign within its window
+    before the conversion compete under the campaign's model (last click by default, or first click);
+    the winner's affiliate earns the conversion."""
     k = tables.clicks
-    click = session.execute(select(k.c.affiliate_id, k.c.campaign_id).where(k.c.id == click_id)).first()
+    click = session.execute(select(k.c.id, k.c.affiliate_id, k.c.campaign_id, k.c.clicked_at, k.c.visitor_id)
+                            .where(k.c.id == click_id)).first()
     if click is None:
         raise Problem(422, "click_id", "no click with this id")
     for field, given, clicked in (("affiliate_id", affiliate_id, click.affiliate_id),
                                   ("campaign_id", campaign_id, click.campaign_id)):
         if given is not None and given != clicked:
             raise Problem(422, field, f"differs from the {field} of the click")
-    return click.affiliate_id, click.campaign_id
+    if click.visitor_id is None:
+        return Attribution(click.affiliate_id, click.campaign_id, click.id)  # nothing ties it to other clicks
+    rc = tables.ref_campanas
+    campana = session.execute(select(rc.c.modelo_atribucion, rc.c.ventana_atribucion_dias)
+                              .where(rc.c.campana_id == click.campaign_id)).first()
+    if campana is None:  # the campaign is not known yet (the click is): its own click, judged at validation
+        return Attribution(click.affiliate_id, click.campaign_id, click.id)
+    window = timedelta(days=campana.ventana_atribucion_dias)
+    rows = session.execute(select(k.c.id, k.c.affiliate_id, k.c.clicked_at).where(
+        k.c.campaign_id == click.campaign_id, k.c.visitor_id == click.visitor_id,
+        k.c.clicked_at >= converted_at - window, k.c.clicked_at <= converted_at)).all()
+    chosen = domain.attributed_click(domain.Click(click.id, click.clicked_at),
+                                     [domain.Click(r.id, r.clicked_at) for r in rows],
+                                     campana.modelo_atribucion, converted_at, window)
+    affiliate = {r.id: r.affiliate_id for r in rows}.get(chosen.click_id, click.affiliate_id)
+    return Attribution(affiliate, click.campaign_id, chosen.click_id)
 
 
 # -- commands --------------------------------------------------------------------------------
@@ -350,6 +392,8 @@ def learn_campana(session: Session, event: IncomingEvent) -> list[OutgoingEvent]
                                           fecha_inicio=p["fecha_inicio"], fecha_fin=p["fecha_fin"],
                                           # Not announced yet by marketing (a CampanaCreada v3 term): None.
                                           min_segundos_click_conversion=p.get("min_segundos_click_conversion"),
+                                          # v1-v3 read the v4 default: last click.
+                                          modelo_atribucion=p.get("modelo_atribucion") or domain.LAST_CLICK,
                                           updated_at=utcnow()))
     return []
 
@@ -448,3 +492,112 @@ def review_conversion(session: Session, store: EventStore, conversion_id: str, a
     except domain.NotInReview as refusal:
         raise Problem(409, "status", str(refusal)) from None
     return _commit_events(session, store, conversion, events, conversion_id)
+
+
+# -- the conversion → commission saga (see saga.py): marketing's answers and the timeouts -------
+def commission_request(session: Session, conversion: domain.Conversion, attempt: int,
+                       now: datetime) -> OutgoingEvent:
+    """CommissionRequested: the saga asks marketing again, with what ConversionValidated said (its
+    validation time stays the `timestamp`, so the rules in force then still apply)."""
+    d = conversion.detected
+    assert d is not None and conversion.validated_at is not None
+    click_id = session.scalar(select(tables.click_attributions.c.click_id)
+                              .where(tables.click_attributions.c.conversion_id == conversion.id))
+    return OutgoingEvent(TOPIC, "CommissionRequested", conversion.id, {
+        "conversion_id": d.conversion_id, "affiliate_id": d.affiliate_id, "campaign_id": d.campaign_id,
+        "conversion_value": d.conversion_value, "currency": d.currency, "conversion_type": d.conversion_type,
+        "timestamp": conversion.validated_at, "attempt": attempt, "requested_at": now, "converted_at": d.timestamp,
+        "click_id": click_id}, occurred_at=now, correlation_id=conversion.id, causation_id=conversion.id)
+
+
+def compensate(session: Session, store: EventStore, conversion: domain.Conversion, reason: str,
+               now: datetime) -> list[OutgoingEvent]:
+    """Reject a validated conversion whose commission could not be booked: an explicit
+    ConversionRejected (compensation=true) in its stream; marketing reverses any commission it
+    booked late and never books one afterwards."""
+    return _commit_events(session, store, conversion, domain.decide_compensation(conversion, reason, now),
+                          conversion.id)
+
+
+def note_commission_booked(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """ComisionRegistrada: the saga completes. An answer to a retry, or a commission booked
+    after the saga compensated (marketing reverses it on the compensating rejection), is logged."""
+    p, now = event.payload, utcnow()
+    row = saga.load(session, p["conversion_id"], lock=True)
+    if row is None:
+        return []
+    detalle = f"ComisionRegistrada {p['comision_id']}: {p['monto']} {p['moneda']}" + (
+        f", limitado_por {p['limitado_por']}" if p.get("limitado_por") else "")
+    if saga.finish(session, row["saga_id"], saga.COMMISSION, saga.DONE, now, detalle):
+        if row["estado"] == saga.RUNNING:
+            saga.stop_waiting(session, row["saga_id"], now, saga.COMPLETED, "commission_booked")
+        return []
+    if row["estado"] == saga.COMPENSATED and not saga.has_step(session, row["saga_id"], saga.COMMISSION, saga.DONE):
+        saga.note(session, row["saga_id"], saga.COMMISSION, saga.DONE, now, f"booked late: {detalle}")
+    return []  # a repeated answer (to a retry, or a redelivery): already logged
+
+
+def note_commission_denied(store: EventStore):
+    """ComisionDenegada: the validation is compensated by rejecting the conversion (in this inbox
+    transaction). Refunded before a commission was booked: nothing to compensate, the saga completes."""
+    def handler(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+        p, now = event.payload, utcnow()
+        row = saga.load(session, p["conversion_id"], lock=True)
+        if row is None or row["estado"] in saga.TERMINAL_STATES:
+            return []  # already decided: a repeated answer
+        saga.finish(session, row["saga_id"], saga.COMMISSION, saga.FAILED, now, f"ComisionDenegada {p['razon']}")
+        conversion = load_conversion(session, store, row["saga_id"])
+        if conversion.status == domain.VALIDATED:
+            return compensate(session, store, conversion, saga.compensation_reason(p["razon"]), now)
+        saga.finish(session, row["saga_id"], saga.COMMISSION_REVERSAL, saga.DONE, now,
+                    "nothing to reverse: no commission was booked")
+        saga.stop_waiting(session, row["saga_id"], now, saga.COMPLETED, f"no_commission:{p['razon']}")
+        return []
+    return handler
+
+
+def note_commission_reversed(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """ReversionComisionRegistrada: marketing reversed the commission (refund or compensation)."""
+    p, now = event.payload, utcnow()
+    row = saga.load(session, p["conversion_id"], lock=True)
+    if row is None:
+        return []
+    detalle = (f"ComisionRevertida {p['comision_id']}: {p['monto']} {p['moneda']} was {p['estado_anterior']} "
+               f"({p['motivo']})")
+    if p.get("ajuste_monto") is not None:
+        detalle += f"; adjustment {p['ajuste_monto']} withheld from the next payout"
+    if not saga.finish(session, row["saga_id"], saga.COMMISSION_REVERSAL, saga.DONE, now, detalle):
+        saga.note(session, row["saga_id"], saga.COMMISSION_REVERSAL, saga.DONE, now, detalle)
+    return []
+
+
+def expire_sagas(db: Database, store: EventStore, outbox: Outbox, policy: saga.SagaPolicy,
+                 now: datetime | None = None, batch: int = 100) -> int:
+    """The saga's timer: a saga waiting on marketing longer than the policy's timeout asks again
+    (CommissionRequested), and after the last attempt compensates. Measured on the real clock."""
+    now = now or utcnow()
+    s = tables.sagas
+    acted = 0
+    with db.transaction() as session:
+        rows = session.execute(select(s).where(s.c.estado == saga.RUNNING, s.c.esperando_desde.is_not(None),
+                                               s.c.esperando_desde <= now - policy.timeout)
+                               .order_by(s.c.esperando_desde).limit(batch).with_for_update(skip_locked=True)
+                               ).mappings().all()
+        for row in rows:
+            conversion = load_conversion(session, store, row["saga_id"])
+            if saga.on_timeout(row["intentos"], policy) == saga.RETRY:
+                # Refunded meanwhile too: the answer still tells whether a commission was booked.
+                attempt = row["intentos"] + 1
+                saga.record_retry(session, row["saga_id"], attempt, policy, now)
+                outbox.add(session, [commission_request(session, conversion, attempt, now)])
+            elif conversion.status != domain.VALIDATED:
+                # Refunded: nothing to compensate; marketing reverses or never books it on its own.
+                saga.finish(session, row["saga_id"], saga.COMMISSION, saga.FAILED, now,
+                            f"no answer after {row['intentos']} attempts; the conversion is {conversion.status}")
+                saga.stop_waiting(session, row["saga_id"], now, saga.COMPLETED, f"unconfirmed:{conversion.status}")
+            else:
+                saga.finish(session, row["saga_id"], saga.COMMISSION, saga.FAILED, now,
+                            f"no answer after {row['intentos']} attempts")
+                outbox.add(session, compensate(session, store, conversion, domain.COMMISSION_NOT_CONFIRMED, now))
+            acted += 1
+    return acted

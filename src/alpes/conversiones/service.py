@@ -10,20 +10,30 @@ from alpes.kernel.messages import utcnow
 from alpes.kernel.runtime import PeriodicJob, ServiceRuntime
 from alpes.settings import Settings
 
-from . import api, consumers, handlers, tables
+from . import api, consumers, handlers, saga, tables
 
 
-def build(settings: Settings, clock: Callable[[], datetime] = utcnow):
-    """`clock` stamps clicks and postbacks (tests place them in time with it)."""
+def build(settings: Settings, clock: Callable[[], datetime] | None = None):
+    """`clock` stamps clicks and postbacks and decides validations (tests place them in time with
+    it); by default the UTC clock shifted by ALPES_CONVERSIONES_CLOCK_OFFSET_SECONDS (0)."""
     grace = timedelta(seconds=settings.reference_grace_seconds)
+    if clock is None:
+        offset = timedelta(seconds=settings.conversiones_clock_offset_seconds)
+        clock = utcnow if not offset else lambda: utcnow() + offset
 
     def configure(runtime: ServiceRuntime) -> None:
         store = handlers.event_store(runtime.registry)
         runtime.jobs.append(PeriodicJob(
             "validate-conversions", 0.25, lambda: handlers.validate_pending(
-                runtime.db, store, runtime.outbox, grace, max_conversions_per_ip=settings.max_conversions_per_ip)))
+                runtime.db, store, runtime.outbox, grace, now=clock(),
+                max_conversions_per_ip=settings.max_conversions_per_ip)))
+        # The saga's timer runs on the real clock (its deadlines are real waits, not business time).
+        runtime.jobs.append(PeriodicJob(
+            "saga-timeouts", min(5.0, max(0.2, policy.timeout.total_seconds() / 4)),
+            lambda: handlers.expire_sagas(runtime.db, store, runtime.outbox, policy)))
 
+    policy = saga.SagaPolicy(timedelta(seconds=settings.saga_timeout_seconds), settings.saga_max_retries)
     return compose("conversiones", settings, outbox=tables.outbox, inbox=tables.inbox,
-                   consumers=consumers.consumer_specs(), routes=lambda runtime: api.include_routes(
-                       runtime, grace, clock, settings.max_conversions_per_ip),
+                   consumers=consumers.consumer_specs(), routes=lambda runtime: api.with_saga_routes(
+                       api.include_routes(runtime, grace, clock, settings.max_conversions_per_ip), runtime, policy),
                    configure=configure)

@@ -1,4 +1,14 @@
-from sqlalchemy import Boolean, Column, Index, Integer, MetaData, PrimaryKeyConstraint, String, Table
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+)
 
 from alpes.kernel.db import ScaledDecimal, UtcDateTime
 from alpes.kernel.eventstore import event_store_table
@@ -77,6 +87,8 @@ ref_campanas = Table(
     Column("fecha_fin", UtcDateTime()),
     # None: not enforced (the campaign set no minimum, or was announced before CampanaCreada v3).
     Column("min_segundos_click_conversion", Integer),
+    # ultimo_click or primer_click (CampanaCreada v4); campaigns announced before it: last click.
+    Column("modelo_atribucion", String(20), nullable=False, server_default="ultimo_click"),
 )
 
 # Enrollments learned from marketing.eventos: which affiliate and campaign a tracking link is for.
@@ -103,6 +115,9 @@ clicks = Table(
     Column("ip", String(45)),
     Column("user_agent", String(500)),
     Column("referrer", String(2000)),
+    # The visitor's cookie (alpes_vid): links the visitor's clicks for first/last-click attribution.
+    Column("visitor_id", String(32)),
+    Index("ix_clicks_visitor", "campaign_id", "visitor_id", "clicked_at"),
 )
 
 # Which click a conversion was attributed through (write side, beside the event store like
@@ -123,6 +138,33 @@ conversion_signals = Table(
     Column("customer_email_sha256", String(64)),
     Column("detected_at", UtcDateTime(), nullable=False),
     Index("ix_conversion_signals_campaign_ip", "campaign_id", "ip", "detected_at"),
+)
+
+# The conversion → commission saga's log (see saga.py). Not a projection: it also records
+# marketing's answers and the retries after timeouts, which are not in the event store, so a
+# replay leaves it alone. saga_id = conversion id = the flow's correlation id.
+sagas = Table(
+    "sagas", metadata,
+    Column("saga_id", String(36), primary_key=True),
+    Column("estado", String(20), nullable=False),  # running, completed, compensated
+    Column("paso_actual", String(30), nullable=False),
+    Column("intentos", Integer, nullable=False),  # commission requests sent (ConversionValidated + retries)
+    Column("esperando_desde", UtcDateTime()),  # set while waiting on marketing: the timeout counts from it
+    Column("resultado", String(120)),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    Index("ix_sagas_estado_esperando", "estado", "esperando_desde"),
+)
+saga_pasos = Table(
+    "saga_pasos", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("saga_id", String(36), nullable=False),
+    Column("paso", String(30), nullable=False),
+    Column("estado", String(20), nullable=False),  # waiting, done, failed
+    Column("started_at", UtcDateTime(), nullable=False),
+    Column("finished_at", UtcDateTime()),
+    Column("detalle", String(500)),
+    Index("ix_saga_pasos_saga", "saga_id", "paso", "estado"),
 )
 
 outbox = outbox_table(metadata)

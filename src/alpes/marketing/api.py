@@ -6,14 +6,14 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, FastAPI, Query, Response
-from pydantic import (AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo,
+from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo,
                       field_validator)
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from alpes.kernel.db import where_equal
-from alpes.kernel.http import Problem
-from alpes.kernel.money import Amount, Currency, Percentage
+from alpes.kernel.http import MAX_OFFSET, BoundedDatetime, Identifier, IsoDate, PlainText, Problem
+from alpes.kernel.money import Amount, Currency, Percentage, check_places
 from alpes.kernel.runtime import ServiceRuntime
 
 from . import domain, handlers, tables
@@ -34,18 +34,20 @@ class Segmentacion(BaseModel):
 class CrearCampana(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    nombre: str = Field(min_length=1, max_length=200)
+    nombre: PlainText = Field(min_length=1, max_length=200)
     porcentaje_comision: Percentage
     moneda: Currency = "EUR"
-    fecha_inicio: AwareDatetime | None = None
-    fecha_fin: AwareDatetime | None = None
-    landing_url: str | None = Field(None, max_length=2000, pattern=r"^https?://[^\s/$.?#][^\s]*$")
+    fecha_inicio: BoundedDatetime | None = None
+    fecha_fin: BoundedDatetime | None = None
+    landing_url: PlainText | None = Field(None, max_length=2000, pattern=r"^https?://[^\s/$.?#][^\s]*$")
     presupuesto: Amount | None = None
     ventana_atribucion_dias: int = Field(30, ge=1, le=365)
     periodo_bloqueo_dias: int = Field(30, ge=0, le=365)
     segmentacion: Segmentacion = Field(default_factory=Segmentacion)
     activar: bool = True
     min_segundos_click_conversion: int | None = Field(None, ge=0, le=86400)
+    # Which of a visitor's clicks within the window earns a conversion: the latest or the earliest.
+    modelo_atribucion: Literal["ultimo_click", "primer_click"] = "ultimo_click"
 
     @field_validator("fecha_fin")
     @classmethod
@@ -54,6 +56,11 @@ class CrearCampana(BaseModel):
         if fecha_fin is not None and inicio is not None and fecha_fin <= inicio:
             raise ValueError("must be after fecha_inicio")
         return fecha_fin
+
+    @field_validator("presupuesto")
+    @classmethod
+    def budget_fits_currency(cls, presupuesto: Decimal | None, info: ValidationInfo) -> Decimal | None:
+        return presupuesto if presupuesto is None else check_places(presupuesto, info.data.get("moneda"))
 
 
 class Campana(BaseModel):
@@ -71,6 +78,7 @@ class Campana(BaseModel):
     periodo_bloqueo_dias: int
     segmentacion: dict[str, list[str]]
     min_segundos_click_conversion: int | None
+    modelo_atribucion: str
 
 
 def _campana(row) -> Campana:
@@ -80,13 +88,14 @@ def _campana(row) -> Campana:
                    presupuesto=row["presupuesto"], ventana_atribucion_dias=row["ventana_atribucion_dias"],
                    periodo_bloqueo_dias=row["periodo_bloqueo_dias"],
                    segmentacion={k: [v for v in row[k].split(",") if v] for k in ("paises", "canales", "categorias")},
-                   min_segundos_click_conversion=row["min_segundos_click_conversion"])
+                   min_segundos_click_conversion=row["min_segundos_click_conversion"],
+                   modelo_atribucion=row["modelo_atribucion"])
 
 
 class Inscribir(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    afiliado_id: str = Field(min_length=1, max_length=36)
+    afiliado_id: Identifier
     canal: Code | None = None
     categoria: Code | None = None
 
@@ -108,7 +117,7 @@ def _comision(row) -> dict:
 class CrearPagos(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    afiliado_id: str | None = Field(None, min_length=1, max_length=36)
+    afiliado_id: Identifier | None = None
 
 
 def _pago(row) -> dict:
@@ -211,7 +220,7 @@ class ReglaComision(BaseModel):
     monto: Amount | None = None  # cpa: the flat amount per conversion
     porcentaje: Percentage | None = None  # cps: of the sale value
     conversion_type: Literal["sale", "purchase", "lead"] | None = None
-    afiliado_id: str | None = Field(None, min_length=1, max_length=36)
+    afiliado_id: Identifier | None = None
     min_aprobadas: int | None = Field(None, ge=1, le=1_000_000)
 
 
@@ -244,12 +253,24 @@ def _reglas_del_cuerpo(body: ReemplazarReglas) -> tuple[tuple[domain.Regla, ...]
     return tuple(reglas), domain.Tope(tope.monto, tope.periodo) if tope else None
 
 
+def _amounts_fit_currency(body: ReemplazarReglas, moneda: str) -> None:
+    """Flat amounts and the cap are in the campaign's currency: no more decimals than it has."""
+    amounts = [(f"reglas.{n}.monto", r.monto) for n, r in enumerate(body.reglas) if r.monto is not None]
+    if body.tope_por_afiliado is not None:
+        amounts.append(("tope_por_afiliado.monto", body.tope_por_afiliado.monto))
+    for field, amount in amounts:
+        try:
+            check_places(amount, moneda)
+        except ValueError as error:
+            raise Problem(422, field, str(error)) from None
+
+
 def _explicacion(row) -> dict:
     lineage = json.loads(row["explicacion"]) if row["explicacion"] else {
         "inputs": {"base": str(row["base"]), "porcentaje": str(row["porcentaje"])}, "chequeos": [], "topes": None,
         "monto_sin_tope": None}  # booked before commission rules: base × the campaign percentage
     return {"comision_id": row["id"], "conversion_id": row["conversion_id"],
-            "click_id": None,  # marketing does not learn the click of a conversion (yet)
+            "click_id": row["click_id"],  # from ConversionValidated v2; null: attributed by ids, or older
             "campana_id": row["campana_id"], "afiliado_id": row["afiliado_id"],
             "version_reglas": row["version_reglas"], "regla_id": row["regla_id"], "tipo": row["tipo_regla"],
             **lineage, "limitado_por": row["limitado_por"], "monto": str(row["monto"]), "moneda": row["moneda"]}
@@ -269,6 +290,7 @@ def include_routes(runtime: ServiceRuntime, umbral: Decimal = Decimal("50.00")):
                 presupuesto=body.presupuesto, ventana_atribucion_dias=body.ventana_atribucion_dias,
                 periodo_bloqueo_dias=body.periodo_bloqueo_dias, activa=body.activar,
                 min_segundos_click_conversion=body.min_segundos_click_conversion,
+                modelo_atribucion=body.modelo_atribucion,
                 segmentacion=domain.Segmentacion(frozenset(body.segmentacion.paises),
                                                  frozenset(body.segmentacion.canales),
                                                  frozenset(body.segmentacion.categorias))))
@@ -289,7 +311,7 @@ def include_routes(runtime: ServiceRuntime, umbral: Decimal = Decimal("50.00")):
                              summary=f"{accion.capitalize()} a campaign (409 if its state does not allow it)")
 
     @router.get("/campanas", tags=["campanas"])
-    def listar(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict:
+    def listar(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict:
         with runtime.db.read() as session:
             rows = session.execute(select(c).order_by(c.c.creada_en, c.c.id).limit(limit).offset(offset)).mappings().all()
         return {"campanas": [_campana(r).model_dump(mode="json") for r in rows]}
@@ -340,6 +362,7 @@ def include_routes(runtime: ServiceRuntime, umbral: Decimal = Decimal("50.00")):
         """Replace the campaign's commission rules (ordered, first match wins) with a new version
         in force from now; no rule matching a conversion leaves it at porcentaje_comision."""
         reglas, tope = _reglas_del_cuerpo(body)
+        _amounts_fit_currency(body, obtener(campana_id).moneda)
         with runtime.unit_of_work() as (session, emit):
             version, events = handlers.replace_reglas(session, campana_id, reglas, tope)
             emit(events)
@@ -376,7 +399,7 @@ def include_routes(runtime: ServiceRuntime, umbral: Decimal = Decimal("50.00")):
 
     @router.get("/comisiones", tags=["comisiones"])
     def comisiones(afiliado_id: str | None = None, campana_id: str | None = None, conversion_id: str | None = None,
-                   limit: int = Query(1000, ge=1, le=10000), offset: int = Query(0, ge=0)) -> dict:
+                   limit: int = Query(1000, ge=1, le=10000), offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict:
         query = select(k).order_by(k.c.calculada_en, k.c.id).limit(limit).offset(offset)
         query = where_equal(query, k, afiliado_id=afiliado_id, campana_id=campana_id, conversion_id=conversion_id)
         with runtime.db.read() as session:
@@ -392,7 +415,7 @@ def include_routes(runtime: ServiceRuntime, umbral: Decimal = Decimal("50.00")):
         return _comision(row)
 
     @router.get("/reportes", tags=["reportes"])
-    def reportes(desde: date | None = None, hasta: date | None = None, campana_id: str | None = None,
+    def reportes(desde: IsoDate | None = None, hasta: IsoDate | None = None, campana_id: str | None = None,
                  afiliado_id: str | None = None) -> dict:
         """Per day, campaign and affiliate: clicks and conversions (analytics-consumer) and
         commissions by state (reporting-consumer), with conversion rates and EPC."""
@@ -401,7 +424,7 @@ def include_routes(runtime: ServiceRuntime, umbral: Decimal = Decimal("50.00")):
         return {"reportes": _summed(lines, lambda line: (line["dia"], line["campana_id"], line["afiliado_id"]))}
 
     @router.get("/reportes/campanas/{campana_id}", tags=["reportes"])
-    def reporte_campana(campana_id: str, desde: date | None = None, hasta: date | None = None,
+    def reporte_campana(campana_id: str, desde: IsoDate | None = None, hasta: IsoDate | None = None,
                         agrupar: str = Query("dia", pattern="^(dia|total)$")) -> dict:
         """One campaign, all its affiliates: per day (`agrupar=dia`) or one line for the period."""
         with runtime.db.read() as session:
@@ -410,7 +433,7 @@ def include_routes(runtime: ServiceRuntime, umbral: Decimal = Decimal("50.00")):
                 "reportes": _summed(lines, _por(agrupar), campana_id=campana_id)}
 
     @router.get("/reportes/afiliados/{afiliado_id}", tags=["reportes"])
-    def reporte_afiliado(afiliado_id: str, desde: date | None = None, hasta: date | None = None,
+    def reporte_afiliado(afiliado_id: str, desde: IsoDate | None = None, hasta: IsoDate | None = None,
                          agrupar: str = Query("dia", pattern="^(dia|total)$")) -> dict:
         """One affiliate, all its campaigns: per day (`agrupar=dia`) or one line for the period."""
         with runtime.db.read() as session:
@@ -451,7 +474,7 @@ def include_routes(runtime: ServiceRuntime, umbral: Decimal = Decimal("50.00")):
 
     @router.get("/pagos", tags=["pagos"])
     def pagos(afiliado_id: str | None = None, estado: str | None = Query(None, pattern="^(pendiente|pagado)$"),
-              limit: int = Query(1000, ge=1, le=10000), offset: int = Query(0, ge=0)) -> dict:
+              limit: int = Query(1000, ge=1, le=10000), offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict:
         t = tables.pagos
         query = where_equal(select(t).order_by(t.c.creado_en, t.c.id).limit(limit).offset(offset), t,
                             afiliado_id=afiliado_id, estado=estado)

@@ -16,13 +16,16 @@ def consumer_specs() -> list[ConsumerSpec]:
             "AfiliadoSuspendido": handlers.disable_afiliado,
         }),
         ConsumerSpec("conversiones.eventos", "marketing-consumer", {
-            "ConversionValidated": handlers.calculate_comision,
+            # The conversion → commission saga: book once and answer on marketing.eventos.
+            "ConversionValidated": handlers.answer_comision_request,
+            "CommissionRequested": handlers.answer_comision_request,
+            "ConversionRejected": handlers.undo_compensated_comision,
             "ConversionRefunded": handlers.reverse_comision,
         }),
         ConsumerSpec("conversiones.eventos", "analytics-consumer", {
             "ConversionDetected": handlers.count_detected,
             "ConversionValidated": handlers.count_validated,
-            "ConversionRejected": handlers.count_rejected,
+            "ConversionRejected": handlers.count_rejected_conversion,
             "ConversionRefunded": handlers.count_refunded,
             "ClickRecorded": handlers.count_click,
         }),

@@ -98,6 +98,13 @@ def calcular_comision(base: Decimal, porcentaje: Decimal) -> Decimal:
     return (base * porcentaje / Decimal(100)).quantize(CENT, rounding=ROUND_HALF_UP)
 
 
+# Which of a visitor's clicks on the campaign (within its window, before the conversion) earns the
+# conversion: the latest (last click, the default) or the earliest (first click). conversiones applies it.
+ULTIMO_CLICK = "ultimo_click"
+PRIMER_CLICK = "primer_click"
+MODELOS_ATRIBUCION = (ULTIMO_CLICK, PRIMER_CLICK)
+
+
 @dataclass(frozen=True)
 class NuevaCampana:
     nombre: str
@@ -112,6 +119,11 @@ class NuevaCampana:
     activa: bool = True  # false: created as a draft, activated later
     # A click-attributed conversion sooner than this after its click is held (too_fast); None: no minimum.
     min_segundos_click_conversion: int | None = None
+    modelo_atribucion: str = ULTIMO_CLICK
+
+    def __post_init__(self) -> None:
+        if self.modelo_atribucion not in MODELOS_ATRIBUCION:
+            raise ValueError(f"unknown attribution model {self.modelo_atribucion!r}")
 
 
 # -- the commission lifecycle: pendiente → aprobada → pagada, or revertida from any of them ----
@@ -202,7 +214,7 @@ class Regla:
     porcentaje: Decimal | None = None  # cps
     conversion_type: str | None = None  # None: any type
     afiliado_id: str | None = None  # None: any affiliate (an override names one)
-    min_aprobadas: int | None = None  # tier: commissions already calculated this calendar month
+    min_aprobadas: int | None = None  # tier: the affiliate's approved conversions this month (see below)
 
     def __post_init__(self) -> None:
         if self.tipo not in TIPOS_REGLA:
@@ -249,7 +261,11 @@ class ConversionACalcular:
     base: Decimal
     conversion_type: str
     afiliado_id: str
-    calculadas_en_el_mes: int  # the affiliate's commissions in this campaign this calendar month
+    # The tier count: the affiliate's approved conversions in this campaign in the calendar month
+    # (UTC) of this conversion, before it. "Approved" = passed validation, i.e. its commission was
+    # booked (also when a cap cut it to zero), and not reversed since (refunded or charged back).
+    # Rejected and held conversions never book one. Months are by conversion time, like the caps.
+    aprobadas_en_el_mes: int
 
 
 def elegir_regla(reglas: tuple[Regla, ...], conversion: ConversionACalcular) -> tuple[int | None, list[str]]:
@@ -262,8 +278,8 @@ def elegir_regla(reglas: tuple[Regla, ...], conversion: ConversionACalcular) -> 
             chequeos.append(f"{nombre} skipped: afiliado_id {conversion.afiliado_id} != {regla.afiliado_id}")
         elif regla.conversion_type is not None and regla.conversion_type != conversion.conversion_type:
             chequeos.append(f"{nombre} skipped: conversion_type {conversion.conversion_type} != {regla.conversion_type}")
-        elif regla.min_aprobadas is not None and conversion.calculadas_en_el_mes < regla.min_aprobadas:
-            chequeos.append(f"{nombre} skipped: {conversion.calculadas_en_el_mes} commissions this month "
+        elif regla.min_aprobadas is not None and conversion.aprobadas_en_el_mes < regla.min_aprobadas:
+            chequeos.append(f"{nombre} skipped: {conversion.aprobadas_en_el_mes} approved conversions this month "
                             f"< min_aprobadas {regla.min_aprobadas}")
         else:
             chequeos.append(f"{nombre} matched ({regla.tipo})")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 
 from sqlalchemy import exists, func, select, update
@@ -31,14 +31,16 @@ def create_campana(session: Session, nueva: domain.NuevaCampana) -> tuple[str, l
         landing_url=nueva.landing_url, presupuesto=nueva.presupuesto,
         ventana_atribucion_dias=nueva.ventana_atribucion_dias, periodo_bloqueo_dias=nueva.periodo_bloqueo_dias,
         paises=",".join(sorted(seg.paises)), canales=",".join(sorted(seg.canales)),
-        categorias=",".join(sorted(seg.categorias)), min_segundos_click_conversion=nueva.min_segundos_click_conversion))
+        categorias=",".join(sorted(seg.categorias)), min_segundos_click_conversion=nueva.min_segundos_click_conversion,
+        modelo_atribucion=nueva.modelo_atribucion))
     return campana_id, [OutgoingEvent(MARKETING, "CampanaCreada", campana_id, {
         "id": campana_id, "nombre": nueva.nombre, "porcentaje_comision": nueva.porcentaje_comision,
         "moneda": nueva.moneda, "timestamp": now, "estado": estado, "fecha_inicio": nueva.vigencia.fecha_inicio,
         "fecha_fin": nueva.vigencia.fecha_fin, "landing_url": nueva.landing_url, "presupuesto": nueva.presupuesto,
         "ventana_atribucion_dias": nueva.ventana_atribucion_dias, "periodo_bloqueo_dias": nueva.periodo_bloqueo_dias,
         "paises": sorted(seg.paises), "canales": sorted(seg.canales), "categorias": sorted(seg.categorias),
-        "min_segundos_click_conversion": nueva.min_segundos_click_conversion})]
+        "min_segundos_click_conversion": nueva.min_segundos_click_conversion,
+        "modelo_atribucion": nueva.modelo_atribucion})]
 
 
 def change_campana_estado(session: Session, campana_id: str, accion: str) -> list[OutgoingEvent]:
@@ -189,9 +191,11 @@ def calculate_comision(session: Session, event: IncomingEvent) -> list[OutgoingE
                               .with_for_update()).mappings().first()
     if campana is None:
         raise LookupError(f"conversion {p['conversion_id']} names unknown campaign {p['campaign_id']}")
-    # ConversionValidated carries only its validation time (not the detection time): the rule
-    # version, the tier month and the cap periods are those of that moment.
-    momento = p["timestamp"]
+    # The rule version, the tier month and the cap periods are those of the conversion's time
+    # (ConversionValidated v2 converted_at), not of its validation: a conversion held for review
+    # and approved days later still earns what the rules in force when it happened said. v1
+    # events carry only the validation time: that is the best we know.
+    momento = p.get("converted_at") or p["timestamp"]
     calculo, explicacion = _calcular_con_reglas(session, campana, p, momento)
     comision_id = new_id()
     now = utcnow()
@@ -201,7 +205,7 @@ def calculate_comision(session: Session, event: IncomingEvent) -> list[OutgoingE
         estado=domain.PENDIENTE, correlation_id=event.correlation_id, calculada_en=now,
         aprobable_desde=domain.aprobable_desde(now, campana["periodo_bloqueo_dias"]),
         momento_conversion=momento, version_reglas=calculo.version, regla_id=calculo.regla_id, tipo_regla=calculo.tipo,
-        limitado_por=calculo.limitado_por, explicacion=json.dumps(explicacion)))
+        limitado_por=calculo.limitado_por, explicacion=json.dumps(explicacion), click_id=p.get("click_id")))
     return [OutgoingEvent(COMISIONES, "ComisionCalculada", comision_id, {
         "id": comision_id, "conversion_id": p["conversion_id"], "afiliado_id": p["affiliate_id"],
         "campana_id": p["campaign_id"], "base": p["conversion_value"], "porcentaje": calculo.porcentaje,
@@ -212,13 +216,20 @@ def calculate_comision(session: Session, event: IncomingEvent) -> list[OutgoingE
 def _calcular_con_reglas(session: Session, campana, p: dict, momento: datetime) -> tuple[domain.Calculo, dict]:
     """Gather what the rules need (version in force, tier count, what the caps have left) and
     apply them. Spent = every commission booked in the campaign, reversed ones included: a
-    reversal does not give budget back (the money may already have been paid)."""
+    reversal does not give budget back (the money may already have been paid).
+
+    Tier count ("the affiliate's approved conversions in the period"): the affiliate's commissions
+    in this campaign whose conversion happened in this conversion's calendar month and was
+    validated (a commission is booked only for a validated conversion: rejected or held ones have
+    none), excluding reversed ones (refunded or charged back: no longer approved). A commission a
+    cap cut to zero still counts: its conversion was approved."""
     k = tables.comisiones
     conjunto = domain.version_vigente(load_versiones(session, campana["id"]), momento)
     desde_mes, hasta_mes = domain.ventana_del_periodo("mes", momento)
     del_afiliado = (k.c.campana_id == campana["id"], k.c.afiliado_id == p["affiliate_id"])
-    calculadas_en_el_mes = session.scalar(select(func.count()).select_from(k).where(
-        *del_afiliado, k.c.momento_conversion >= desde_mes, k.c.momento_conversion < hasta_mes))
+    aprobadas_en_el_mes = session.scalar(select(func.count()).select_from(k).where(
+        *del_afiliado, k.c.momento_conversion >= desde_mes, k.c.momento_conversion < hasta_mes,
+        k.c.estado != domain.REVERTIDA))
     restante_afiliado = None
     tope = conjunto.tope_por_afiliado if conjunto else None
     if tope is not None:
@@ -232,12 +243,12 @@ def _calcular_con_reglas(session: Session, campana, p: dict, momento: datetime) 
         gastado = session.scalar(select(func.coalesce(func.sum(k.c.monto), 0)).where(k.c.campana_id == campana["id"]))
         restante_presupuesto = campana["presupuesto"] - gastado
     conversion = domain.ConversionACalcular(p["conversion_value"], p["conversion_type"], p["affiliate_id"],
-                                            calculadas_en_el_mes)
+                                            aprobadas_en_el_mes)
     calculo = domain.calcular(conjunto, campana["porcentaje_comision"], conversion, restante_afiliado,
                               restante_presupuesto)
     explicacion = {
         "inputs": {"base": str(conversion.base), "conversion_type": conversion.conversion_type,
-                   "momento_conversion": momento.isoformat(), "calculadas_en_el_mes": calculadas_en_el_mes,
+                   "momento_conversion": momento.isoformat(), "aprobadas_en_el_mes": aprobadas_en_el_mes,
                    "porcentaje": str(calculo.porcentaje) if calculo.tipo == domain.CPS else None,
                    "monto_fijo": str(calculo.monto_fijo) if calculo.monto_fijo is not None else None},
         "chequeos": list(calculo.chequeos),
@@ -300,23 +311,11 @@ def replace_reglas(session: Session, campana_id: str, reglas: tuple[domain.Regla
 
 
 # -- analytics-consumer on conversiones.eventos ---------------------------------------------
-def _count_conversion(column: str, with_revenue: bool = False):
-    def handler(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
-        p = event.payload
-        increments = {column: 1}
-        if with_revenue:
-            increments["ingresos"] = p["conversion_value"]
-        upsert_add(session, tables.analitica_conversiones,
-                   {"dia": p["timestamp"].date(), "campana_id": p["campaign_id"], "afiliado_id": p["affiliate_id"]},
-                   {"detectadas": 0, "validadas": 0, "rechazadas": 0, "ingresos": Decimal(0), **increments})
-        return []
-    return handler
-
-
-def _add_to_analytics(session: Session, event: IncomingEvent, increments: dict) -> None:
+def _add_to_analytics(session: Session, event: IncomingEvent, increments: dict, dia: date | None = None) -> None:
+    """Add to the event's day (or `dia`) for its campaign and affiliate."""
     p = event.payload
     upsert_add(session, tables.analitica_conversiones,
-               {"dia": p["timestamp"].date(), "campana_id": p["campaign_id"], "afiliado_id": p["affiliate_id"]},
+               {"dia": dia or p["timestamp"].date(), "campana_id": p["campaign_id"], "afiliado_id": p["affiliate_id"]},
                {"detectadas": 0, "validadas": 0, "rechazadas": 0, "ingresos": Decimal(0), "clicks": 0,
                 "reembolsadas": 0, "ingresos_reembolsados": Decimal(0), **increments})
 
@@ -436,20 +435,32 @@ def reverse_comision(session: Session, event: IncomingEvent) -> list[OutgoingEve
     row = session.execute(select(k).where(k.c.conversion_id == p["conversion_id"]).with_for_update()).mappings().first()
     if row is None or row["estado"] == domain.REVERTIDA:
         return []
+    return _revertir_comision(session, row, p["refund_type"], p["reason"], now)
+
+
+def _revertir_comision(session: Session, row, motivo: str, detalle: str | None, now: datetime) -> list[OutgoingEvent]:
+    """Reverse a booked commission (refund or compensation): ComisionRevertida, with a negative
+    adjustment when it already went into a payout, and the saga's ReversionComisionRegistrada on
+    marketing.eventos (keyed by the conversion), so conversiones logs the reversal step."""
+    k = tables.comisiones
     reversion = domain.revertir(row["estado"], row["monto"], en_un_pago=row["pago_id"] is not None)
     ajuste_id = None
     if reversion.ajuste is not None:
         ajuste_id = new_id()
         session.execute(tables.ajustes.insert().values(
             id=ajuste_id, afiliado_id=row["afiliado_id"], comision_id=row["id"], monto=reversion.ajuste,
-            moneda=row["moneda"], motivo=p["refund_type"], creado_en=now))
+            moneda=row["moneda"], motivo=motivo, creado_en=now))
     session.execute(update(k).where(k.c.id == row["id"]).values(
-        estado=domain.REVERTIDA, revertida_en=now, motivo_reversion=p["refund_type"]))
+        estado=domain.REVERTIDA, revertida_en=now, motivo_reversion=motivo))
     return [OutgoingEvent(COMISIONES, "ComisionRevertida", row["id"], {
         "id": row["id"], "conversion_id": row["conversion_id"], "afiliado_id": row["afiliado_id"],
         "campana_id": row["campana_id"], "monto": row["monto"], "moneda": row["moneda"],
-        "estado_anterior": reversion.estado_anterior, "motivo": p["refund_type"], "detalle": p["reason"],
-        "ajuste_id": ajuste_id, "ajuste_monto": reversion.ajuste, "timestamp": now})]
+        "estado_anterior": reversion.estado_anterior, "motivo": motivo, "detalle": detalle,
+        "ajuste_id": ajuste_id, "ajuste_monto": reversion.ajuste, "timestamp": now}),
+        OutgoingEvent(MARKETING, "ReversionComisionRegistrada", row["conversion_id"], {
+            "comision_id": row["id"], "conversion_id": row["conversion_id"], "monto": row["monto"],
+            "moneda": row["moneda"], "estado_anterior": reversion.estado_anterior, "motivo": motivo,
+            "detalle": detalle, "ajuste_monto": reversion.ajuste, "timestamp": now})]
 
 
 def create_pagos(session: Session, umbral: Decimal, afiliado_id: str | None = None,
@@ -555,4 +566,88 @@ def book_payout(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
         "afiliado_id": p["afiliado_id"], "moneda": p["moneda"], "monto": -row.monto, "registrado_en": now,
         **({"comision_id": row.referencia_id, "tipo": "pago"} if row.tipo == "comision" else
            {"comision_id": row.comision_id, "tipo": "compensacion"})} for row in rows])
+    return []
+
+
+# -- the conversion → commission saga: marketing's answers on marketing.eventos ---------------------
+AFILIADO_SUSPENDIDO_DURANTE_PROCESO = "afiliado_suspendido_durante_proceso"
+REEMBOLSADA_ANTES_DE_COMISION = "reembolsada_antes_de_comision"
+CONVERSION_RECHAZADA = "conversion_rechazada"
+COMPENSACION = "compensacion"  # ComisionRevertida.motivo of a commission undone by the saga
+
+
+def answer_comision_request(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """ConversionValidated, or CommissionRequested (the saga asking again after a timeout): book the
+    conversion's commission at most once and answer conversiones on marketing.eventos, keyed by the
+    conversion, in this transaction: ComisionRegistrada (booked, maybe partial or zero by a cap, with
+    limitado_por) or ComisionDenegada with its reason. Asked again, the same answer."""
+    p = event.payload
+    booked = _comision_de(session, p["conversion_id"])
+    if booked is not None:
+        return [_registrada(booked)]
+    d = tables.comisiones_denegadas
+    razon = session.scalar(select(d.c.razon).where(d.c.conversion_id == p["conversion_id"]))
+    if razon is None:
+        razon = _razon_para_denegar(session, p)
+        if razon is not None:
+            session.execute(d.insert().values(conversion_id=p["conversion_id"], razon=razon, denegada_en=utcnow()))
+    if razon is not None:
+        return [OutgoingEvent(MARKETING, "ComisionDenegada", p["conversion_id"], {
+            "conversion_id": p["conversion_id"], "afiliado_id": p["affiliate_id"], "campana_id": p["campaign_id"],
+            "razon": razon, "timestamp": utcnow()})]
+    events = list(calculate_comision(session, event))
+    booked = _comision_de(session, p["conversion_id"])
+    return events + ([_registrada(booked)] if booked is not None else [])
+
+
+def _razon_para_denegar(session: Session, p: dict) -> str | None:
+    """Why no commission is due although conversiones validated the conversion: it was refunded
+    first, or the affiliate was suspended between the validation and now (marketing's view)."""
+    if session.scalar(select(exists().where(tables.conversiones_reembolsadas.c.conversion_id == p["conversion_id"]))):
+        return REEMBOLSADA_ANTES_DE_COMISION
+    a = tables.afiliados
+    if session.scalar(select(a.c.estado).where(a.c.afiliado_id == p["affiliate_id"])) == domain.INHABILITADO:
+        return AFILIADO_SUSPENDIDO_DURANTE_PROCESO
+    return None
+
+
+def _comision_de(session: Session, conversion_id: str):
+    k = tables.comisiones
+    return session.execute(select(k).where(k.c.conversion_id == conversion_id)).mappings().first()
+
+
+def _registrada(row) -> OutgoingEvent:
+    return OutgoingEvent(MARKETING, "ComisionRegistrada", row["conversion_id"], {
+        "comision_id": row["id"], "conversion_id": row["conversion_id"], "afiliado_id": row["afiliado_id"],
+        "campana_id": row["campana_id"], "monto": row["monto"], "moneda": row["moneda"],
+        "limitado_por": row["limitado_por"], "timestamp": utcnow()})
+
+
+def undo_compensated_comision(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """ConversionRejected with compensation=true (conversiones undid the validation): a commission
+    booked for it (late: after the saga gave up) is reversed, and none is ever booked afterwards.
+    Ordinary rejections never had a commission: nothing to do."""
+    p = event.payload
+    if not p.get("compensation"):
+        return []
+    d = tables.comisiones_denegadas
+    if not session.scalar(select(exists().where(d.c.conversion_id == p["conversion_id"]))):
+        session.execute(d.insert().values(conversion_id=p["conversion_id"], razon=CONVERSION_RECHAZADA,
+                                          denegada_en=utcnow()))
+    k = tables.comisiones
+    row = session.execute(select(k).where(k.c.conversion_id == p["conversion_id"]).with_for_update()).mappings().first()
+    if row is None or row["estado"] == domain.REVERTIDA:
+        return []
+    return _revertir_comision(session, row, COMPENSACION, p["reason"], utcnow())
+
+
+def count_rejected_conversion(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """ConversionRejected. A compensation (v2, compensation=true) undoes a validation counted on
+    the day it was validated: there it moves from `validadas` (and its revenue) to `rechazadas`,
+    so a validated-then-compensated conversion never counts as both."""
+    p = event.payload
+    if not (p.get("compensation") and p.get("validated_at") and p.get("conversion_value") is not None):
+        return count_rejected(session, event)
+    _add_to_analytics(session, event, {"validadas": -1, "rechazadas": 1, "ingresos": -p["conversion_value"]},
+                      dia=p["validated_at"].date())
     return []

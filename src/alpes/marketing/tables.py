@@ -38,6 +38,8 @@ campanas = Table(
     Column("categorias", String(1000), nullable=False, server_default=""),
     Column("actualizada_en", UtcDateTime()),
     Column("min_segundos_click_conversion", Integer),
+    # ultimo_click or primer_click: announced to conversiones, which attributes with it.
+    Column("modelo_atribucion", String(20), nullable=False, server_default="ultimo_click"),
 )
 
 # Affiliates marketing learned of on afiliados.eventos.
@@ -97,6 +99,8 @@ comisiones = Table(
     Column("tipo_regla", String(10)),
     Column("limitado_por", String(20)),
     Column("explicacion", Text),
+    # The click the conversion was attributed through (ConversionValidated v2); null: by ids, or older.
+    Column("click_id", String(36)),
     Index("ix_comisiones_por_aprobar", "estado", "aprobable_desde"),
     Index("ix_comisiones_por_pagar", "estado", "pago_id", "afiliado_id"),
     Index("ix_comisiones_topes", "campana_id", "afiliado_id", "momento_conversion"),
@@ -186,6 +190,16 @@ conversiones_reembolsadas = Table(
     Column("tipo", String(20), nullable=False),
     Column("motivo", String(500)),
     Column("reembolsada_en", UtcDateTime(), nullable=False),
+)
+
+# Conversions marketing answered ComisionDenegada for (the conversion → commission saga), or whose
+# validation conversiones compensated with a rejection: never booked afterwards, and a repeated
+# request gets the same answer. Durable, like every money decision.
+comisiones_denegadas = Table(
+    "comisiones_denegadas", metadata,
+    Column("conversion_id", String(36), primary_key=True),
+    Column("razon", String(60), nullable=False),
+    Column("denegada_en", UtcDateTime(), nullable=False),
 )
 
 # Negative adjustments: a commission reversed after it went into a payout. Carried into the

@@ -1,0 +1,514 @@
+"""The conversion → commission saga: persisted steps, timeouts, retries and compensation.
+
+conversiones and marketing run in-process on their own databases; a `Pump` carries each outbox
+row to every subscription of its topic through the real consumer wiring (InboxProcessor with the
+services' own handler maps), the way the broker would, and can hold a service's deliveries back
+(a stopped service) or lose one message (a dead-lettered one)."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from importlib import import_module
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
+
+from alpes.conversiones import domain as conv_domain
+from alpes.conversiones import handlers as conv_handlers
+from alpes.conversiones import saga
+from alpes.conversiones import tables as conv_tables
+from alpes.kernel.codec import SchemaRegistry
+from alpes.kernel.db import Database, migrate
+from alpes.kernel.inbox import InboxProcessor
+from alpes.kernel.messages import IncomingEvent, TransientFailure, new_id, utcnow
+from alpes.kernel.outbox import Outbox
+from alpes.marketing import domain as mk_domain
+from alpes.marketing import handlers as mk_handlers
+from alpes.marketing import tables as mk_tables
+from alpes.settings import Settings
+
+REGISTRY = SchemaRegistry.from_directory()
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
+POLICY = saga.SagaPolicy(timedelta(seconds=120), 3)
+
+
+# -- the rules, without a database ---------------------------------------------------------------------
+def _validated() -> conv_domain.Conversion:
+    return conv_domain.Conversion.rebuild([
+        conv_domain.Detected("c1", "a1", "k1", "u", Decimal("10.00"), "sale", None, "EUR", NOW),
+        conv_domain.Validated(NOW + timedelta(seconds=1))])
+
+
+def test_only_a_validated_conversion_is_compensated_and_then_never_refunded():
+    conversion = _validated()
+    [rejected] = conv_domain.decide_compensation(conversion, "commission_not_confirmed", NOW)
+    assert rejected == conv_domain.Rejected("commission_not_confirmed", NOW, compensation=True)
+    conversion.apply(rejected)
+    assert (conversion.status, conversion.reason) == ("rejected", "commission_not_confirmed")
+    assert conv_domain.decide_compensation(conversion, "commission_not_confirmed", NOW) == []  # the same one
+    with pytest.raises(conv_domain.NotRefundable):
+        conv_domain.decide_refund(conversion, "reembolso", None, NOW)
+    refunded = _validated()
+    refunded.apply(conv_domain.Refunded("reembolso", None, NOW))
+    held = conv_domain.Conversion.rebuild([_validated().detected, conv_domain.Held("too_fast", NOW)])
+    for conversion in (refunded, held):
+        with pytest.raises(conv_domain.NotCompensable):
+            conv_domain.decide_compensation(conversion, "commission_not_confirmed", NOW)
+
+
+def test_a_timeout_retries_until_the_last_attempt_then_compensates():
+    assert [saga.on_timeout(n, POLICY) for n in (1, 2, 3, 4)] == ["retry", "retry", "retry", "compensate"]
+    assert saga.on_timeout(1, saga.SagaPolicy(timedelta(seconds=1), 0)) == "compensate"
+    assert saga.compensation_reason("afiliado_suspendido_durante_proceso") == "affiliate_suspended_during_processing"
+    assert saga.compensation_reason("otra") == "commission_denied:otra"
+
+
+# -- two services in-process, connected by a pump ------------------------------------------------------
+class Pump:
+    """Delivers outbox rows to the consumers of both services, in outbox order per source."""
+
+    def __init__(self, **runtimes) -> None:
+        self.runtimes = runtimes
+        self.cursor: dict[tuple[str, str, str], int] = {}
+        self.held: set[str] = set()  # services whose consumers receive nothing (stopped)
+        self.lose: set[str] = set()  # event types dropped once on their way (dead-lettered)
+
+    def inject(self, topic: str, event_type: str, key: str, payload: dict) -> None:
+        event_id = new_id()
+        self._deliver(topic, event_type, 1, key, event_id, event_id, event_id, payload)
+
+    def run(self) -> int:
+        """Deliver until nothing moves; returns how many messages were delivered."""
+        delivered = 0
+        while True:
+            moved = 0
+            for source, runtime in self.runtimes.items():
+                t = runtime.outbox.table
+                with runtime.db.read() as session:
+                    rows = session.execute(select(t).order_by(t.c.id)).mappings().all()
+                for row in rows:
+                    moved += self._deliver_row(source, row)
+            delivered += moved
+            if not moved:
+                return delivered
+
+    def _deliver_row(self, source: str, row) -> int:
+        moved = 0
+        for name, runtime in self.runtimes.items():
+            if name in self.held:
+                continue
+            for spec in runtime.consumer_specs:
+                key = (source, name, spec.subscription + "@" + spec.topic)
+                if spec.topic != row["topic"] or self.cursor.get(key, 0) >= row["id"]:
+                    continue
+                self.cursor[key] = row["id"]
+                if row["event_type"] in self.lose:
+                    continue
+                payload = REGISTRY.decode(row["event_type"], row["payload"], row["schema_version"])
+                self._process(runtime, spec, IncomingEvent(
+                    row["topic"], spec.subscription, row["event_id"], row["event_type"], row["schema_version"],
+                    row["partition_key"], row["occurred_at"], row["correlation_id"], row["causation_id"], payload))
+                moved += 1
+        return moved
+
+    def _deliver(self, topic, event_type, version, key, event_id, correlation_id, causation_id, payload) -> None:
+        for runtime in self.runtimes.values():
+            for spec in runtime.consumer_specs:
+                if spec.topic == topic:
+                    self._process(runtime, spec, IncomingEvent(topic, spec.subscription, event_id, event_type, version,
+                                                               key, utcnow(), correlation_id, causation_id, payload))
+
+    @staticmethod
+    def _process(runtime, spec, event: IncomingEvent) -> None:
+        processor = InboxProcessor(runtime.db, runtime.inbox_table, runtime.outbox, spec.subscription, spec.handlers)
+        verdict = processor.process([event])[event.event_id]
+        assert verdict is None, f"{spec.subscription} failed on {event.event_type}: {verdict}"
+
+
+class Flow:
+    def __init__(self, tmp_path, **env) -> None:
+        self.clients, self.runtimes = {}, {}
+        for name in ("conversiones", "marketing"):
+            settings = Settings(data_dir=tmp_path / name, broker_url="pulsar://127.0.0.1:1", **env)
+            app, runtime = import_module(f"alpes.{name}.service").build(settings)
+            self.clients[name], self.runtimes[name] = TestClient(app), runtime  # no lifespan: no relay, no jobs
+        self.pump = Pump(**self.runtimes)
+        self.conv, self.mk = self.clients["conversiones"], self.clients["marketing"]
+        self.store = conv_handlers.event_store(REGISTRY)
+        self.affiliate = self.enable_affiliate()
+        self.campaign = self.create_campaign()
+
+    def enable_affiliate(self) -> str:
+        afiliado = new_id()
+        self.pump.inject("afiliados.eventos", "AfiliadoValidado", afiliado, {"id": afiliado, "timestamp": NOW})
+        self.pump.run()
+        return afiliado
+
+    def create_campaign(self, **terms) -> str:
+        response = self.mk.post("/campanas", json={"nombre": "Programa", "porcentaje_comision": "10",
+                                                   "periodo_bloqueo_dias": 0, **terms})
+        assert response.status_code == 201, response.text
+        self.pump.run()
+        return response.json()["id"]
+
+    def postback(self, value: str = "80.00", affiliate: str | None = None, campaign: str | None = None) -> str:
+        body = self.conv.post("/conversiones", json={
+            "affiliate_id": affiliate or self.affiliate, "campaign_id": campaign or self.campaign, "user_id": "cliente",
+            "conversion_value": value, "conversion_type": "sale"}).json()
+        assert body["status"] == "validated", body
+        return body["id"]
+
+    def saga(self, conversion_id: str) -> dict:
+        response = self.conv.get(f"/sagas/{conversion_id}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def steps(self, conversion_id: str) -> list[tuple[str, str]]:
+        return [(s["paso"], s["estado"]) for s in self.saga(conversion_id)["pasos"]]
+
+    def commissions(self, conversion_id: str) -> list[dict]:
+        k = mk_tables.comisiones
+        with self.runtimes["marketing"].db.read() as session:
+            return [dict(r) for r in session.execute(select(k).where(k.c.conversion_id == conversion_id)).mappings()]
+
+    def marketing_types(self, *types: str) -> list[str]:
+        t = self.runtimes["marketing"].outbox.table
+        with self.runtimes["marketing"].db.read() as session:
+            return list(session.scalars(select(t.c.event_type).where(t.c.event_type.in_(types)).order_by(t.c.id)))
+
+    def expire(self, after: timedelta, policy: saga.SagaPolicy = POLICY) -> int:
+        runtime = self.runtimes["conversiones"]
+        return conv_handlers.expire_sagas(runtime.db, self.store, runtime.outbox, policy, now=utcnow() + after)
+
+    def analytics(self) -> tuple[int, int, Decimal]:
+        a = mk_tables.analitica_conversiones
+        with self.runtimes["marketing"].db.read() as session:
+            row = session.execute(select(func.sum(a.c.validadas), func.sum(a.c.rechazadas),
+                                         func.sum(a.c.ingresos))).one()
+        return int(row[0]), int(row[1]), Decimal(row[2])
+
+    def figures(self) -> tuple[int, int, Decimal]:
+        f = conv_tables.conversion_figures
+        with self.runtimes["conversiones"].db.read() as session:
+            row = session.execute(select(func.sum(f.c.validated), func.sum(f.c.rejected),
+                                         func.sum(f.c.validated_revenue))).one()
+        return int(row[0]), int(row[1]), Decimal(row[2])
+
+    def close(self) -> None:
+        for runtime in self.runtimes.values():
+            runtime.db.dispose()
+
+
+@pytest.fixture
+def flow(tmp_path):
+    running = Flow(tmp_path)
+    yield running
+    running.close()
+
+
+def test_a_commission_booked_completes_the_saga_with_each_step_shown(flow):
+    conversion_id = flow.postback("80.00")
+    running = flow.saga(conversion_id)
+    assert (running["estado"], running["paso_actual"], running["intentos"], running["terminal"]) == \
+        ("running", "commission", 1, False)
+    assert running["deadline"] is not None and running["correlation_id"] == conversion_id
+    flow.pump.run()
+    done = flow.saga(conversion_id)
+    assert (done["estado"], done["resultado"], done["terminal"], done["deadline"]) == \
+        ("completed", "commission_booked", True, None)
+    assert [(s["paso"], s["estado"]) for s in done["pasos"]] == [
+        ("detection", "done"), ("validation", "done"), ("commission", "done")]
+    [comision] = flow.commissions(conversion_id)
+    assert comision["monto"] == Decimal("8.00") and comision["id"] in done["pasos"][-1]["detalle"]
+    assert all(s["started_at"] and s["finished_at"] for s in done["pasos"])
+    assert flow.conv.get("/sagas", params={"estado": "completed"}).json()["sagas"][0]["saga_id"] == conversion_id
+    assert flow.conv.get("/sagas", params={"estado": "running"}).json()["sagas"] == []
+    assert flow.conv.get("/sagas/no-such-id").status_code == 404
+    assert flow.conv.get("/sagas", params={"estado": "nope"}).status_code == 422
+
+
+def test_a_rejected_conversion_completes_its_saga_without_asking_for_a_commission(flow):
+    body = flow.conv.post("/conversiones", json={"affiliate_id": flow.affiliate, "campaign_id": flow.campaign,
+                                                 "user_id": "c", "conversion_value": "5.00", "conversion_type": "sale",
+                                                 "currency": "USD"}).json()
+    assert body["status"] == "rejected"
+    rejected = flow.saga(body["id"])
+    assert (rejected["estado"], rejected["resultado"]) == ("completed", "rejected:currency_mismatch")
+    assert [(s["paso"], s["estado"]) for s in rejected["pasos"]] == [("detection", "done"), ("validation", "failed")]
+
+
+def test_affiliate_suspended_between_validation_and_commission_is_compensated(flow):
+    """Case 1: conversiones validated while the affiliate was enabled; marketing learns of the suspension
+    before the ConversionValidated: no commission, ComisionDenegada, and a compensating rejection."""
+    conversion_id = flow.postback("80.00")
+    flow.pump.held.add("conversiones")  # conversiones has not heard of the suspension yet
+    flow.pump.inject("afiliados.eventos", "AfiliadoSuspendido", flow.affiliate,
+                     {"id": flow.affiliate, "motivo": "fraude", "timestamp": NOW})
+    flow.pump.held.clear()
+    flow.pump.run()
+    compensated = flow.saga(conversion_id)
+    assert (compensated["estado"], compensated["resultado"]) == \
+        ("compensated", "affiliate_suspended_during_processing")
+    assert [(s["paso"], s["estado"]) for s in compensated["pasos"]] == [
+        ("detection", "done"), ("validation", "done"), ("commission", "failed"), ("compensation", "done")]
+    assert "afiliado_suspendido_durante_proceso" in compensated["pasos"][2]["detalle"]
+    assert flow.commissions(conversion_id) == []
+    conversion = flow.conv.get(f"/conversiones/{conversion_id}").json()
+    assert (conversion["status"], conversion["reason"]) == ("rejected", "affiliate_suspended_during_processing")
+    # An event, never a silent rollback: the stream keeps the validation and the compensating rejection.
+    history = flow.conv.get(f"/conversiones/{conversion_id}/eventos").json()["eventos"]
+    assert [e["event_type"] for e in history] == ["ConversionDetected", "ConversionValidated", "ConversionRejected"]
+    assert history[-1]["payload"]["compensation"] is True
+    assert flow.marketing_types("ComisionDenegada", "ComisionRegistrada", "ComisionCalculada") == ["ComisionDenegada"]
+    # Counted once, as rejected, on both sides; a compensated conversion cannot be refunded.
+    assert flow.figures() == (0, 1, Decimal("0.00"))
+    assert flow.analytics() == (0, 1, Decimal("0.00"))
+    assert flow.conv.post(f"/conversiones/{conversion_id}/reembolso", json={}).status_code == 409
+
+
+def test_refund_before_the_commission_was_computed_books_none(flow):
+    """Case 3: the ConversionValidated never reached marketing (dead-lettered); the refund did. The
+    saga asks again after its timeout and marketing refuses: nothing is booked, nothing compensated."""
+    flow.pump.lose.add("ConversionValidated")
+    conversion_id = flow.postback("50.00")
+    flow.pump.run()
+    flow.pump.lose.clear()
+    assert flow.conv.post(f"/conversiones/{conversion_id}/reembolso", json={"tipo": "reembolso"}).status_code == 200
+    flow.pump.run()
+    assert flow.saga(conversion_id)["estado"] == "running"  # still no answer to the commission request
+    assert flow.expire(timedelta(seconds=121)) == 1  # CommissionRequested, attempt 2
+    flow.pump.run()
+    done = flow.saga(conversion_id)
+    assert (done["estado"], done["resultado"], done["intentos"]) == \
+        ("completed", "no_commission:reembolsada_antes_de_comision", 2)
+    assert [(s["paso"], s["estado"]) for s in done["pasos"]] == [
+        ("detection", "done"), ("validation", "done"), ("commission", "failed"), ("refund", "done"),
+        ("commission_reversal", "done"), ("commission_retry", "done")]
+    assert flow.commissions(conversion_id) == []
+    # The lost ConversionValidated, replayed from the dead-letter topic later, books nothing either.
+    payload = REGISTRY.decode("ConversionValidated", *_stored(flow, conversion_id, "ConversionValidated"))
+    flow.pump.inject("conversiones.eventos", "ConversionValidated", conversion_id, payload)
+    assert flow.commissions(conversion_id) == []
+    assert flow.conv.get(f"/conversiones/{conversion_id}").json()["status"] == "refunded"
+
+
+def _stored(flow: Flow, conversion_id: str, event_type: str) -> tuple[bytes, int]:
+    e = conv_tables.event_store
+    with flow.runtimes["conversiones"].db.read() as session:
+        row = session.execute(select(e.c.payload, e.c.schema_version).where(
+            e.c.stream_id == conversion_id, e.c.event_type == event_type)).one()
+    return row.payload, row.schema_version
+
+
+def test_refund_after_payout_shows_the_reversal_and_its_carried_adjustment(flow):
+    """Case 4: paid out, then refunded: the commission is reversed with a negative adjustment for
+    the next payout, and the saga logs the refund and the reversal."""
+    conversion_id = flow.postback("600.00")
+    flow.pump.run()
+    marketing = flow.runtimes["marketing"]
+    assert mk_handlers.approve_due_comisiones(marketing.db, marketing.outbox) == 1
+    [pago] = flow.mk.post("/pagos", json={"afiliado_id": flow.affiliate}).json()["pagos"]
+    assert flow.mk.post(f"/pagos/{pago['id']}/pagar").json()["estado"] == "pagado"
+    flow.pump.run()
+    assert flow.conv.post(f"/conversiones/{conversion_id}/reembolso", json={"tipo": "contracargo"}).status_code == 200
+    assert flow.steps(conversion_id)[-2:] == [("refund", "done"), ("commission_reversal", "waiting")]
+    flow.pump.run()
+    done = flow.saga(conversion_id)
+    assert done["estado"] == "completed" and done["resultado"] == "commission_booked"
+    assert [(s["paso"], s["estado"]) for s in done["pasos"]][-2:] == [("refund", "done"), ("commission_reversal", "done")]
+    assert "was pagada (contracargo)" in done["pasos"][-1]["detalle"]
+    assert "adjustment -60.00 withheld from the next payout" in done["pasos"][-1]["detalle"]
+    [comision] = flow.commissions(conversion_id)
+    assert comision["estado"] == mk_domain.REVERTIDA
+
+
+def test_a_timeout_retries_then_compensates_and_a_late_commission_is_reversed(flow):
+    """Case 5: marketing does not answer. A 30 s silence changes nothing; each timeout asks again
+    (CommissionRequested); after the last attempt the conversion is rejected commission_not_confirmed.
+    When marketing comes back it books the commission late, then reverses it on the rejection."""
+    flow.pump.held.add("marketing")
+    conversion_id = flow.postback("80.00")
+    assert flow.expire(timedelta(seconds=30)) == 0
+    for attempt in (2, 3, 4):
+        assert flow.expire(timedelta(seconds=121 * (attempt - 1))) == 1
+        assert flow.saga(conversion_id)["intentos"] == attempt
+    assert flow.saga(conversion_id)["estado"] == "running"
+    assert flow.expire(timedelta(seconds=121 * 4)) == 1
+    compensated = flow.saga(conversion_id)
+    assert (compensated["estado"], compensated["resultado"]) == ("compensated", "commission_not_confirmed")
+    assert [(s["paso"], s["estado"]) for s in compensated["pasos"]] == [
+        ("detection", "done"), ("validation", "done"), ("commission", "failed"), ("commission_retry", "done"),
+        ("commission_retry", "done"), ("commission_retry", "done"), ("compensation", "done")]
+    assert "no answer after 4 attempts" in compensated["pasos"][2]["detalle"]
+    t = flow.runtimes["conversiones"].outbox.table
+    with flow.runtimes["conversiones"].db.read() as session:
+        sent = list(session.scalars(select(t.c.event_type).where(t.c.partition_key == conversion_id).order_by(t.c.id)))
+    assert sent == ["ConversionDetected", "ConversionValidated", "CommissionRequested", "CommissionRequested",
+                    "CommissionRequested", "ConversionRejected"]
+    assert flow.expire(timedelta(days=1)) == 0  # terminal: the timer leaves it alone
+    flow.pump.held.clear()
+    flow.pump.run()
+    [comision] = flow.commissions(conversion_id)
+    assert comision["estado"] == mk_domain.REVERTIDA and comision["motivo_reversion"] == "compensacion"
+    final = flow.saga(conversion_id)
+    assert final["estado"] == "compensated"
+    assert [(s["paso"], s["estado"]) for s in final["pasos"]][-2:] == [("commission", "done"),
+                                                                        ("commission_reversal", "done")]
+    assert final["pasos"][-2]["detalle"].startswith("booked late")
+    # Asked four times, booked once; the retries got the same answer.
+    assert flow.marketing_types("ComisionCalculada", "ComisionRegistrada", "ComisionRevertida") == [
+        "ComisionCalculada", "ComisionRegistrada", "ComisionRegistrada", "ComisionRegistrada", "ComisionRegistrada",
+        "ComisionRevertida"]
+    assert flow.figures() == (0, 1, Decimal("0.00")) and flow.analytics() == (0, 1, Decimal("0.00"))
+
+
+def test_a_retry_answered_in_time_completes_without_compensation(flow):
+    flow.pump.held.add("marketing")
+    conversion_id = flow.postback("80.00")
+    assert flow.expire(timedelta(seconds=121)) == 1
+    flow.pump.held.clear()
+    flow.pump.run()
+    done = flow.saga(conversion_id)
+    assert (done["estado"], done["intentos"], done["resultado"]) == ("completed", 2, "commission_booked")
+    assert len(flow.commissions(conversion_id)) == 1
+    assert flow.expire(timedelta(days=1)) == 0
+
+
+def test_replay_rebuilds_projections_with_compensations_and_leaves_the_saga_log(flow):
+    from test_replay import _snapshot
+
+    booked = flow.postback("80.00")
+    flow.pump.run()
+    flow.pump.held.add("marketing")
+    compensated = flow.postback("40.00")
+    assert flow.expire(timedelta(seconds=121 * 5), saga.SagaPolicy(timedelta(seconds=120), 0)) == 1
+    flow.pump.held.clear()
+    flow.pump.run()
+    db = flow.runtimes["conversiones"].db
+    live = _snapshot(db)
+    assert flow.figures() == (1, 1, Decimal("80.00"))
+    with db.read() as session:
+        log = [dict(r) for r in session.execute(select(conv_tables.saga_pasos).order_by(conv_tables.saga_pasos.c.id))
+               .mappings()]
+    conv_handlers.rebuild_projections(db, REGISTRY)
+    assert _snapshot(db) == live
+    with db.read() as session:
+        assert [dict(r) for r in session.execute(select(conv_tables.saga_pasos).order_by(conv_tables.saga_pasos.c.id))
+                .mappings()] == log
+    assert (flow.saga(booked)["estado"], flow.saga(compensated)["estado"]) == ("completed", "compensated")
+
+
+# -- case 2: the campaign budget under concurrent conversions, on SQLite and MariaDB -----------------------
+def test_racing_commission_requests_spend_exactly_the_budget_and_each_gets_one_answer(db_url):
+    migrate(db_url, "alpes.marketing:migrations")
+    db = Database(db_url)
+    outbox = Outbox(mk_tables.outbox, REGISTRY)
+    try:
+        with db.transaction() as session:
+            campana, _ = mk_handlers.create_campana(session, mk_domain.NuevaCampana(
+                "Carrera", Decimal("10"), "EUR", presupuesto=Decimal("95.00")))
+        processor = InboxProcessor(db, mk_tables.inbox, outbox, "marketing-consumer",
+                                   {"ConversionValidated": mk_handlers.answer_comision_request,
+                                    "CommissionRequested": mk_handlers.answer_comision_request})
+        conversions = [new_id() for _ in range(40)]
+
+        def request(conversion_id: str, event_type: str):
+            payload = {"conversion_id": conversion_id, "affiliate_id": "a1", "campaign_id": campana,
+                       "conversion_value": Decimal("30.00"), "currency": "EUR", "conversion_type": "sale",
+                       "timestamp": utcnow(), "attempt": 2, "requested_at": utcnow()}
+            event_id = new_id()
+            event = IncomingEvent("conversiones.eventos", "marketing-consumer", event_id, event_type, 1,
+                                  conversion_id, utcnow(), conversion_id, event_id, payload)
+            for _attempt in range(30):  # a deadlock is retried, as the consumer would
+                try:
+                    if processor.process([event])[event_id] is None:
+                        return
+                except (DBAPIError, TransientFailure):
+                    pass
+            raise AssertionError("a request kept failing")
+
+        # Each conversion is asked twice, by two different threads: its ConversionValidated and a
+        # retry (CommissionRequested) racing it.
+        tasks = [(c, "ConversionValidated") for c in conversions] + \
+            [(c, "CommissionRequested") for c in reversed(conversions)]
+
+        def run(worker: int):
+            for conversion_id, event_type in tasks[worker::8]:
+                request(conversion_id, event_type)
+
+        threads = [threading.Thread(target=run, args=(w,)) for w in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(180)
+        k, o = mk_tables.comisiones, mk_tables.outbox
+        with db.read() as session:
+            rows = session.execute(select(k.c.conversion_id, k.c.monto, k.c.limitado_por)).all()
+            answers = session.execute(select(o.c.event_type, o.c.partition_key).where(
+                o.c.event_type.in_(["ComisionRegistrada", "ComisionDenegada"]))).all()
+        assert len(rows) == 40 and len({r.conversion_id for r in rows}) == 40  # one commission each
+        assert sum(r.monto for r in rows) == Decimal("95.00")  # exactly the budget, never more
+        assert sorted(r.monto for r in rows if r.limitado_por == "presupuesto")[-1] == Decimal("2.00")
+        assert sum(1 for r in rows if r.limitado_por is None) == 31
+        # Every request answered ComisionRegistrada (the repeat with the same commission).
+        assert sorted(a.partition_key for a in answers) == sorted(conversions * 2)
+        assert {a.event_type for a in answers} == {"ComisionRegistrada"}
+    finally:
+        db.dispose()
+
+
+# -- end to end through `alpes up`: marketing frozen, the saga retries, compensates, then reverses -------
+def test_end_to_end_a_frozen_marketing_makes_the_saga_retry_compensate_and_reverse_the_late_commission(tmp_path):
+    import os
+    import signal
+
+    from harness import Platform, wait_until
+
+    platform = Platform(tmp_path / "alpes", {"ALPES_SAGA_TIMEOUT_SECONDS": "3", "ALPES_SAGA_MAX_RETRIES": "1"}).start()
+    frozen = None
+    try:
+        ana = platform.post("afiliados", "/afiliados", {"user_id": "ana", "email": "ana@example.com",
+                                                        "nombre": "Ana Pérez"}).json()["id"]
+        campaign = platform.post("marketing", "/campanas", {"nombre": "Saga", "porcentaje_comision": "10"}).json()["id"]
+        sale = {"affiliate_id": ana, "campaign_id": campaign, "user_id": "c", "conversion_value": "80.00",
+                "conversion_type": "sale"}
+        probe = wait_until(lambda: (r := platform.post("conversiones", "/conversiones", {**sale, "order_id": "probe"})
+                                    .json())["status"] == "validated" and r["id"], what="conversiones to know both")
+        # Marketing answering: the saga completes with the commission booked.
+        done = wait_until(lambda: (s := platform.get("conversiones", f"/sagas/{probe}"))["terminal"] and s,
+                          what="probe saga finished", diagnose=platform.diagnostics)
+        assert (done["estado"], done["resultado"]) == ("completed", "commission_booked")
+
+        frozen = platform.pid("marketing")
+        os.kill(frozen, signal.SIGSTOP)  # alive but silent: its messages wait
+        conversion_id = platform.post("conversiones", "/conversiones", {**sale, "order_id": "o-1"}).json()["id"]
+        compensated = wait_until(lambda: (s := platform.get("conversiones", f"/sagas/{conversion_id}"))["terminal"]
+                                 and s, timeout=60, what="saga compensated")
+        assert (compensated["estado"], compensated["resultado"], compensated["intentos"]) == \
+            ("compensated", "commission_not_confirmed", 2)
+        assert [(s["paso"], s["estado"]) for s in compensated["pasos"]] == [
+            ("detection", "done"), ("validation", "done"), ("commission", "failed"), ("commission_retry", "done"),
+            ("compensation", "done")]
+        conversion = platform.get("conversiones", f"/conversiones/{conversion_id}")
+        assert (conversion["status"], conversion["reason"]) == ("rejected", "commission_not_confirmed")
+
+        os.kill(frozen, signal.SIGCONT)
+        frozen = None
+        # Back, marketing books the commission late, then reverses it on the compensating rejection.
+        final = wait_until(lambda: (s := platform.get("conversiones", f"/sagas/{conversion_id}"))["pasos"][-1]["paso"]
+                           == "commission_reversal" and s, timeout=60, what="late commission reversed",
+                           diagnose=platform.diagnostics)
+        assert final["estado"] == "compensated"
+        assert [(s["paso"], s["estado"]) for s in final["pasos"]][-2:] == [("commission", "done"),
+                                                                            ("commission_reversal", "done")]
+        [comision] = platform.get("marketing", "/comisiones", conversion_id=conversion_id)["comisiones"]
+        assert comision["estado"] == "revertida"
+        assert platform.get("conversiones", "/sagas", estado="running")["sagas"] == []
+    finally:
+        if frozen is not None:
+            os.kill(frozen, signal.SIGCONT)
+        platform.stop()
