@@ -24,7 +24,7 @@ test: install
 	$(BIN)/pytest -m "not slow" -q
 
 test-slow: install
-	$(BIN)/pytest -m slow -q
+	$(BIN)/pytest -m slow -q $(PYTEST_ARGS)
 
 test-all: test test-slow
 
