@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pulsar
 from conftest import unique
+from harness import Platform, wait_until
 from rich.console import Console
 from sqlalchemy import MetaData
 
@@ -24,16 +25,6 @@ from alpes.kernel.broker import PulsarBroker, reserve_consumer_ids
 from alpes.kernel.db import Database
 from alpes.settings import Settings
 from alpes.supervisor import Child, Supervisor
-
-
-def wait_for(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_embedded_broker_backlog_is_positive_while_held_and_zero_after_drain(tmp_path: Path):
@@ -54,8 +45,8 @@ def test_embedded_broker_backlog_is_positive_while_held_and_zero_after_drain(tmp
             producer.send_async(b"x", None, partition_key=f"k{n % 12}")
         producer.flush()
         # Nobody consumes: the broker counts what waits (entries: a key-based batch counts once).
-        held = wait_for(lambda: (probe.read()[(topic, subscription)]["backlog"] or 0) > 0 and probe.read(), 30,
-                        "a backlog above 0 while the subscription is held")
+        held = wait_until(lambda: (probe.read()[(topic, subscription)]["backlog"] or 0) > 0 and probe.read(), 30,
+                          what="a backlog above 0 while the subscription is held")
         assert held[(topic, "other")]["backlog"] is None  # never subscribed: not reported, not a made-up 0
         assert "pulsar-lite" in held[(topic, subscription)]["source"]
 
@@ -65,7 +56,8 @@ def test_embedded_broker_backlog_is_positive_while_held_and_zero_after_drain(tmp
             message = consumer.receive(10000)
             consumer.acknowledge(message)
             received += 1
-        wait_for(lambda: probe.read()[(topic, subscription)]["backlog"] == 0, 30, "the backlog back to 0 after draining")
+        wait_until(lambda: probe.read()[(topic, subscription)]["backlog"] == 0, 30,
+                   what="the backlog back to 0 after draining")
         consumer.close()
     finally:
         producer_side.close()
@@ -297,3 +289,20 @@ def test_alpes_up_restarts_an_embedded_broker_that_hands_nothing_out(tmp_path: P
         server.shutdown()
         marketing.stop(timeout=5)
         supervisor.broker.stop(timeout=5)
+
+
+def test_on_failover_a_crash_restarts_the_embedded_broker_and_a_clean_hold_does_not(tmp_path: Path):
+    """Failover keeps the consumers of a dead connection registered on pulsar-lite: `alpes up`
+    restarts the embedded broker when a service crashes, not when it stops cleanly (a hold)."""
+    platform = Platform(tmp_path / "up", env={"ALPES_SUBSCRIPTION_TYPE": "failover"}).start()
+    try:
+        broker_pid, afiliados_pid = platform.pid("broker"), platform.pid("afiliados")
+        platform.hold("afiliados", 1)
+        platform.wait_restarted("afiliados", afiliados_pid)
+        assert platform.pid("broker") == broker_pid  # it closed its consumers: nothing to clear
+
+        platform.wait_restarted("afiliados", platform.kill("afiliados"))
+        wait_until(lambda: platform.pid("broker") != broker_pid, 30, what="the broker restarted after the crash")
+        assert platform.get("afiliados", "/health")["status"] == "ok"
+    finally:
+        platform.stop()

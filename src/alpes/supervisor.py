@@ -250,9 +250,6 @@ class Supervisor:
                     child.next_start = now + delay
                     self.console.print(f"[yellow]{child.name} exited (code {code}); restarting in {delay:.1f}s[/]")
                 if now >= child.next_start:
-                    if (child is not self.broker and self.broker and child.process and child.process.returncode != 0
-                            and child.cleared_for_pid != child.process.pid):
-                        self._clear_dead_consumers(child.name)
                     child.next_start = 0.0
                     child.restarts += 1
                     child.start()
@@ -287,10 +284,6 @@ class Supervisor:
             elif now >= child.held_until:
                 path.unlink(missing_ok=True)
                 child.held_for = child.held_until = None
-                # uvicorn re-raises SIGTERM after its graceful shutdown: -15 is a clean stop too.
-                if (self.broker and child.process and child.process.returncode not in (0, -signal.SIGTERM)
-                        and child.cleared_for_pid != child.process.pid):
-                    self._clear_dead_consumers(name)  # the clean stop timed out and it was killed
                 child.next_start = 0.0
                 child.restarts += 1
                 child.start()
@@ -299,22 +292,29 @@ class Supervisor:
         return changed
 
     def _rebalance_after_exit(self) -> bool:
-        """A service process has exited (crash, clean stop or hold): restart the embedded broker
-        at once. Measured on pulsar-lite 0.2.0 (tools/measure_subscriptions.py,
-        tools/measure_acks.py): a Key_Shared consumer that leaves, even by a clean close, strands
-        the messages it was handed until the broker restarts, for the other instances and for its
-        own successor alike; after a restart nothing is lost. Messages are durable; every client
-        reconnects by itself. Not needed on Apache Pulsar, which hands a departed consumer's
-        messages to the others."""
+        """A service process has exited: restart the embedded broker at once when the consumers it
+        had may keep messages from the others. Measured on pulsar-lite 0.2.0:
+        - Key_Shared (tools/measure_subscriptions.py, tools/measure_acks.py): a consumer that
+          leaves, even by a clean close, strands the messages it was handed until the broker
+          restarts, for the other instances and for its own successor alike.
+        - Failover: the consumers of a connection that died without closing them (a crash) stay
+          registered, collide with the restarted service's consumer ids and, as the active
+          consumer, hold their partitions' messages forever.
+        Its dispatch state and consumer registry live in memory only; messages are durable and
+        every client reconnects by itself. Apache Pulsar needs none of this."""
         if self.broker is None or self.broker.process is None:
             return False
         for child in self.children.values():
-            if (child.alive() or child.process is None or child.cleared_for_pid == child.process.pid
-                    or self.settings.subscription_type != "key_shared"):
+            if child.alive() or child.process is None or child.cleared_for_pid == child.process.pid:
+                continue
+            code = child.process.returncode
+            # uvicorn re-raises SIGTERM after its graceful shutdown: -15 is a clean stop of a held service.
+            crashed = code != 0 and not (child.held_for is not None and code == -signal.SIGTERM)
+            if self.settings.subscription_type != "key_shared" and not crashed:
                 continue
             child.cleared_for_pid = child.process.pid
-            self.console.print(f"[yellow]{child.name} left (code {child.process.returncode}): restarting the "
-                               "embedded broker so no message handed to it stays stranded[/]")
+            self.console.print(f"[yellow]{child.name} left (code {code}): restarting the embedded broker so "
+                               "no message handed to its consumers stays stranded[/]")
             self._restart_broker()
             return True
         return False
@@ -395,16 +395,6 @@ class Supervisor:
             self._stall_streak += 1
         self._restart_broker(kill=wedged)  # a wedged one may not get to a clean stop: its runtime is starved
         return True
-
-    def _clear_dead_consumers(self, service: str) -> None:
-        """pulsar-lite 0.2.0 keeps the consumers of a connection that died without closing them
-        (a crashed service): they stay registered, collide with the restarted service's consumer
-        ids and, as the active Failover consumer, hold their partitions' messages forever. Its
-        registry lives in memory only, so a restart of the embedded broker clears them; messages
-        are durable and every client reconnects by itself. A real Pulsar cluster needs none of this."""
-        assert self.broker is not None and self.broker.process is not None
-        self.console.print(f"[yellow]{service} died without closing its consumers: restarting the embedded broker[/]")
-        self._restart_broker()
 
     def _restart_broker(self, kill: bool = False) -> None:
         """Stop the embedded broker (SIGTERM, or SIGKILL with `kill`) and start it on its port again."""
