@@ -14,14 +14,12 @@ from sqlalchemy.exc import IntegrityError
 
 from alpes.kernel.db import where_equal
 from alpes.kernel.eventstore import ConcurrencyConflict
-from alpes.kernel.http import MAX_OFFSET, PlainText, Problem
+from alpes.kernel.http import MAX_OFFSET, Identifier, PlainText, Problem
 from alpes.kernel.messages import utcnow
 from alpes.kernel.money import Amount, Currency, check_places
 from alpes.kernel.runtime import ServiceRuntime
 
 from . import domain, handlers, saga, tables
-
-OptionalIdentifier = Field(None, min_length=1, max_length=36, pattern=r"^[A-Za-z0-9._:-]+$")
 
 
 class Postback(BaseModel):
@@ -30,9 +28,9 @@ class Postback(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     # Either click_id (attribution through the tracking link's click) or both ids.
-    affiliate_id: str | None = OptionalIdentifier
-    campaign_id: str | None = OptionalIdentifier
-    click_id: str | None = OptionalIdentifier
+    affiliate_id: Identifier | None = None
+    campaign_id: Identifier | None = None
+    click_id: Identifier | None = None
     user_id: PlainText = Field(min_length=1, max_length=120)
     currency: Currency = "EUR"  # before conversion_value, which is checked against its minor units
     conversion_value: Amount

@@ -57,18 +57,16 @@ def create_app(title: str, runtime: ServiceRuntime, include: Callable[[FastAPI],
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, error: HTTPException) -> JSONResponse:
         # Starlette's own refusals (unknown path, wrong method, unparsable body) in the same shape.
-        reason = str(error.detail)
-        return JSONResponse(status_code=error.status_code, headers=error.headers, content={
-            "detail": reason, "errors": [{"field": "body" if error.status_code == 400 else None, "reason": reason}]})
+        return error_response(error.status_code, "body" if error.status_code == 400 else None, str(error.detail),
+                              headers=error.headers)
 
     @app.exception_handler(OperationalError)
     async def database_unavailable(_request: Request, _error: OperationalError) -> JSONResponse:
         # A deadlock or lock timeout (MariaDB under concurrent writers) or a lost connection: the
         # unit of work was rolled back. Retryable, so 503 with Retry-After rather than a bare 500;
         # the driver's message (SQL, parameters) stays in the log, not in the answer.
-        return JSONResponse(status_code=503, headers={"Retry-After": "1"}, content={
-            "detail": "the database did not complete the request; retry",
-            "errors": [{"field": None, "reason": "deadlock, lock timeout or lost connection: the change was rolled back"}]})
+        return error_response(503, None, "deadlock, lock timeout or lost connection: the change was rolled back",
+                              detail="the database did not complete the request; retry", headers={"Retry-After": "1"})
 
     @app.get("/health", tags=["ops"], responses={503: {"description": "the database or the broker is unreachable "
                                                                       "(same body, status degraded)"}})
@@ -144,13 +142,13 @@ class RequestLimits:
                 return
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
         if body and not (media_type == "application/json" or media_type.endswith("+json")):
-            await _refuse(scope, receive, send, 415, "content-type",
-                          f"must be application/json, not {media_type or 'missing'}")
+            await error_response(415, "content-type", f"must be application/json, not {media_type or 'missing'}")(
+                scope, receive, send)
             return
         try:
             bytes(body).decode("utf-8")
         except UnicodeDecodeError as error:
-            await _refuse(scope, receive, send, 422, "body", f"not valid UTF-8 (byte {error.start})")
+            await error_response(422, "body", f"not valid UTF-8 (byte {error.start})")(scope, receive, send)
             return
         replayed = False
 
@@ -164,13 +162,15 @@ class RequestLimits:
         await self.app(scope, replay, send)
 
     async def _too_large(self, scope, receive, send) -> None:
-        await _refuse(scope, receive, send, 413, "body",
-                      f"request body larger than {self.max_body_bytes} bytes (ALPES_MAX_BODY_BYTES)")
+        await error_response(413, "body", f"request body larger than {self.max_body_bytes} bytes (ALPES_MAX_BODY_BYTES)")(
+            scope, receive, send)
 
 
-async def _refuse(scope, receive, send, status: int, field: str, reason: str) -> None:
-    await JSONResponse(status_code=status, content={"detail": reason, "errors": [{"field": field, "reason": reason}]})(
-        scope, receive, send)
+def error_response(status: int, field: str | None, reason: str, *, detail: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """The error shape (ERROR_SCHEMA) with one error: the field (None: the request as a whole) and why."""
+    return JSONResponse(status_code=status, headers=headers,
+                        content={"detail": detail or reason, "errors": [{"field": field, "reason": reason}]})
 
 
 class Problem(Exception):
@@ -184,8 +184,7 @@ class Problem(Exception):
 
 
 def problem_handler(_request: Request, problem: Problem) -> JSONResponse:
-    return JSONResponse(status_code=problem.status, content={
-        "detail": problem.reason, "errors": [{"field": problem.field, "reason": problem.reason}]})
+    return error_response(problem.status, problem.field, problem.reason)
 
 
 # -- validators of what arrives from outside ---------------------------------------------------
