@@ -170,14 +170,19 @@ def rebuild_projections(db: Database, registry: SchemaRegistry, progress: Callab
     return ReplaySummary(events, streams, time.perf_counter() - started)
 
 
+def _attributed_click_id(session: Session, conversion_id: str) -> str | None:
+    """The click a conversion was attributed through (None: attributed by ids)."""
+    a = tables.click_attributions
+    return session.scalar(select(a.c.click_id).where(a.c.conversion_id == conversion_id))
+
+
 def _commit_events(session: Session, store: EventStore, conversion: domain.Conversion,
                    events: list[domain.DomainEvent], correlation_id: str) -> list[OutgoingEvent]:
     """Append to the stream, update the projection, and return the integration events."""
     expected = conversion.version
     click_id = None
     if any(isinstance(event, domain.Validated) for event in events):
-        click_id = session.scalar(select(tables.click_attributions.c.click_id)
-                                  .where(tables.click_attributions.c.conversion_id == conversion.id))
+        click_id = _attributed_click_id(session, conversion.id)
     records = []
     for event in events:
         records.append(to_record(conversion, event, click_id))
@@ -501,8 +506,7 @@ def commission_request(session: Session, conversion: domain.Conversion, attempt:
     validation time stays the `timestamp`, so the rules in force then still apply)."""
     d = conversion.detected
     assert d is not None and conversion.validated_at is not None
-    click_id = session.scalar(select(tables.click_attributions.c.click_id)
-                              .where(tables.click_attributions.c.conversion_id == conversion.id))
+    click_id = _attributed_click_id(session, conversion.id)
     return OutgoingEvent(TOPIC, "CommissionRequested", conversion.id, {
         "conversion_id": d.conversion_id, "affiliate_id": d.affiliate_id, "campaign_id": d.campaign_id,
         "conversion_value": d.conversion_value, "currency": d.currency, "conversion_type": d.conversion_type,

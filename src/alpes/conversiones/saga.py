@@ -38,7 +38,6 @@ from . import domain, tables
 RUNNING = "running"
 COMPLETED = "completed"
 COMPENSATED = "compensated"
-STATES = (RUNNING, COMPLETED, COMPENSATED)
 TERMINAL_STATES = (COMPLETED, COMPENSATED)
 
 DETECTION = "detection"
@@ -53,10 +52,9 @@ WAITING = "waiting"
 DONE = "done"
 FAILED = "failed"
 
-# Marketing's reasons to deny a commission (ComisionDenegada.razon).
+# Marketing's reason to deny a commission (ComisionDenegada.razon) that has a compensation
+# reason of its own; the others are carried as commission_denied:<razon>.
 DENIED_AFFILIATE_SUSPENDED = "afiliado_suspendido_durante_proceso"
-DENIED_REFUNDED = "reembolsada_antes_de_comision"
-DENIED_REJECTED = "conversion_rechazada"
 
 
 @dataclass(frozen=True)
@@ -192,11 +190,10 @@ def stop_waiting(session: Session, saga_id: str, now: datetime, estado: str | No
     _set(session, saga_id, now, **values)
 
 
-def note(session: Session, saga_id: str, paso: str, estado: str, now: datetime, detalle: str | None = None,
-         paso_actual: bool = True) -> None:
+def note(session: Session, saga_id: str, paso: str, estado: str, now: datetime, detalle: str | None = None) -> None:
+    """A step that started and finished at once, which becomes the saga's current step."""
     _note(session, saga_id, paso, estado, now, detalle)
-    if paso_actual:
-        _set(session, saga_id, now, paso_actual=paso)
+    _set(session, saga_id, now, paso_actual=paso)
 
 
 def view(session: Session, saga_id: str, policy: SagaPolicy) -> dict | None:

@@ -20,6 +20,7 @@ def build(settings: Settings, clock: Callable[[], datetime] | None = None):
     if clock is None:
         offset = timedelta(seconds=settings.conversiones_clock_offset_seconds)
         clock = utcnow if not offset else lambda: utcnow() + offset
+    policy = saga.SagaPolicy(timedelta(seconds=settings.saga_timeout_seconds), settings.saga_max_retries)
 
     def configure(runtime: ServiceRuntime) -> None:
         store = handlers.event_store(runtime.registry)
@@ -32,7 +33,6 @@ def build(settings: Settings, clock: Callable[[], datetime] | None = None):
             "saga-timeouts", min(5.0, max(0.2, policy.timeout.total_seconds() / 4)),
             lambda: handlers.expire_sagas(runtime.db, store, runtime.outbox, policy)))
 
-    policy = saga.SagaPolicy(timedelta(seconds=settings.saga_timeout_seconds), settings.saga_max_retries)
     return compose("conversiones", settings, outbox=tables.outbox, inbox=tables.inbox,
                    consumers=consumers.consumer_specs(), routes=lambda runtime: api.with_saga_routes(
                        api.include_routes(runtime, grace, clock, settings.max_conversions_per_ip), runtime, policy),

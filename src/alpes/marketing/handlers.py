@@ -431,8 +431,7 @@ def reverse_comision(session: Session, event: IncomingEvent) -> list[OutgoingEve
     now = utcnow()
     session.execute(r.insert().values(conversion_id=p["conversion_id"], tipo=p["refund_type"], motivo=p["reason"],
                                       reembolsada_en=now))
-    k = tables.comisiones
-    row = session.execute(select(k).where(k.c.conversion_id == p["conversion_id"]).with_for_update()).mappings().first()
+    row = _comision_de(session, p["conversion_id"], lock=True)
     if row is None or row["estado"] == domain.REVERTIDA:
         return []
     return _revertir_comision(session, row, p["refund_type"], p["reason"], now)
@@ -611,9 +610,11 @@ def _razon_para_denegar(session: Session, p: dict) -> str | None:
     return None
 
 
-def _comision_de(session: Session, conversion_id: str):
+def _comision_de(session: Session, conversion_id: str, *, lock: bool = False):
+    """The conversion's commission row (None: none booked); `lock`: held until the transaction ends."""
     k = tables.comisiones
-    return session.execute(select(k).where(k.c.conversion_id == conversion_id)).mappings().first()
+    query = select(k).where(k.c.conversion_id == conversion_id)
+    return session.execute(query.with_for_update() if lock else query).mappings().first()
 
 
 def _registrada(row) -> OutgoingEvent:
@@ -634,8 +635,7 @@ def undo_compensated_comision(session: Session, event: IncomingEvent) -> list[Ou
     if not session.scalar(select(exists().where(d.c.conversion_id == p["conversion_id"]))):
         session.execute(d.insert().values(conversion_id=p["conversion_id"], razon=CONVERSION_RECHAZADA,
                                           denegada_en=utcnow()))
-    k = tables.comisiones
-    row = session.execute(select(k).where(k.c.conversion_id == p["conversion_id"]).with_for_update()).mappings().first()
+    row = _comision_de(session, p["conversion_id"], lock=True)
     if row is None or row["estado"] == domain.REVERTIDA:
         return []
     return _revertir_comision(session, row, COMPENSACION, p["reason"], utcnow())
