@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: up test test-slow test-all bench install clean
+.PHONY: up test test-slow test-all bench install services clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ required"'
@@ -16,14 +16,20 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# MariaDB and Redis for the tests, installed from Debian's packages and started on loopback.
+# Needs root; elsewhere start them yourself (the MariaDB tests skip when the server is absent).
+services:
+	@if [ "$$(id -u)" = 0 ]; then bash tools/test-services.sh; \
+	 else echo "not root: start MariaDB (user alpes/alpes) and Redis yourself, see tools/test-services.sh"; fi
+
 up: install
 	$(BIN)/alpes up
 
-test: install
+test: install services
 	$(BIN)/lint-imports
 	$(BIN)/pytest -m "not slow" -q
 
-test-slow: install
+test-slow: install services
 	$(BIN)/pytest -m slow -q $(PYTEST_ARGS)
 
 test-all: test test-slow

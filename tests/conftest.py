@@ -12,7 +12,7 @@ from hypothesis import settings
 from alpes.kernel import embedded_broker
 from alpes.kernel.codec import SchemaRegistry
 
-MARIADB_URL = os.environ.get("ALPES_TEST_MARIADB_URL", "mysql+pymysql://root:@127.0.0.1:3306")
+MARIADB_URL = os.environ.get("ALPES_TEST_MARIADB_URL", "mysql+pymysql://alpes:alpes@127.0.0.1:3306")
 REQUIRE_MARIADB = os.environ.get("ALPES_REQUIRE_MARIADB", "").lower() in ("1", "true", "yes")
 
 # CI replays the same examples on every run (a red build must be reproducible, not a roll of the
