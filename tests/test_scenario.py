@@ -259,9 +259,12 @@ def test_alpes_demo_loads_a_scenario_into_a_running_platform(tmp_path):
         assert "6 clicks, 6 conversions" in result.output
         [campana] = [c for c in platform.get("marketing", "/campanas")["campanas"] if c["nombre"].startswith("Demo ")]
         assert f"/reportes/campanas/{campana['id']}?agrupar=total" in result.output
+        # Validations and commissions reach the report through different consumers: wait for both.
         line = wait_until(lambda: (r := platform.get("marketing", f"/reportes/campanas/{campana['id']}",
-                                                     agrupar="total")["reportes"]) and r[0]["validadas"] == 6 and r[0],
-                          what="the demo in the campaign report", diagnose=platform.diagnostics)
+                                                     agrupar="total")["reportes"])
+                          and r[0]["validadas"] == 6 and r[0]["comisiones"] == 6 and r[0],
+                          what="the demo's validations and commissions in the campaign report",
+                          diagnose=platform.diagnostics)
         assert (line["clicks"], line["detectadas"], line["comisiones"]) == (6, 6, 6)
         assert Decimal(line["monto"]) > 0
         assert platform.get("auditoria", "/auditoria/verificacion")["ok"] is True
