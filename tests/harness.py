@@ -1,151 +1,17 @@
-"""Runs the real platform (`alpes up`) in a temporary directory for end-to-end and fault tests."""
+"""The platform harness for tests: `alpes.platform_harness`, with a shorter reference grace period
+(conversiones waits 2 s, not 10, for an affiliate or campaign it has not heard of yet)."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
-import httpx
+from alpes.platform_harness import Platform as _Platform
+from alpes.platform_harness import PlatformError, wait_until
 
-from alpes.contract import SERVICES
-from alpes.kernel.embedded_broker import listen_port
-
-T = TypeVar("T")
+__all__ = ["Platform", "PlatformError", "wait_until"]
 
 
-def wait_until(check: Callable[[], T], timeout: float = 60.0, interval: float = 0.2, what: str = "condition",
-               diagnose: Callable[[], object] | None = None) -> T:
-    """Poll `check` until it returns something truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except (httpx.HTTPError, KeyError, ValueError) as error:
-            last_error = error
-        time.sleep(interval)
-    details = ""
-    if diagnose is not None:
-        try:
-            details = f"\n{diagnose()}"
-        except Exception as error:  # diagnostics must not hide the timeout
-            details = f"\n(diagnostics failed: {error})"
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}"
-                         + (f" (last error: {last_error})" if last_error else "") + details)
-
-
-class Platform:
+class Platform(_Platform):
     def __init__(self, data_dir: Path, env: dict[str, str] | None = None,
                  instances: dict[str, int] | None = None) -> None:
-        self.data_dir = data_dir
-        self.instances = {name: 1 for name in SERVICES} | (instances or {})
-        # Further instances listen on port + 100 * i (settings).
-        self.ports = {name: listen_port(also=[100 * i for i in range(1, self.instances[name])]) for name in SERVICES}
-        self.broker_port = listen_port()
-        self.env = dict(os.environ)
-        self.env.update({f"ALPES_{name.upper()}_PORT": str(port) for name, port in self.ports.items()})
-        self.env.update({"ALPES_BROKER_PORT": str(self.broker_port), "ALPES_REFERENCE_GRACE_SECONDS": "2"})
-        self.env.update({f"ALPES_{name.upper()}_INSTANCES": str(n) for name, n in self.instances.items()})
-        self.env.update(env or {})
-        self.process: subprocess.Popen | None = None
-        self.http = httpx.Client(timeout=30)
-
-    def url(self, service: str) -> str:
-        """`marketing` (its first instance) or an instance by its name in state.json, `marketing-2`."""
-        if service in self.ports:
-            return f"http://127.0.0.1:{self.ports[service]}"
-        return self.state()["services"][service]["url"]
-
-    def instance_names(self, service: str) -> list[str]:
-        return [service] + [f"{service}-{i + 1}" for i in range(1, self.instances[service])]
-
-    def every_instance(self) -> list[str]:
-        return [name for service in SERVICES for name in self.instance_names(service)]
-
-    def get(self, service: str, path: str, **params) -> dict:
-        response = self.http.get(self.url(service) + path, params=params)
-        response.raise_for_status()
-        return response.json()
-
-    def post(self, service: str, path: str, body: dict) -> httpx.Response:
-        return self.http.post(self.url(service) + path, json=body)
-
-    def start(self, timeout: float = 120.0) -> "Platform":
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.data_dir / "up.out", "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "alpes", "up", "--data-dir", str(self.data_dir)],
-                                        env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        log.close()
-        wait_until(lambda: self.process.poll() is None and (self.data_dir / "state.json").exists(), timeout,
-                   what=f"alpes up to be ready (see {self.data_dir / 'up.out'})")
-        for name in self.every_instance():
-            wait_until(lambda: self.http.get(self.url(name) + "/health").status_code == 200, 60,
-                       what=f"{name} healthy")
-        return self
-
-    def state(self) -> dict:
-        return json.loads((self.data_dir / "state.json").read_text())
-
-    def pid(self, service: str) -> int:
-        state = self.state()
-        return state["broker_pid"] if service == "broker" else state["services"][service]["pid"]
-
-    def kill(self, service: str) -> int:
-        """SIGKILL one service process; returns its pid."""
-        pid = self.pid(service)
-        os.kill(pid, signal.SIGKILL)
-        return pid
-
-    def hold(self, service: str, seconds: float) -> None:
-        """Have the supervisor stop `service` cleanly and keep it down for `seconds` (`alpes hold`)."""
-        from alpes.supervisor import hold_service
-
-        hold_service(self.data_dir, service, seconds)
-
-    def wait_restarted(self, service: str, old_pid: int, timeout: float = 60.0) -> None:
-        wait_until(lambda: self.pid(service) != old_pid, timeout, what=f"{service} restarted")
-        # A service instance waits for itself; the broker for every instance (all reconnect).
-        for name in self.every_instance() if service == "broker" else [service]:
-            wait_until(lambda: self.http.get(self.url(name) + "/health").status_code == 200, timeout,
-                       what=f"{name} healthy again")
-
-    def stop(self, timeout: float = 60.0) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        code = self.process.returncode
-        self.process = None
-        return code
-
-    def diagnostics(self) -> str:
-        """Health of every service (consumer counters, outbox backlog), for failure messages."""
-        lines = []
-        for name in SERVICES:
-            try:
-                health = self.http.get(self.url(name) + "/health").json()
-            except httpx.HTTPError as error:
-                lines.append(f"{name}: unreachable ({error})")
-                continue
-            lines.append(f"{name}: {health['status']} outbox={health['outbox']}")
-            for c in health["consumers"]:
-                lines.append(f"  {c['topic']}/{c['subscription']}: received={c['received']} acked={c['acked']} "
-                             f"nacked={c['nacked']} connected={c['connected']} last_error={c['last_error']}")
-        return "\n".join(lines)
-
-    def log(self) -> str:
-        return (self.data_dir / "up.out").read_text(errors="replace")
+        super().__init__(data_dir, {"ALPES_REFERENCE_GRACE_SECONDS": "2", **(env or {})}, instances)

@@ -19,16 +19,25 @@ from harness import Platform, wait_until
 from rich.console import Console
 from sqlalchemy import MetaData
 
+from alpes.child_process import Child
 from alpes.kernel import embedded_broker
-from alpes.kernel.backlog import BacklogProbe, parse_backlog_metrics, stalled_partitions
-from alpes.kernel.broker import PulsarBroker, reserve_consumer_ids
+from alpes.kernel.backlog import BacklogProbe
+from alpes.kernel.broker import PulsarBroker
 from alpes.kernel.db import Database
+from alpes.kernel.embedded_broker import (
+    MetricsBacklog,
+    parse_backlog_metrics,
+    reserve_consumer_ids,
+    stalled_partitions,
+)
+from alpes.kernel.ports import free_port, listen_port
+from alpes.kernel.pulsar_admin import AdminBacklog
 from alpes.settings import Settings
-from alpes.supervisor import Child, Supervisor
+from alpes.supervisor_embedded import EmbeddedBrokerSupervision
 
 
 def test_embedded_broker_backlog_is_positive_while_held_and_zero_after_drain(tmp_path: Path):
-    port, metrics_port = embedded_broker.free_port(), embedded_broker.free_port()
+    port, metrics_port = free_port(), free_port()
     process = embedded_broker.start_broker_process(tmp_path, port, default_partitions=4,
                                                    metrics_addr=f"127.0.0.1:{metrics_port}")
     url = f"pulsar://127.0.0.1:{port}"
@@ -36,8 +45,8 @@ def test_embedded_broker_backlog_is_positive_while_held_and_zero_after_drain(tmp
     full = f"persistent://public/default/{topic}"
     client = pulsar.Client(url, logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Error))
     producer_side = PulsarBroker(url)
-    probe = BacklogProbe([(topic, subscription), (topic, "other")], metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
-                         cache_seconds=0)
+    probe = BacklogProbe([(topic, subscription), (topic, "other")],
+                         MetricsBacklog(f"http://127.0.0.1:{metrics_port}/metrics"), cache_seconds=0)
     try:
         client.subscribe(full, subscription, consumer_type=pulsar.ConsumerType.KeyShared).close()  # provisioned
         producer = producer_side.producer(topic)
@@ -107,7 +116,7 @@ def test_admin_api_backlog_is_msg_backlog_of_partitioned_stats():
         "marketing-consumer": {"msgBacklog": 12}, "analytics-consumer": {"msgBacklog": 0}}}).encode(), asked)
     try:
         probe = BacklogProbe([("conversiones.eventos", "marketing-consumer"), ("conversiones.eventos", "analytics-consumer")],
-                             admin_url=f"http://127.0.0.1:{server.server_port}/", tenant="acme", namespace="prod")
+                             AdminBacklog(f"http://127.0.0.1:{server.server_port}/", tenant="acme", namespace="prod"))
         result = probe.read()
     finally:
         server.shutdown()
@@ -237,58 +246,57 @@ def test_a_partition_holding_messages_that_nobody_is_handed_is_stalled():
 
 
 def test_alpes_up_restarts_an_embedded_broker_that_hands_nothing_out(tmp_path: Path):
-    """The supervisor's dispatch probe, on a real embedded broker and a metrics endpoint that
-    shows a subscription of a running service stalled; not while that service is held."""
+    """`alpes up`'s dispatch probe of the embedded broker, on a real embedded broker and a metrics
+    endpoint that shows a subscription of a running service stalled; not while that service is held."""
     now = time.time()
     metrics = _gauges("conversiones.eventos", "marketing-consumer", 0, back_log=40, unacked_messages=0,
                       last_consumed_timestamp=now - 120).encode()
 
     server = _serve(metrics)
-    port = embedded_broker.listen_port()
+    port = listen_port()
     config = tmp_path / "broker.toml"
-    embedded_broker.write_config(config, 1, metrics_addr=f"127.0.0.1:{embedded_broker.listen_port()}")
-    supervisor = Supervisor(Settings(data_dir=tmp_path, broker_port=port, broker_stall_seconds=5),
-                            services=["marketing"], console=Console(file=io.StringIO()))
-    supervisor.metrics_url = f"http://127.0.0.1:{server.server_port}/metrics"
-    supervisor.broker = Child("broker", [embedded_broker.broker_binary(), "--config", str(config), "--addr",
-                                         f"127.0.0.1:{port}", "--db-path", str(tmp_path / "store")],
-                              dict(os.environ), tmp_path / "broker.log")
+    embedded_broker.write_config(config, 1, metrics_addr=f"127.0.0.1:{listen_port()}")
     marketing = Child("marketing", [sys.executable, "-c", "import time; time.sleep(120)"], dict(os.environ),
                       tmp_path / "marketing.log", service="marketing")
-    supervisor.children = {"marketing": marketing}
+    embedded = EmbeddedBrokerSupervision(Settings(data_dir=tmp_path, broker_port=port, broker_stall_seconds=5),
+                                         tmp_path, Console(file=io.StringIO()), {"marketing": marketing})
+    embedded.metrics_url = f"http://127.0.0.1:{server.server_port}/metrics"
+    embedded.broker = Child("broker", [embedded_broker.broker_binary(), "--config", str(config), "--addr",
+                                       f"127.0.0.1:{port}", "--db-path", str(tmp_path / "store")],
+                            dict(os.environ), tmp_path / "broker.log")
     try:
-        supervisor.broker.start()
-        embedded_broker.wait_until_listening(port, supervisor.broker.process)
+        embedded.broker.start()
+        embedded_broker.wait_until_listening(port, embedded.broker.process)
         marketing.start()
-        first = supervisor.broker.process.pid
+        first = embedded.broker.process.pid
 
-        supervisor._check_dispatch(supervisor.broker)  # both just started: too early to judge
-        assert not supervisor._restart_flagged_broker()
+        embedded.check_dispatch()  # both just started: too early to judge
+        assert not embedded.restart_flagged()
 
-        supervisor.broker.started_at -= 10
+        embedded.broker.started_at -= 10
         marketing.started_at -= 10
-        supervisor._check_dispatch(supervisor.broker)
-        assert supervisor._restart_flagged_broker()
-        assert supervisor.broker.process.pid != first and supervisor.broker.alive()
-        assert supervisor.broker_stall_restarts == 1 and supervisor.broker.restarts == 1
-        embedded_broker.wait_until_listening(port, supervisor.broker.process)
+        embedded.check_dispatch()
+        assert embedded.restart_flagged()
+        assert embedded.broker.process.pid != first and embedded.broker.alive()
+        assert embedded.stall_restarts == 1 and embedded.broker.restarts == 1
+        embedded_broker.wait_until_listening(port, embedded.broker.process)
 
-        supervisor.broker.started_at -= 9  # a second restart in a row waits twice as long
-        supervisor._check_dispatch(supervisor.broker)
-        assert not supervisor._restart_flagged_broker()
+        embedded.broker.started_at -= 9  # a second restart in a row waits twice as long
+        embedded.check_dispatch()
+        assert not embedded.restart_flagged()
 
-        supervisor.broker.started_at -= 30
+        embedded.broker.started_at -= 30
         marketing.held_for = 30.0  # down on purpose: its messages are meant to wait
-        supervisor._check_dispatch(supervisor.broker)
-        assert not supervisor._restart_flagged_broker()
+        embedded.check_dispatch()
+        assert not embedded.restart_flagged()
         marketing.held_for = None
-        supervisor._check_dispatch(supervisor.broker)
-        assert supervisor._restart_flagged_broker()
-        assert supervisor.broker_stall_restarts == 2
+        embedded.check_dispatch()
+        assert embedded.restart_flagged()
+        assert embedded.stall_restarts == 2
     finally:
         server.shutdown()
         marketing.stop(timeout=5)
-        supervisor.broker.stop(timeout=5)
+        embedded.broker.stop(timeout=5)
 
 
 def test_on_failover_a_crash_restarts_the_embedded_broker_and_a_clean_hold_does_not(tmp_path: Path):

@@ -23,7 +23,8 @@ from conftest import unique
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, select, update
 
 from alpes.kernel import embedded_broker
-from alpes.kernel.broker import ConsumerWorker, PulsarBroker
+from alpes.kernel.broker import PulsarBroker
+from alpes.kernel.consumer import ConsumerWorker
 from alpes.kernel.db import Database
 from alpes.kernel.inbox import InboxProcessor, inbox_table
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent, utcnow

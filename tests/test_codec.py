@@ -303,7 +303,7 @@ def test_random_messages_never_crash_a_consumer(consuming_services, data):
 
     from sqlalchemy import func, select
 
-    from alpes.kernel.broker import ConsumerWorker
+    from alpes.kernel.consumer import ConsumerWorker
 
     runtime, spec = data.draw(st.sampled_from(consuming_services))
     handled = sorted(spec.handlers)

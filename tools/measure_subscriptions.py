@@ -35,7 +35,7 @@ def consume(url: str, topic: str, subscription: str, kind: str, name: str, out: 
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))
     client = pulsar.Client(url, logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Error), operation_timeout_seconds=10)
     if name != "one":  # distinct consumer ids per process, as the platform does (pulsar-lite refuses equal ones)
-        from alpes.kernel.broker import reserve_consumer_ids
+        from alpes.kernel.embedded_broker import reserve_consumer_ids
         reserve_consumer_ids(client, 100)  # readers of a 6-partition topic here: 600 ids
     consumer = None
     while consumer is None and not stop[0]:

@@ -39,7 +39,7 @@ def _instances(value: str | None) -> dict[str, int]:
 def up(data_dir: Path = typer.Option(None, help="Data directory (default ./.alpes or ALPES_DATA_DIR)"),
        instances: str = typer.Option(None, help="processes per service, e.g. marketing=2,conversiones=2 "
                                                  "(or ALPES_<SERVICE>_INSTANCES); default 1 each")) -> None:
-    """Start the embedded broker and the four services; Ctrl-C stops them all."""
+    """Start the broker (embedded unless ALPES_BROKER_URL names one) and the four services; Ctrl-C stops them all."""
     from .supervisor import Supervisor
 
     settings = _settings(data_dir)
@@ -68,19 +68,21 @@ def service(name: str = typer.Argument(..., help=f"one of {', '.join(SERVICES)}"
 @app.command()
 def provision(data_dir: Path = typer.Option(None)) -> None:
     """Create topics (with their partition counts) and subscriptions on the configured broker."""
-    from .kernel import embedded_broker
-
     settings = _settings(data_dir)
     subs = [(s.topic, s.name) for s in SUBSCRIPTIONS]
     if settings.embedded_broker:
-        made = embedded_broker.provision_embedded(settings.data_dir.resolve() / "broker", TOPICS, subs,
-                                                  settings.pulsar_tenant, settings.pulsar_namespace)
+        from .kernel.embedded_broker import provision_embedded
+
+        made = provision_embedded(settings.data_dir.resolve() / "broker", TOPICS, subs,
+                                  settings.pulsar_tenant, settings.pulsar_namespace)
         typer.echo("provisioned" if made else "already provisioned")
     else:
+        from .kernel.pulsar_admin import provision_pulsar_admin
+
         if not settings.pulsar_admin_url:
             raise typer.BadParameter("ALPES_PULSAR_ADMIN_URL is needed to provision a real Pulsar cluster")
-        embedded_broker.provision_pulsar_admin(settings.pulsar_admin_url, TOPICS, subs,
-                                               settings.pulsar_tenant, settings.pulsar_namespace)
+        provision_pulsar_admin(settings.pulsar_admin_url, TOPICS, subs, settings.pulsar_tenant,
+                               settings.pulsar_namespace)
         typer.echo("provisioned")
 
 
@@ -106,7 +108,7 @@ def replay_conversiones(data_dir: Path = typer.Option(None)) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from sqlalchemy.engine import make_url
 
-    from .conversiones.handlers import rebuild_projections
+    from .conversiones.projections import rebuild_projections
     from .kernel.codec import SchemaRegistry
     from .kernel.db import Database, migrate
 
@@ -186,3 +188,4 @@ def demo(url_base: str = typer.Option("http://127.0.0.1", help="scheme and host 
                f"{len(result.conversions)} conversions, {result.pagos} payouts")
     for what, link in result.urls.items():
         typer.echo(f"  {what:<16} {link}")
+

@@ -1,4 +1,10 @@
-"""What every service's composition root does the same way: migrate, connect, wire the runtime."""
+"""What every service's composition root does the same way: migrate, connect, wire the runtime.
+
+Each collaborator is built here once and handed down: the database, the schema registry (also
+`runtime.registry`, for whatever else of the service encodes or decodes events), the backlog
+probe, and, only when the broker is the embedded one, its quirks (kernel/embedded_broker.py).
+The runtime opens its broker clients when it starts; nothing connects at import time.
+"""
 
 from __future__ import annotations
 
@@ -9,39 +15,54 @@ from sqlalchemy import Table
 
 from .contract import subscriptions_of
 from .kernel.backlog import BacklogProbe
-from .kernel.broker import CONSUMER_IDS_PER_INSTANCE
 from .kernel.codec import SchemaRegistry
 from .kernel.db import Database, migrate
+from .kernel.embedded_broker import EmbeddedBrokerQuirks
 from .kernel.http import create_app
+from .kernel.pulsar_admin import AdminBacklog
 from .kernel.runtime import ConsumerSpec, ServiceRuntime
 from .settings import Settings
 
 
 def compose(name: str, settings: Settings, *, outbox: Table, inbox: Table, consumers: list[ConsumerSpec],
             routes: Callable[[ServiceRuntime], Callable[[FastAPI], None]],
-            configure: Callable[[ServiceRuntime], None] | None = None) -> tuple[FastAPI, ServiceRuntime]:
+            configure: Callable[[ServiceRuntime], None] | None = None,
+            registry: SchemaRegistry | None = None) -> tuple[FastAPI, ServiceRuntime]:
+    """`registry`: the service's schema registry when its own root needs it before the runtime
+    exists (for an event store its consumers use); built here otherwise."""
     declared = {(s.topic, s.name) for s in subscriptions_of(name)}
     wired = {(c.topic, c.subscription) for c in consumers}
     if declared != wired:
         raise RuntimeError(f"{name}: consumers {sorted(wired)} differ from the contract's {sorted(declared)}")
     url = settings.db_url(name)
     migrate(url, f"alpes.{name}:migrations")
-    backlog = None
-    # `alpes up` hands its services the broker's URL, so "embedded" is told by it, not inferred.
-    embedded = settings.embedded_broker or settings.broker_embedded
-    if settings.pulsar_admin_url or (embedded and settings.pulsar_metrics_url):
-        backlog = BacklogProbe(sorted(wired), admin_url=settings.pulsar_admin_url,
-                               metrics_url=None if settings.pulsar_admin_url else settings.pulsar_metrics_url,
-                               tenant=settings.pulsar_tenant, namespace=settings.pulsar_namespace)
+    quirks = embedded_broker_quirks(settings)
     runtime = ServiceRuntime(
-        name, Database(url), SchemaRegistry.from_directory(), outbox, inbox, settings.resolved_broker_url(),
+        name, Database(url), registry or SchemaRegistry.from_directory(), outbox, inbox, settings.resolved_broker_url(),
         tenant=settings.pulsar_tenant, namespace=settings.pulsar_namespace, consumers=consumers,
         max_redeliveries=settings.max_redeliveries, consumer_batch_size=settings.consumer_batch_size,
         subscription_type=settings.subscription_type, instance_index=settings.instance_index,
-        reserve_ids=settings.instance_index * CONSUMER_IDS_PER_INSTANCE if embedded else 0,
-        backlog=backlog,
+        quirks=quirks, backlog=backlog_probe(settings, sorted(wired), quirks),
     )
     if configure is not None:
         configure(runtime)
     return create_app(f"AlpesPartner · {name}", runtime, routes(runtime),
                       max_body_bytes=settings.max_body_bytes), runtime
+
+
+def embedded_broker_quirks(settings: Settings) -> EmbeddedBrokerQuirks | None:
+    """The seam: the embedded broker's quirks when the settings name no broker URL; None on Apache Pulsar."""
+    if not settings.embedded_broker:
+        return None
+    return EmbeddedBrokerQuirks(instance_index=settings.instance_index, metrics_url=settings.embedded_metrics_url())
+
+
+def backlog_probe(settings: Settings, subscriptions: list[tuple[str, str]],
+                  quirks: EmbeddedBrokerQuirks | None) -> BacklogProbe | None:
+    """The admin API when one is configured, else the embedded broker's metrics; None: not known."""
+    tenant, namespace = settings.pulsar_tenant, settings.pulsar_namespace
+    if settings.pulsar_admin_url:
+        source = AdminBacklog(settings.pulsar_admin_url, tenant=tenant, namespace=namespace)
+    else:
+        source = quirks.backlog_source(tenant, namespace) if quirks is not None else None
+    return BacklogProbe(subscriptions, source) if source is not None else None

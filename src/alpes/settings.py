@@ -1,7 +1,11 @@
 """Configuration: embedded defaults, production by environment variables only.
 
 ALPES_DATA_DIR            data directory (SQLite files, broker store, logs); default ./.alpes
-ALPES_BROKER_URL          pulsar://host:6650 of a real Pulsar; unset: the embedded broker
+ALPES_BROKER_URL          pulsar://host:6650 of a real Pulsar; unset: the embedded broker (the one
+                          setting that says which broker: everything done only for the embedded
+                          one follows from it)
+ALPES_BROKER_PORT         port of the embedded broker on 127.0.0.1; default 6650
+ALPES_BROKER_METRICS_PORT loopback port of the embedded broker's Prometheus metrics; default a free one
 ALPES_PULSAR_ADMIN_URL    http://host:8080 of that cluster, for `alpes provision`
 ALPES_PULSAR_TENANT       default public
 ALPES_PULSAR_NAMESPACE    default default
@@ -36,7 +40,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     broker_url: str | None = None
     broker_port: int = 6650
-    broker_metrics_port: int = 0  # the embedded broker's Prometheus port on 127.0.0.1; 0: a free one
+    # The embedded broker's Prometheus port on 127.0.0.1 (subscription backlog); 0: `alpes up` picks
+    # a free one and hands it to its services.
+    broker_metrics_port: int = 0
     # `alpes up` probes the embedded broker this often; after 3 unanswered probes in a row it restarts it.
     broker_watchdog_seconds: float = Field(10.0, gt=0)
     # ... and restarts it when a subscription's messages wait with nothing dispatched for this long.
@@ -63,14 +69,10 @@ class Settings(BaseSettings):
     auditoria_instances: int = Field(1, ge=1, le=9)
     # Which instance of its service this process is (set by `alpes up`): consumer ids and names.
     instance_index: int = Field(0, ge=0)
-    # Prometheus endpoint of the embedded broker (set by `alpes up`), read for subscription backlog.
-    pulsar_metrics_url: str | None = None
-    # Set by `alpes up` for its services when the broker it gives them is the embedded one.
-    broker_embedded: bool = False
 
     max_redeliveries: int = Field(5, ge=1)
-    # Both keep per-aggregate order. Key_Shared shares keys over instances and, on pulsar-lite, is
-    # the one whose acknowledgements hold (it ignores a Failover consumer's). See README "Scaling".
+    # Both keep per-aggregate order. Key_Shared shares keys over instances and, on the embedded
+    # broker, is the one whose acknowledgements hold. See README "Scaling".
     subscription_type: Literal["failover", "key_shared"] = "key_shared"
     # How long conversiones waits to learn of an affiliate/campaign it has not heard of yet
     # (events are eventually consistent) before rejecting a conversion that names it.
@@ -112,7 +114,14 @@ class Settings(BaseSettings):
 
     @property
     def embedded_broker(self) -> bool:
+        """No broker URL: the embedded broker on 127.0.0.1:`broker_port` (what `alpes up` runs)."""
         return not self.broker_url
 
     def resolved_broker_url(self) -> str:
         return self.broker_url or f"pulsar://127.0.0.1:{self.broker_port}"
+
+    def embedded_metrics_url(self) -> str | None:
+        """The embedded broker's Prometheus endpoint, when its port is known."""
+        if not self.embedded_broker or not self.broker_metrics_port:
+            return None
+        return f"http://127.0.0.1:{self.broker_metrics_port}/metrics"

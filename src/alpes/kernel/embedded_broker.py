@@ -1,77 +1,53 @@
-"""The embedded Pulsar-protocol broker (PyPI `pulsar-lite`) and topic provisioning.
+"""The embedded broker (PyPI `pulsar-lite`): everything the platform does only because of it.
 
-pulsar-lite has no admin API: a topic's partition count is fixed at first use from the one
-global `default_partitions` setting. So provisioning starts the broker once per distinct
-partition count, creates each topic of that count (and its durable subscriptions, so nothing
-published before a consumer first connects is lost), stops it, and records what it made.
-The broker then runs with `default_partitions = 1` (dead-letter topics). A real Pulsar
-cluster is provisioned through its admin REST API instead (see `provision_pulsar_admin`).
+One seam. The composition root builds `EmbeddedBrokerQuirks` when the settings name no broker
+URL; `alpes up` runs `supervisor_embedded.EmbeddedBrokerSupervision` in the same case. On Apache
+Pulsar neither exists and nothing in this module runs. What is here, each the answer to a quirk
+listed in the README ("The embedded broker"):
+
+- the broker process: its binary, its config file, start, stop, "does it answer a lookup";
+- provisioning: it has no admin API and one global `default_partitions`, fixed per topic at first
+  use, so it is started once per partition count to create the topics of that count and their
+  durable subscriptions (so nothing published before a consumer first connects is lost); it then
+  runs with `default_partitions = 1` (dead-letter topics);
+- consumer ids: it refuses a consumer whose client-side id is already registered on the
+  subscription by another connection, and every client numbers its consumers from 0, so instance
+  i of a service first skips i * CONSUMER_IDS_PER_INSTANCE ids;
+- backlog and stalls: its Prometheus gauges stand in for the admin API's subscription stats.
 """
 
 from __future__ import annotations
 
 import json
-import random
+import re
 import socket
 import subprocess
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pulsar
 
+from .ports import free_port
+
 PROVISIONED_MARKER = "provisioned.json"
+ID_SPACER_TOPIC = "alpes-consumer-id-spacer"
+CONSUMER_IDS_PER_INSTANCE = 500  # a service process uses ~30 (one per partition) plus retries
 
 
+# -- the broker process --------------------------------------------------------------------------
 def broker_binary() -> str:
     from pulsar_lite.binary_finder import find_pulsar_lite_binary
 
     return str(find_pulsar_lite_binary())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def listen_port(also: Iterable[int] = ()) -> int:
-    """A free port for a process that is killed and started again on the same port (a service,
-    the broker). Outside the kernel's ephemeral range: in that range, any outgoing connection
-    made while the process is down may take its port, and the restarted process cannot bind.
-    `also` are offsets that must be free too (further instances at port + 100 * i)."""
-    offsets = (0, *also)
-    low, high = _ephemeral_range()
-    ranges = [(first, last - max(offsets)) for first, last in ((10000, low - 1), (high + 1, 65535))
-              if last - max(offsets) - first > 1000]
-    for _ in range(200):
-        port = random.randint(*random.choice(ranges))
-        if all(_bindable(port + offset) for offset in offsets):
-            return port
-    return free_port()
-
-
 def write_config(path: Path, default_partitions: int, metrics_addr: str | None = None) -> None:
-    # Unknown keys are ignored silently by pulsar-lite: only keys read from its binary.
-    # Metrics would bind 0.0.0.0:8080: off, or on the loopback address given (`addr`, found in
-    # its binary and checked by a test: they carry each subscription's backlog).
+    # pulsar-lite ignores unknown keys silently: only keys read from its binary. Its metrics would
+    # bind 0.0.0.0:8080: off, or on the loopback address given (they carry the backlog gauges).
     metrics = f'enabled = true\naddr = "{metrics_addr}"\n' if metrics_addr else "enabled = false\n"
     path.write_text(
         f"default_partitions = {default_partitions}\n"
@@ -81,17 +57,19 @@ def write_config(path: Path, default_partitions: int, metrics_addr: str | None =
     )
 
 
+def broker_command(config: Path, port: int, store: Path) -> list[str]:
+    return [broker_binary(), "--config", str(config), "--addr", f"127.0.0.1:{port}", "--db-path", str(store),
+            "--log-level", "warn"]
+
+
 def start_broker_process(data_dir: Path, port: int, default_partitions: int = 1,
                          log_name: str = "broker.log", metrics_addr: str | None = None) -> subprocess.Popen:
     data_dir.mkdir(parents=True, exist_ok=True)
     config = data_dir / f"pulsar-lite-{default_partitions}.toml"
     write_config(config, default_partitions, metrics_addr)
     log = open(data_dir / log_name, "ab")
-    process = subprocess.Popen(
-        [broker_binary(), "--config", str(config), "--addr", f"127.0.0.1:{port}",
-         "--db-path", str(data_dir / "store"), "--log-level", "warn"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=str(data_dir), start_new_session=True,
-    )
+    process = subprocess.Popen(broker_command(config, port, data_dir / "store"),
+                               stdout=log, stderr=subprocess.STDOUT, cwd=str(data_dir), start_new_session=True)
     log.close()
     wait_until_listening(port, process)
     return process
@@ -138,6 +116,7 @@ def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
             process.wait()
 
 
+# -- provisioning ------------------------------------------------------------------------------
 def _wanted(topics: dict[str, int], subscriptions: Iterable[tuple[str, str]]) -> dict:
     return {"topics": dict(sorted(topics.items())), "subscriptions": sorted(f"{t}|{s}" for t, s in subscriptions)}
 
@@ -196,25 +175,93 @@ def verify_partitions(service_url: str, topics: dict[str, int], tenant: str = "p
         client.close()
 
 
-def provision_pulsar_admin(admin_url: str, topics: dict[str, int], subscriptions: Iterable[tuple[str, str]],
-                           tenant: str = "public", namespace: str = "default", token: str | None = None) -> None:
-    """Provision a real Apache Pulsar cluster through its admin REST API (v2)."""
-    import httpx
-
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    base = f"{admin_url.rstrip('/')}/admin/v2/persistent/{tenant}/{namespace}"
-    with httpx.Client(headers=headers, timeout=30) as http:
-        for topic, count in topics.items():
-            response = http.put(f"{base}/{topic}/partitions", json=count)
-            if response.status_code == 409:  # exists: check the count instead of trusting it
-                got = http.get(f"{base}/{topic}/partitions").json().get("partitions")
-                if got != count:
-                    raise RuntimeError(f"{topic} has {got} partitions on the cluster; contract says {count}")
-            elif response.status_code >= 300:
-                raise RuntimeError(f"creating {topic}: {response.status_code} {response.text}")
-        for topic, sub in subscriptions:
-            response = http.put(f"{base}/{topic}/subscription/{sub}", json={"entryId": -1, "ledgerId": -1})
-            if response.status_code not in (200, 204, 409):
-                raise RuntimeError(f"creating subscription {sub} on {topic}: {response.status_code} {response.text}")
+# -- the service side: consumer ids and backlog ----------------------------------------------------
+def reserve_consumer_ids(client: pulsar.Client, count: int, tenant: str = "public", namespace: str = "default") -> None:
+    """Make `client`'s next consumer ids start `count` later, by opening and closing readers on
+    ID_SPACER_TOPIC (16 at a time: about 2 s for 500 ids)."""
+    if count <= 0:
+        return
+    topic = f"persistent://{tenant}/{namespace}/{ID_SPACER_TOPIC}"
+    with ThreadPoolExecutor(16) as pool:
+        readers = list(pool.map(lambda _: client.create_reader(topic, pulsar.MessageId.latest), range(count)))
+    for reader in readers:
+        reader.close()
 
 
+@dataclass(frozen=True)
+class EmbeddedBrokerQuirks:
+    """What a service process does because its broker is the embedded one (see the module's
+    docstring); the composition root builds one only then, and the runtime asks it at start."""
+
+    instance_index: int = 0
+    metrics_url: str | None = None  # the broker's Prometheus endpoint, when `alpes up` runs it
+
+    def prepare_consumer_client(self, client: pulsar.Client, tenant: str, namespace: str) -> None:
+        """Before the first subscribe: skip the consumer ids the other instances use."""
+        reserve_consumer_ids(client, self.instance_index * CONSUMER_IDS_PER_INSTANCE, tenant, namespace)
+
+    def backlog_source(self, tenant: str, namespace: str) -> MetricsBacklog | None:
+        return MetricsBacklog(self.metrics_url, tenant=tenant, namespace=namespace) if self.metrics_url else None
+
+
+_METRIC = re.compile(r'^(?P<name>pulsar_subscription_\w+)\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)')
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+class MetricsBacklog:
+    """Backlog source for BacklogProbe: the gauge `pulsar_subscription_back_log` ("unacknowledged
+    stored entries") summed over partitions. A key-based batch counts once and the gauge refreshes
+    every few seconds, so it is a lagging count of entries, not of messages: 0 means drained, more
+    means work waits. (The client cannot stand in: it answers OperationNotSupported to
+    get_last_message_id on a partitioned topic.)"""
+
+    description = "pulsar-lite metrics pulsar_subscription_back_log (stored entries, a batch counts once; lags a few s)"
+
+    def __init__(self, metrics_url: str, *, tenant: str = "public", namespace: str = "default") -> None:
+        self.metrics_url = metrics_url
+        self.namespace = f"{tenant}/{namespace}"
+
+    def read(self, subscriptions: list[tuple[str, str]], timeout: float) -> dict[tuple[str, str], int]:
+        response = httpx.get(self.metrics_url, timeout=timeout)
+        response.raise_for_status()
+        return parse_backlog_metrics(response.text, self.namespace)
+
+
+def parse_subscription_metrics(text: str, namespace: str) -> dict[tuple[str, str, str], dict[str, float]]:
+    """Every `pulsar_subscription_<gauge>` per (topic, subscription, partition): {gauge: value}."""
+    samples: dict[tuple[str, str, str], dict[str, float]] = {}
+    for line in text.splitlines():
+        match = _METRIC.match(line)
+        if not match:
+            continue
+        labels = dict(_LABEL.findall(match["labels"]))
+        if labels.get("namespace", namespace) != namespace:
+            continue
+        key = (labels.get("topic", ""), labels.get("subscription", ""), labels.get("partition", ""))
+        samples.setdefault(key, {})[match["name"].removeprefix("pulsar_subscription_")] = float(match["value"])
+    return samples
+
+
+def parse_backlog_metrics(text: str, namespace: str) -> dict[tuple[str, str], int]:
+    """Sum pulsar_subscription_back_log over the partitions of each (topic, subscription)."""
+    totals: dict[tuple[str, str], int] = {}
+    for (topic, subscription, _), gauges in parse_subscription_metrics(text, namespace).items():
+        if "back_log" in gauges:
+            totals[(topic, subscription)] = totals.get((topic, subscription), 0) + int(gauges["back_log"])
+    return totals
+
+
+def stalled_partitions(text: str, namespace: str, watched: Iterable[tuple[str, str]], now: float,
+                       stall_seconds: float) -> list[str]:
+    """The partitions of the `watched` subscriptions that hold stored messages while none is out
+    with a consumer and none was handed out for `stall_seconds` (`now`: Unix time, the broker's
+    clock). A consumer busy with (or retrying) messages has some unacknowledged: not a stall."""
+    watched = set(watched)
+    stalled = []
+    for (topic, subscription, partition), gauges in sorted(parse_subscription_metrics(text, namespace).items()):
+        if (topic, subscription) not in watched:
+            continue
+        if (gauges.get("back_log", 0) > 0 and gauges.get("unacked_messages", 0) == 0
+                and now - gauges.get("last_consumed_timestamp", 0) > stall_seconds):
+            stalled.append(f"{topic}/{subscription}#{partition}: {int(gauges['back_log'])} waiting")
+    return stalled

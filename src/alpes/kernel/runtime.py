@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import structlog
@@ -21,12 +22,16 @@ from sqlalchemy import Table
 from sqlalchemy.orm import Session
 
 from .backlog import BacklogProbe
-from .broker import ConsumerWorker, PulsarBroker, reserve_consumer_ids
+from .broker import PulsarBroker
 from .codec import SchemaRegistry
+from .consumer import ConsumerWorker
 from .db import Database
 from .inbox import Handler, InboxProcessor
 from .messages import IncomingEvent, OutgoingEvent, utcnow
 from .outbox import Outbox, OutboxRelay
+
+if TYPE_CHECKING:
+    from .embedded_broker import EmbeddedBrokerQuirks
 
 log = structlog.get_logger(__name__)
 
@@ -55,14 +60,15 @@ class ServiceRuntime:
                  inbox_table: Table, broker_url: str, *, tenant: str = "public", namespace: str = "default",
                  consumers: list[ConsumerSpec] | None = None, jobs: list[PeriodicJob] | None = None,
                  max_redeliveries: int = 5, consumer_batch_size: int = 200,
-                 subscription_type: str = "failover", instance_index: int = 0, reserve_ids: int = 0,
-                 backlog: BacklogProbe | None = None) -> None:
+                 subscription_type: str = "failover", instance_index: int = 0,
+                 quirks: EmbeddedBrokerQuirks | None = None, backlog: BacklogProbe | None = None) -> None:
         self.service = service
         self.instance = f"{service}-{socket.gethostname()}-{os.getpid()}"
         # Which of the service's instances this is (`alpes up --instances`); several share one
         # database and the service's subscriptions.
         self.instance_index = instance_index
-        self.reserve_ids = reserve_ids
+        # Set only on the embedded broker (composition root): what this process does for its quirks.
+        self.quirks = quirks
         self.backlog = backlog
         self.db = db
         self.registry = registry
@@ -108,15 +114,14 @@ class ServiceRuntime:
         self._announce("ServicioIniciado", {})
         self.relay.start()
         consumers = self._client("consumers")
-        if self.reserve_ids and self.consumer_specs:
-            # Embedded broker only: consumer ids distinct from the other instances' (see broker.py).
-            reserve_consumer_ids(consumers.client, self.reserve_ids, self.tenant, self.namespace)
+        if self.quirks is not None and self.consumer_specs:
+            self.quirks.prepare_consumer_client(consumers.client, self.tenant, self.namespace)
         for spec in self.consumer_specs:
             processor = InboxProcessor(self.db, self.inbox_table, self.outbox, spec.subscription,
                                        spec.handlers, after_commit=self.wake_relay)
-            # One client for all of this process's consumers: the client numbers its consumers,
-            # and pulsar-lite refuses a consumer id already used under the same subscription
-            # name (even on another topic), dropping the whole connection.
+            # One client for all of this process's consumers: the client numbers its consumers, so
+            # ids stay distinct within the process (the embedded broker checks them per
+            # subscription name across topics and connections; see embedded_broker.py).
             worker = ConsumerWorker(
                 consumers, self.registry, spec.topic, spec.subscription, processor.process,
                 consumer_name=f"{self.instance}-{spec.topic}-{spec.subscription}",
@@ -233,8 +238,8 @@ class ServiceRuntime:
         for worker in self.workers:
             state = worker.state.as_dict()
             state["connected"] = worker.connected()
-            # The subscription's backlog as the broker counts it (all instances together); see
-            # kernel/backlog.py for what the number is on each broker. None: not known.
+            # The subscription's backlog as the broker counts it (all instances together); the
+            # source says what the number is on each broker. None: not known.
             state["backlog"] = backlog.get((worker.topic, worker.subscription), {"backlog": None, "source": None})
             state["subscription_type"] = self.subscription_type
             state["dead_letter_topic"] = f"{worker.topic}-{worker.subscription}-DLQ"

@@ -1,0 +1,48 @@
+"""Free loopback ports for the processes the platform starts (broker, services, scratch runs)."""
+
+from __future__ import annotations
+
+import random
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A port the kernel says is free now (in its ephemeral range)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def listen_port(also: Iterable[int] = ()) -> int:
+    """A free port for a process that is killed and started again on the same port (a service,
+    the broker). Outside the kernel's ephemeral range: in that range, any outgoing connection
+    made while the process is down may take its port, and the restarted process cannot bind.
+    `also` are offsets that must be free too (further instances at port + 100 * i)."""
+    offsets = (0, *also)
+    low, high = _ephemeral_range()
+    ranges = [(first, last - max(offsets)) for first, last in ((10000, low - 1), (high + 1, 65535))
+              if last - max(offsets) - first > 1000]
+    for _ in range(200):
+        port = random.randint(*random.choice(ranges))
+        if all(_bindable(port + offset) for offset in offsets):
+            return port
+    return free_port()
