@@ -16,9 +16,9 @@ from sqlalchemy import func, select
 from alpes.afiliados import domain as afiliados
 from alpes.afiliados import handlers as afiliados_handlers
 from alpes.conversiones import domain as conversiones
-from alpes.conversiones import handlers as conversiones_handlers
+from alpes.conversiones import reference as conversiones_reference
 from alpes.kernel.messages import IncomingEvent, new_id
-from alpes.marketing import handlers as marketing_handlers
+from alpes.marketing import campaigns
 from alpes.settings import Settings
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
@@ -300,18 +300,18 @@ def test_marketing_disables_and_re_enables_an_affiliate_once_per_state(tmp_path)
         with runtime.db.transaction() as session:
             return session.scalar(select(tables.afiliados.c.estado).where(tables.afiliados.c.afiliado_id == "a1"))
 
-    assert handle(marketing_handlers.enable_afiliado, "AfiliadoValidado", {"id": "a1"}) == [("AfiliadoHabilitado", None)]
-    assert handle(marketing_handlers.enable_afiliado, "AfiliadoValidado", {"id": "a1"}) == []  # already enabled
-    assert handle(marketing_handlers.disable_afiliado, "AfiliadoSuspendido", {"id": "a1", "motivo": "fraude"}) == [
+    assert handle(campaigns.enable_afiliado, "AfiliadoValidado", {"id": "a1"}) == [("AfiliadoHabilitado", None)]
+    assert handle(campaigns.enable_afiliado, "AfiliadoValidado", {"id": "a1"}) == []  # already enabled
+    assert handle(campaigns.disable_afiliado, "AfiliadoSuspendido", {"id": "a1", "motivo": "fraude"}) == [
         ("AfiliadoInhabilitado", "fraude")]
     assert estado() == "inhabilitado"
-    assert handle(marketing_handlers.disable_afiliado, "AfiliadoSuspendido", {"id": "a1", "motivo": "fraude"}) == []
-    assert handle(marketing_handlers.enable_afiliado, "AfiliadoReactivado", {"id": "a1"}) == [("AfiliadoHabilitado", None)]
+    assert handle(campaigns.disable_afiliado, "AfiliadoSuspendido", {"id": "a1", "motivo": "fraude"}) == []
+    assert handle(campaigns.enable_afiliado, "AfiliadoReactivado", {"id": "a1"}) == [("AfiliadoHabilitado", None)]
     assert estado() == "habilitado"
     # A rejected affiliate a human approves is enabled too.
-    handle(marketing_handlers.note_rejected_afiliado, "AfiliadoRechazado", {"id": "a2", "motivos": ["x"]})
+    handle(campaigns.note_rejected_afiliado, "AfiliadoRechazado", {"id": "a2", "motivos": ["x"]})
     with runtime.db.transaction() as session:
-        emitted = marketing_handlers.enable_afiliado(session, _incoming(topic, "AfiliadoAprobado", "a2", {"id": "a2"}))
+        emitted = campaigns.enable_afiliado(session, _incoming(topic, "AfiliadoAprobado", "a2", {"id": "a2"}))
     assert [e.event_type for e in emitted] == ["AfiliadoHabilitado"]
 
 
@@ -323,16 +323,16 @@ def test_conversiones_learns_suspension_and_reactivation(tmp_path):
         with runtime.db.transaction() as session:
             handler(session, _incoming(topic, event_type, "a1", {"afiliado_id": "a1", "motivo": "m"}))
         with runtime.db.transaction() as session:
-            return conversiones_handlers.reference(session, "a1", "k1")
+            return conversiones_reference.reference(session, "a1", "k1")
 
-    enabled = learn(conversiones_handlers.learn_afiliado, "AfiliadoHabilitado")
+    enabled = learn(conversiones_reference.learn_afiliado, "AfiliadoHabilitado")
     assert (enabled.affiliate_enabled, enabled.affiliate_suspended) == (True, False)
-    suspended = learn(conversiones_handlers.learn_afiliado_inhabilitado, "AfiliadoInhabilitado")
+    suspended = learn(conversiones_reference.learn_afiliado_inhabilitado, "AfiliadoInhabilitado")
     assert (suspended.affiliate_enabled, suspended.affiliate_suspended) == (False, True)
-    again = learn(conversiones_handlers.learn_afiliado, "AfiliadoHabilitado")
+    again = learn(conversiones_reference.learn_afiliado, "AfiliadoHabilitado")
     assert (again.affiliate_enabled, again.affiliate_suspended) == (True, False)
     with runtime.db.transaction() as session:
-        assert conversiones_handlers.reference(session, "never-seen", "k1").affiliate_enabled is None
+        assert conversiones_reference.reference(session, "never-seen", "k1").affiliate_enabled is None
 
 
 # -- end to end through the running platform ---------------------------------------------------------

@@ -18,10 +18,11 @@ from test_commission_lifecycle import Marketing
 from test_http import _fields
 
 from alpes.conversiones import domain as cdomain
-from alpes.conversiones import handlers as chandlers
+from alpes.conversiones import reference as creference
+from alpes.conversiones import tracking as ctracking
 from alpes.kernel.codec import SchemaRegistry
 from alpes.kernel.messages import new_id
-from alpes.marketing import handlers as mhandlers
+from alpes.marketing import commissions
 from alpes.settings import Settings
 
 REGISTRY = SchemaRegistry.from_directory()
@@ -72,8 +73,8 @@ class Clock:
 
 
 def _learn(runtime, events) -> None:
-    handlers = {"CampanaCreada": chandlers.learn_campana, "AfiliadoHabilitado": chandlers.learn_afiliado,
-                "AfiliadoInscrito": chandlers.learn_inscripcion}
+    handlers = {"CampanaCreada": creference.learn_campana, "AfiliadoHabilitado": creference.learn_afiliado,
+                "AfiliadoInscrito": creference.learn_inscripcion}
     with runtime.db.transaction() as session:
         for event_type, payload, version in events:
             handlers[event_type](session, _incoming(REGISTRY, event_type, payload, version))
@@ -201,7 +202,7 @@ def test_clicks_of_other_visitors_or_without_a_visitor_id_never_compete(conv):
     # A click recorded without a visitor id (before the cookie existed) attributes to itself.
     clock.now = NOW + 3 * HOUR
     with runtime.db.transaction() as session:
-        bare, _, _ = chandlers.record_click(session, "kla1link", ip=None, user_agent=None, referrer=None,
+        bare, _, _ = ctracking.record_click(session, "kla1link", ip=None, user_agent=None, referrer=None,
                                             now=clock.now)
     _visit(ana, clock, "kla2link", 4 * HOUR)
     conversion = _convert(ana, clock, bare, 5 * HOUR, order_id="bare")
@@ -299,7 +300,7 @@ def _validated_v(mk: Marketing, version: int, campana: str, afiliado: str = "ana
                "timestamp": validated_at or datetime.now(timezone.utc), **v2}
     event = _incoming(REGISTRY, "ConversionValidated", payload, version)  # encoded and read as the consumer does
     with mk.runtime.db.transaction() as session:
-        mk.emitted += mhandlers.calculate_comision(session, event)
+        mk.emitted += commissions.calculate_comision(session, event)
     return mk.comision(payload["conversion_id"])
 
 

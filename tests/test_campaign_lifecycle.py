@@ -124,7 +124,7 @@ def test_lifecycle_changes_commit_with_their_events(marketing):
 
 def test_a_click_minimum_travels_to_conversiones(marketing, tmp_path):
     """The campaign's too_fast threshold is a term of the campaign, learned by conversiones."""
-    from alpes.conversiones import handlers as conversiones_handlers, tables as conversiones_tables
+    from alpes.conversiones import reference as conversiones_reference, tables as conversiones_tables
 
     client, runtime, tables = marketing
     campana = client.post("/campanas", json={**TERMS, "min_segundos_click_conversion": 20}).json()
@@ -137,7 +137,7 @@ def test_a_click_minimum_travels_to_conversiones(marketing, tmp_path):
                           row["schema_version"], campana["id"], payload["timestamp"], "c", "c", payload)
     _, conversiones_runtime, _ = _client("conversiones", tmp_path / "conversiones")
     with conversiones_runtime.db.transaction() as session:
-        conversiones_handlers.learn_campana(session, event)
+        conversiones_reference.learn_campana(session, event)
     with conversiones_runtime.db.read() as session:
         learned = session.scalar(select(conversiones_tables.ref_campanas.c.min_segundos_click_conversion))
     assert learned == 20
@@ -158,25 +158,25 @@ def _incoming(registry, event_type: str, payload: dict, version: int) -> Incomin
 
 
 def test_conversions_for_a_paused_campaign_are_rejected(tmp_path):
-    from alpes.conversiones import handlers
+    from alpes.conversiones import reference
 
     client, runtime, _ = _client("conversiones", tmp_path)
     registry = SchemaRegistry.from_directory()
     now = datetime.now(timezone.utc)
     with runtime.db.transaction() as session:
         # A v1 CampanaCreada (no state field) is read as an active campaign.
-        handlers.learn_campana(session, _incoming(registry, "CampanaCreada", {
+        reference.learn_campana(session, _incoming(registry, "CampanaCreada", {
             "id": "k1", "nombre": "n", "porcentaje_comision": Decimal("10"), "moneda": "EUR", "timestamp": now}, 1))
-        handlers.learn_afiliado(session, _incoming(registry, "AfiliadoHabilitado", {"afiliado_id": "a1", "timestamp": now}, 1))
+        reference.learn_afiliado(session, _incoming(registry, "AfiliadoHabilitado", {"afiliado_id": "a1", "timestamp": now}, 1))
     postback = {"affiliate_id": "a1", "campaign_id": "k1", "user_id": "u", "conversion_value": "10.00",
                 "conversion_type": "sale"}
     assert client.post("/conversiones", json=postback).json()["status"] == "validated"
     with runtime.db.transaction() as session:
-        handlers.learn_campana_estado(session, _incoming(registry, "CampanaPausada", {"id": "k1", "timestamp": now}, 1))
+        reference.learn_campana_estado(session, _incoming(registry, "CampanaPausada", {"id": "k1", "timestamp": now}, 1))
     paused = client.post("/conversiones", json=postback).json()
     assert client.get(f"/conversiones/{paused['id']}").json()["reason"] == "campaign_inactive"
     with runtime.db.transaction() as session:
-        handlers.learn_campana_estado(session, _incoming(registry, "CampanaActivada", {"id": "k1", "timestamp": now}, 1))
+        reference.learn_campana_estado(session, _incoming(registry, "CampanaActivada", {"id": "k1", "timestamp": now}, 1))
     assert client.post("/conversiones", json=postback).json()["status"] == "validated"
 
 

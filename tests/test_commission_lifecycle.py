@@ -24,7 +24,7 @@ from alpes.kernel.db import Database, migrate
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent, new_id
 from alpes.kernel.outbox import Outbox
 from alpes.marketing import domain as marketing
-from alpes.marketing import handlers as marketing_handlers
+from alpes.marketing import campaigns, commissions, payouts
 from alpes.marketing import tables as marketing_tables
 from alpes.settings import Settings
 
@@ -158,19 +158,19 @@ class Marketing:
     def validated(self, afiliado: str, campana: str, valor: str, moneda: str = "EUR",
                   conversion_id: str | None = None) -> str:
         conversion_id = conversion_id or new_id()
-        self._handle(marketing_handlers.calculate_comision, "ConversionValidated", {
+        self._handle(commissions.calculate_comision, "ConversionValidated", {
             "conversion_id": conversion_id, "affiliate_id": afiliado, "campaign_id": campana,
             "conversion_value": Decimal(valor), "currency": moneda, "conversion_type": "sale", "timestamp": NOW})
         return conversion_id
 
     def refunded(self, conversion_id: str, tipo: str = "reembolso") -> list[OutgoingEvent]:
-        return self._handle(marketing_handlers.reverse_comision, "ConversionRefunded", {
+        return self._handle(commissions.reverse_comision, "ConversionRefunded", {
             "conversion_id": conversion_id, "affiliate_id": "-", "campaign_id": "-",
             "conversion_value": Decimal("1.00"), "currency": "EUR", "refund_type": tipo, "reason": "cliente devolvió",
             "timestamp": NOW})
 
     def approve(self, now: datetime | None = None) -> int:
-        return marketing_handlers.approve_due_comisiones(self.runtime.db, self.runtime.outbox, now=now)
+        return commissions.approve_due_comisiones(self.runtime.db, self.runtime.outbox, now=now)
 
     def comision(self, conversion_id: str) -> dict:
         return self.client.get("/comisiones", params={"conversion_id": conversion_id}).json()["comisiones"][0]
@@ -333,10 +333,10 @@ def test_a_reversal_while_its_payout_waits_keeps_the_payout_and_adds_an_adjustme
 @pytest.fixture
 def conv(tmp_path):
     client, runtime, tables = _client("conversiones", tmp_path / "conversiones")
-    from alpes.conversiones import handlers
+    from alpes.conversiones import reference
     with runtime.db.transaction() as session:  # what conversiones learned on marketing.eventos
-        handlers.learn_afiliado(session, _incoming("marketing.eventos", "AfiliadoHabilitado", "a1",
-                                                   {"afiliado_id": "a1", "timestamp": NOW}))
+        reference.learn_afiliado(session, _incoming("marketing.eventos", "AfiliadoHabilitado", "a1",
+                                                    {"afiliado_id": "a1", "timestamp": NOW}))
         session.execute(tables.ref_campanas.insert().values(
             campana_id="k1", estado="activa", moneda="EUR", updated_at=NOW))
     return client, runtime, tables
@@ -410,9 +410,9 @@ def _feed_afiliados(runtime, events: list[OutgoingEvent]) -> None:
             handler(session, _incoming("comisiones.eventos", event.event_type, event.key, payload))
 
 
-LEDGER_HANDLERS = {"ComisionCalculada": marketing_handlers.book_accrual,
-                   "ComisionRevertida": marketing_handlers.book_reversal,
-                   "PagoRealizado": marketing_handlers.book_payout}
+LEDGER_HANDLERS = {"ComisionCalculada": payouts.book_accrual,
+                   "ComisionRevertida": payouts.book_reversal,
+                   "PagoRealizado": payouts.book_payout}
 
 
 def _feed_ledger(mk: "Marketing", events: list[OutgoingEvent]) -> None:
@@ -620,20 +620,20 @@ def test_racing_payout_runs_put_each_commission_in_exactly_one_payout(db_url, re
     db, outbox = Database(db_url), Outbox(tables.outbox, registry)
     try:
         with db.transaction() as session:
-            campana, _ = marketing_handlers.create_campana(session, marketing.NuevaCampana(
+            campana, _ = campaigns.create_campana(session, marketing.NuevaCampana(
                 "Carrera", Decimal("10"), "EUR", periodo_bloqueo_dias=0))
             for n in range(60):
-                marketing_handlers.calculate_comision(session, _incoming("conversiones.eventos", "ConversionValidated",
-                                                                         f"c{n}", {
+                commissions.calculate_comision(session, _incoming("conversiones.eventos", "ConversionValidated",
+                                                                  f"c{n}", {
                     "conversion_id": new_id(), "affiliate_id": f"a{n % 3}", "campaign_id": campana,
                     "conversion_value": Decimal("100.00") + n, "currency": "EUR", "conversion_type": "sale",
                     "timestamp": NOW}))
-        assert marketing_handlers.approve_due_comisiones(db, outbox) == 60
+        assert commissions.approve_due_comisiones(db, outbox) == 60
 
         def run():
             for _attempt in range(10):  # a deadlock or lost race is retried, like the job loop does
                 try:
-                    marketing_handlers.create_due_pagos(db, outbox, Decimal("50.00"))
+                    payouts.create_due_pagos(db, outbox, Decimal("50.00"))
                     return
                 except DBAPIError:
                     continue

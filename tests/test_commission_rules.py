@@ -18,7 +18,7 @@ from test_commission_lifecycle import Marketing, _fields, _incoming, _outbox
 from alpes.kernel.db import Database, migrate
 from alpes.kernel.messages import new_id
 from alpes.marketing import domain
-from alpes.marketing import handlers as marketing_handlers
+from alpes.marketing import campaigns, commissions
 from alpes.marketing import tables as marketing_tables
 
 NOW = datetime(2026, 11, 18, 12, 0, tzinfo=timezone.utc)  # a Wednesday
@@ -155,7 +155,7 @@ def mk(tmp_path):
 
 def _validated(mk: Marketing, afiliado: str, campana: str, valor: str, tipo: str = "sale", when=None) -> dict:
     conversion_id = new_id()
-    mk._handle(marketing_handlers.calculate_comision, "ConversionValidated", {
+    mk._handle(commissions.calculate_comision, "ConversionValidated", {
         "conversion_id": conversion_id, "affiliate_id": afiliado, "campaign_id": campana,
         "conversion_value": Decimal(valor), "currency": "EUR", "conversion_type": tipo,
         "timestamp": when or datetime.now(timezone.utc)})
@@ -257,7 +257,7 @@ def test_racing_conversions_never_exceed_the_campaign_budget(db_url, registry):
     db = Database(db_url)
     try:
         with db.transaction() as session:
-            campana, _ = marketing_handlers.create_campana(session, domain.NuevaCampana(
+            campana, _ = campaigns.create_campana(session, domain.NuevaCampana(
                 "Carrera", Decimal("10"), "EUR", presupuesto=Decimal("95.00")))
 
         def convert(n: int):
@@ -267,7 +267,7 @@ def test_racing_conversions_never_exceed_the_campaign_budget(db_url, registry):
             for _attempt in range(20):  # a deadlock is retried, as the consumer would
                 try:
                     with db.transaction() as session:
-                        marketing_handlers.calculate_comision(session, _incoming(
+                        commissions.calculate_comision(session, _incoming(
                             "conversiones.eventos", "ConversionValidated", payload["conversion_id"], payload))
                     return
                 except DBAPIError:

@@ -14,7 +14,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from alpes.conversiones import domain
-from alpes.conversiones import handlers as conversiones_handlers
+from alpes.conversiones import commands as conversiones_commands
+from alpes.conversiones import projections as conversiones_projections
+from alpes.conversiones import records as conversiones_records
+from alpes.conversiones import reference as conversiones_reference
 from alpes.kernel.codec import SchemaRegistry
 from alpes.settings import Settings
 from test_campaign_lifecycle import _incoming
@@ -121,13 +124,13 @@ def fraud(tmp_path):
                "landing_url": "https://shop.example.com/v", "fecha_inicio": NOW - timedelta(days=1),
                "fecha_fin": NOW + timedelta(days=1)}
     with runtime.db.transaction() as session:
-        conversiones_handlers.learn_campana(session, _incoming(REGISTRY, "CampanaCreada", campana, 2))
+        conversiones_reference.learn_campana(session, _incoming(REGISTRY, "CampanaCreada", campana, 2))
         # The campaign term marketing does not announce yet (CampanaCreada v3 is still to come).
         r = tables.ref_campanas
         session.execute(update(r).where(r.c.campana_id == "k1").values(min_segundos_click_conversion=15))
-        conversiones_handlers.learn_afiliado(session, _incoming(REGISTRY, "AfiliadoHabilitado", {
+        conversiones_reference.learn_afiliado(session, _incoming(REGISTRY, "AfiliadoHabilitado", {
             "afiliado_id": "a1", "timestamp": NOW, "email_sha256": domain.email_sha256(AFFILIATE_EMAIL)}, 2))
-        conversiones_handlers.learn_inscripcion(session, _incoming(REGISTRY, "AfiliadoInscrito", {
+        conversiones_reference.learn_inscripcion(session, _incoming(REGISTRY, "AfiliadoInscrito", {
             "inscripcion_id": "i1", "campana_id": "k1", "afiliado_id": "a1", "link_code": "linkcodea1",
             "timestamp": NOW}, 1))
     yield TestClient(app), runtime, tables, clock
@@ -161,7 +164,7 @@ def test_a_conversion_seconds_after_its_click_is_held_too_fast_and_listed_on_hol
     history = client.get(f"/conversiones/{conversion_id}/eventos").json()["eventos"]
     assert history[-1]["event_type"] == "ConversionHeld" and history[-1]["payload"]["reason"] == "too_fast"
     # The scheduled validation leaves held conversions to the reviewer.
-    assert conversiones_handlers.validate_pending(runtime.db, conversiones_handlers.event_store(REGISTRY),
+    assert conversiones_commands.validate_pending(runtime.db, conversiones_records.event_store(REGISTRY),
                                                   runtime.outbox, GRACE, now=NOW + timedelta(hours=1)) == 0
     # Past the minimum, the same click validates.
     click_id = _click_id(_click(client))
@@ -250,7 +253,7 @@ def test_malformed_fraud_signals_answer_422(fraud, extra):
 def test_campaigns_announced_without_a_click_minimum_enforce_none(fraud):
     _, runtime, tables, _ = fraud
     with runtime.db.transaction() as session:
-        conversiones_handlers.learn_campana(session, _incoming(REGISTRY, "CampanaCreada", {
+        conversiones_reference.learn_campana(session, _incoming(REGISTRY, "CampanaCreada", {
             "id": "k-old", "nombre": "n", "porcentaje_comision": Decimal("10"), "moneda": "EUR", "timestamp": NOW}, 2))
         r = tables.ref_campanas
         minimums = session.execute(select(r.c.campana_id, r.c.min_segundos_click_conversion)
@@ -265,20 +268,20 @@ def test_replay_with_held_and_reviewed_conversions_gives_identical_projections(f
     client.post(f"/conversiones/{rejected}/rechazar", json={"motivo": "bot"})
     live = _snapshot(runtime.db)
     assert sorted(r["status"] for r in live["conversiones_view"]) == ["on_hold", "rejected", "validated"]
-    conversiones_handlers.rebuild_projections(runtime.db, REGISTRY)
+    conversiones_projections.rebuild_projections(runtime.db, REGISTRY)
     assert _snapshot(runtime.db) == live
 
 
 # -- marketing announces the affiliate's email hash ---------------------------------------------------
 def test_marketing_announces_the_affiliates_email_hash_that_conversiones_compares(tmp_path):
-    from alpes.marketing import handlers as marketing_handlers
+    from alpes.marketing import campaigns
     from test_http import _client
 
     _, marketing, _ = _client("marketing", tmp_path / "marketing")
     with marketing.db.transaction() as session:
-        marketing_handlers.note_registered_afiliado(session, _incoming(REGISTRY, "AfiliadoRegistrado", {
+        campaigns.note_registered_afiliado(session, _incoming(REGISTRY, "AfiliadoRegistrado", {
             "id": "a1", "user_id": "u", "email": "E@Example.com", "nombre": "n", "pais": "CO", "timestamp": NOW}, 2))
-        [enabled] = [e for e in marketing_handlers.enable_afiliado(session, _incoming(
+        [enabled] = [e for e in campaigns.enable_afiliado(session, _incoming(
             REGISTRY, "AfiliadoValidado", {"id": "a1", "timestamp": NOW}, 1)) if e.event_type == "AfiliadoHabilitado"]
     assert enabled.payload["email_sha256"] == domain.email_sha256(" e@example.COM ")
     assert "example" not in repr(enabled.payload).lower()  # the email itself travels nowhere
@@ -286,9 +289,9 @@ def test_marketing_announces_the_affiliates_email_hash_that_conversiones_compare
     data, version = REGISTRY.encode("AfiliadoHabilitado", enabled.payload)
     client, conversiones, _ = _client("conversiones", tmp_path / "conversiones")
     with conversiones.db.transaction() as session:
-        conversiones_handlers.learn_afiliado(session, _incoming(REGISTRY, "AfiliadoHabilitado", REGISTRY.decode(
+        conversiones_reference.learn_afiliado(session, _incoming(REGISTRY, "AfiliadoHabilitado", REGISTRY.decode(
             "AfiliadoHabilitado", data, version), version))
-        conversiones_handlers.learn_campana(session, _incoming(REGISTRY, "CampanaCreada", {
+        conversiones_reference.learn_campana(session, _incoming(REGISTRY, "CampanaCreada", {
             "id": "k1", "nombre": "n", "porcentaje_comision": Decimal("10"), "moneda": "EUR", "timestamp": NOW}, 2))
     body = client.post("/conversiones", json={**POSTBACK, "customer_email": "e@example.com"}).json()
     assert (body["status"], client.get(f"/conversiones/{body['id']}").json()["reason"]) == ("rejected", "self_referral")

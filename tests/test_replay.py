@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from typer.testing import CliRunner
 
 from alpes.cli import app as cli_app
-from alpes.conversiones import handlers, tables
+from alpes.conversiones import commands, projections, records, tables
 from alpes.kernel.db import Database, migrate
 from alpes.kernel.eventstore import NewEvent
 from alpes.kernel.messages import new_id, utcnow
@@ -56,11 +56,11 @@ def _record_mix(client, runtime) -> None:
     conversions over several affiliates, campaigns and currencies."""
     _learn(runtime, {"a1": "habilitado", "a2": "habilitado", "a3": "suspendido"},
            {"k1": ("activa", "EUR"), "k2": ("activa", "USD"), "k3": ("pausada", "EUR")})
-    store = handlers.event_store(runtime.registry)
+    store = records.event_store(runtime.registry)
     # Unknown references: rejected once the grace period has run out.
     _post(client, "gone", "k1", "5.00")
     _post(client, "a1", "k-gone", "6.00")
-    assert handlers.validate_pending(runtime.db, store, runtime.outbox, GRACE, now=utcnow() + 2 * GRACE) == 2
+    assert commands.validate_pending(runtime.db, store, runtime.outbox, GRACE, now=utcnow() + 2 * GRACE) == 2
     for n, value in enumerate(["99.99", "0.01", "1234567.89"]):
         _post(client, "a1", "k1", value, order_id=f"o-{n}")          # validated
     _post(client, "a1", "k1", "1.00", order_id="o-0")                 # a repeated postback: no new conversion
@@ -74,7 +74,7 @@ def _record_mix(client, runtime) -> None:
     _post(client, "a4", "k1", "8.88")
     _post(client, "a5", "k5", "2.50", currency="GBP")                # pending, then validated below
     _learn(runtime, {"a5": "habilitado"}, {"k5": ("activa", "GBP")})
-    assert handlers.validate_pending(runtime.db, store, runtime.outbox, GRACE) == 1
+    assert commands.validate_pending(runtime.db, store, runtime.outbox, GRACE) == 1
 
 
 EXPECTED_FIGURES = {
@@ -163,7 +163,7 @@ def test_rebuild_gives_back_identical_projections(filled):
     _damage_projections(runtime.db)
     assert _snapshot(runtime.db) != before
     seen = []
-    summary = handlers.rebuild_projections(runtime.db, runtime.registry, progress=lambda done, total: seen.append(
+    summary = projections.rebuild_projections(runtime.db, runtime.registry, progress=lambda done, total: seen.append(
         (done, total)), batch=4)
     assert _snapshot(runtime.db) == before
     # 14 detections, 12 decisions (2 still pending): 26 events in 14 streams.
@@ -171,24 +171,24 @@ def test_rebuild_gives_back_identical_projections(filled):
     assert seen[0] == (0, 26) and seen[-1] == (26, 26)
     assert [done for done, _ in seen] == sorted(done for done, _ in seen)
     # Replaying again changes nothing: the rebuild starts from empty projections every time.
-    handlers.rebuild_projections(runtime.db, runtime.registry)
+    projections.rebuild_projections(runtime.db, runtime.registry)
     assert _snapshot(runtime.db) == before
 
 
 def test_live_path_keeps_working_after_a_rebuild(filled):
     client, runtime = filled
-    handlers.rebuild_projections(runtime.db, runtime.registry)
+    projections.rebuild_projections(runtime.db, runtime.registry)
     _post(client, "a1", "k1", "0.90")
     assert _figures(runtime.db)[("a1", "k1", "EUR")] == (4, 4, 0, Decimal("1234668.79"))
     before = _snapshot(runtime.db)
-    handlers.rebuild_projections(runtime.db, runtime.registry)
+    projections.rebuild_projections(runtime.db, runtime.registry)
     assert _snapshot(runtime.db) == before
 
 
 def test_replay_upcasts_conversion_detected_v1(db_url, registry):
     migrate(db_url, "alpes.conversiones:migrations")
     db = Database(db_url)
-    store = handlers.event_store(registry)
+    store = records.event_store(registry)
     stream, at = new_id(), utcnow()
     v1 = {"conversion_id": stream, "affiliate_id": "old-a", "campaign_id": "old-k", "user_id": "u",
           "conversion_value": Decimal("42.50"), "conversion_type": "sale", "timestamp": at}
@@ -198,14 +198,14 @@ def test_replay_upcasts_conversion_detected_v1(db_url, registry):
         with db.transaction() as session:
             # Written before order_id and currency existed (schema v1), never projected.
             session.execute(tables.event_store.insert().values(
-                stream_id=stream, version=1, event_id=new_id(), stream_type=handlers.STREAM_TYPE,
+                stream_id=stream, version=1, event_id=new_id(), stream_type=records.STREAM_TYPE,
                 event_type="ConversionDetected", schema_version=1, payload=data, occurred_at=at, recorded_at=at,
                 correlation_id=stream))
             store.append(session, stream, 1, [NewEvent("ConversionValidated", {
                 "conversion_id": stream, "affiliate_id": "old-a", "campaign_id": "old-k",
                 "conversion_value": Decimal("42.50"), "currency": "EUR", "conversion_type": "sale",
                 "timestamp": at}, at)], stream)
-        summary = handlers.rebuild_projections(db, registry)
+        summary = projections.rebuild_projections(db, registry)
         assert (summary.events, summary.streams) == (2, 1)
         [row] = _snapshot(db)["conversiones_view"]
         assert (row["id"], row["currency"], row["order_id"], row["conversion_value"], row["status"]) == (

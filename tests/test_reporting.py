@@ -10,7 +10,7 @@ import pytest
 
 from alpes.kernel.codec import SchemaRegistry
 from alpes.kernel.messages import IncomingEvent
-from alpes.marketing import handlers
+from alpes.marketing import reporting
 from harness import Platform, wait_until
 from test_http import _client, _fields
 from test_tracking import POSTBACK, _click_id
@@ -66,11 +66,11 @@ def _comision(event_type: str, comision_id: str, monto: str, when: datetime) -> 
 def _feed(runtime, *events: IncomingEvent) -> None:
     for event in events:
         handler = {
-            "ClickRecorded": handlers.count_click, "ConversionDetected": handlers.count_detected,
-            "ConversionValidated": handlers.count_validated, "ConversionRejected": handlers.count_rejected,
-            "ConversionRefunded": handlers.count_refunded, "ComisionCalculada": handlers.report_comision,
-            "ComisionAprobada": handlers.report_approved_comision, "ComisionPagada": handlers.report_paid_comision,
-            "ComisionRevertida": handlers.report_reversed_comision}[event.event_type]
+            "ClickRecorded": reporting.count_click, "ConversionDetected": reporting.count_detected,
+            "ConversionValidated": reporting.count_validated, "ConversionRejected": reporting.count_rejected,
+            "ConversionRefunded": reporting.count_refunded, "ComisionCalculada": reporting.report_comision,
+            "ComisionAprobada": reporting.report_approved_comision, "ComisionPagada": reporting.report_paid_comision,
+            "ComisionRevertida": reporting.report_reversed_comision}[event.event_type]
         with runtime.db.transaction() as session:
             assert handler(session, event) == []
 

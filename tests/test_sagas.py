@@ -18,8 +18,10 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 
 from alpes.conversiones import domain as conv_domain
-from alpes.conversiones import handlers as conv_handlers
+from alpes.conversiones import projections as conv_projections
+from alpes.conversiones import records as conv_records
 from alpes.conversiones import saga
+from alpes.conversiones import saga_answers as conv_saga_answers
 from alpes.conversiones import tables as conv_tables
 from alpes.kernel.codec import SchemaRegistry
 from alpes.kernel.db import Database, migrate
@@ -27,7 +29,8 @@ from alpes.kernel.inbox import InboxProcessor
 from alpes.kernel.messages import IncomingEvent, TransientFailure, new_id, utcnow
 from alpes.kernel.outbox import Outbox
 from alpes.marketing import domain as mk_domain
-from alpes.marketing import handlers as mk_handlers
+from alpes.marketing import campaigns as mk_campaigns
+from alpes.marketing import commissions as mk_commissions
 from alpes.marketing import tables as mk_tables
 from alpes.settings import Settings
 
@@ -138,7 +141,7 @@ class Flow:
             self.clients[name], self.runtimes[name] = TestClient(app), runtime  # no lifespan: no relay, no jobs
         self.pump = Pump(**self.runtimes)
         self.conv, self.mk = self.clients["conversiones"], self.clients["marketing"]
-        self.store = conv_handlers.event_store(REGISTRY)
+        self.store = conv_records.event_store(REGISTRY)
         self.affiliate = self.enable_affiliate()
         self.campaign = self.create_campaign()
 
@@ -182,7 +185,7 @@ class Flow:
 
     def expire(self, after: timedelta, policy: saga.SagaPolicy = POLICY) -> int:
         runtime = self.runtimes["conversiones"]
-        return conv_handlers.expire_sagas(runtime.db, self.store, runtime.outbox, policy, now=utcnow() + after)
+        return conv_saga_answers.expire_sagas(runtime.db, self.store, runtime.outbox, policy, now=utcnow() + after)
 
     def analytics(self) -> tuple[int, int, Decimal]:
         a = mk_tables.analitica_conversiones
@@ -310,7 +313,7 @@ def test_refund_after_payout_shows_the_reversal_and_its_carried_adjustment(flow)
     conversion_id = flow.postback("600.00")
     flow.pump.run()
     marketing = flow.runtimes["marketing"]
-    assert mk_handlers.approve_due_comisiones(marketing.db, marketing.outbox) == 1
+    assert mk_commissions.approve_due_comisiones(marketing.db, marketing.outbox) == 1
     [pago] = flow.mk.post("/pagos", json={"afiliado_id": flow.affiliate}).json()["pagos"]
     assert flow.mk.post(f"/pagos/{pago['id']}/pagar").json()["estado"] == "pagado"
     flow.pump.run()
@@ -394,7 +397,7 @@ def test_replay_rebuilds_projections_with_compensations_and_leaves_the_saga_log(
     with db.read() as session:
         log = [dict(r) for r in session.execute(select(conv_tables.saga_pasos).order_by(conv_tables.saga_pasos.c.id))
                .mappings()]
-    conv_handlers.rebuild_projections(db, REGISTRY)
+    conv_projections.rebuild_projections(db, REGISTRY)
     assert _snapshot(db) == live
     with db.read() as session:
         assert [dict(r) for r in session.execute(select(conv_tables.saga_pasos).order_by(conv_tables.saga_pasos.c.id))
@@ -409,11 +412,11 @@ def test_racing_commission_requests_spend_exactly_the_budget_and_each_gets_one_a
     outbox = Outbox(mk_tables.outbox, REGISTRY)
     try:
         with db.transaction() as session:
-            campana, _ = mk_handlers.create_campana(session, mk_domain.NuevaCampana(
+            campana, _ = mk_campaigns.create_campana(session, mk_domain.NuevaCampana(
                 "Carrera", Decimal("10"), "EUR", presupuesto=Decimal("95.00")))
         processor = InboxProcessor(db, mk_tables.inbox, outbox, "marketing-consumer",
-                                   {"ConversionValidated": mk_handlers.answer_comision_request,
-                                    "CommissionRequested": mk_handlers.answer_comision_request})
+                                   {"ConversionValidated": mk_commissions.answer_comision_request,
+                                    "CommissionRequested": mk_commissions.answer_comision_request})
         conversions = [new_id() for _ in range(40)]
 
         def request(conversion_id: str, event_type: str):

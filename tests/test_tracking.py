@@ -14,10 +14,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from alpes.conversiones import domain as conversiones_domain
-from alpes.conversiones import handlers as conversiones_handlers
+from alpes.conversiones import commands as conversiones_commands
+from alpes.conversiones import records as conversiones_records
+from alpes.conversiones import reference as conversiones_reference
 from alpes.kernel.codec import SchemaRegistry
 from alpes.marketing import domain as marketing_domain
-from alpes.marketing import handlers as marketing_handlers
+from alpes.marketing import campaigns
 from alpes.settings import Settings
 from harness import Platform, wait_until
 from test_campaign_lifecycle import _incoming
@@ -104,11 +106,11 @@ def marketing(tmp_path):
 
 def _learn_affiliate(runtime, afiliado_id: str, pais: str | None, enabled: bool = True) -> None:
     with runtime.db.transaction() as session:
-        marketing_handlers.note_registered_afiliado(session, _incoming(REGISTRY, "AfiliadoRegistrado", {
+        campaigns.note_registered_afiliado(session, _incoming(REGISTRY, "AfiliadoRegistrado", {
             "id": afiliado_id, "user_id": "u", "email": "e@example.com", "nombre": "n", "pais": pais,
             "timestamp": NOW}, 2))
         if enabled:
-            marketing_handlers.enable_afiliado(session, _incoming(REGISTRY, "AfiliadoValidado", {
+            campaigns.enable_afiliado(session, _incoming(REGISTRY, "AfiliadoValidado", {
                 "id": afiliado_id, "timestamp": NOW}, 1))
 
 
@@ -177,7 +179,7 @@ def test_disabling_an_affiliate_suspends_its_enrollments_and_enabling_reactivate
              for k in campanas]
     with runtime.db.transaction() as session:
         # What the inbox does with a handler's events: into the outbox, in the same transaction.
-        runtime.outbox.add(session, marketing_handlers.disable_afiliado(session, _incoming(
+        runtime.outbox.add(session, campaigns.disable_afiliado(session, _incoming(
             REGISTRY, "AfiliadoSuspendido", {"id": "a1", "motivo": "fraude", "timestamp": NOW}, 1)))
     assert {i["estado"] for k in campanas for i in client.get(f"/campanas/{k}/inscripciones").json()["inscripciones"]} \
         == {"suspendida"}
@@ -185,7 +187,7 @@ def test_disabling_an_affiliate_suspends_its_enrollments_and_enabling_reactivate
     assert sorted(e["link_code"] for e in suspended) == sorted(links)
     assert {(e["motivo"], e["_key"]) for e in suspended} == {("fraude", "a1")}
     with runtime.db.transaction() as session:
-        runtime.outbox.add(session, marketing_handlers.enable_afiliado(session, _incoming(
+        runtime.outbox.add(session, campaigns.enable_afiliado(session, _incoming(
             REGISTRY, "AfiliadoReactivado", {"id": "a1", "timestamp": NOW}, 1)))
     assert sorted(e["link_code"] for e in _outbox(runtime, tables, "InscripcionReactivada")) == sorted(links)
     assert {i["estado"] for i in client.get(f"/campanas/{campanas[0]}/inscripciones").json()["inscripciones"]} \
@@ -222,9 +224,9 @@ def tracking(tmp_path):
             ("AfiliadoInscrito", {"inscripcion_id": "i2", "campana_id": "k-bare", "afiliado_id": "a1",
                                   "link_code": "linkbare01", "timestamp": NOW}, 1),
         ):
-            handler = {"CampanaCreada": conversiones_handlers.learn_campana,
-                       "AfiliadoHabilitado": conversiones_handlers.learn_afiliado,
-                       "AfiliadoInscrito": conversiones_handlers.learn_inscripcion}[event_type]
+            handler = {"CampanaCreada": conversiones_reference.learn_campana,
+                       "AfiliadoHabilitado": conversiones_reference.learn_afiliado,
+                       "AfiliadoInscrito": conversiones_reference.learn_inscripcion}[event_type]
             handler(session, _incoming(REGISTRY, event_type, payload, version))
     return TestClient(app), runtime, import_module("alpes.conversiones.tables"), clock
 
@@ -268,15 +270,15 @@ def test_unknown_suspended_and_inactive_links_answer_404_without_a_click(trackin
     no_landing = _click(client, "linkbare01")
     assert no_landing.status_code == 404 and no_landing.json()["detail"] == "campaign has no landing URL"
     with runtime.db.transaction() as session:
-        conversiones_handlers.learn_inscripcion_estado(session, _incoming(REGISTRY, "InscripcionSuspendida", {
+        conversiones_reference.learn_inscripcion_estado(session, _incoming(REGISTRY, "InscripcionSuspendida", {
             "inscripcion_id": "i1", "campana_id": "k1", "afiliado_id": "a1", "link_code": "linkcodea1",
             "motivo": "fraude", "timestamp": NOW}, 1))
     assert _click(client).status_code == 404
     with runtime.db.transaction() as session:
-        conversiones_handlers.learn_inscripcion_estado(session, _incoming(REGISTRY, "InscripcionReactivada", {
+        conversiones_reference.learn_inscripcion_estado(session, _incoming(REGISTRY, "InscripcionReactivada", {
             "inscripcion_id": "i1", "campana_id": "k1", "afiliado_id": "a1", "link_code": "linkcodea1",
             "timestamp": NOW}, 1))
-        conversiones_handlers.learn_campana_estado(session, _incoming(REGISTRY, "CampanaPausada", {
+        conversiones_reference.learn_campana_estado(session, _incoming(REGISTRY, "CampanaPausada", {
             "id": "k1", "timestamp": NOW}, 1))
     paused = _click(client)
     assert paused.status_code == 404 and "location" not in paused.headers
@@ -332,8 +334,8 @@ def test_id_postbacks_to_a_campaign_with_enrollments_need_an_enrolled_affiliate(
     assert enrolled["status"] == "validated"
     outsider = client.post("/conversiones", json={**POSTBACK, "affiliate_id": "a2", "campaign_id": "k1"}).json()
     assert outsider["status"] == "detected"  # its enrollment may still be on its way: it waits the grace time
-    store = conversiones_handlers.event_store(runtime.registry)
-    conversiones_handlers.validate_pending(runtime.db, store, runtime.outbox, timedelta(seconds=10),
+    store = conversiones_records.event_store(runtime.registry)
+    conversiones_commands.validate_pending(runtime.db, store, runtime.outbox, timedelta(seconds=10),
                                            now=NOW + timedelta(seconds=10))
     assert client.get(f"/conversiones/{outsider['id']}").json()["reason"] == "affiliate_not_enrolled"
 

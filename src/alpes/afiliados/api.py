@@ -6,7 +6,8 @@ from fastapi import APIRouter, FastAPI, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 
-from alpes.kernel.http import MAX_OFFSET, PlainText, Problem
+from alpes.kernel.errors import NotFound, RuleViolated
+from alpes.kernel.http import MAX_OFFSET, PlainText
 from alpes.kernel.runtime import ServiceRuntime
 
 from . import domain, handlers, tables
@@ -111,7 +112,7 @@ def include_routes(runtime: ServiceRuntime):
         # A document is its type and its number: one without the other identifies nobody.
         if (body.tipo_documento is None) != (body.numero_documento is None):
             missing = "tipo_documento" if body.tipo_documento is None else "numero_documento"
-            raise Problem(422, missing, "tipo_documento and numero_documento go together")
+            raise RuleViolated(missing, "tipo_documento and numero_documento go together")
         with runtime.unit_of_work() as (session, emit):
             afiliado_id, events = handlers.register_afiliado(session, domain.SolicitudRegistro(
                 body.user_id, body.email, body.nombre, body.tipo_documento, body.numero_documento, body.pais,
@@ -153,7 +154,7 @@ def include_routes(runtime: ServiceRuntime):
         with runtime.db.read() as session:
             row = session.execute(select(a).where(a.c.id == afiliado_id)).mappings().first()
         if row is None:
-            raise Problem(404, "afiliado_id", "no affiliate with this id")
+            raise NotFound("afiliado_id", "no affiliate with this id")
         return _afiliado(row)
 
     @router.get("/programas")

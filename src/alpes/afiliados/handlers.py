@@ -7,7 +7,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from alpes.kernel.db import Database
-from alpes.kernel.http import Problem
+from alpes.kernel.errors import Conflict, NotFound
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent, new_id, utcnow
 from alpes.kernel.outbox import Outbox
 
@@ -19,7 +19,7 @@ TOPIC = "afiliados.eventos"
 def register_afiliado(session: Session, solicitud: domain.SolicitudRegistro) -> tuple[str, list[OutgoingEvent]]:
     email = domain.normalizar_email(solicitud.email)
     if session.scalar(select(exists().where(tables.afiliados.c.email == email))):
-        raise Problem(409, "email", "an affiliate with this email is already registered")
+        raise Conflict("email", "an affiliate with this email is already registered")
     numero_documento = domain.normalizar_documento(solicitud.numero_documento) if solicitud.numero_documento else None
     afiliado_id = new_id()
     now = utcnow()
@@ -31,7 +31,7 @@ def register_afiliado(session: Session, solicitud: domain.SolicitudRegistro) -> 
             metodo_pago=solicitud.metodo_pago))
         session.flush()
     except IntegrityError:  # a concurrent registration with the same email won the race
-        raise Problem(409, "email", "an affiliate with this email is already registered") from None
+        raise Conflict("email", "an affiliate with this email is already registered") from None
     event = OutgoingEvent(TOPIC, "AfiliadoRegistrado", afiliado_id, {
         "id": afiliado_id, "user_id": solicitud.user_id, "email": email, "nombre": solicitud.nombre,
         "tipo_documento": solicitud.tipo_documento, "numero_documento": numero_documento, "pais": solicitud.pais,
@@ -99,11 +99,11 @@ def _change_estado(session: Session, afiliado_id: str, accion: str, **values) ->
     a = tables.afiliados
     estado = session.scalar(select(a.c.estado).where(a.c.id == afiliado_id).with_for_update())
     if estado is None:
-        raise Problem(404, "afiliado_id", "no affiliate with this id")
+        raise NotFound("afiliado_id", "no affiliate with this id")
     try:
         nuevo = domain.siguiente_estado(estado, accion)
     except domain.TransicionInvalida as refusal:
-        raise Problem(409, "estado", str(refusal)) from None
+        raise Conflict("estado", str(refusal)) from None
     session.execute(update(a).where(a.c.id == afiliado_id).values(estado=nuevo, **values))
 
 

@@ -6,7 +6,8 @@ from fastapi import APIRouter, FastAPI, Query
 from sqlalchemy import func, select
 
 from alpes.kernel.db import where_equal
-from alpes.kernel.http import MAX_SEQ, IsoDatetime, Problem
+from alpes.kernel.errors import RuleViolated
+from alpes.kernel.http import MAX_SEQ, IsoDatetime
 from alpes.kernel.runtime import ServiceRuntime
 
 from . import handlers, tables
@@ -22,7 +23,7 @@ def include_routes(runtime: ServiceRuntime):
                 after_seq: int = Query(0, ge=0, le=MAX_SEQ), limit: int = Query(1000, ge=1, le=10000)) -> dict:
         """Audit records in chain order, filtered by aggregate, type, correlation and time."""
         if desde and hasta and desde > hasta:
-            raise Problem(422, "desde", "desde is after hasta")
+            raise RuleViolated("desde", "desde is after hasta")
         query = select(log).where(log.c.seq > after_seq).order_by(log.c.seq).limit(limit)
         query = where_equal(query, log, aggregate_id=aggregate_id, event_type=event_type, correlation_id=correlation_id)
         if desde:

@@ -1,3 +1,6 @@
+"""The conversiones HTTP API: each route parses its input, calls a command or a query, and shapes
+the answer. Domain errors raised below become statuses in kernel.http."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -9,17 +12,14 @@ from fastapi import APIRouter, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, ValidationInfo, field_validator
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
-from alpes.kernel.db import where_equal
-from alpes.kernel.eventstore import ConcurrencyConflict
-from alpes.kernel.http import MAX_OFFSET, Identifier, PlainText, Problem
+from alpes.kernel.eventstore import EventStore
+from alpes.kernel.http import MAX_OFFSET, Identifier, PlainText
 from alpes.kernel.messages import utcnow
 from alpes.kernel.money import Amount, Currency, check_places
 from alpes.kernel.runtime import ServiceRuntime
 
-from . import domain, handlers, saga, tables
+from . import commands, domain, queries, saga
 
 
 class Postback(BaseModel):
@@ -95,25 +95,21 @@ def _figures(row) -> dict:
     return Figures(**stored, pending=pending).model_dump(mode="json")
 
 
-def include_routes(runtime: ServiceRuntime, grace: timedelta, clock: Callable[[], datetime] = utcnow,
-                   max_conversions_per_ip: int = 5):
+def include_routes(runtime: ServiceRuntime, store: EventStore, grace: timedelta,
+                   clock: Callable[[], datetime] = utcnow, max_conversions_per_ip: int = 5):
     """`clock` stamps clicks and conversions; tests inject one to place them in time."""
     router = APIRouter(tags=["conversiones"])
-    store = handlers.event_store(runtime.registry)
-    v = tables.conversiones_view
 
     @router.get("/r/{link_code}", tags=["clicks"], status_code=302, response_class=RedirectResponse)
     def redirect(link_code: str, request: Request) -> RedirectResponse:
         """A tracking link: record the click, redirect to the campaign's landing URL with `alpes_click_id`,
         and set (or renew) the visitor's `alpes_vid` cookie, which ties its clicks together for attribution."""
         visitor_id = domain.visitor_id_or_new(request.cookies.get(domain.VISITOR_COOKIE))
-        with runtime.unit_of_work() as (session, emit):
-            _click_id, location, events = handlers.record_click(
-                session, link_code, ip=domain.client_ip(request.headers.get("x-forwarded-for"),
-                                                        request.client.host if request.client else None),
-                user_agent=request.headers.get("user-agent"), referrer=request.headers.get("referer"),
-                now=clock(), visitor_id=visitor_id)
-            emit(events)
+        location = commands.follow_link(
+            runtime, link_code, ip=domain.client_ip(request.headers.get("x-forwarded-for"),
+                                                    request.client.host if request.client else None),
+            user_agent=request.headers.get("user-agent"), referrer=request.headers.get("referer"),
+            now=clock(), visitor_id=visitor_id)
         response = RedirectResponse(location, status_code=302)
         response.set_cookie(domain.VISITOR_COOKIE, visitor_id, max_age=domain.VISITOR_COOKIE_MAX_AGE, path="/r/",
                             httponly=True, samesite="lax")
@@ -122,35 +118,17 @@ def include_routes(runtime: ServiceRuntime, grace: timedelta, clock: Callable[[]
     @router.post("/conversiones")
     def postback(body: Postback, idempotency_key: str | None = Header(None, max_length=120)) -> dict:
         """Record a conversion. 200 with its id; the same order id (or Idempotency-Key) gives the same id."""
-        order_id = body.order_id or idempotency_key
-        affiliate_id, campaign_id, click_id = body.affiliate_id, body.campaign_id, body.click_id
-        now = clock()
-        if body.click_id is not None:
-            with runtime.db.read() as session:  # clicks never change: reading ahead of the transaction is safe
-                attribution = handlers.attribution_of(session, body.click_id, affiliate_id, campaign_id, now)
-            affiliate_id, campaign_id, click_id = attribution.affiliate_id, attribution.campaign_id, attribution.click_id
-        elif affiliate_id is None or campaign_id is None:
+        if body.click_id is None and (body.affiliate_id is None or body.campaign_id is None):
             raise RequestValidationError([
                 {"loc": ("body", name), "msg": "required unless click_id is given", "type": "missing"}
-                for name, value in (("affiliate_id", affiliate_id), ("campaign_id", campaign_id)) if value is None])
-        try:
-            with runtime.unit_of_work() as (session, emit):
-                conversion_id, created, events = handlers.record_conversion(
-                    session, store, affiliate_id=affiliate_id, campaign_id=campaign_id,
-                    user_id=body.user_id, conversion_value=body.conversion_value,
-                    conversion_type=body.conversion_type, currency=body.currency, order_id=order_id, grace=grace,
-                    click_id=click_id, now=now, ip=None if body.ip is None else str(body.ip),
-                    customer_email=body.customer_email, max_conversions_per_ip=max_conversions_per_ip)
-                emit(events)
-        except IntegrityError:
-            if order_id is None:
-                raise
-            # A concurrent postback with the same order id committed first: answer with its id.
-            with runtime.db.read() as session:
-                conversion_id = session.scalar(select(tables.order_keys.c.conversion_id).where(
-                    tables.order_keys.c.campaign_id == campaign_id, tables.order_keys.c.order_id == order_id))
-            created = False
-        status = _status(runtime, conversion_id)
+                for name, value in (("affiliate_id", body.affiliate_id), ("campaign_id", body.campaign_id))
+                if value is None])
+        conversion_id, created, status = commands.receive_postback(
+            runtime, store, affiliate_id=body.affiliate_id, campaign_id=body.campaign_id, click_id=body.click_id,
+            user_id=body.user_id, conversion_value=body.conversion_value, conversion_type=body.conversion_type,
+            currency=body.currency, order_id=body.order_id or idempotency_key,
+            ip=None if body.ip is None else str(body.ip), customer_email=body.customer_email, now=clock(),
+            grace=grace, max_conversions_per_ip=max_conversions_per_ip)
         return {"id": conversion_id, "status": status, "duplicate": not created}
 
     @router.get("/conversiones")
@@ -158,76 +136,47 @@ def include_routes(runtime: ServiceRuntime, grace: timedelta, clock: Callable[[]
                affiliate_id: str | None = None, campaign_id: str | None = None,
                limit: int = Query(1000, ge=1, le=10000), offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict:
         """Oldest first."""
-        query = select(v).order_by(v.c.timestamp, v.c.id).limit(limit).offset(offset)
-        query = where_equal(query, v, status=status, affiliate_id=affiliate_id, campaign_id=campaign_id)
-        with runtime.db.read() as session:
-            rows = session.execute(query).mappings().all()
+        rows = queries.conversions(runtime.db, status=status, affiliate_id=affiliate_id, campaign_id=campaign_id,
+                                   limit=limit, offset=offset)
         return {"conversiones": [_conversion(r) for r in rows]}
 
     # Declared before /conversiones/{conversion_id}, which would otherwise take "cifras" for an id.
     @router.get("/conversiones/cifras")
     def cifras(affiliate_id: str | None = None, campaign_id: str | None = None) -> dict:
         """Counts and validated revenue per affiliate, campaign and currency."""
-        f = tables.conversion_figures
-        query = where_equal(select(f).order_by(f.c.affiliate_id, f.c.campaign_id, f.c.currency), f,
-                            affiliate_id=affiliate_id, campaign_id=campaign_id)
-        with runtime.db.read() as session:
-            rows = session.execute(query).mappings().all()
+        rows = queries.figures(runtime.db, affiliate_id=affiliate_id, campaign_id=campaign_id)
         return {"cifras": [_figures(r) for r in rows]}
 
     @router.get("/conversiones/{conversion_id}")
     def obtener(conversion_id: str) -> dict:
-        with runtime.db.read() as session:
-            row = session.execute(select(v).where(v.c.id == conversion_id)).mappings().first()
-        if row is None:
-            raise Problem(404, "conversion_id", "no conversion with this id")
-        return _conversion(row)
+        return _conversion(queries.conversion(runtime.db, conversion_id))
 
     @router.post("/conversiones/{conversion_id}/reembolso")
     def reembolso(conversion_id: str, body: Reembolso | None = None) -> dict:
         """Refund (or charge back) a validated conversion: ConversionRefunded, and marketing reverses
         its commission. 409 on `status` unless validated; a repeated refund answers the same state."""
         body = body or Reembolso()
-        for attempt in range(3):
-            try:
-                with runtime.unit_of_work() as (session, emit):
-                    emit(handlers.refund_conversion(session, store, conversion_id, body.tipo, body.motivo))
-                break
-            except ConcurrencyConflict:
-                if attempt == 2:  # the stream kept moving under us: let the caller retry
-                    raise Problem(409, "conversion_id", "the conversion changed meanwhile; retry") from None
-        return obtener(conversion_id)
-
-    def _review(conversion_id: str, approve: bool, motivo: str | None) -> dict:
-        for attempt in range(3):
-            try:
-                with runtime.unit_of_work() as (session, emit):
-                    emit(handlers.review_conversion(session, store, conversion_id, approve, motivo, clock()))
-                break
-            except ConcurrencyConflict:
-                if attempt == 2:
-                    raise Problem(409, "conversion_id", "the conversion changed meanwhile; retry") from None
+        commands.refund(runtime, store, conversion_id, body.tipo, body.motivo)
         return obtener(conversion_id)
 
     @router.post("/conversiones/{conversion_id}/aprobar")
     def aprobar(conversion_id: str) -> dict:
         """Approve a conversion on hold: ConversionValidated, and marketing computes its commission.
         409 on `status` unless on hold; 404 unknown."""
-        return _review(conversion_id, True, None)
+        commands.review(runtime, store, conversion_id, True, None, clock)
+        return obtener(conversion_id)
 
     @router.post("/conversiones/{conversion_id}/rechazar")
     def rechazar(conversion_id: str, body: Rechazo) -> dict:
         """Reject a conversion on hold: ConversionRejected `rejected_in_review:<motivo>`.
         409 on `status` unless on hold; 404 unknown."""
-        return _review(conversion_id, False, body.motivo)
+        commands.review(runtime, store, conversion_id, False, body.motivo, clock)
+        return obtener(conversion_id)
 
     @router.get("/conversiones/{conversion_id}/eventos")
     def historia(conversion_id: str) -> dict:
         """The conversion's event stream, as stored (upcast to the newest schema of each event)."""
-        with runtime.db.read() as session:
-            events = store.load(session, conversion_id)
-        if not events:
-            raise Problem(404, "conversion_id", "no conversion with this id")
+        events = queries.history(runtime.db, store, conversion_id)
         return {"eventos": [{"version": e.version, "event_id": e.event_id, "event_type": e.event_type,
                              "schema_version": e.schema_version, "occurred_at": e.occurred_at.isoformat(),
                              "payload": {k: (str(x) if isinstance(x, (Decimal, datetime)) else x)
@@ -239,38 +188,24 @@ def include_routes(runtime: ServiceRuntime, grace: timedelta, clock: Callable[[]
     return include
 
 
-def _status(runtime: ServiceRuntime, conversion_id: str) -> str:
-    with runtime.db.read() as session:
-        return session.scalar(select(tables.conversiones_view.c.status)
-                              .where(tables.conversiones_view.c.id == conversion_id)) or domain.DETECTED
-
-
 # -- the conversion → commission saga ----------------------------------------------------------
 def with_saga_routes(include: Callable[[FastAPI], None], runtime: ServiceRuntime,
                      policy: saga.SagaPolicy) -> Callable[[FastAPI], None]:
     """`include` plus GET /sagas and GET /sagas/{correlation_id}."""
     router = APIRouter(tags=["sagas"])
-    s = tables.sagas
 
     @router.get("/sagas")
     def sagas(estado: Literal["running", "completed", "compensated"] | None = None,
               limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict:
         """Sagas, oldest first, without their steps; `estado` filters (terminal: completed, compensated)."""
-        query = where_equal(select(s).order_by(s.c.created_at, s.c.saga_id).limit(limit).offset(offset), s,
-                            estado=estado)
-        with runtime.db.read() as session:
-            rows = session.execute(query).mappings().all()
-        return {"sagas": [saga.summary(r, policy) for r in rows], "terminal_states": list(saga.TERMINAL_STATES)}
+        return {"sagas": queries.sagas(runtime.db, policy, estado=estado, limit=limit, offset=offset),
+                "terminal_states": list(saga.TERMINAL_STATES)}
 
     @router.get("/sagas/{correlation_id}")
     def una(correlation_id: str) -> dict:
         """One conversion's saga (its id is the conversion id, the flow's correlation id): its state and
         each step with its status and timestamps. 404 when there is none."""
-        with runtime.db.read() as session:
-            found = saga.view(session, correlation_id, policy)
-        if found is None:
-            raise Problem(404, "correlation_id", "no saga with this correlation id")
-        return found
+        return queries.one_saga(runtime.db, policy, correlation_id)
 
     def include_all(app: FastAPI) -> None:
         include(app)

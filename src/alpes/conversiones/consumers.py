@@ -1,29 +1,35 @@
 """What conversiones does with each message of its subscriptions (declared in alpes.contract)."""
 
-from alpes.kernel.codec import SchemaRegistry
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
 from alpes.kernel.eventstore import EventStore
+from alpes.kernel.messages import IncomingEvent, OutgoingEvent
 from alpes.kernel.runtime import ConsumerSpec
 
-from . import handlers
+from . import reference, saga_answers
 
 
-def consumer_specs(store: EventStore | None = None) -> list[ConsumerSpec]:
-    """`store`: the conversion event store, for the compensations a denied commission appends."""
-    store = store or handlers.event_store(SchemaRegistry.from_directory())
+def consumer_specs(store: EventStore) -> list[ConsumerSpec]:
+    """`store`: the service's conversion event store, for the compensation a denied commission appends."""
+    def commission_denied(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+        return saga_answers.note_commission_denied(session, event, store)
+
     return [
         ConsumerSpec("marketing.eventos", "conversiones-consumer", {
-            "CampanaCreada": handlers.learn_campana,
-            "CampanaActivada": handlers.learn_campana_estado,
-            "CampanaPausada": handlers.learn_campana_estado,
-            "CampanaFinalizada": handlers.learn_campana_estado,
-            "AfiliadoHabilitado": handlers.learn_afiliado,
-            "AfiliadoInhabilitado": handlers.learn_afiliado_inhabilitado,
-            "AfiliadoInscrito": handlers.learn_inscripcion,
-            "InscripcionSuspendida": handlers.learn_inscripcion_estado,
-            "InscripcionReactivada": handlers.learn_inscripcion_estado,
+            "CampanaCreada": reference.learn_campana,
+            "CampanaActivada": reference.learn_campana_estado,
+            "CampanaPausada": reference.learn_campana_estado,
+            "CampanaFinalizada": reference.learn_campana_estado,
+            "AfiliadoHabilitado": reference.learn_afiliado,
+            "AfiliadoInhabilitado": reference.learn_afiliado_inhabilitado,
+            "AfiliadoInscrito": reference.learn_inscripcion,
+            "InscripcionSuspendida": reference.learn_inscripcion_estado,
+            "InscripcionReactivada": reference.learn_inscripcion_estado,
             # marketing's answers to the conversion → commission saga
-            "ComisionRegistrada": handlers.note_commission_booked,
-            "ComisionDenegada": handlers.note_commission_denied(store),
-            "ReversionComisionRegistrada": handlers.note_commission_reversed,
+            "ComisionRegistrada": saga_answers.note_commission_booked,
+            "ComisionDenegada": commission_denied,
+            "ReversionComisionRegistrada": saga_answers.note_commission_reversed,
         }),
     ]

@@ -257,6 +257,7 @@ def attributed_click(presented: Click, visitor_clicks: list[Click], model: str, 
     return eligible[-1] if model == LAST_CLICK else eligible[0]
 
 
+CLICK_ID_PARAM = "alpes_click_id"  # the landing URL parameter that carries the click id
 VISITOR_COOKIE = "alpes_vid"
 VISITOR_COOKIE_MAX_AGE = 400 * 24 * 3600  # the longest browsers keep a cookie (RFC 6265bis caps at 400 days)
 _VISITOR_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -276,9 +277,6 @@ def landing_with_click_id(landing_url: str, click_id: str) -> str:
     query = parse_qsl(parts.query, keep_blank_values=True)
     query = [(k, v) for k, v in query if k != CLICK_ID_PARAM] + [(CLICK_ID_PARAM, click_id)]
     return urlunsplit(parts._replace(query=urlencode(query)))
-
-
-CLICK_ID_PARAM = "alpes_click_id"
 
 
 def client_ip(forwarded_for: str | None, peer: str | None) -> str | None:

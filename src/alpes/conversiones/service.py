@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from alpes.composition import compose
+from alpes.kernel.codec import SchemaRegistry
 from alpes.kernel.messages import utcnow
 from alpes.kernel.runtime import PeriodicJob, ServiceRuntime
 from alpes.settings import Settings
 
-from . import api, consumers, handlers, saga, tables
+from . import api, commands, consumers, records, saga, saga_answers, tables
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 
 def build(settings: Settings, clock: Callable[[], datetime] | None = None):
@@ -21,19 +26,24 @@ def build(settings: Settings, clock: Callable[[], datetime] | None = None):
         offset = timedelta(seconds=settings.conversiones_clock_offset_seconds)
         clock = utcnow if not offset else lambda: utcnow() + offset
     policy = saga.SagaPolicy(timedelta(seconds=settings.saga_timeout_seconds), settings.saga_max_retries)
+    # The service's one schema registry and conversion event store, handed to consumers, jobs and routes.
+    registry = SchemaRegistry.from_directory()
+    store = records.event_store(registry)
 
     def configure(runtime: ServiceRuntime) -> None:
-        store = handlers.event_store(runtime.registry)
         runtime.jobs.append(PeriodicJob(
-            "validate-conversions", 0.25, lambda: handlers.validate_pending(
+            "validate-conversions", 0.25, lambda: commands.validate_pending(
                 runtime.db, store, runtime.outbox, grace, now=clock(),
                 max_conversions_per_ip=settings.max_conversions_per_ip)))
         # The saga's timer runs on the real clock (its deadlines are real waits, not business time).
         runtime.jobs.append(PeriodicJob(
             "saga-timeouts", min(5.0, max(0.2, policy.timeout.total_seconds() / 4)),
-            lambda: handlers.expire_sagas(runtime.db, store, runtime.outbox, policy)))
+            lambda: saga_answers.expire_sagas(runtime.db, store, runtime.outbox, policy)))
+
+    def routes(runtime: ServiceRuntime) -> Callable[[FastAPI], None]:
+        return api.with_saga_routes(api.include_routes(
+            runtime, store, grace, clock, settings.max_conversions_per_ip), runtime, policy)
 
     return compose("conversiones", settings, outbox=tables.outbox, inbox=tables.inbox,
-                   consumers=consumers.consumer_specs(), routes=lambda runtime: api.with_saga_routes(
-                       api.include_routes(runtime, grace, clock, settings.max_conversions_per_ip), runtime, policy),
-                   configure=configure)
+                   consumers=consumers.consumer_specs(store), routes=routes, configure=configure,
+                   registry=registry)

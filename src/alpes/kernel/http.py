@@ -17,6 +17,7 @@ from pydantic import AfterValidator, AwareDatetime, BeforeValidator, StringConst
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException
 
+from .errors import Conflict, DomainError, NotFound, RuleViolated
 from .runtime import ServiceRuntime
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
@@ -52,7 +53,9 @@ def create_app(title: str, runtime: ServiceRuntime, include: Callable[[FastAPI],
         return JSONResponse(status_code=422, content={"detail": "invalid request",
                                                       "errors": [_field_error(e) for e in error.errors()]})
 
-    app.add_exception_handler(Problem, problem_handler)
+    @app.exception_handler(DomainError)
+    async def domain_error(_request: Request, error: DomainError) -> JSONResponse:
+        return error_response(status_of(error), error.field, error.reason)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, error: HTTPException) -> JSONResponse:
@@ -173,18 +176,12 @@ def error_response(status: int, field: str | None, reason: str, *, detail: str |
                         content={"detail": detail or reason, "errors": [{"field": field, "reason": reason}]})
 
 
-class Problem(Exception):
-    """A domain refusal answered as a 4xx naming the field and the reason."""
-
-    def __init__(self, status: int, field: str | None, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.field = field
-        self.reason = reason
+# The one place where a domain refusal becomes an HTTP status.
+_STATUS = {NotFound: 404, Conflict: 409, RuleViolated: 422}
 
 
-def problem_handler(_request: Request, problem: Problem) -> JSONResponse:
-    return error_response(problem.status, problem.field, problem.reason)
+def status_of(error: DomainError) -> int:
+    return next((status for kind, status in _STATUS.items() if isinstance(error, kind)), 422)
 
 
 # -- validators of what arrives from outside ---------------------------------------------------

@@ -6,16 +6,16 @@ from alpes.composition import compose
 from alpes.kernel.runtime import PeriodicJob, ServiceRuntime
 from alpes.settings import Settings
 
-from . import api, consumers, handlers, tables
+from . import api, commissions, consumers, payouts, tables
 
 
 def build(settings: Settings):
     def configure(runtime: ServiceRuntime) -> None:
         runtime.jobs.append(PeriodicJob("approve-comisiones", settings.approval_interval_seconds,
-                                        lambda: handlers.approve_due_comisiones(runtime.db, runtime.outbox)))
+                                        lambda: commissions.approve_due_comisiones(runtime.db, runtime.outbox)))
         runtime.jobs.append(PeriodicJob("create-pagos", settings.payout_interval_seconds,
-                                        lambda: handlers.create_due_pagos(runtime.db, runtime.outbox,
-                                                                          settings.payout_threshold)))
+                                        lambda: payouts.create_due_pagos(runtime.db, runtime.outbox,
+                                                                         settings.payout_threshold)))
 
     return compose("marketing", settings, outbox=tables.outbox, inbox=tables.inbox,
                    consumers=consumers.consumer_specs(),

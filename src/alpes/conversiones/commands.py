@@ -1,0 +1,175 @@
+"""Conversiones commands: follow a tracking link, record a postback, validate pending conversions,
+refund and review. The `*_conversion` functions work inside the caller's transaction; the others
+run their own units of work for the API and the jobs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from alpes.kernel.db import Database
+from alpes.kernel.errors import Conflict
+from alpes.kernel.eventstore import ConcurrencyConflict, EventStore
+from alpes.kernel.messages import OutgoingEvent, new_id, utcnow
+from alpes.kernel.outbox import Outbox
+from alpes.kernel.runtime import ServiceRuntime
+
+from . import domain, queries, tables, tracking
+from .reference import reference
+from .stream import commit_events, load_conversion
+
+# A command that meets a concurrent append to the same stream reloads and tries again this often.
+ATTEMPTS = 3
+
+
+def follow_link(runtime: ServiceRuntime, link_code: str, *, ip: str | None, user_agent: str | None,
+                referrer: str | None, now: datetime, visitor_id: str) -> str:
+    """Record a click on a tracking link (ClickRecorded) and return where to redirect."""
+    with runtime.unit_of_work() as (session, emit):
+        _click_id, location, events = tracking.record_click(
+            session, link_code, ip=ip, user_agent=user_agent, referrer=referrer, now=now, visitor_id=visitor_id)
+        emit(events)
+    return location
+
+
+def receive_postback(runtime: ServiceRuntime, store: EventStore, *, affiliate_id: str | None,
+                     campaign_id: str | None, click_id: str | None, user_id: str, conversion_value,
+                     conversion_type: str, currency: str, order_id: str | None, ip: str | None,
+                     customer_email: str | None, now: datetime, grace: timedelta,
+                     max_conversions_per_ip: int) -> tuple[str, bool, str]:
+    """A postback attributed by click_id, or by both ids. Returns (conversion id, created?, status)."""
+    if click_id is not None:
+        with runtime.db.read() as session:  # clicks never change: reading ahead of the transaction is safe
+            attribution = tracking.attribution_of(session, click_id, affiliate_id, campaign_id, now)
+        affiliate_id, campaign_id, click_id = attribution.affiliate_id, attribution.campaign_id, attribution.click_id
+    assert affiliate_id is not None and campaign_id is not None
+    try:
+        with runtime.unit_of_work() as (session, emit):
+            conversion_id, created, events = record_conversion(
+                session, store, affiliate_id=affiliate_id, campaign_id=campaign_id, user_id=user_id,
+                conversion_value=conversion_value, conversion_type=conversion_type, currency=currency,
+                order_id=order_id, grace=grace, click_id=click_id, now=now, ip=ip, customer_email=customer_email,
+                max_conversions_per_ip=max_conversions_per_ip)
+            emit(events)
+    except IntegrityError:
+        if order_id is None:
+            raise
+        # A concurrent postback with the same order id committed first: answer with its id.
+        with runtime.db.read() as session:
+            conversion_id = queries.conversion_for_order(session, campaign_id, order_id)
+        created = False
+    return conversion_id, created, queries.status_of(runtime.db, conversion_id)
+
+
+def record_conversion(session: Session, store: EventStore, *, affiliate_id: str, campaign_id: str, user_id: str,
+                      conversion_value, conversion_type: str, currency: str, order_id: str | None,
+                      grace: timedelta, click_id: str | None = None, now: datetime | None = None,
+                      ip: str | None = None, customer_email: str | None = None,
+                      max_conversions_per_ip: int = 5) -> tuple[str, bool, list[OutgoingEvent]]:
+    """A postback. Returns (conversion id, created?, events). A known order id returns its conversion.
+    `ip` and `customer_email` are fraud signals: kept beside the stream (the email only as its
+    hash), never in events."""
+    if order_id is not None:
+        known = queries.conversion_for_order(session, campaign_id, order_id)
+        if known is not None:
+            return known, False, []
+    conversion_id = new_id()
+    if order_id is not None:
+        # The durable idempotency key; a concurrent twin fails here and the caller re-reads.
+        session.execute(tables.order_keys.insert().values(
+            campaign_id=campaign_id, order_id=order_id, conversion_id=conversion_id))
+    if click_id is not None:
+        session.execute(tables.click_attributions.insert().values(conversion_id=conversion_id, click_id=click_id))
+    now = now or utcnow()
+    if ip is not None or customer_email is not None:
+        session.execute(tables.conversion_signals.insert().values(
+            conversion_id=conversion_id, campaign_id=campaign_id, ip=ip, detected_at=now,
+            customer_email_sha256=None if customer_email is None else domain.email_sha256(customer_email)))
+    conversion = domain.Conversion()
+    detected = domain.Detected(conversion_id, affiliate_id, campaign_id, user_id, conversion_value, conversion_type,
+                               order_id, currency, now)
+    correlation_id = conversion_id
+    events = commit_events(session, store, conversion, [detected], correlation_id)
+    decision = domain.decide_validation(
+        conversion, reference(session, affiliate_id, campaign_id, conversion_id, max_conversions_per_ip), now, grace)
+    if not decision.pending:
+        events += commit_events(session, store, conversion, decision.events, correlation_id)
+    return conversion_id, True, events
+
+
+def validate_pending(db: Database, store: EventStore, outbox: Outbox, grace: timedelta, batch: int = 200,
+                     now: datetime | None = None, max_conversions_per_ip: int = 5) -> int:
+    """Decide detected conversions whose references have arrived or whose grace ran out."""
+    v = tables.conversiones_view
+    decided = 0
+    with db.transaction() as session:
+        ids = session.scalars(select(v.c.id).where(v.c.status == domain.DETECTED)
+                              .order_by(v.c.timestamp).limit(batch).with_for_update(skip_locked=True)).all()
+        for conversion_id in ids:
+            conversion = load_conversion(session, store, conversion_id)
+            assert conversion.detected is not None
+            decision = domain.decide_validation(
+                conversion, reference(session, conversion.detected.affiliate_id, conversion.detected.campaign_id,
+                                      conversion_id, max_conversions_per_ip), now or utcnow(), grace)
+            if decision.pending:
+                continue
+            outbox.add(session, commit_events(session, store, conversion, decision.events, conversion_id))
+            decided += 1
+    return decided
+
+
+def refund_conversion(session: Session, store: EventStore, conversion_id: str, refund_type: str,
+                      reason: str | None, now: datetime | None = None) -> list[OutgoingEvent]:
+    """Append ConversionRefunded to a validated conversion's stream (marketing reverses its
+    commission on it). NotFound for an unknown conversion, Conflict on `status` when it was not
+    validated; a repeated refund returns no event."""
+    conversion = load_conversion(session, store, conversion_id)
+    try:
+        events = domain.decide_refund(conversion, refund_type, reason, now or utcnow())
+    except domain.NotRefundable as refusal:
+        raise Conflict("status", str(refusal)) from None
+    if not events:
+        return []
+    return commit_events(session, store, conversion, events, conversion_id)
+
+
+def review_conversion(session: Session, store: EventStore, conversion_id: str, approve: bool,
+                      motivo: str | None = None, now: datetime | None = None) -> list[OutgoingEvent]:
+    """A reviewer approves (ConversionValidated: marketing computes the commission) or rejects
+    (ConversionRejected `rejected_in_review:<motivo>`) a held conversion. NotFound when unknown,
+    Conflict on `status` unless on hold."""
+    conversion = load_conversion(session, store, conversion_id)
+    try:
+        events = domain.decide_review(conversion, approve, motivo, now or utcnow())
+    except domain.NotInReview as refusal:
+        raise Conflict("status", str(refusal)) from None
+    return commit_events(session, store, conversion, events, conversion_id)
+
+
+def refund(runtime: ServiceRuntime, store: EventStore, conversion_id: str, refund_type: str,
+           reason: str | None) -> None:
+    """`refund_conversion` in its own unit of work, retried on a concurrent append."""
+    _retrying(runtime, lambda session: refund_conversion(session, store, conversion_id, refund_type, reason))
+
+
+def review(runtime: ServiceRuntime, store: EventStore, conversion_id: str, approve: bool, motivo: str | None,
+           clock: Callable[[], datetime]) -> None:
+    """`review_conversion` in its own unit of work, retried on a concurrent append."""
+    _retrying(runtime, lambda session: review_conversion(session, store, conversion_id, approve, motivo, clock()))
+
+
+def _retrying(runtime: ServiceRuntime, change: Callable[[Session], list[OutgoingEvent]]) -> None:
+    """Run `change` and emit its events; when the stream kept moving under every attempt, a
+    Conflict tells the caller to retry."""
+    for attempt in range(ATTEMPTS):
+        try:
+            with runtime.unit_of_work() as (session, emit):
+                emit(change(session))
+            return
+        except ConcurrencyConflict:
+            if attempt == ATTEMPTS - 1:
+                raise Conflict("conversion_id", "the conversion changed meanwhile; retry") from None

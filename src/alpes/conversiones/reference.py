@@ -1,0 +1,145 @@
+"""Reference data: what conversiones learns of campaigns, affiliates and enrollments from
+marketing.eventos (conversiones-consumer), and what validating a conversion reads of it."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import exists, func, select, update
+from sqlalchemy.orm import Session
+
+from alpes.kernel.messages import IncomingEvent, OutgoingEvent, utcnow
+
+from . import domain, tables
+
+# What conversiones knows of an affiliate (ref_afiliados.estado), as marketing announced it.
+AFILIADO_HABILITADO = "habilitado"
+AFILIADO_SUSPENDIDO = "suspendido"
+
+_CAMPAIGN_STATE = {"CampanaActivada": "activa", "CampanaPausada": "pausada", "CampanaFinalizada": "finalizada"}
+
+
+# -- what validation reads ---------------------------------------------------------------------
+def reference(session: Session, affiliate_id: str, campaign_id: str,
+              conversion_id: str | None = None, max_conversions_per_ip: int = 5) -> domain.Reference:
+    affiliate = session.execute(select(tables.ref_afiliados.c.estado, tables.ref_afiliados.c.email_sha256)
+                                .where(tables.ref_afiliados.c.afiliado_id == affiliate_id)).first()
+    a = None if affiliate is None else affiliate.estado
+    rc = tables.ref_campanas
+    c = session.execute(select(rc.c.estado, rc.c.moneda, rc.c.ventana_atribucion_dias, rc.c.fecha_inicio,
+                               rc.c.fecha_fin, rc.c.min_segundos_click_conversion)
+                        .where(rc.c.campana_id == campaign_id)).first()
+    click = None
+    if conversion_id is not None:
+        k, ca = tables.clicks, tables.click_attributions
+        click = session.execute(select(k.c.clicked_at, k.c.link_code).join(ca, ca.c.click_id == k.c.id)
+                                .where(ca.c.conversion_id == conversion_id)).first()
+    signals = None if conversion_id is None else session.execute(
+        select(tables.conversion_signals).where(tables.conversion_signals.c.conversion_id == conversion_id)).first()
+    return domain.Reference(
+        affiliate_enabled=None if a is None else a == AFILIADO_HABILITADO,
+        campaign_active=None if c is None else c.estado == "activa",
+        campaign_currency=None if c is None else c.moneda,
+        affiliate_suspended=a == AFILIADO_SUSPENDIDO,
+        affiliate_enrolled=_enrolled(session, affiliate_id, campaign_id, None if click is None else click.link_code),
+        clicked_at=None if click is None else click.clicked_at,
+        attribution_window=None if c is None else timedelta(days=c.ventana_atribucion_dias),
+        campaign_starts_at=None if c is None else c.fecha_inicio,
+        campaign_ends_at=None if c is None else c.fecha_fin,
+        min_seconds_click_to_conversion=None if c is None else c.min_segundos_click_conversion,
+        affiliate_email_sha256=None if affiliate is None else affiliate.email_sha256,
+        customer_email_sha256=None if signals is None else signals.customer_email_sha256,
+        conversions_from_same_ip=None if signals is None else _conversions_from_same_ip(session, signals),
+        max_conversions_per_ip=max_conversions_per_ip)
+
+
+def _conversions_from_same_ip(session: Session, signals) -> int | None:
+    """Conversions for the campaign from the signal's IP in the hour up to it, itself included."""
+    if signals.ip is None:
+        return None
+    t = tables.conversion_signals
+    return session.scalar(select(func.count()).select_from(t).where(
+        t.c.campaign_id == signals.campaign_id, t.c.ip == signals.ip,
+        t.c.detected_at > signals.detected_at - domain.IP_VELOCITY_WINDOW, t.c.detected_at <= signals.detected_at))
+
+
+def _enrolled(session: Session, affiliate_id: str, campaign_id: str, link_code: str | None) -> bool | None:
+    """Through a click: its link's enrollment must be active. By ids: an active enrollment, but
+    only for a campaign somebody enrolled in (None: not enforced, the original postback contract)."""
+    i = tables.ref_inscripciones
+    if link_code is not None:
+        return bool(session.scalar(select(i.c.activa).where(i.c.link_code == link_code)))
+    if not session.scalar(select(exists().where(i.c.campana_id == campaign_id))):
+        return None
+    return bool(session.scalar(select(exists().where(
+        i.c.campana_id == campaign_id, i.c.afiliado_id == affiliate_id, i.c.activa.is_(True)))))
+
+
+# -- what conversiones-consumer learns from marketing.eventos ------------------------------------
+def learn_campana(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    p = event.payload
+    t = tables.ref_campanas
+    if not session.scalar(select(exists().where(t.c.campana_id == p["id"]))):
+        # v1 events carry no state: they were created active (the v2 reader default).
+        session.execute(t.insert().values(campana_id=p["id"], estado=p["estado"], moneda=p["moneda"],
+                                          landing_url=p["landing_url"],
+                                          ventana_atribucion_dias=p["ventana_atribucion_dias"],
+                                          fecha_inicio=p["fecha_inicio"], fecha_fin=p["fecha_fin"],
+                                          # Not announced yet by marketing (a CampanaCreada v3 term): None.
+                                          min_segundos_click_conversion=p.get("min_segundos_click_conversion"),
+                                          # v1-v3 read the v4 default: last click.
+                                          modelo_atribucion=p.get("modelo_atribucion") or domain.LAST_CLICK,
+                                          updated_at=utcnow()))
+    return []
+
+
+def learn_campana_estado(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """Activated, paused or ended: only an active campaign validates conversions."""
+    t = tables.ref_campanas
+    session.execute(update(t).where(t.c.campana_id == event.payload["id"]).values(
+        estado=_CAMPAIGN_STATE[event.event_type], updated_at=utcnow()))
+    return []
+
+
+def learn_inscripcion(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """AfiliadoInscrito: its link code now redirects and attributes to the affiliate and campaign."""
+    p = event.payload
+    i = tables.ref_inscripciones
+    if not session.scalar(select(exists().where(i.c.link_code == p["link_code"]))):
+        session.execute(i.insert().values(link_code=p["link_code"], inscripcion_id=p["inscripcion_id"],
+                                          afiliado_id=p["afiliado_id"], campana_id=p["campana_id"], activa=True,
+                                          updated_at=utcnow()))
+    return []
+
+
+def learn_inscripcion_estado(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """InscripcionSuspendida / InscripcionReactivada: a suspended link neither redirects nor attributes."""
+    i = tables.ref_inscripciones
+    session.execute(update(i).where(i.c.inscripcion_id == event.payload["inscripcion_id"]).values(
+        activa=event.event_type == "InscripcionReactivada", updated_at=utcnow()))
+    return []
+
+
+def learn_afiliado(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """AfiliadoHabilitado: enabled for the first time, or again after a suspension. v2 carries the
+    hash of the affiliate's email (self-referral check); v1 and a null hash keep what was known."""
+    _learn_estado_afiliado(session, event.payload["afiliado_id"], AFILIADO_HABILITADO)
+    if event.payload.get("email_sha256") is not None:
+        t = tables.ref_afiliados
+        session.execute(update(t).where(t.c.afiliado_id == event.payload["afiliado_id"]).values(
+            email_sha256=event.payload["email_sha256"]))
+    return []
+
+
+def learn_afiliado_inhabilitado(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """AfiliadoInhabilitado: its new conversions are rejected until it is enabled again."""
+    _learn_estado_afiliado(session, event.payload["afiliado_id"], AFILIADO_SUSPENDIDO)
+    return []
+
+
+def _learn_estado_afiliado(session: Session, afiliado_id: str, estado: str) -> None:
+    t = tables.ref_afiliados
+    if session.scalar(select(exists().where(t.c.afiliado_id == afiliado_id))):
+        session.execute(update(t).where(t.c.afiliado_id == afiliado_id).values(estado=estado, updated_at=utcnow()))
+    else:
+        session.execute(t.insert().values(afiliado_id=afiliado_id, estado=estado, updated_at=utcnow()))

@@ -1,0 +1,127 @@
+"""What moves the conversion → commission saga (saga.py) after validation: marketing's answers
+(ComisionRegistrada, ComisionDenegada, ReversionComisionRegistrada) and the saga's timer, which
+asks again (CommissionRequested) and finally compensates."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from alpes.kernel.db import Database
+from alpes.kernel.eventstore import EventStore
+from alpes.kernel.messages import IncomingEvent, OutgoingEvent, utcnow
+from alpes.kernel.outbox import Outbox
+
+from . import domain, saga, tables
+from .records import TOPIC
+from .stream import commit_events, load_conversion
+from .tracking import attributed_click_id
+
+
+def commission_request(session: Session, conversion: domain.Conversion, attempt: int,
+                       now: datetime) -> OutgoingEvent:
+    """CommissionRequested: the saga asks marketing again, with what ConversionValidated said (its
+    validation time stays the `timestamp`, so the rules in force then still apply)."""
+    d = conversion.detected
+    assert d is not None and conversion.validated_at is not None
+    click_id = attributed_click_id(session, conversion.id)
+    return OutgoingEvent(TOPIC, "CommissionRequested", conversion.id, {
+        "conversion_id": d.conversion_id, "affiliate_id": d.affiliate_id, "campaign_id": d.campaign_id,
+        "conversion_value": d.conversion_value, "currency": d.currency, "conversion_type": d.conversion_type,
+        "timestamp": conversion.validated_at, "attempt": attempt, "requested_at": now, "converted_at": d.timestamp,
+        "click_id": click_id}, occurred_at=now, correlation_id=conversion.id, causation_id=conversion.id)
+
+
+def compensate(session: Session, store: EventStore, conversion: domain.Conversion, reason: str,
+               now: datetime) -> list[OutgoingEvent]:
+    """Reject a validated conversion whose commission could not be booked: an explicit
+    ConversionRejected (compensation=true) in its stream; marketing reverses any commission it
+    booked late and never books one afterwards."""
+    return commit_events(session, store, conversion, domain.decide_compensation(conversion, reason, now),
+                         conversion.id)
+
+
+# -- marketing's answers (conversiones-consumer on marketing.eventos) ---------------------------
+def note_commission_booked(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """ComisionRegistrada: the saga completes. An answer to a retry, or a commission booked
+    after the saga compensated (marketing reverses it on the compensating rejection), is logged."""
+    p, now = event.payload, utcnow()
+    row = saga.load(session, p["conversion_id"], lock=True)
+    if row is None:
+        return []
+    detalle = f"ComisionRegistrada {p['comision_id']}: {p['monto']} {p['moneda']}" + (
+        f", limitado_por {p['limitado_por']}" if p.get("limitado_por") else "")
+    if saga.finish(session, row["saga_id"], saga.COMMISSION, saga.DONE, now, detalle):
+        if row["estado"] == saga.RUNNING:
+            saga.stop_waiting(session, row["saga_id"], now, saga.COMPLETED, "commission_booked")
+        return []
+    if row["estado"] == saga.COMPENSATED and not saga.has_step(session, row["saga_id"], saga.COMMISSION, saga.DONE):
+        saga.note(session, row["saga_id"], saga.COMMISSION, saga.DONE, now, f"booked late: {detalle}")
+    return []  # a repeated answer (to a retry, or a redelivery): already logged
+
+
+def note_commission_denied(session: Session, event: IncomingEvent, store: EventStore) -> list[OutgoingEvent]:
+    """ComisionDenegada: the validation is compensated by rejecting the conversion (in this inbox
+    transaction). Refunded before a commission was booked: nothing to compensate, the saga completes."""
+    p, now = event.payload, utcnow()
+    row = saga.load(session, p["conversion_id"], lock=True)
+    if row is None or row["estado"] in saga.TERMINAL_STATES:
+        return []  # already decided: a repeated answer
+    saga.finish(session, row["saga_id"], saga.COMMISSION, saga.FAILED, now, f"ComisionDenegada {p['razon']}")
+    conversion = load_conversion(session, store, row["saga_id"])
+    if conversion.status == domain.VALIDATED:
+        return compensate(session, store, conversion, saga.compensation_reason(p["razon"]), now)
+    saga.finish(session, row["saga_id"], saga.COMMISSION_REVERSAL, saga.DONE, now,
+                "nothing to reverse: no commission was booked")
+    saga.stop_waiting(session, row["saga_id"], now, saga.COMPLETED, f"no_commission:{p['razon']}")
+    return []
+
+
+def note_commission_reversed(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """ReversionComisionRegistrada: marketing reversed the commission (refund or compensation)."""
+    p, now = event.payload, utcnow()
+    row = saga.load(session, p["conversion_id"], lock=True)
+    if row is None:
+        return []
+    detalle = (f"ComisionRevertida {p['comision_id']}: {p['monto']} {p['moneda']} was {p['estado_anterior']} "
+               f"({p['motivo']})")
+    if p.get("ajuste_monto") is not None:
+        detalle += f"; adjustment {p['ajuste_monto']} withheld from the next payout"
+    if not saga.finish(session, row["saga_id"], saga.COMMISSION_REVERSAL, saga.DONE, now, detalle):
+        saga.note(session, row["saga_id"], saga.COMMISSION_REVERSAL, saga.DONE, now, detalle)
+    return []
+
+
+# -- the saga's timer --------------------------------------------------------------------------
+def expire_sagas(db: Database, store: EventStore, outbox: Outbox, policy: saga.SagaPolicy,
+                 now: datetime | None = None, batch: int = 100) -> int:
+    """A saga waiting on marketing longer than the policy's timeout asks again (CommissionRequested),
+    and after the last attempt compensates. Timed on the real clock."""
+    now = now or utcnow()
+    s = tables.sagas
+    acted = 0
+    with db.transaction() as session:
+        rows = session.execute(select(s).where(s.c.estado == saga.RUNNING, s.c.esperando_desde.is_not(None),
+                                               s.c.esperando_desde <= now - policy.timeout)
+                               .order_by(s.c.esperando_desde).limit(batch).with_for_update(skip_locked=True)
+                               ).mappings().all()
+        for row in rows:
+            conversion = load_conversion(session, store, row["saga_id"])
+            if saga.on_timeout(row["intentos"], policy) == saga.RETRY:
+                # Refunded meanwhile too: the answer still tells whether a commission was booked.
+                attempt = row["intentos"] + 1
+                saga.record_retry(session, row["saga_id"], attempt, policy, now)
+                outbox.add(session, [commission_request(session, conversion, attempt, now)])
+            elif conversion.status != domain.VALIDATED:
+                # Refunded: nothing to compensate; marketing reverses or never books it on its own.
+                saga.finish(session, row["saga_id"], saga.COMMISSION, saga.FAILED, now,
+                            f"no answer after {row['intentos']} attempts; the conversion is {conversion.status}")
+                saga.stop_waiting(session, row["saga_id"], now, saga.COMPLETED, f"unconfirmed:{conversion.status}")
+            else:
+                saga.finish(session, row["saga_id"], saga.COMMISSION, saga.FAILED, now,
+                            f"no answer after {row['intentos']} attempts")
+                outbox.add(session, compensate(session, store, conversion, domain.COMMISSION_NOT_CONFIRMED, now))
+            acted += 1
+    return acted

@@ -1,0 +1,204 @@
+"""Campaigns, enrollments and marketing's copy of each affiliate's state: plain functions over a session."""
+
+from __future__ import annotations
+
+from sqlalchemy import exists, select, update
+from sqlalchemy.orm import Session
+
+from alpes.kernel.db import where_equal
+from alpes.kernel.errors import Conflict, NotFound
+from alpes.kernel.messages import IncomingEvent, OutgoingEvent, new_id, utcnow
+
+from . import domain, tables
+from .topics import MARKETING
+
+
+# -- campaigns -------------------------------------------------------------------------------------
+def create_campana(session: Session, nueva: domain.NuevaCampana) -> tuple[str, list[OutgoingEvent]]:
+    campana_id = new_id()
+    now = utcnow()
+    estado = domain.ACTIVA if nueva.activa else domain.BORRADOR
+    seg = nueva.segmentacion
+    session.execute(tables.campanas.insert().values(
+        id=campana_id, nombre=nueva.nombre, porcentaje_comision=nueva.porcentaje_comision, moneda=nueva.moneda,
+        estado=estado, creada_en=now, fecha_inicio=nueva.vigencia.fecha_inicio, fecha_fin=nueva.vigencia.fecha_fin,
+        landing_url=nueva.landing_url, presupuesto=nueva.presupuesto,
+        ventana_atribucion_dias=nueva.ventana_atribucion_dias, periodo_bloqueo_dias=nueva.periodo_bloqueo_dias,
+        paises=",".join(sorted(seg.paises)), canales=",".join(sorted(seg.canales)),
+        categorias=",".join(sorted(seg.categorias)), min_segundos_click_conversion=nueva.min_segundos_click_conversion,
+        modelo_atribucion=nueva.modelo_atribucion))
+    return campana_id, [OutgoingEvent(MARKETING, "CampanaCreada", campana_id, {
+        "id": campana_id, "nombre": nueva.nombre, "porcentaje_comision": nueva.porcentaje_comision,
+        "moneda": nueva.moneda, "timestamp": now, "estado": estado, "fecha_inicio": nueva.vigencia.fecha_inicio,
+        "fecha_fin": nueva.vigencia.fecha_fin, "landing_url": nueva.landing_url, "presupuesto": nueva.presupuesto,
+        "ventana_atribucion_dias": nueva.ventana_atribucion_dias, "periodo_bloqueo_dias": nueva.periodo_bloqueo_dias,
+        "paises": sorted(seg.paises), "canales": sorted(seg.canales), "categorias": sorted(seg.categorias),
+        "min_segundos_click_conversion": nueva.min_segundos_click_conversion,
+        "modelo_atribucion": nueva.modelo_atribucion})]
+
+
+def change_campana_estado(session: Session, campana_id: str, accion: str) -> list[OutgoingEvent]:
+    """activar / pausar / finalizar: the new state and its event commit together."""
+    c = tables.campanas
+    estado = session.scalar(select(c.c.estado).where(c.c.id == campana_id).with_for_update())
+    if estado is None:
+        raise NotFound("campana_id", "no campaign with this id")
+    try:
+        nuevo, evento = domain.transicion(estado, accion)
+    except domain.TransicionInvalida as error:
+        raise Conflict("estado", str(error)) from None
+    now = utcnow()
+    session.execute(update(c).where(c.c.id == campana_id).values(estado=nuevo, actualizada_en=now))
+    return [OutgoingEvent(MARKETING, evento, campana_id, {"id": campana_id, "timestamp": now})]
+
+
+def get_campana(session: Session, campana_id: str):
+    """The campaign's row; NotFound for an unknown id."""
+    c = tables.campanas
+    row = session.execute(select(c).where(c.c.id == campana_id)).mappings().first()
+    if row is None:
+        raise NotFound("campana_id", "no campaign with this id")
+    return row
+
+
+def list_campanas(session: Session, limit: int, offset: int) -> list:
+    c = tables.campanas
+    return session.execute(select(c).order_by(c.c.creada_en, c.c.id).limit(limit).offset(offset)).mappings().all()
+
+
+# -- enrollments -----------------------------------------------------------------------------------
+def enroll_afiliado(session: Session, campana_id: str, afiliado_id: str, canal: str | None,
+                    categoria: str | None) -> tuple[str, bool, list[OutgoingEvent]]:
+    """Enroll an enabled affiliate in a campaign its segmentation admits; it gets a tracking link.
+    Returns (enrollment id, created?, events); enrolling again returns the existing enrollment."""
+    c, a, i = tables.campanas, tables.afiliados, tables.inscripciones
+    campana = session.execute(select(c).where(c.c.id == campana_id)).mappings().first()
+    if campana is None:
+        raise NotFound("campana_id", "no campaign with this id")
+    if campana["estado"] == domain.FINALIZADA:
+        raise Conflict("estado", "a finished campaign takes no enrollments")
+    afiliado = session.execute(select(a).where(a.c.afiliado_id == afiliado_id)).mappings().first()
+    if afiliado is None or afiliado["estado"] != domain.HABILITADO:
+        estado = "unknown" if afiliado is None else afiliado["estado"]
+        raise Conflict("afiliado_id", f"only enabled affiliates may enroll (this one: {estado})")
+    existing = inscripcion_id_de(session, campana_id, afiliado_id)
+    if existing is not None:
+        return existing, False, []
+    segmentacion = domain.Segmentacion(*(frozenset(v for v in campana[k].split(",") if v)
+                                         for k in ("paises", "canales", "categorias")))
+    incumplido = segmentacion.criterio_incumplido(afiliado["pais"], canal, categoria)
+    if incumplido is not None:
+        raise Conflict(incumplido, f"the campaign's segmentation does not admit this {incumplido}")
+    link_code = domain.nuevo_link_code()
+    while session.scalar(select(exists().where(i.c.link_code == link_code))):
+        link_code = domain.nuevo_link_code()  # 50 random bits: practically never loops
+    inscripcion_id, now = new_id(), utcnow()
+    session.execute(i.insert().values(id=inscripcion_id, campana_id=campana_id, afiliado_id=afiliado_id,
+                                      link_code=link_code, canal=canal, categoria=categoria,
+                                      estado=domain.INSCRIPCION_ACTIVA, inscrita_en=now, actualizada_en=now))
+    return inscripcion_id, True, [OutgoingEvent(MARKETING, "AfiliadoInscrito", afiliado_id, {
+        "inscripcion_id": inscripcion_id, "campana_id": campana_id, "afiliado_id": afiliado_id,
+        "link_code": link_code, "timestamp": now})]
+
+
+def inscripcion_id_de(session: Session, campana_id: str, afiliado_id: str) -> str | None:
+    """The id of the affiliate's enrollment in the campaign, if it is enrolled."""
+    i = tables.inscripciones
+    return session.scalar(select(i.c.id).where(i.c.campana_id == campana_id, i.c.afiliado_id == afiliado_id))
+
+
+def get_inscripcion(session: Session, inscripcion_id: str):
+    i = tables.inscripciones
+    return session.execute(select(i).where(i.c.id == inscripcion_id)).mappings().one()
+
+
+def list_inscripciones(session: Session, campana_id: str, estado: str | None) -> list:
+    """The campaign's enrollments, oldest first; NotFound for an unknown campaign."""
+    get_campana(session, campana_id)
+    i = tables.inscripciones
+    query = where_equal(select(i).order_by(i.c.inscrita_en, i.c.id).where(i.c.campana_id == campana_id),
+                        i, estado=estado)
+    return session.execute(query).mappings().all()
+
+
+# -- marketing-consumer on afiliados.eventos: which affiliates may take part -----------------------
+def note_registered_afiliado(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """Remember the affiliate's country (v2; None for v1) to check campaign segmentation on enrollment.
+    It takes part in nothing until validated or approved."""
+    t = tables.afiliados
+    afiliado_id, pais = event.payload["id"], event.payload.get("pais")
+    email = event.payload.get("email")
+    email_sha256 = domain.email_sha256(email) if email else None  # only the hash: see AfiliadoHabilitado
+    if session.scalar(select(exists().where(t.c.afiliado_id == afiliado_id))):
+        session.execute(update(t).where(t.c.afiliado_id == afiliado_id).values(pais=pais, email_sha256=email_sha256))
+    else:
+        session.execute(t.insert().values(afiliado_id=afiliado_id, estado=domain.REGISTRADO, pais=pais,
+                                          email_sha256=email_sha256, actualizado_en=utcnow()))
+    return []
+
+
+def enable_afiliado(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """A validated, approved or reactivated affiliate may take part in programs: tell conversiones
+    through our topic. Idempotent per state: one already enabled is not announced twice."""
+    afiliado_id = event.payload["id"]
+    if not _set_estado_afiliado(session, afiliado_id, domain.HABILITADO):
+        return []
+    email_sha256 = session.scalar(select(tables.afiliados.c.email_sha256)
+                                  .where(tables.afiliados.c.afiliado_id == afiliado_id))
+    return [OutgoingEvent(MARKETING, "AfiliadoHabilitado", afiliado_id,
+                          {"afiliado_id": afiliado_id, "timestamp": utcnow(), "email_sha256": email_sha256})] + \
+        _change_inscripciones(session, afiliado_id, domain.INSCRIPCION_SUSPENDIDA, domain.INSCRIPCION_ACTIVA,
+                              "InscripcionReactivada", {})
+
+
+def disable_afiliado(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """A suspended affiliate takes part in no program until reactivated: tell conversiones."""
+    afiliado_id = event.payload["id"]
+    if not _set_estado_afiliado(session, afiliado_id, domain.INHABILITADO):
+        return []
+    return [OutgoingEvent(MARKETING, "AfiliadoInhabilitado", afiliado_id, {
+        "afiliado_id": afiliado_id, "motivo": event.payload["motivo"], "timestamp": utcnow()})] + \
+        _change_inscripciones(session, afiliado_id, domain.INSCRIPCION_ACTIVA, domain.INSCRIPCION_SUSPENDIDA,
+                              "InscripcionSuspendida", {"motivo": event.payload["motivo"]})
+
+
+def note_rejected_afiliado(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    t = tables.afiliados
+    afiliado_id = event.payload["id"]
+    actual = session.scalar(select(t.c.estado).where(t.c.afiliado_id == afiliado_id).with_for_update())
+    if actual is None:
+        session.execute(t.insert().values(afiliado_id=afiliado_id, estado=domain.RECHAZADO, actualizado_en=utcnow()))
+    elif actual == domain.REGISTRADO:  # known only from its registration: now we know it was rejected
+        session.execute(update(t).where(t.c.afiliado_id == afiliado_id).values(
+            estado=domain.RECHAZADO, actualizado_en=utcnow()))
+    return []
+
+
+def _set_estado_afiliado(session: Session, afiliado_id: str, estado: str) -> bool:
+    """Record the affiliate's state; False when it already was in that state (nothing to announce)."""
+    t = tables.afiliados
+    actual = session.scalar(select(t.c.estado).where(t.c.afiliado_id == afiliado_id).with_for_update())
+    if actual == estado:
+        return False
+    if actual is None:
+        session.execute(t.insert().values(afiliado_id=afiliado_id, estado=estado, actualizado_en=utcnow()))
+    else:
+        session.execute(update(t).where(t.c.afiliado_id == afiliado_id).values(estado=estado, actualizado_en=utcnow()))
+    return True
+
+
+def _change_inscripciones(session: Session, afiliado_id: str, desde: str, hacia: str, evento: str,
+                          extra: dict) -> list[OutgoingEvent]:
+    """Suspend or reactivate every enrollment of the affiliate, one event each. Keyed by the
+    affiliate, like AfiliadoInhabilitado/Habilitado, so conversiones sees them in that order."""
+    i = tables.inscripciones
+    rows = session.execute(select(i).where(i.c.afiliado_id == afiliado_id, i.c.estado == desde)
+                           .order_by(i.c.inscrita_en, i.c.id)).mappings().all()
+    now = utcnow()
+    events = []
+    for row in rows:
+        session.execute(update(i).where(i.c.id == row["id"]).values(estado=hacia, actualizada_en=now))
+        events.append(OutgoingEvent(MARKETING, evento, afiliado_id, {
+            "inscripcion_id": row["id"], "campana_id": row["campana_id"], "afiliado_id": afiliado_id,
+            "link_code": row["link_code"], **extra, "timestamp": now}))
+    return events

@@ -1,0 +1,275 @@
+"""Commissions: what a validated conversion earns, marketing's answers in the conversion →
+commission saga, reversal, approval, and the reads behind /comisiones. Plain functions over a session."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from sqlalchemy import exists, func, select, update
+from sqlalchemy.orm import Session
+
+from alpes.kernel.db import Database, where_equal
+from alpes.kernel.errors import NotFound
+from alpes.kernel.messages import IncomingEvent, OutgoingEvent, new_id, utcnow
+from alpes.kernel.outbox import Outbox
+
+from . import commission_rules, domain, tables
+from .topics import COMISIONES, MARKETING
+
+
+# -- marketing-consumer on conversiones.eventos: the conversion → commission saga ------------------
+# Why no commission is booked for a validated conversion (ComisionDenegada.razon, kept in
+# comisiones_denegadas so that asking again gets the same answer):
+AFILIADO_SUSPENDIDO_DURANTE_PROCESO = "afiliado_suspendido_durante_proceso"
+REEMBOLSADA_ANTES_DE_COMISION = "reembolsada_antes_de_comision"
+CONVERSION_RECHAZADA = "conversion_rechazada"
+COMPENSACION = "compensacion"  # ComisionRevertida.motivo of a commission undone by the saga
+
+
+def answer_comision_request(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """ConversionValidated, or CommissionRequested (the saga asking again after a timeout): book the
+    conversion's commission at most once and answer conversiones on marketing.eventos, keyed by the
+    conversion, in this transaction: ComisionRegistrada (booked, maybe partial or zero by a cap, with
+    limitado_por) or ComisionDenegada with its reason. Asked again, the same answer."""
+    p = event.payload
+    booked = _comision_de(session, p["conversion_id"])
+    if booked is not None:
+        return [_registrada(booked)]
+    d = tables.comisiones_denegadas
+    razon = session.scalar(select(d.c.razon).where(d.c.conversion_id == p["conversion_id"]))
+    if razon is None:
+        razon = _razon_para_denegar(session, p)
+        if razon is not None:
+            session.execute(d.insert().values(conversion_id=p["conversion_id"], razon=razon, denegada_en=utcnow()))
+    if razon is not None:
+        return [OutgoingEvent(MARKETING, "ComisionDenegada", p["conversion_id"], {
+            "conversion_id": p["conversion_id"], "afiliado_id": p["affiliate_id"], "campana_id": p["campaign_id"],
+            "razon": razon, "timestamp": utcnow()})]
+    events = list(calculate_comision(session, event))
+    booked = _comision_de(session, p["conversion_id"])
+    return events + ([_registrada(booked)] if booked is not None else [])
+
+
+def _razon_para_denegar(session: Session, p: dict) -> str | None:
+    """Why no commission is due although conversiones validated the conversion: it was refunded
+    first, or the affiliate was suspended between the validation and now (marketing's view)."""
+    if session.scalar(select(exists().where(tables.conversiones_reembolsadas.c.conversion_id == p["conversion_id"]))):
+        return REEMBOLSADA_ANTES_DE_COMISION
+    a = tables.afiliados
+    if session.scalar(select(a.c.estado).where(a.c.afiliado_id == p["affiliate_id"])) == domain.INHABILITADO:
+        return AFILIADO_SUSPENDIDO_DURANTE_PROCESO
+    return None
+
+
+def _comision_de(session: Session, conversion_id: str, *, lock: bool = False):
+    """The conversion's commission row (None: none booked); `lock`: held until the transaction ends."""
+    k = tables.comisiones
+    query = select(k).where(k.c.conversion_id == conversion_id)
+    return session.execute(query.with_for_update() if lock else query).mappings().first()
+
+
+def _registrada(row) -> OutgoingEvent:
+    return OutgoingEvent(MARKETING, "ComisionRegistrada", row["conversion_id"], {
+        "comision_id": row["id"], "conversion_id": row["conversion_id"], "afiliado_id": row["afiliado_id"],
+        "campana_id": row["campana_id"], "monto": row["monto"], "moneda": row["moneda"],
+        "limitado_por": row["limitado_por"], "timestamp": utcnow()})
+
+
+def undo_compensated_comision(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """ConversionRejected with compensation=true (conversiones undid the validation): a commission
+    booked for it (late: after the saga gave up) is reversed, and none is ever booked afterwards.
+    Ordinary rejections never had a commission: nothing to do."""
+    p = event.payload
+    if not p.get("compensation"):
+        return []
+    d = tables.comisiones_denegadas
+    if not session.scalar(select(exists().where(d.c.conversion_id == p["conversion_id"]))):
+        session.execute(d.insert().values(conversion_id=p["conversion_id"], razon=CONVERSION_RECHAZADA,
+                                          denegada_en=utcnow()))
+    row = _comision_de(session, p["conversion_id"], lock=True)
+    if row is None or row["estado"] == domain.REVERTIDA:
+        return []
+    return _revertir_comision(session, row, COMPENSACION, p["reason"], utcnow())
+
+
+def reverse_comision(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """ConversionRefunded → the conversion's commission is reversed, whatever its state, with a
+    negative adjustment when it already went into a payout. The refund itself is remembered, so
+    a commission arriving after it (or a conversion that never had one) is never booked."""
+    p = event.payload
+    r = tables.conversiones_reembolsadas
+    if session.scalar(select(exists().where(r.c.conversion_id == p["conversion_id"]))):
+        return []
+    now = utcnow()
+    session.execute(r.insert().values(conversion_id=p["conversion_id"], tipo=p["refund_type"], motivo=p["reason"],
+                                      reembolsada_en=now))
+    row = _comision_de(session, p["conversion_id"], lock=True)
+    if row is None or row["estado"] == domain.REVERTIDA:
+        return []
+    return _revertir_comision(session, row, p["refund_type"], p["reason"], now)
+
+
+def _revertir_comision(session: Session, row, motivo: str, detalle: str | None, now: datetime) -> list[OutgoingEvent]:
+    """Reverse a booked commission (refund or compensation): ComisionRevertida, with a negative
+    adjustment when it already went into a payout, and the saga's ReversionComisionRegistrada on
+    marketing.eventos (keyed by the conversion), so conversiones logs the reversal step."""
+    k = tables.comisiones
+    reversion = domain.revertir(row["estado"], row["monto"], en_un_pago=row["pago_id"] is not None)
+    ajuste_id = None
+    if reversion.ajuste is not None:
+        ajuste_id = new_id()
+        session.execute(tables.ajustes.insert().values(
+            id=ajuste_id, afiliado_id=row["afiliado_id"], comision_id=row["id"], monto=reversion.ajuste,
+            moneda=row["moneda"], motivo=motivo, creado_en=now))
+    session.execute(update(k).where(k.c.id == row["id"]).values(
+        estado=domain.REVERTIDA, revertida_en=now, motivo_reversion=motivo))
+    return [OutgoingEvent(COMISIONES, "ComisionRevertida", row["id"], {
+        "id": row["id"], "conversion_id": row["conversion_id"], "afiliado_id": row["afiliado_id"],
+        "campana_id": row["campana_id"], "monto": row["monto"], "moneda": row["moneda"],
+        "estado_anterior": reversion.estado_anterior, "motivo": motivo, "detalle": detalle,
+        "ajuste_id": ajuste_id, "ajuste_monto": reversion.ajuste, "timestamp": now}),
+        OutgoingEvent(MARKETING, "ReversionComisionRegistrada", row["conversion_id"], {
+            "comision_id": row["id"], "conversion_id": row["conversion_id"], "monto": row["monto"],
+            "moneda": row["moneda"], "estado_anterior": reversion.estado_anterior, "motivo": motivo,
+            "detalle": detalle, "ajuste_monto": reversion.ajuste, "timestamp": now})]
+
+
+# -- calculation: what a conversion earns under the rules in force when it happened ----------------
+def calculate_comision(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """Book the commission of a validated conversion, at most once, and announce ComisionCalculada."""
+    p = event.payload
+    c = tables.comisiones
+    if session.scalar(select(exists().where(c.c.conversion_id == p["conversion_id"]))):
+        return []  # the unique key on conversion_id guards races; this skips the common duplicate
+    if session.scalar(select(exists().where(tables.conversiones_reembolsadas.c.conversion_id == p["conversion_id"]))):
+        return []  # refunded before its commission was booked: never booked
+    # The campaign row is locked while its budget and caps are read and the commission booked:
+    # two conversions of one campaign never both spend the same remaining budget (on SQLite the
+    # write lock taken at BEGIN serializes them anyway).
+    campana = session.execute(select(tables.campanas).where(tables.campanas.c.id == p["campaign_id"])
+                              .with_for_update()).mappings().first()
+    if campana is None:
+        raise LookupError(f"conversion {p['conversion_id']} names unknown campaign {p['campaign_id']}")
+    # The rule version, the tier month and the cap periods are those of the conversion's time
+    # (ConversionValidated v2 converted_at), not of its validation: a conversion held for review
+    # and approved days later still earns what the rules in force when it happened said. v1
+    # events carry only the validation time: that is the best we know.
+    momento = p.get("converted_at") or p["timestamp"]
+    calculo, explicacion = _calcular_con_reglas(session, campana, p, momento)
+    comision_id = new_id()
+    now = utcnow()
+    session.execute(c.insert().values(
+        id=comision_id, conversion_id=p["conversion_id"], afiliado_id=p["affiliate_id"], campana_id=p["campaign_id"],
+        base=p["conversion_value"], porcentaje=calculo.porcentaje, monto=calculo.monto, moneda=campana["moneda"],
+        estado=domain.PENDIENTE, correlation_id=event.correlation_id, calculada_en=now,
+        aprobable_desde=domain.aprobable_desde(now, campana["periodo_bloqueo_dias"]),
+        momento_conversion=momento, version_reglas=calculo.version, regla_id=calculo.regla_id, tipo_regla=calculo.tipo,
+        limitado_por=calculo.limitado_por, explicacion=json.dumps(explicacion), click_id=p.get("click_id")))
+    return [OutgoingEvent(COMISIONES, "ComisionCalculada", comision_id, {
+        "id": comision_id, "conversion_id": p["conversion_id"], "afiliado_id": p["affiliate_id"],
+        "campana_id": p["campaign_id"], "base": p["conversion_value"], "porcentaje": calculo.porcentaje,
+        "monto": calculo.monto, "moneda": campana["moneda"], "timestamp": now, "regla_id": calculo.regla_id,
+        "version_reglas": calculo.version, "limitado_por": calculo.limitado_por})]
+
+
+def _calcular_con_reglas(session: Session, campana, p: dict, momento: datetime) -> tuple[domain.Calculo, dict]:
+    """Gather what the rules need (version in force, tier count, what the caps have left) and
+    apply them. Spent = every commission booked in the campaign, reversed ones included: a
+    reversal does not give budget back (the money may already have been paid).
+
+    Tier count ("the affiliate's approved conversions in the period"): the affiliate's commissions
+    in this campaign whose conversion happened in this conversion's calendar month and was
+    validated (a commission is booked only for a validated conversion: rejected or held ones have
+    none), excluding reversed ones (refunded or charged back: no longer approved). A commission a
+    cap cut to zero still counts: its conversion was approved."""
+    k = tables.comisiones
+    conjunto = domain.version_vigente(commission_rules.load_versiones(session, campana["id"]), momento)
+    desde_mes, hasta_mes = domain.ventana_del_periodo("mes", momento)
+    del_afiliado = (k.c.campana_id == campana["id"], k.c.afiliado_id == p["affiliate_id"])
+    aprobadas_en_el_mes = session.scalar(select(func.count()).select_from(k).where(
+        *del_afiliado, k.c.momento_conversion >= desde_mes, k.c.momento_conversion < hasta_mes,
+        k.c.estado != domain.REVERTIDA))
+    restante_afiliado = None
+    tope = conjunto.tope_por_afiliado if conjunto else None
+    if tope is not None:
+        desde, hasta = domain.ventana_del_periodo(tope.periodo, momento)
+        query = select(func.coalesce(func.sum(k.c.monto), 0)).where(*del_afiliado)
+        if desde is not None:
+            query = query.where(k.c.momento_conversion >= desde, k.c.momento_conversion < hasta)
+        restante_afiliado = tope.monto - session.scalar(query)
+    restante_presupuesto = None
+    if campana["presupuesto"] is not None:
+        gastado = session.scalar(select(func.coalesce(func.sum(k.c.monto), 0)).where(k.c.campana_id == campana["id"]))
+        restante_presupuesto = campana["presupuesto"] - gastado
+    conversion = domain.ConversionACalcular(p["conversion_value"], p["conversion_type"], p["affiliate_id"],
+                                            aprobadas_en_el_mes)
+    calculo = domain.calcular(conjunto, campana["porcentaje_comision"], conversion, restante_afiliado,
+                              restante_presupuesto)
+    explicacion = {
+        "inputs": {"base": str(conversion.base), "conversion_type": conversion.conversion_type,
+                   "momento_conversion": momento.isoformat(), "aprobadas_en_el_mes": aprobadas_en_el_mes,
+                   "porcentaje": str(calculo.porcentaje) if calculo.tipo == domain.CPS else None,
+                   "monto_fijo": str(calculo.monto_fijo) if calculo.monto_fijo is not None else None},
+        "chequeos": list(calculo.chequeos),
+        "topes": {"tope_por_afiliado": {"monto": str(tope.monto), "periodo": tope.periodo} if tope else None,
+                  "restante_afiliado": _str_or_none(restante_afiliado),
+                  "presupuesto": _str_or_none(campana["presupuesto"]),
+                  "restante_presupuesto": _str_or_none(restante_presupuesto)},
+        "monto_sin_tope": str(calculo.monto_sin_tope)}
+    return calculo, explicacion
+
+
+def _str_or_none(value) -> str | None:
+    return None if value is None else str(value)
+
+
+# -- approval: pending commissions past their lock period ------------------------------------------
+def approve_due_comisiones(db: Database, outbox: Outbox, now: datetime | None = None, batch: int = 200) -> int:
+    """The approval scheduler (the broker has no delayed delivery): every pending commission
+    whose lock period has passed becomes approved, each with its ComisionAprobada."""
+    k = tables.comisiones
+    now = now or utcnow()
+    with db.transaction() as session:
+        rows = session.execute(
+            select(k).where(k.c.estado == domain.PENDIENTE, k.c.aprobable_desde <= now)
+            .order_by(k.c.aprobable_desde, k.c.id).limit(batch).with_for_update(skip_locked=True)).mappings().all()
+        events = []
+        for row in rows:
+            session.execute(update(k).where(k.c.id == row["id"]).values(estado=domain.APROBADA, aprobada_en=now))
+            events.append(OutgoingEvent(COMISIONES, "ComisionAprobada", row["id"], {
+                "id": row["id"], "conversion_id": row["conversion_id"], "afiliado_id": row["afiliado_id"],
+                "campana_id": row["campana_id"], "monto": row["monto"], "moneda": row["moneda"],
+                "calculada_en": row["calculada_en"], "timestamp": now}, correlation_id=row["correlation_id"]))
+        outbox.add(session, events)
+    return len(rows)
+
+
+# -- reads behind /comisiones ----------------------------------------------------------------------
+def get_comision(session: Session, comision_id: str):
+    """The commission's row; NotFound for an unknown id."""
+    k = tables.comisiones
+    row = session.execute(select(k).where(k.c.id == comision_id)).mappings().first()
+    if row is None:
+        raise NotFound("comision_id", "no commission with this id")
+    return row
+
+
+def list_comisiones(session: Session, limit: int, offset: int, **filters) -> list:
+    """Oldest first; `filters`: afiliado_id, campana_id, conversion_id (None: any)."""
+    k = tables.comisiones
+    query = select(k).order_by(k.c.calculada_en, k.c.id).limit(limit).offset(offset)
+    return session.execute(where_equal(query, k, **filters)).mappings().all()
+
+
+def explain_comision(session: Session, comision_id: str) -> dict:
+    """How the commission was computed: rule and version, inputs, checks, caps, amount."""
+    row = get_comision(session, comision_id)
+    lineage = json.loads(row["explicacion"]) if row["explicacion"] else {
+        "inputs": {"base": str(row["base"]), "porcentaje": str(row["porcentaje"])}, "chequeos": [], "topes": None,
+        "monto_sin_tope": None}  # booked before commission rules: base × the campaign percentage
+    return {"comision_id": row["id"], "conversion_id": row["conversion_id"],
+            "click_id": row["click_id"],  # from ConversionValidated v2; null: attributed by ids, or older
+            "campana_id": row["campana_id"], "afiliado_id": row["afiliado_id"],
+            "version_reglas": row["version_reglas"], "regla_id": row["regla_id"], "tipo": row["tipo_regla"],
+            **lineage, "limitado_por": row["limitado_por"], "monto": str(row["monto"]), "moneda": row["moneda"]}
