@@ -189,3 +189,22 @@ def demo(url_base: str = typer.Option("http://127.0.0.1", help="scheme and host 
     for what, link in result.urls.items():
         typer.echo(f"  {what:<16} {link}")
 
+
+@app.command()
+def manifests(directory: Path = typer.Argument(Path("deploy/k8s"), help="the generated Kubernetes manifests"),
+              check: bool = typer.Option(False, "--check", help="show the differences and exit 1 instead of writing")
+              ) -> None:
+    """Generate deploy/k8s (Kubernetes + KEDA) from the contract, or --check that it is in step."""
+    from . import manifests as generator
+
+    if check:
+        problems = generator.check(directory)
+        for problem in problems:
+            typer.echo(problem)
+        if problems:
+            typer.echo(f"{directory} differs from the contract: run `alpes manifests {directory}`", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"{directory}: in step with the contract")
+        return
+    for path in generator.write(directory):
+        typer.echo(path)
