@@ -372,7 +372,8 @@ class _Suite:
                     time.sleep(0.05)
                     assert time.monotonic() < self.deadline, "load stalled before a chaos point"
                 event.started_at = time.monotonic()
-                event.started.set()  # the load goes on while the fault happens
+                if event.action != "hold":  # a hold releases the load once the service is down
+                    event.started.set()  # the load goes on while the fault happens
                 getattr(self, f"_do_{event.action}")(event)
                 event.done_at = time.monotonic()
                 self.out(f"  chaos: {event.action} {event.target} at task {event.at}: {event.note} "
@@ -393,6 +394,9 @@ class _Suite:
         down_from = wait_until(lambda: not _answers(p, name) and time.monotonic(), 60, interval=0.1,
                                what=f"{name} stopped")
         accepted_before = self.stats.counts["postbacks_ok"]
+        # The tasks after the hold point start now, so postbacks arrive while the service is down
+        # (released earlier, they could all finish before it stops).
+        event.started.set()
         others = [s for s in SERVICES if s != name]
         while _answers(p, name) is False and time.monotonic() - down_from < self.hold_seconds + 120:
             for other in others:  # the others keep answering, reads and writes
