@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: up test test-slow test-all bench install services clean
+.PHONY: up test test-slow test-pulsar test-all bench install services clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ required"'
@@ -27,12 +27,17 @@ up: install
 
 test: install services
 	$(BIN)/lint-imports
-	$(BIN)/pytest -m "not slow" -q
+	$(BIN)/pytest -m "not slow and not pulsar" -q
 
 test-slow: install services
 	$(BIN)/pytest -m slow -q $(PYTEST_ARGS)
 
-test-all: test test-slow
+# The platform on a real Apache Pulsar standalone (needs Java 17 and Maven; the first run resolves
+# ~270 MB of jars into ~/.m2): tests/test_real_pulsar.py.
+test-pulsar: install services
+	$(BIN)/pytest -m pulsar -q $(PYTEST_ARGS)
+
+test-all: test test-pulsar test-slow
 
 bench: install
 	$(BIN)/alpes bench

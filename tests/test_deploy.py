@@ -331,6 +331,10 @@ def test_keda_validator_rejects_broken_scaled_objects() -> None:
 _INTERPOLATION = re.compile(r"\$(?:\$|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\})")
 
 
+# What compose.yaml requires with ${VAR:?}: the rest have dev-only defaults.
+REQUIRED_ENV = {"ALPES_EVENT_SIGNING_KEYS": "ab" * 32, "ALPES_PII_MASTER_KEYS": "cd" * 32}
+
+
 def _interpolate(value, env: dict[str, str]):
     """Compose's variable interpolation (${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, $$)."""
     if isinstance(value, dict):
@@ -372,7 +376,7 @@ def _compose_validator():
 def test_compose_file_passes_the_compose_specification_schema() -> None:
     validator = _compose_validator()
     raw = _compose()
-    for label, document in (("as written", raw), ("interpolated with its defaults", _interpolate(raw, {}))):
+    for label, document in (("as written", raw), ("interpolated with its defaults", _interpolate(raw, REQUIRED_ENV))):
         errors = sorted(validator.iter_errors(document), key=lambda e: list(e.absolute_path))
         assert not errors, f"{label}:\n" + "\n".join(
             f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
@@ -413,7 +417,7 @@ def test_compose_file_semantics() -> None:
             if source and not source.startswith((".", "/", "~")):
                 assert source in declared_volumes, f"{name}: volume {source} not declared"
                 used_volumes.add(source)
-        image = _interpolate(service["image"], {})
+        image = _interpolate(service["image"], REQUIRED_ENV)
         tag = image.rsplit("/", 1)[-1].partition(":")[2]
         assert tag and tag != "latest", f"{name}: image {image} is not pinned by tag"
         if "build" not in service:
@@ -423,7 +427,7 @@ def test_compose_file_semantics() -> None:
 
 def test_compose_runs_the_contract_services_each_on_its_own_database() -> None:
     services = _compose()["services"]
-    interpolated = _interpolate(services, {})
+    interpolated = _interpolate(services, REQUIRED_ENV)
     known = _known_env_names()
     for name, port in contract.SERVICES.items():
         service, resolved = services[name], interpolated[name]
@@ -456,7 +460,7 @@ def test_compose_database_urls_connect_with_tls() -> None:
     ssl_* query into PyMySQL's ssl argument; no connection is made here."""
     from sqlalchemy import create_engine
 
-    services = _interpolate(_compose()["services"], {})
+    services = _interpolate(_compose()["services"], REQUIRED_ENV)
     for name in contract.SERVICES:
         engine = create_engine(services[name]["environment"][f"ALPES_{name.upper()}_DB_URL"])
         _, kwargs = engine.dialect.create_connect_args(engine.url)
@@ -469,7 +473,7 @@ def test_compose_hard_codes_no_secret() -> None:
     for name, service in _compose()["services"].items():
         env = service.get("environment") or {}
         for key, value in env.items():
-            if any(word in key for word in ("PASSWORD", "AUTH", "_DB_URL", "REDIS_URL")) and key != "ALPES_AUTH":
+            if any(word in key for word in ("PASSWORD", "AUTH", "_DB_URL", "REDIS_URL", "SIGNING", "_KEYS")) and key != "ALPES_AUTH":
                 assert "${" in str(value), f"{name}.{key} is hard-coded; take it from the environment"
                 assert re.search(r"\$\{\w+:-dev-only-[^}]*\}|\$\{\w+(:\?[^}]*)?\}", str(value)), \
                     f"{name}.{key}: a default must say dev-only"

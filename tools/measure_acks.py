@@ -1,6 +1,8 @@
 """Are a subscription's acknowledgements kept? Measured per subscription type on the embedded broker.
 
-    .venv/bin/python tools/measure_acks.py [--messages 1000] [--partitions 6]
+    .venv/bin/python tools/measure_acks.py [--messages 1000] [--partitions 6] [--broker pulsar]
+
+`--broker pulsar` measures the same on a real Apache Pulsar standalone (tools/real_pulsar.py).
 
 One consumer receives and acknowledges every message (keys spread, producer batching by key, as
 the outbox relay does), closes cleanly; a second consumer then subscribes to the same
@@ -25,11 +27,18 @@ TYPES = {"Failover": pulsar.ConsumerType.Failover, "Shared": pulsar.ConsumerType
          "Key_Shared": pulsar.ConsumerType.KeyShared}
 
 
-def measure(kind: str, messages: int, partitions: int) -> dict:
+def measure(kind: str, messages: int, partitions: int, real: bool = False) -> dict:
     data_dir = Path(tempfile.mkdtemp(prefix="alpes-acks-"))
-    port = embedded_broker.free_port()
-    broker = embedded_broker.start_broker_process(data_dir, port, default_partitions=partitions)
-    client = pulsar.Client(f"pulsar://127.0.0.1:{port}", logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Error))
+    if real:
+        from real_pulsar import ScratchPulsar
+
+        broker = ScratchPulsar(data_dir, partitions)
+        url = broker.url
+    else:
+        port = embedded_broker.free_port()
+        broker = embedded_broker.start_broker_process(data_dir, port, default_partitions=partitions)
+        url = f"pulsar://127.0.0.1:{port}"
+    client = pulsar.Client(url, logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Error))
     topic = "persistent://public/default/acks"
     try:
         consumer = client.subscribe(topic, "s", consumer_type=TYPES[kind],
@@ -60,7 +69,7 @@ def measure(kind: str, messages: int, partitions: int) -> dict:
             pass
         client.close()
     finally:
-        embedded_broker.stop_process(broker)
+        broker.stop() if real else embedded_broker.stop_process(broker)
     log = (data_dir / "broker.log").read_text(errors="replace")
     return {"type": kind, "acknowledged": acknowledged, "delivered_again": len(again),
             "stale_ack_warnings": log.count("stale ack")}
@@ -70,12 +79,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=1000)
     parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument("--broker", choices=("embedded", "pulsar"), default="embedded")
     args = parser.parse_args()
     table = Table(title=f"{args.messages} messages, {args.partitions} partitions, acknowledged then a new consumer")
     for column in ("subscription", "acknowledged", "delivered again", "stale-ack warnings"):
         table.add_column(column)
     for kind in TYPES:
-        row = measure(kind, args.messages, args.partitions)
+        row = measure(kind, args.messages, args.partitions, real=args.broker == "pulsar")
         print(row, flush=True)
         table.add_row(row["type"], str(row["acknowledged"]), str(row["delivered_again"]), str(row["stale_ack_warnings"]))
     Console().print(table)

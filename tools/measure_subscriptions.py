@@ -1,6 +1,8 @@
 """Measure how two consumer processes share one subscription on the embedded broker.
 
-    .venv/bin/python tools/measure_subscriptions.py [--messages 3000] [--keys 100]
+    .venv/bin/python tools/measure_subscriptions.py [--messages 3000] [--keys 100] [--broker pulsar]
+
+`--broker pulsar` runs the same scenarios on a real Apache Pulsar standalone (tools/real_pulsar.py).
 
 For Failover and Key_Shared (producers batch by key, as the outbox relay's do), on a 6-partition
 topic: is the work shared between the two processes, does per-key order hold, and is anything
@@ -34,7 +36,8 @@ def consume(url: str, topic: str, subscription: str, kind: str, name: str, out: 
     stop = [False]
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))
     client = pulsar.Client(url, logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Error), operation_timeout_seconds=10)
-    if name != "one":  # distinct consumer ids per process, as the platform does (pulsar-lite refuses equal ones)
+    if name != "one" and os.environ.get("ALPES_MEASURE_BROKER") != "pulsar":
+        # distinct consumer ids per process, as the platform does (pulsar-lite refuses equal ones)
         from alpes.kernel.embedded_broker import reserve_consumer_ids
         reserve_consumer_ids(client, 100)  # readers of a 6-partition topic here: 600 ids
     consumer = None
@@ -65,6 +68,8 @@ def consume(url: str, topic: str, subscription: str, kind: str, name: str, out: 
 
 
 class Broker:
+    embedded = True
+
     def __init__(self, root: Path) -> None:
         from alpes.kernel import embedded_broker
 
@@ -100,7 +105,8 @@ def scenario(broker: Broker, kind: str, leave: str, messages: int, keys: int, wo
     subscription = "measure-consumer"
     out = broker.root / f"{run}.log"
     script = os.path.abspath(__file__)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
+           "ALPES_MEASURE_BROKER": "embedded" if broker.embedded else "pulsar"}
 
     def spawn(name: str) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, script, "consume", broker.url, topic, subscription, kind, name,
@@ -189,12 +195,18 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=15.0, help="seconds without progress before giving up")
     parser.add_argument("--types", default="failover,key_shared")
     parser.add_argument("--leave", default="none,sigterm,sigterm+broker_restart,sigkill,sigkill+broker_restart")
+    parser.add_argument("--broker", choices=("embedded", "pulsar"), default="embedded")
     args = parser.parse_args()
     results = []
     for kind in args.types.split(","):
         for leave in args.leave.split(","):
             with tempfile.TemporaryDirectory(prefix="alpes-measure-") as tmp:
-                broker = Broker(Path(tmp))  # a fresh broker each time: no ghost of an earlier run
+                if args.broker == "pulsar":
+                    from real_pulsar import ScratchPulsar
+
+                    broker = ScratchPulsar(Path(tmp), partitions=6)
+                else:
+                    broker = Broker(Path(tmp))  # a fresh broker each time: no ghost of an earlier run
                 try:
                     result = scenario(broker, kind, leave, args.messages, args.keys, args.work_ms, args.settle)
                 finally:

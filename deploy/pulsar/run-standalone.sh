@@ -3,6 +3,11 @@
 # BookKeeper bookie) in the FOREGROUND, built only from Maven Central jars.
 #
 # Usage: run-standalone.sh DATA_DIR [BROKER_PORT WEB_PORT]
+#        run-standalone.sh --resolve-classpath
+#
+#   --resolve-classpath  only resolve (or check) the cached classpath and print
+#                        its file; what `alpes up --broker pulsar` runs first,
+#                        with a time limit, before it starts the broker
 #
 #   DATA_DIR     state of this broker: metadata/, bookkeeper/, logs/, conf/
 #                (created if missing; reuse it to restart with the same data)
@@ -26,13 +31,17 @@
 #   PULSAR_LOG_CONSOLE_LEVEL     console threshold (default warn)
 #   PULSAR_CLASSPATH_FILE        classpath file to use/create (default:
 #                                ${XDG_CACHE_HOME:-~/.cache}/alpespartner-pulsar/classpath-<pom sha>.txt)
+#   PULSAR_MVN_LOG               where Maven's output goes (default: next to
+#                                the classpath file); its tail is shown if it fails
 #   JAVA_HOME, MVN               java / maven to use
 set -euo pipefail
 
-usage() { echo "usage: $0 DATA_DIR [BROKER_PORT WEB_PORT]" >&2; exit 2; }
+usage() { echo "usage: $0 DATA_DIR [BROKER_PORT WEB_PORT] | $0 --resolve-classpath" >&2; exit 2; }
 [[ $# -eq 1 || $# -eq 3 ]] || usage
 
 HERE="$(cd -P "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+RESOLVE_ONLY=0
+[[ "$1" == "--resolve-classpath" ]] && RESOLVE_ONLY=1
 DATA_DIR="$1"
 BROKER_PORT="${2:-6650}"
 WEB_PORT="${3:-8080}"
@@ -40,8 +49,10 @@ for p in "$BROKER_PORT" "$WEB_PORT" ${PULSAR_BOOKIE_PORT:+"$PULSAR_BOOKIE_PORT"}
   [[ "$p" =~ ^[0-9]+$ ]] || { echo "not a port number: $p" >&2; exit 2; }
 done
 
-mkdir -p "$DATA_DIR"
-DATA_DIR="$(cd -P "$DATA_DIR" && pwd)"
+if [[ $RESOLVE_ONLY -eq 0 ]]; then
+  mkdir -p "$DATA_DIR"
+  DATA_DIR="$(cd -P "$DATA_DIR" && pwd)"
+fi
 
 # --- Java -------------------------------------------------------------------
 if [[ -n "${JAVA_HOME:-}" ]]; then JAVA="$JAVA_HOME/bin/java"; else JAVA="$(command -v java)"; fi
@@ -63,16 +74,30 @@ classpath_ok() {
 }
 
 if ! classpath_ok; then
-  echo "run-standalone: resolving the Pulsar classpath with Maven (first run can take minutes)..." >&2
-  mkdir -p "$(dirname "$CP_FILE")"
+  PULSAR_VERSION="$(sed -n 's:.*<pulsar.version>\(.*\)</pulsar.version>.*:\1:p' "$POM" | head -n1)"
+  MVN_LOG="${PULSAR_MVN_LOG:-$CACHE_DIR/maven-$POM_SHA.log}"
+  mkdir -p "$(dirname "$CP_FILE")" "$(dirname "$MVN_LOG")"
+  # The one line said while Maven works (its own output goes to MVN_LOG).
+  echo "resolving Apache Pulsar ${PULSAR_VERSION}'s jars with Maven (first run only: about a minute and ~270 MB into ~/.m2; log: $MVN_LOG)" >&2
+  command -v "${MVN:-mvn}" >/dev/null || { echo "run-standalone: Maven (mvn) not found; it is needed once to resolve the jars" >&2; exit 1; }
   tmp="$CP_FILE.tmp.$$"
-  "${MVN:-mvn}" -q -B -Dstyle.color=never -f "$POM" \
-    org.apache.maven.plugins:maven-dependency-plugin:3.8.1:build-classpath \
-    -Dmdep.includeScope=runtime -Dmdep.outputFile="$tmp" >&2
+  if ! "${MVN:-mvn}" -q -B -ntp -Dstyle.color=never -f "$POM" \
+      -Dmaven.wagon.http.retryHandler.count=3 \
+      org.apache.maven.plugins:maven-dependency-plugin:3.8.1:build-classpath \
+      -Dmdep.includeScope=runtime -Dmdep.outputFile="$tmp" > "$MVN_LOG" 2>&1; then
+    echo "run-standalone: Maven could not resolve the classpath; the end of $MVN_LOG:" >&2
+    tail -n 20 "$MVN_LOG" >&2
+    rm -f "$tmp"
+    exit 1
+  fi
   mv -f "$tmp" "$CP_FILE"
   # drop classpath files cached for older versions of pom.xml
   find "$CACHE_DIR" -maxdepth 1 -name 'classpath-*.txt' ! -name "classpath-$POM_SHA.txt" -delete 2>/dev/null || true
   classpath_ok || { echo "run-standalone: classpath in $CP_FILE is incomplete" >&2; exit 1; }
+fi
+if [[ $RESOLVE_ONLY -eq 1 ]]; then
+  echo "$CP_FILE"
+  exit 0
 fi
 
 # --- Data dir layout + rendered config ----------------------------------------

@@ -38,13 +38,24 @@ def _instances(value: str | None) -> dict[str, int]:
 @app.command()
 def up(data_dir: Path = typer.Option(None, help="Data directory (default ./.alpes or ALPES_DATA_DIR)"),
        instances: str = typer.Option(None, help="processes per service, e.g. marketing=2,conversiones=2 "
-                                                 "(or ALPES_<SERVICE>_INSTANCES); default 1 each")) -> None:
+                                                 "(or ALPES_<SERVICE>_INSTANCES); default 1 each"),
+       broker: str = typer.Option("embedded", help="embedded: pulsar-lite (or the cluster ALPES_BROKER_URL "
+                                                   "names); pulsar: a real Apache Pulsar standalone, run here "
+                                                   "(needs Java 17 and, once, Maven)")) -> None:
     """Start the broker (embedded unless ALPES_BROKER_URL names one) and the four services; Ctrl-C stops them all."""
+    from .pulsar_standalone import StandaloneError
     from .supervisor import Supervisor
 
+    if broker not in ("embedded", "pulsar"):
+        raise typer.BadParameter(f"{broker!r}: embedded or pulsar", param_hint="--broker")
     settings = _settings(data_dir)
     settings = settings.model_copy(update=_instances(instances))
-    raise typer.Exit(Supervisor(settings).run())
+    try:
+        code = Supervisor(settings, broker=broker).run()
+    except StandaloneError as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(1) from error
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -61,13 +72,17 @@ def service(name: str = typer.Argument(..., help=f"one of {', '.join(SERVICES)}"
     settings = _settings(data_dir)
     build = import_module(f"alpes.{name}.service").build
     fastapi_app, _runtime = build(settings)
+    # proxy_headers=False: uvicorn would believe X-Forwarded-For from 127.0.0.1 (every local caller);
+    # the app believes it only from ALPES_TRUSTED_PROXIES (kernel.http.ProxyHeaders).
     uvicorn.run(fastapi_app, host=settings.host, port=settings.port(name), log_level="warning",
-                timeout_graceful_shutdown=10)
+                timeout_graceful_shutdown=10, proxy_headers=False)
 
 
 @app.command()
 def provision(data_dir: Path = typer.Option(None)) -> None:
-    """Create topics (with their partition counts) and subscriptions on the configured broker."""
+    """Create topics (with their partition counts) and subscriptions on the configured broker; on
+    Apache Pulsar also the dead-letter topics, retention, backlog quota and (with ALPES_PULSAR_TOKEN,
+    the super-user's) the services' permissions, all verified by reading them back. Idempotent."""
     settings = _settings(data_dir)
     subs = [(s.topic, s.name) for s in SUBSCRIPTIONS]
     if settings.embedded_broker:
@@ -77,13 +92,18 @@ def provision(data_dir: Path = typer.Option(None)) -> None:
                                   settings.pulsar_tenant, settings.pulsar_namespace)
         typer.echo("provisioned" if made else "already provisioned")
     else:
-        from .kernel.pulsar_admin import provision_pulsar_admin
+        from .kernel.pulsar_admin import ProvisioningError
+        from .provisioning import provision_pulsar
 
         if not settings.pulsar_admin_url:
             raise typer.BadParameter("ALPES_PULSAR_ADMIN_URL is needed to provision a real Pulsar cluster")
-        provision_pulsar_admin(settings.pulsar_admin_url, TOPICS, subs, settings.pulsar_tenant,
-                               settings.pulsar_namespace)
-        typer.echo("provisioned")
+        # With ALPES_PULSAR_TOKEN (the super-user's) the roles' permissions are provisioned too.
+        try:
+            report = provision_pulsar(settings, settings.pulsar_admin_url, settings.pulsar_token)
+        except ProvisioningError as error:
+            typer.echo(f"provisioning failed: {error}", err=True)
+            raise typer.Exit(1) from error
+        typer.echo(report.summary())
 
 
 @audit_app.command("verify")

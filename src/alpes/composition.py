@@ -16,11 +16,12 @@ from sqlalchemy import Table
 from .contract import subscriptions_of
 from .kernel.backlog import BacklogProbe
 from .kernel.codec import SchemaRegistry
-from .kernel.db import Database, migrate
+from .kernel.db import Database, migrate, tighten_directory
 from .kernel.embedded_broker import EmbeddedBrokerQuirks
 from .kernel.http import create_app
 from .kernel.pulsar_admin import AdminBacklog
 from .kernel.runtime import ConsumerSpec, ServiceRuntime
+from .kernel.signing import EventSigner
 from .settings import Settings
 
 
@@ -43,11 +44,13 @@ def compose(name: str, settings: Settings, *, outbox: Table, inbox: Table, consu
         max_redeliveries=settings.max_redeliveries, consumer_batch_size=settings.consumer_batch_size,
         subscription_type=settings.subscription_type, instance_index=settings.instance_index,
         quirks=quirks, backlog=backlog_probe(settings, sorted(wired), quirks),
+        signer=EventSigner(settings.signing_keys()), broker_token=settings.pulsar_token,
     )
+    tighten_directory(settings.data_dir)  # ours: SQLite files, the local signing key, logs (0700)
     if configure is not None:
         configure(runtime)
     return create_app(f"AlpesPartner · {name}", runtime, routes(runtime),
-                      max_body_bytes=settings.max_body_bytes), runtime
+                      max_body_bytes=settings.max_body_bytes, trusted_proxies=settings.trusted_proxies), runtime
 
 
 def embedded_broker_quirks(settings: Settings) -> EmbeddedBrokerQuirks | None:
@@ -62,7 +65,8 @@ def backlog_probe(settings: Settings, subscriptions: list[tuple[str, str]],
     """The admin API when one is configured, else the embedded broker's metrics; None: not known."""
     tenant, namespace = settings.pulsar_tenant, settings.pulsar_namespace
     if settings.pulsar_admin_url:
-        source = AdminBacklog(settings.pulsar_admin_url, tenant=tenant, namespace=namespace)
+        source = AdminBacklog(settings.pulsar_admin_url, tenant=tenant, namespace=namespace,
+                              token=settings.pulsar_token)  # its role may read the stats of what it consumes
     else:
         source = quirks.backlog_source(tenant, namespace) if quirks is not None else None
     return BacklogProbe(subscriptions, source) if source is not None else None

@@ -50,7 +50,7 @@ SUBSCRIPTIONS: tuple[Subscription, ...] = (
     Subscription("auditoria.eventos", "security-consumer", "auditoria", "security findings from audited events"),
     Subscription("auditoria.eventos", "compliance-consumer", "auditoria", "incremental verification of the hash chain"),
     Subscription("sistema.eventos", "monitoring-consumer", "auditoria", "status of every service instance"),
-    Subscription("sistema.eventos", "alerting-consumer", "auditoria", "alerts on stopped/degraded services and dead letters"),
+    Subscription("sistema.eventos", "alerting-consumer", "auditoria", "alerts on degraded services, dead letters and stuck sagas"),
     # The audit service reads every business topic, not only afiliados.eventos.
     Subscription("conversiones.eventos", "audit-consumer", "auditoria", "append to the hash-chained audit log"),
     Subscription("marketing.eventos", "audit-consumer", "auditoria", "append to the hash-chained audit log"),
@@ -60,3 +60,64 @@ SUBSCRIPTIONS: tuple[Subscription, ...] = (
 
 def subscriptions_of(service: str) -> list[Subscription]:
     return [s for s in SUBSCRIPTIONS if s.service == service]
+
+
+# -- what each service publishes, and what a broker with authorization lets it do ------------------
+# The topics each service produces to (its events, its lifecycle and dead-letter alerts on
+# sistema.eventos); besides these it writes only the dead-letter topics of its own subscriptions.
+# tests/test_contract.py checks this against the OutgoingEvents the code builds.
+PUBLISHES: dict[str, tuple[str, ...]] = {
+    "afiliados": ("afiliados.eventos", "sistema.eventos"),
+    "conversiones": ("conversiones.eventos", "sistema.eventos"),
+    "marketing": ("marketing.eventos", "comisiones.eventos", "sistema.eventos"),
+    "auditoria": ("auditoria.eventos", "sistema.eventos"),
+}
+
+
+def dead_letter_topic(topic: str, subscription: str) -> str:
+    """Where a subscription's unprocessable messages go (kernel/consumer.py, and the client's
+    DeadLetterPolicy on Apache Pulsar)."""
+    return f"{topic}-{subscription}-DLQ"
+
+
+DEAD_LETTER_TOPICS: tuple[str, ...] = tuple(dead_letter_topic(s.topic, s.name) for s in SUBSCRIPTIONS)
+
+# The broker role (the JWT subject) of each service on Apache Pulsar with authorization; `admin` is
+# the super-user that provisions.
+ADMIN_ROLE = "admin"
+
+
+def broker_role(service: str) -> str:
+    return f"alpes-{service}"
+
+
+def topic_permissions() -> dict[str, dict[str, tuple[str, ...]]]:
+    """topic -> role -> actions, least privilege: `consume` on the topics a service subscribes to,
+    `produce` on those it publishes to and on its subscriptions' dead-letter topics. (Reading a
+    topic's stats for the backlog in /health needs either, so nothing more.)"""
+    grants: dict[str, dict[str, set[str]]] = {}
+    for service, topics in PUBLISHES.items():
+        for topic in topics:
+            grants.setdefault(topic, {}).setdefault(broker_role(service), set()).add("produce")
+    for s in SUBSCRIPTIONS:
+        grants.setdefault(s.topic, {}).setdefault(broker_role(s.service), set()).add("consume")
+        grants.setdefault(dead_letter_topic(s.topic, s.name), {}).setdefault(broker_role(s.service), set()).add("produce")
+    return {topic: {role: tuple(sorted(actions)) for role, actions in sorted(roles.items())}
+            for topic, roles in sorted(grants.items())}
+
+
+def subscription_roles() -> dict[str, tuple[str, ...]]:
+    """subscription name -> the roles that may use it (its owner's): another service that may
+    consume the topic cannot attach to it and take its messages."""
+    roles: dict[str, set[str]] = {}
+    for s in SUBSCRIPTIONS:
+        roles.setdefault(s.name, set()).add(broker_role(s.service))
+    return {name: tuple(sorted(r)) for name, r in sorted(roles.items())}
+
+
+# Namespace policies provisioned on Apache Pulsar. Retention keeps acknowledged messages (and the
+# dead-letter topics, which have no subscription) for a week or 2 GB; the backlog quota (which
+# Pulsar requires to be below the retention size) holds producers when a subscription falls 1 GB
+# behind: the outbox keeps the events and retries, nothing is evicted.
+NAMESPACE_RETENTION = {"retentionTimeInMinutes": 7 * 24 * 60, "retentionSizeInMB": 2048}
+NAMESPACE_BACKLOG_QUOTA = {"limitSize": 1024 ** 3, "limitTime": -1, "policy": "producer_request_hold"}

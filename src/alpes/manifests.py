@@ -47,6 +47,8 @@ APP = "alpespartner"
 IMAGE = "alpespartner:0.1.0"
 CONFIG_NAME = "alpespartner-config"
 SECRET_NAME = "alpespartner-secrets"
+SIGNING_KEYS_KEY = "event-signing-keys"
+PII_KEYS_KEY = "pii-master-keys"
 # The in-cluster addresses of the Apache Pulsar Helm chart installed as release "pulsar" in
 # namespace "pulsar". Another cluster: change them here and regenerate (the KEDA triggers read
 # the admin URL from the manifest, not from the pod's environment).
@@ -178,6 +180,10 @@ def secret_example() -> dict[str, Any]:
     data = {secret_key(s): f"mysql+pymysql://{s}:REPLACE_ME@REPLACE_ME_MYSQL_HOST:3306/{s}{tls}"
             for s in contract.SERVICES}
     data["redis-url"] = "redis://:REPLACE_ME@REPLACE_ME_REDIS_HOST:6379/0"
+    # The same on every service (each message is signed and verified with it): openssl rand -hex 32.
+    data[SIGNING_KEYS_KEY] = "REPLACE_ME_WITH_64_HEX_DIGITS"
+    # Wraps each affiliate's personal-data key (afiliados): lost, every affiliate's data is unreadable.
+    data[PII_KEYS_KEY] = "REPLACE_ME_WITH_64_HEX_DIGITS"
     return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": {**_meta(SECRET_NAME, "secrets"),
                          "annotations": {"alpespartner/example": "placeholders: replace every REPLACE_ME"}},
@@ -218,7 +224,12 @@ def deployment(service: str) -> dict[str, Any]:
          "valueFrom": {"secretKeyRef": {"name": SECRET_NAME, "key": secret_key(service)}}},
         {"name": "ALPES_REDIS_URL",
          "valueFrom": {"secretKeyRef": {"name": SECRET_NAME, "key": "redis-url", "optional": True}}},
+        {"name": "ALPES_EVENT_SIGNING_KEYS",
+         "valueFrom": {"secretKeyRef": {"name": SECRET_NAME, "key": SIGNING_KEYS_KEY}}},
     ]
+    if service == "afiliados":  # the only service that holds personal data
+        env.append({"name": "ALPES_PII_MASTER_KEYS",
+                    "valueFrom": {"secretKeyRef": {"name": SECRET_NAME, "key": PII_KEYS_KEY}}})
     container = {
         "name": service,
         "image": IMAGE,

@@ -1,6 +1,8 @@
 """The whole platform (`alpes up`) as a child process in a data directory, on free ports: what the
 end-to-end tests, the fault-injection suite and `alpes bench` run. It starts it and waits until
-every instance is healthy, reads `state.json`, kills, holds and waits for restarts, and stops it."""
+every instance is healthy, reads `state.json`, kills, holds and waits for restarts, and stops it.
+Its databases are SQLite files in the data directory, or one fresh MariaDB/MySQL database per
+service (`databases="mariadb"`), created on start and dropped by `close()`."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -22,11 +25,35 @@ from .kernel.ports import listen_port
 T = TypeVar("T")
 
 # What a shell may have configured for a real deployment; a `scratch` platform drops it.
-_DEPLOYMENT_VARIABLES = ("ALPES_BROKER_URL", "ALPES_PULSAR_ADMIN_URL", "ALPES_DATA_DIR", "ALPES_HOST")
+_DEPLOYMENT_VARIABLES = ("ALPES_BROKER_URL", "ALPES_PULSAR_ADMIN_URL", "ALPES_PULSAR_TOKEN", "ALPES_DATA_DIR",
+                         "ALPES_HOST")
 
 
 class PlatformError(RuntimeError):
     """`alpes up` exited before it was ready."""
+
+
+def create_mariadb_database(server_url: str, prefix: str = "alpes_t") -> tuple[str, Callable[[], None]]:
+    """A fresh, empty database on the MariaDB/MySQL server at `server_url`
+    (`mysql+pymysql://user:password@host:port`, a user that may create databases); returns its
+    SQLAlchemy URL and a function that drops it."""
+    import pymysql
+    from sqlalchemy.engine import make_url
+
+    url = make_url(server_url)
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+    def run(statement: str) -> None:
+        connection = pymysql.connect(host=url.host, port=url.port or 3306, user=url.username,
+                                     password=url.password or "", autocommit=True, connect_timeout=10)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(statement)
+        finally:
+            connection.close()
+
+    run(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+    return f"{server_url.rstrip('/')}/{name}?charset=utf8mb4", lambda: run(f"DROP DATABASE IF EXISTS `{name}`")
 
 
 def wait_until(check: Callable[[], T], timeout: float = 60.0, interval: float = 0.2, what: str = "condition",
@@ -58,12 +85,24 @@ class Platform:
     service (default 1). With `scratch`, the shell's broker URL, admin URL, database URLs, data
     directory and host are left out, so the run uses the embedded broker and SQLite in `data_dir`
     whatever the shell is configured for. With `own_session`, `alpes up` does not get the
-    terminal's Ctrl-C: the caller stops it."""
+    terminal's Ctrl-C: the caller stops it. `databases="mariadb"` gives each service its own fresh
+    database on the server at `mariadb_server` (ALPES_<SERVICE>_DB_URL; each service migrates it with
+    Alembic on start), created by the first `start()` and dropped by `close()`; "sqlite" (default):
+    the SQLite files in `data_dir`, or what `env` or the shell says. `broker="pulsar"` runs
+    `alpes up --broker pulsar` (a real Apache Pulsar standalone, its admin port free too)."""
 
     def __init__(self, data_dir: Path, env: dict[str, str] | None = None, instances: dict[str, int] | None = None,
-                 *, scratch: bool = False, own_session: bool = False) -> None:
+                 *, scratch: bool = False, own_session: bool = False, databases: str = "sqlite",
+                 mariadb_server: str | None = None, broker: str = "embedded") -> None:
+        if databases not in ("sqlite", "mariadb"):
+            raise ValueError(f"databases must be sqlite or mariadb, not {databases!r}")
+        if databases == "mariadb" and not mariadb_server:
+            raise ValueError("databases='mariadb' needs mariadb_server (mysql+pymysql://user:password@host:port)")
         self.data_dir = data_dir
         self.own_session = own_session
+        self.databases = databases
+        self.mariadb_server = mariadb_server
+        self._drops: list[Callable[[], None]] = []  # one per database created for this platform
         self.instances = {name: 1 for name in SERVICES} | (instances or {})
         # Further instances listen on port + 100 * i (settings).
         self.ports = {name: listen_port(also=[100 * i for i in range(1, self.instances[name])]) for name in SERVICES}
@@ -75,6 +114,11 @@ class Platform:
                 del self.env[key]
         self.env.update({f"ALPES_{name.upper()}_PORT": str(port) for name, port in self.ports.items()})
         self.env["ALPES_BROKER_PORT"] = str(self.broker_port)
+        self.broker = broker
+        if broker == "pulsar":  # its own standalone: a cluster the shell names would contradict it
+            for key in ("ALPES_BROKER_URL", "ALPES_PULSAR_ADMIN_URL", "ALPES_PULSAR_TOKEN"):
+                self.env.pop(key, None)
+            self.env["ALPES_PULSAR_WEB_PORT"] = str(listen_port())
         self.env.update({f"ALPES_{name.upper()}_INSTANCES": str(n) for name, n in self.instances.items()})
         self.env.update(env or {})
         self.process: subprocess.Popen | None = None
@@ -100,6 +144,11 @@ class Platform:
     def every_instance(self) -> list[str]:
         return [name for service in SERVICES for name in self.instance_names(service)]
 
+    def db_url(self, service: str) -> str:
+        """The SQLAlchemy URL of `service`'s database (what `alpes up` gives it)."""
+        configured = self.env.get(f"ALPES_{service.upper()}_DB_URL")
+        return configured or f"sqlite:///{(self.data_dir / f'{service}.db').resolve()}"
+
     @property
     def log_path(self) -> Path:
         return self.data_dir / "up.out"
@@ -118,14 +167,19 @@ class Platform:
         instance to answer /health with 200."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
+        if self.databases == "mariadb" and not self._drops:
+            self._create_databases()
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "alpes", "up", "--data-dir", str(self.data_dir)],
+            self.process = subprocess.Popen([sys.executable, "-m", "alpes", "up", "--data-dir", str(self.data_dir),
+                                             "--broker", self.broker],
                                             env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=self.own_session)
 
         def ready() -> bool:
             if self.process.poll() is not None:
-                raise PlatformError(f"`alpes up` exited with {self.process.returncode}; see {self.log_path}")
+                # The log's tail in the error: a test's temporary directory may be gone when it is read.
+                tail = "\n".join(self.log().splitlines()[-15:])
+                raise PlatformError(f"`alpes up` exited with {self.process.returncode}; {self.log_path} ends:\n{tail}")
             return (self.data_dir / "state.json").exists()
 
         wait_until(ready, timeout, what=f"alpes up to be ready (see {self.log_path})")
@@ -157,6 +211,27 @@ class Platform:
         code = self.process.returncode
         self.process = None
         return code
+
+    def close(self) -> int | None:
+        """Stop it, then drop the databases created for it; `stop()`'s exit code."""
+        try:
+            return self.stop()
+        finally:
+            drops, self._drops = self._drops, []
+            for drop in drops:
+                drop()
+
+    def __enter__(self) -> Platform:
+        return self.start()
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+    def _create_databases(self) -> None:
+        for name in SERVICES:
+            url, drop = create_mariadb_database(self.mariadb_server, f"alpes_{name}")
+            self._drops.append(drop)
+            self.env[f"ALPES_{name.upper()}_DB_URL"] = url
 
     # -- state and faults --------------------------------------------------------------------
     def state(self) -> dict:

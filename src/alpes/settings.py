@@ -6,7 +6,12 @@ ALPES_BROKER_URL          pulsar://host:6650 of a real Pulsar; unset: the embedd
                           one follows from it)
 ALPES_BROKER_PORT         port of the embedded broker on 127.0.0.1; default 6650
 ALPES_BROKER_METRICS_PORT loopback port of the embedded broker's Prometheus metrics; default a free one
-ALPES_PULSAR_ADMIN_URL    http://host:8080 of that cluster, for `alpes provision`
+ALPES_PULSAR_ADMIN_URL    http://host:8080 of that cluster, for `alpes provision` and the backlog in /health
+ALPES_PULSAR_TOKEN        JWT this process presents to Apache Pulsar (its role's; the super-user's for
+                          `alpes provision`); unset: no authentication
+ALPES_PULSAR_WEB_PORT     admin/HTTP port of the standalone `alpes up --broker pulsar` runs; default 8080
+                          (its binary port is ALPES_BROKER_PORT)
+ALPES_PULSAR_LAUNCHER     that standalone's launcher; default deploy/pulsar/run-standalone.sh of the checkout
 ALPES_PULSAR_TENANT       default public
 ALPES_PULSAR_NAMESPACE    default default
 ALPES_<SERVICE>_DB_URL    SQLAlchemy URL per service, e.g. mysql+pymysql://u:p@db/afiliados
@@ -14,9 +19,18 @@ ALPES_<SERVICE>_PORT      HTTP port per service (8001-8004 by default)
 ALPES_<SERVICE>_INSTANCES processes of that service run by `alpes up` (default 1)
 ALPES_SUBSCRIPTION_TYPE   key_shared (default) or failover
 ALPES_MAX_CONVERSIONS_PER_IP  conversions per IP and campaign in 60 minutes before holding them; default 5
+ALPES_MAX_CONVERSIONS_PER_CALLER  conversions per caller and campaign in 60 minutes before holding them; default 10000
+ALPES_TRUSTED_PROXIES     comma-separated addresses/CIDRs of reverse proxies whose X-Forwarded-For/-Proto
+                          are believed; default none (the headers are ignored)
 ALPES_MAX_BODY_BYTES      largest request body a service reads (larger: 413); default 65536
 ALPES_BROKER_WATCHDOG_SECONDS  how often `alpes up` checks that the embedded broker answers; default 10
 ALPES_BROKER_STALL_SECONDS  how long messages may wait with none handed out before it restarts it; default 60
+ALPES_EVENT_SIGNING_KEYS  comma-separated hex secrets (32+ bytes each) that sign every message the
+                          services publish; the first signs, all verify. Unset: one key kept in
+                          the data directory (event-signing.key), for one machine only
+ALPES_PII_MASTER_KEYS     comma-separated hex secrets (32+ bytes each) that wrap afiliados' per-affiliate
+                          data keys; the first wraps, all unwrap. Unset: one key kept in the data
+                          directory (pii-master.key), for one machine only
 ALPES_CONVERSIONES_CLOCK_OFFSET_SECONDS  test/demo knob: conversiones runs this many seconds ahead
                           (clicks, postbacks, validations); default 0. Never in production.
 """
@@ -27,7 +41,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .contract import SERVICES
@@ -50,6 +64,11 @@ class Settings(BaseSettings):
     pulsar_admin_url: str | None = None
     pulsar_tenant: str = "public"
     pulsar_namespace: str = "default"
+    # The JWT presented to Apache Pulsar (client and admin REST calls); None: no authentication.
+    pulsar_token: str | None = Field(None, repr=False)
+    # `alpes up --broker pulsar`: the standalone's admin port (its binary port is broker_port) and launcher.
+    pulsar_web_port: int = 8080
+    pulsar_launcher: Path | None = None
 
     afiliados_db_url: str | None = None
     conversiones_db_url: str | None = None
@@ -79,6 +98,12 @@ class Settings(BaseSettings):
     reference_grace_seconds: float = Field(10.0, ge=0)
     # More conversions than this from one IP for one campaign within 60 minutes: held (ip_velocity).
     max_conversions_per_ip: int = Field(5, ge=1)
+    # ... and more than this from one caller (today its address; the API key once callers have
+    # keys), with or without an `ip` in the postback: held (caller_velocity).
+    max_conversions_per_caller: int = Field(10_000, ge=1)
+    # Reverse proxies (addresses or CIDR networks, comma-separated) whose X-Forwarded-For and
+    # X-Forwarded-Proto are believed; from any other peer those headers are ignored. Default none.
+    trusted_proxies: str = ""
     # A test/demo knob: conversiones stamps clicks and conversions and decides validations this many
     # seconds ahead of the real clock, so time-dependent rules (the attribution window) can be shown
     # by restarting the platform "later" with the same data. 0 in production.
@@ -92,10 +117,40 @@ class Settings(BaseSettings):
     payout_interval_seconds: float = Field(3600.0, gt=0)
     payout_threshold: Decimal = Field(Decimal("50.00"), ge=0, decimal_places=2)
     # The conversion → commission saga (conversiones): how long it waits for marketing's answer
-    # before asking again, and how many times it asks again before it compensates (rejects the
-    # conversion). Long enough that a service stopped for a while is not taken for a refusal.
+    # before asking again, and how many times it asks again before it calls itself stuck (alert on
+    # sistema.eventos, counted in /health). Stuck, it keeps asking, waiting twice as long after each
+    # request up to saga_max_backoff_seconds: no answer is never taken for a refusal.
     saga_timeout_seconds: float = Field(120.0, gt=0)
     saga_max_retries: int = Field(3, ge=0, le=100)
+    saga_max_backoff_seconds: float = Field(600.0, gt=0)
+
+    # Secrets that sign and verify every message (kernel/signing.py): the same on every service.
+    event_signing_keys: str | None = Field(None, repr=False)
+    # Master keys that wrap afiliados' per-affiliate data keys (afiliados/pii.py): comma-separated hex
+    # secrets (32+ bytes each); the first wraps, all unwrap. Unset: <data dir>/pii-master.key.
+    pii_master_keys: str | None = Field(None, repr=False)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        from .kernel.proxies import parse_networks
+
+        parse_networks(value)  # refused at start-up rather than ignored
+        return value
+
+    def signing_keys(self) -> list[bytes]:
+        from .kernel.signing import local_key, parse_keys
+
+        if self.event_signing_keys:
+            return parse_keys(self.event_signing_keys)
+        return [local_key(self.data_dir.resolve() / "event-signing.key")]
+
+    def pii_keys(self) -> list[bytes]:
+        from .kernel.signing import local_key, parse_keys
+
+        if self.pii_master_keys:
+            return parse_keys(self.pii_master_keys)
+        return [local_key(self.data_dir.resolve() / "pii-master.key")]
 
     def db_url(self, service: str) -> str:
         url = getattr(self, f"{service}_db_url")

@@ -5,7 +5,9 @@ Ctrl-C (SIGINT) or SIGTERM stops the services first, then the broker. `alpes hol
 --seconds N` (a control file in the data directory) stops one service cleanly and keeps it
 down for N seconds, then starts it again: an outage, not a crash. With no ALPES_BROKER_URL it
 runs the embedded broker, and everything done for it goes through `self.embedded`
-(supervisor_embedded.py); with one, that is None and the services get the URL.
+(supervisor_embedded.py); with `--broker pulsar` it runs a real Apache Pulsar standalone instead
+(supervisor_pulsar.py: `self.pulsar`); with a URL, both are None and the services get the URL.
+`self.local_broker` is whichever of the two it runs.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .child_process import Child
 from .contract import SERVICES
 from .settings import Settings
 from .supervisor_embedded import EmbeddedBrokerSupervision
+from .supervisor_pulsar import PulsarStandaloneSupervision
 
 HOLD_DIR = "control"
 
@@ -43,7 +46,15 @@ def hold_service(data_dir: Path, service: str, seconds: float) -> None:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, services: list[str] | None = None, console: Console | None = None) -> None:
+    def __init__(self, settings: Settings, services: list[str] | None = None, console: Console | None = None,
+                 broker: str = "embedded") -> None:
+        """`broker`: "embedded" (pulsar-lite, or the cluster ALPES_BROKER_URL names) or "pulsar" (a
+        real Apache Pulsar standalone run here)."""
+        if broker not in ("embedded", "pulsar"):
+            raise ValueError(f"broker must be embedded or pulsar, not {broker!r}")
+        if broker == "pulsar" and settings.broker_url:
+            raise SystemExit("--broker pulsar runs its own Apache Pulsar: unset ALPES_BROKER_URL "
+                             "(or keep it and drop --broker to use that cluster)")
         self.settings = settings
         self.services = services or list(SERVICES)
         self.console = console or Console()
@@ -51,7 +62,9 @@ class Supervisor:
         self.children: dict[str, Child] = {}
         # The one seam to the embedded broker: None on Apache Pulsar.
         self.embedded = (EmbeddedBrokerSupervision(settings, self.data_dir, self.console, self.children)
-                         if settings.embedded_broker else None)
+                         if settings.embedded_broker and broker == "embedded" else None)
+        self.pulsar = PulsarStandaloneSupervision(settings, self.data_dir, self.console) if broker == "pulsar" else None
+        self.local_broker = self.embedded or self.pulsar
         self.broker_url = settings.resolved_broker_url()
         self._stop = threading.Event()
         self._lock_file = None
@@ -65,8 +78,8 @@ class Supervisor:
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         try:
-            if self.embedded is not None:
-                self.broker_url = self.embedded.start()
+            if self.local_broker is not None:
+                self.broker_url = self.local_broker.start()
             for name in self.services:
                 # Instance 0 keeps the service's name and port; instance i > 0 is "<service>-<i+1>"
                 # on port + 100 * i, the same database and subscriptions (see README "Scaling").
@@ -98,9 +111,10 @@ class Supervisor:
                     f"ALPES_{name.upper()}_PORT": str(port),
                     f"ALPES_{name.upper()}_INSTANCES": str(self.settings.instances(name)),
                     "ALPES_INSTANCE_INDEX": str(index)})
-        if self.embedded is not None:
-            env.pop("ALPES_BROKER_URL", None)
-            env.update(self.embedded.service_env())
+        if self.local_broker is not None:
+            for key in ("ALPES_BROKER_URL", "ALPES_PULSAR_TOKEN"):  # a cluster's, from the shell
+                env.pop(key, None)
+            env.update(self.local_broker.service_env(name))
         else:
             env["ALPES_BROKER_URL"] = self.broker_url
         child_name = name if index == 0 else f"{name}-{index + 1}"
@@ -117,7 +131,8 @@ class Supervisor:
             for name in list(waiting):
                 child = self.children[name]
                 if not child.alive():
-                    raise SystemExit(f"{name} exited during start-up; see {child.log_path}")
+                    tail = "\n".join(child.log_path.read_text(errors="replace").splitlines()[-10:])
+                    raise SystemExit(f"{name} exited during start-up; {child.log_path} ends:\n{tail}")
                 try:
                     if httpx.get(self._health_url(name), timeout=1).status_code == 200:
                         waiting.discard(name)
@@ -132,9 +147,11 @@ class Supervisor:
         table.add_column("component")
         table.add_column("listens on")
         table.add_column("pid")
-        broker_pid = self.embedded.pid() if self.embedded is not None else None
-        table.add_row("broker" + (" (embedded pulsar-lite)" if self.embedded is not None else ""), self.broker_url,
-                      str(broker_pid) if broker_pid else "-")
+        broker_pid = self.local_broker.pid() if self.local_broker is not None else None
+        label = self.local_broker.label if self.local_broker is not None else "broker (Apache Pulsar, ALPES_BROKER_URL)"
+        table.add_row(label, self.broker_url, str(broker_pid) if broker_pid else "-")
+        for row in self.pulsar.table_rows() if self.pulsar is not None else []:
+            table.add_row(*row)
         for name, child in self.children.items():
             url = f"http://{self.settings.host}:{child.port}"
             table.add_row(name, f"{url}  (docs: {url}/docs)", str(child.process.pid if child.process else "-"))
@@ -142,7 +159,7 @@ class Supervisor:
         self.console.print("Ctrl-C stops everything.")
 
     def _write_state(self) -> None:
-        broker = (self.embedded.state() if self.embedded is not None
+        broker = (self.local_broker.state() if self.local_broker is not None
                   else {"broker_pid": None, "broker_watchdog_restarts": 0, "broker_stall_restarts": 0})
         state = {"broker_url": self.broker_url, "supervisor_pid": os.getpid(), **broker,
                  "services": {n: {"url": f"http://{self.settings.host}:{c.port}", "service": c.service,
@@ -157,7 +174,7 @@ class Supervisor:
     def _watch(self) -> None:
         while not self._stop.wait(0.3):
             # Before the services' restarts: the embedded broker's repairs look at processes that exited.
-            if self.embedded is not None and self.embedded.repair():
+            if self.local_broker is not None and self.local_broker.repair():
                 self._write_state()
             changed = self._apply_holds()
             for child in self.children.values():
@@ -209,8 +226,8 @@ class Supervisor:
         for child in self.children.values():
             if child.alive() and child.process:
                 child.process.kill()
-        if self.embedded is not None:
-            self.embedded.stop()
+        if self.local_broker is not None:
+            self.local_broker.stop()
         state = self.data_dir / "state.json"
         if state.exists():
             state.unlink()

@@ -41,6 +41,7 @@ from .settings import Settings
 
 class EmbeddedBrokerSupervision:
     WATCHDOG_MISSES = 3  # probes in a row (each waits up to 10 s) before the broker counts as wedged
+    label = "broker (embedded pulsar-lite)"  # its row in `alpes up`'s start-up table
 
     def __init__(self, settings: Settings, data_dir: Path, console: Console, children: dict[str, Child]) -> None:
         self.settings = settings
@@ -81,8 +82,9 @@ class EmbeddedBrokerSupervision:
             raise SystemExit(f"broker partitions differ from the contract: {wrong}")
         return self.url
 
-    def service_env(self) -> dict[str, str]:
-        """What a service needs to find it (with ALPES_BROKER_URL unset: settings.embedded_broker)."""
+    def service_env(self, service: str) -> dict[str, str]:
+        """What a service (any: `service` is not needed here) needs to find it (with
+        ALPES_BROKER_URL unset: settings.embedded_broker)."""
         return {"ALPES_BROKER_PORT": str(self.port), "ALPES_BROKER_METRICS_PORT": str(self.metrics_port)}
 
     def start_watchdog(self, stop: threading.Event) -> None:

@@ -14,6 +14,7 @@ import pulsar
 import structlog
 
 from .messages import properties_of
+from .signing import SIGNATURE_PROPERTY, EventSigner
 from .outbox import PendingMessage
 
 log = structlog.get_logger(__name__)
@@ -21,7 +22,9 @@ log = structlog.get_logger(__name__)
 # Both keep per-key order: the partition key picks the partition, Failover gives each partition
 # one active consumer, Key_Shared spreads keys over consumers (so instances share the work). The
 # services default to Key_Shared (settings.subscription_type): on the embedded broker it is also
-# the one whose acknowledgements hold (README, "The embedded broker").
+# the one whose acknowledgements hold (README, "The embedded broker"); on Apache Pulsar every
+# subscription needs per-key order only and every service may run several instances (README,
+# "Real Apache Pulsar").
 SUBSCRIPTION_TYPES = {"failover": pulsar.ConsumerType.Failover, "key_shared": pulsar.ConsumerType.KeyShared}
 
 
@@ -35,8 +38,10 @@ class PulsarBroker:
 
     def __init__(self, service_url: str, *, tenant: str = "public", namespace: str = "default",
                  producer_name: str = "alpes", operation_timeout_seconds: int = 10,
-                 subscription_type: str = "failover") -> None:
+                 subscription_type: str = "failover", signer: EventSigner | None = None,
+                 token: str | None = None) -> None:
         self.service_url = service_url
+        self.signer = signer  # signs every message published (kernel/signing.py)
         self.subscription_type = SUBSCRIPTION_TYPES[subscription_type]
         self.tenant = tenant
         self.namespace = namespace
@@ -46,6 +51,8 @@ class PulsarBroker:
             operation_timeout_seconds=operation_timeout_seconds,
             connection_timeout_ms=3000,
             logger=_quiet_logger(),
+            # Apache Pulsar with JWT authentication: the service's role (settings.pulsar_token).
+            **({"authentication": pulsar.AuthenticationToken(token)} if token else {}),
         )
         self._producers: dict[str, pulsar.Producer] = {}
         self._lock = threading.Lock()
@@ -95,12 +102,16 @@ class PulsarBroker:
         for message in messages:
             try:
                 producer = self.producer(message.topic)
+                properties = properties_of(
+                    message.event_id, message.event_type, message.schema_version, message.occurred_at,
+                    message.correlation_id, message.causation_id, self.producer_name)
+                if self.signer is not None:
+                    properties[SIGNATURE_PROPERTY] = self.signer.sign(
+                        message.topic, message.partition_key, properties, message.payload)
                 producer.send_async(
                     message.payload,
                     receipt(message.event_id),
-                    properties=properties_of(
-                        message.event_id, message.event_type, message.schema_version, message.occurred_at,
-                        message.correlation_id, message.causation_id, self.producer_name),
+                    properties=properties,
                     partition_key=message.partition_key,
                     event_timestamp=int(message.occurred_at.timestamp() * 1000),
                 )
@@ -138,7 +149,17 @@ class PulsarBroker:
                 pass
 
     # -- consuming -------------------------------------------------------------------------
-    def subscribe(self, topic: str, subscription: str, *, consumer_name: str, batch_size: int = 200) -> pulsar.Consumer:
+    def subscribe(self, topic: str, subscription: str, *, consumer_name: str, batch_size: int = 200,
+                  dead_letter_after: int | None = None) -> pulsar.Consumer:
+        """`dead_letter_after`: the client's DeadLetterPolicy: a message negatively acknowledged on
+        its delivery number `dead_letter_after` + 1 is stored in the subscription's dead-letter
+        topic and acknowledged by the client (kernel/consumer.py uses it for undecodable messages)."""
+        options = {}
+        if dead_letter_after is not None:
+            options = {"negative_ack_redelivery_delay_ms": 1000,
+                       "dead_letter_policy": pulsar.ConsumerDeadLetterPolicy(
+                           max_redeliver_count=dead_letter_after,
+                           dead_letter_topic=self.dead_letter_topic(topic, subscription))}
         return self.client.subscribe(
             self.topic(topic),
             subscription,
@@ -147,6 +168,7 @@ class PulsarBroker:
             initial_position=pulsar.InitialPosition.Earliest,
             receiver_queue_size=1000,
             batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(batch_size, 4 * 1024 * 1024, 20),
+            **options,
         )
 
     def dead_letter(self, topic: str, subscription: str, message, error: str) -> None:

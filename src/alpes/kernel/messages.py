@@ -89,7 +89,11 @@ class UndecodableMessage(ValueError):
 
 
 def decode_message(registry: SchemaRegistry, topic: str, subscription: str,
-                   properties: dict[str, str], key: str, data: bytes) -> IncomingEvent:
+                   properties: dict[str, str], key: str, data: bytes, signer=None) -> IncomingEvent:
+    """The event a message carries; UndecodableMessage if it has none, or (with a `signer`,
+    kernel.signing.EventSigner) if the platform did not sign it."""
+    if signer is not None:
+        signer.verify(topic, key, properties, data)
     try:
         event_type = properties["event_type"]
         version = int(properties["schema_version"])

@@ -24,11 +24,12 @@ from sqlalchemy.orm import Session
 from .backlog import BacklogProbe
 from .broker import PulsarBroker
 from .codec import SchemaRegistry
-from .consumer import ConsumerWorker
+from .consumer import POISON_REDELIVERIES, ConsumerWorker
 from .db import Database
 from .inbox import Handler, InboxProcessor
 from .messages import IncomingEvent, OutgoingEvent, utcnow
 from .outbox import Outbox, OutboxRelay
+from .signing import EventSigner
 
 if TYPE_CHECKING:
     from .embedded_broker import EmbeddedBrokerQuirks
@@ -61,8 +62,12 @@ class ServiceRuntime:
                  consumers: list[ConsumerSpec] | None = None, jobs: list[PeriodicJob] | None = None,
                  max_redeliveries: int = 5, consumer_batch_size: int = 200,
                  subscription_type: str = "failover", instance_index: int = 0,
-                 quirks: EmbeddedBrokerQuirks | None = None, backlog: BacklogProbe | None = None) -> None:
+                 quirks: EmbeddedBrokerQuirks | None = None, backlog: BacklogProbe | None = None,
+                 signer: EventSigner | None = None, broker_token: str | None = None) -> None:
         self.service = service
+        self.broker_token = broker_token  # this service's JWT on Apache Pulsar with authentication
+        # Signs what this service publishes and verifies what it consumes (kernel/signing.py).
+        self.signer = signer
         self.instance = f"{service}-{socket.gethostname()}-{os.getpid()}"
         # Which of the service's instances this is (`alpes up --instances`); several share one
         # database and the service's subscriptions.
@@ -93,6 +98,9 @@ class ServiceRuntime:
         self.started_at: float | None = None
         # (topic, subscription) -> the last message this process sent to its dead-letter topic.
         self._last_dead_letter: dict[tuple[str, str], dict] = {}
+        # A service's own figures in /health, by key (conversiones: its sagas); informative, they
+        # do not change `status`. One that fails shows its error instead.
+        self.health_reports: dict[str, Callable[[], dict]] = {}
 
     # -- unit of work used by HTTP handlers ------------------------------------------------
     @contextmanager
@@ -126,7 +134,10 @@ class ServiceRuntime:
                 consumers, self.registry, spec.topic, spec.subscription, processor.process,
                 consumer_name=f"{self.instance}-{spec.topic}-{spec.subscription}",
                 max_redeliveries=self.max_redeliveries, batch_size=self.consumer_batch_size,
-                on_dead_letter=self._dead_letter_notice(spec))
+                on_dead_letter=self._dead_letter_notice(spec), signer=self.signer,
+                # Undecodable messages: Apache Pulsar's nack + the client's DeadLetterPolicy; the
+                # embedded broker ignores nacks, so there the worker stores them itself.
+                poison_by_nack=None if self.quirks is not None else POISON_REDELIVERIES)
             self.processors.append(processor)
             self.workers.append(worker)
             worker.start()
@@ -137,7 +148,8 @@ class ServiceRuntime:
 
     def _client(self, role: str) -> PulsarBroker:
         broker = PulsarBroker(self.broker_url, tenant=self.tenant, namespace=self.namespace,
-                              producer_name=f"{self.instance}-{role}", subscription_type=self.subscription_type)
+                              producer_name=f"{self.instance}-{role}", subscription_type=self.subscription_type,
+                              signer=self.signer, token=self.broker_token)
         self._clients.append(broker)
         return broker
 
@@ -246,7 +258,7 @@ class ServiceRuntime:
             state["last_dead_letter"] = self._last_dead_letter.get((worker.topic, worker.subscription))
             consumers.append(state)
         ok = database["ok"] and broker["ok"]
-        return {
+        report = {
             "status": "ok" if ok else "degraded",
             "service": self.service,
             "instance": self.instance,
@@ -263,6 +275,12 @@ class ServiceRuntime:
                              "subscriptions": sorted(c["subscription"] + "@" + c["topic"] for c in consumers
                                                      if c["dead_lettered"])},
         }
+        for name, extra in self.health_reports.items():
+            try:
+                report[name] = extra()
+            except Exception as error:  # the database is down: already said above
+                report[name] = {"error": str(error)[:200]}
+        return report
 
 
 def _tcp_reachable(service_url: str, timeout: float = 1.0) -> bool:
