@@ -35,34 +35,20 @@ def mariadb_available() -> bool:
         return False
 
 
-def create_mariadb_database(prefix: str = "alpes_t") -> tuple[str, callable]:
-    """A fresh database on the MariaDB server; returns (SQLAlchemy URL, drop function)."""
-    import pymysql
-    from sqlalchemy.engine import make_url
-
+def require_mariadb() -> None:
+    """Skip the test when the MariaDB server is absent; fail instead with ALPES_REQUIRE_MARIADB."""
     if not mariadb_available():
         if REQUIRE_MARIADB:
             pytest.fail(f"MariaDB required (ALPES_REQUIRE_MARIADB) but not reachable at {MARIADB_URL}")
         pytest.skip(f"MariaDB not reachable at {MARIADB_URL}")
-    url = make_url(MARIADB_URL)
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
 
-    def connect():
-        return pymysql.connect(host=url.host, port=url.port or 3306, user=url.username,
-                               password=url.password or "", autocommit=True)
 
-    connection = connect()
-    with connection.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-    connection.close()
+def create_mariadb_database(prefix: str = "alpes_t") -> tuple[str, callable]:
+    """A fresh database on the MariaDB server; returns (SQLAlchemy URL, drop function)."""
+    from alpes.platform_harness import create_mariadb_database as create
 
-    def drop() -> None:
-        c = connect()
-        with c.cursor() as cursor:
-            cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
-        c.close()
-
-    return f"{MARIADB_URL.rstrip('/')}/{name}?charset=utf8mb4", drop
+    require_mariadb()
+    return create(MARIADB_URL, prefix)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("mariadb", marks=pytest.mark.mariadb)])

@@ -6,7 +6,7 @@ from collections import Counter
 from decimal import Decimal
 
 import pytest
-from conftest import create_mariadb_database
+from sqlalchemy import create_engine, text
 from harness import Platform, wait_until
 
 from alpes.contract import SERVICES
@@ -14,17 +14,13 @@ from alpes.contract import SERVICES
 
 @pytest.fixture(params=["sqlite", pytest.param("mariadb", marks=pytest.mark.mariadb)])
 def platform(request, tmp_path):
-    env, drops = {}, []
-    if request.param == "mariadb":
-        for name in SERVICES:
-            url, drop = create_mariadb_database(f"alpes_e2e_{name}")
-            env[f"ALPES_{name.upper()}_DB_URL"] = url
-            drops.append(drop)
-    running = Platform(tmp_path / "alpes", env).start()
-    yield running
-    running.stop()
-    for drop in drops:
-        drop()
+    """The platform on SQLite files, or on one fresh MariaDB database per service (migrated by each
+    service on start, dropped at the end)."""
+    running = Platform(tmp_path / "alpes", databases=request.param)
+    try:
+        yield running.start()
+    finally:
+        running.close()
 
 
 def _register(platform: Platform, email: str, nombre: str = "Ana Pérez") -> str:
@@ -131,6 +127,16 @@ def test_the_whole_flow_through_four_services(platform: Platform):
         assert all(c["connected"] for c in health["consumers"])
     assert wait_until(lambda: all(platform.get(n, "/health")["outbox"]["pending"] == 0 for n in SERVICES),
                       what="outboxes drained")
+    # The rows are where the fixture put them: the SQLite files, or each service's MariaDB database.
+    assert platform.db_url("conversiones").startswith("mysql" if platform.databases == "mariadb" else "sqlite")
+    engine = create_engine(platform.db_url("conversiones"))
+    try:
+        with engine.connect() as connection:
+            stored = connection.execute(text("SELECT status FROM conversiones_view WHERE id = :id"),
+                                        {"id": conversion_id}).scalar()
+    finally:
+        engine.dispose()
+    assert stored == "validated"
 
 
 def test_data_survives_a_restart(tmp_path):

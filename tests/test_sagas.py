@@ -63,9 +63,15 @@ def test_only_a_validated_conversion_is_compensated_and_then_never_refunded():
             conv_domain.decide_compensation(conversion, "commission_not_confirmed", NOW)
 
 
-def test_a_timeout_retries_until_the_last_attempt_then_compensates():
-    assert [saga.on_timeout(n, POLICY) for n in (1, 2, 3, 4)] == ["retry", "retry", "retry", "compensate"]
-    assert saga.on_timeout(1, saga.SagaPolicy(timedelta(seconds=1), 0)) == "compensate"
+def test_a_timeout_retries_until_the_last_attempt_then_is_stuck_and_backs_off():
+    assert [saga.on_timeout(n, POLICY) for n in (1, 2, 3, 4, 5)] == ["retry", "retry", "retry", "stuck", "stuck"]
+    assert saga.on_timeout(1, saga.SagaPolicy(timedelta(seconds=1), 0)) == "stuck"
+    # The planned requests wait the timeout; stuck, each further one twice as long, up to the cap.
+    assert [saga.wait_after(n, POLICY).total_seconds() for n in range(1, 9)] == \
+        [120, 120, 120, 120, 240, 480, 600, 600]
+    assert saga.wait_after(10**6, POLICY) == POLICY.max_backoff
+    small_cap = saga.SagaPolicy(timedelta(seconds=120), 0, max_backoff=timedelta(seconds=30))
+    assert saga.wait_after(5, small_cap) == timedelta(seconds=120)  # never shorter than the timeout
     assert saga.compensation_reason("afiliado_suspendido_durante_proceso") == "affiliate_suspended_during_processing"
     assert saga.compensation_reason("otra") == "commission_denied:otra"
 
@@ -329,10 +335,11 @@ def test_refund_after_payout_shows_the_reversal_and_its_carried_adjustment(flow)
     assert comision["estado"] == mk_domain.REVERTIDA
 
 
-def test_a_timeout_retries_then_compensates_and_a_late_commission_is_reversed(flow):
+def test_a_timeout_retries_then_the_saga_is_stuck_alerts_and_completes_when_marketing_comes_back(flow):
     """Case 5: marketing does not answer. A 30 s silence changes nothing; each timeout asks again
-    (CommissionRequested); after the last attempt the conversion is rejected commission_not_confirmed.
-    When marketing comes back it books the commission late, then reverses it on the rejection."""
+    (CommissionRequested); after the last planned attempt the saga is stuck, not compensated: one
+    SagaAtascada alert on sistema.eventos, counted in /health, and it keeps asking with a capped
+    backoff. When marketing comes back its answer completes the saga with the commission booked."""
     flow.pump.held.add("marketing")
     conversion_id = flow.postback("80.00")
     assert flow.expire(timedelta(seconds=30)) == 0
@@ -340,33 +347,58 @@ def test_a_timeout_retries_then_compensates_and_a_late_commission_is_reversed(fl
         assert flow.expire(timedelta(seconds=121 * (attempt - 1))) == 1
         assert flow.saga(conversion_id)["intentos"] == attempt
     assert flow.saga(conversion_id)["estado"] == "running"
-    assert flow.expire(timedelta(seconds=121 * 4)) == 1
-    compensated = flow.saga(conversion_id)
-    assert (compensated["estado"], compensated["resultado"]) == ("compensated", "commission_not_confirmed")
-    assert [(s["paso"], s["estado"]) for s in compensated["pasos"]] == [
-        ("detection", "done"), ("validation", "done"), ("commission", "failed"), ("commission_retry", "done"),
-        ("commission_retry", "done"), ("commission_retry", "done"), ("compensation", "done")]
-    assert "no answer after 4 attempts" in compensated["pasos"][2]["detalle"]
+    assert flow.expire(timedelta(seconds=121 * 4)) == 1  # no answer to the 4th: stuck, and a 5th request
+    stuck = flow.saga(conversion_id)
+    assert (stuck["estado"], stuck["resultado"], stuck["terminal"], stuck["intentos"]) == ("stuck", None, False, 5)
+    assert [(s["paso"], s["estado"]) for s in stuck["pasos"]] == [
+        ("detection", "done"), ("validation", "done"), ("commission", "waiting"), ("commission_retry", "done"),
+        ("commission_retry", "done"), ("commission_retry", "done"), ("commission_stuck", "waiting"),
+        ("commission_retry", "done")]
+    assert "no answer from marketing to 4 commission requests" in stuck["pasos"][-2]["detalle"]
+    assert flow.conv.get(f"/conversiones/{conversion_id}").json()["status"] == "validated"  # never rejected
+    assert [s["saga_id"] for s in flow.conv.get("/sagas", params={"estado": "stuck"}).json()["sagas"]] == \
+        [conversion_id]
+    # Visible in /health (the in-process broker is unreachable: 503, but the report is there).
+    assert flow.conv.get("/health").json()["sagas"] == {"running": 0, "stuck": 1}
+    # Backoff: the 5th request waits twice the timeout, the 6th four times, then the cap (600 s).
+    base = 121 * 4
+    assert flow.expire(timedelta(seconds=base + 239)) == 0
+    assert flow.expire(timedelta(seconds=base + 241)) == 1
+    assert flow.expire(timedelta(seconds=base + 241 + 479)) == 0
+    assert flow.expire(timedelta(seconds=base + 241 + 481)) == 1
+    later = flow.saga(conversion_id)
+    assert (later["estado"], later["intentos"]) == ("stuck", 7)
+    assert later["pasos"][-1]["detalle"].endswith("next in 600 s")
     t = flow.runtimes["conversiones"].outbox.table
     with flow.runtimes["conversiones"].db.read() as session:
         sent = list(session.scalars(select(t.c.event_type).where(t.c.partition_key == conversion_id).order_by(t.c.id)))
+        [alert] = session.execute(select(t.c.topic, t.c.payload, t.c.schema_version)
+                                  .where(t.c.event_type == "SagaAtascada")).all()
     assert sent == ["ConversionDetected", "ConversionValidated", "CommissionRequested", "CommissionRequested",
-                    "CommissionRequested", "ConversionRejected"]
-    assert flow.expire(timedelta(days=1)) == 0  # terminal: the timer leaves it alone
+                    "CommissionRequested", "SagaAtascada", "CommissionRequested", "CommissionRequested",
+                    "CommissionRequested"]
+    assert alert.topic == "sistema.eventos"
+    payload = REGISTRY.decode("SagaAtascada", alert.payload, alert.schema_version)
+    assert (payload["saga_id"], payload["paso"], payload["intentos"], payload["servicio"]) == \
+        (conversion_id, "commission", 4, "conversiones")
+
     flow.pump.held.clear()
     flow.pump.run()
+    done = flow.saga(conversion_id)
+    assert (done["estado"], done["resultado"], done["terminal"], done["deadline"]) == \
+        ("completed", "commission_booked", True, None)
+    steps = [(s["paso"], s["estado"]) for s in done["pasos"]]
+    assert ("commission", "done") in steps and ("commission_stuck", "done") in steps
+    assert not any(paso == "compensation" for paso, _ in steps)
     [comision] = flow.commissions(conversion_id)
-    assert comision["estado"] == mk_domain.REVERTIDA and comision["motivo_reversion"] == "compensacion"
-    final = flow.saga(conversion_id)
-    assert final["estado"] == "compensated"
-    assert [(s["paso"], s["estado"]) for s in final["pasos"]][-2:] == [("commission", "done"),
-                                                                        ("commission_reversal", "done")]
-    assert final["pasos"][-2]["detalle"].startswith("booked late")
-    # Asked four times, booked once; the retries got the same answer.
+    assert comision["estado"] == mk_domain.PENDIENTE and comision["monto"] == Decimal("8.00")
+    assert flow.conv.get(f"/conversiones/{conversion_id}").json()["status"] == "validated"
+    assert flow.conv.get("/health").json()["sagas"] == {"running": 0, "stuck": 0}
+    # Asked seven times, booked once; every request got the same answer; nothing reversed.
     assert flow.marketing_types("ComisionCalculada", "ComisionRegistrada", "ComisionRevertida") == [
-        "ComisionCalculada", "ComisionRegistrada", "ComisionRegistrada", "ComisionRegistrada", "ComisionRegistrada",
-        "ComisionRevertida"]
-    assert flow.figures() == (0, 1, Decimal("0.00")) and flow.analytics() == (0, 1, Decimal("0.00"))
+        "ComisionCalculada"] + ["ComisionRegistrada"] * 7
+    assert flow.figures() == (1, 0, Decimal("80.00")) and flow.analytics() == (1, 0, Decimal("80.00"))
+    assert flow.expire(timedelta(days=1)) == 0  # terminal: the timer leaves it alone
 
 
 def test_a_retry_answered_in_time_completes_without_compensation(flow):
@@ -386,10 +418,11 @@ def test_replay_rebuilds_projections_with_compensations_and_leaves_the_saga_log(
 
     booked = flow.postback("80.00")
     flow.pump.run()
-    flow.pump.held.add("marketing")
     compensated = flow.postback("40.00")
-    assert flow.expire(timedelta(seconds=121 * 5), saga.SagaPolicy(timedelta(seconds=120), 0)) == 1
-    flow.pump.held.clear()
+    # Compensated by marketing's refusal (silence no longer compensates): the affiliate was suspended
+    # before marketing saw the validation.
+    flow.pump.inject("afiliados.eventos", "AfiliadoSuspendido", flow.affiliate,
+                     {"id": flow.affiliate, "motivo": "fraude", "timestamp": NOW})
     flow.pump.run()
     db = flow.runtimes["conversiones"].db
     live = _snapshot(db)
@@ -464,14 +497,15 @@ def test_racing_commission_requests_spend_exactly_the_budget_and_each_gets_one_a
         db.dispose()
 
 
-# -- end to end through `alpes up`: marketing frozen, the saga retries, compensates, then reverses -------
-def test_end_to_end_a_frozen_marketing_makes_the_saga_retry_compensate_and_reverse_the_late_commission(tmp_path):
+# -- end to end through `alpes up`: marketing frozen, the saga retries, is stuck, then completes ---------
+def test_end_to_end_a_frozen_marketing_leaves_the_saga_stuck_and_alerted_until_it_thaws_and_books(tmp_path):
     import os
     import signal
 
     from harness import Platform, wait_until
 
-    platform = Platform(tmp_path / "alpes", {"ALPES_SAGA_TIMEOUT_SECONDS": "3", "ALPES_SAGA_MAX_RETRIES": "1"}).start()
+    platform = Platform(tmp_path / "alpes", {"ALPES_SAGA_TIMEOUT_SECONDS": "3", "ALPES_SAGA_MAX_RETRIES": "1",
+                                             "ALPES_SAGA_MAX_BACKOFF_SECONDS": "6"}).start()
     frozen = None
     try:
         ana = platform.post("afiliados", "/afiliados", {"user_id": "ana", "email": "ana@example.com",
@@ -489,28 +523,37 @@ def test_end_to_end_a_frozen_marketing_makes_the_saga_retry_compensate_and_rever
         frozen = platform.pid("marketing")
         os.kill(frozen, signal.SIGSTOP)  # alive but silent: its messages wait
         conversion_id = platform.post("conversiones", "/conversiones", {**sale, "order_id": "o-1"}).json()["id"]
-        compensated = wait_until(lambda: (s := platform.get("conversiones", f"/sagas/{conversion_id}"))["terminal"]
-                                 and s, timeout=60, what="saga compensated")
-        assert (compensated["estado"], compensated["resultado"], compensated["intentos"]) == \
-            ("compensated", "commission_not_confirmed", 2)
-        assert [(s["paso"], s["estado"]) for s in compensated["pasos"]] == [
-            ("detection", "done"), ("validation", "done"), ("commission", "failed"), ("commission_retry", "done"),
-            ("compensation", "done")]
+        stuck = wait_until(lambda: (s := platform.get("conversiones", f"/sagas/{conversion_id}"))["estado"] == "stuck"
+                           and s, timeout=60, what="saga stuck")
+        assert not stuck["terminal"] and stuck["intentos"] >= 3
+        assert [(s["paso"], s["estado"]) for s in stuck["pasos"]][:6] == [
+            ("detection", "done"), ("validation", "done"), ("commission", "waiting"), ("commission_retry", "done"),
+            ("commission_stuck", "waiting"), ("commission_retry", "done")]
         conversion = platform.get("conversiones", f"/conversiones/{conversion_id}")
-        assert (conversion["status"], conversion["reason"]) == ("rejected", "commission_not_confirmed")
+        assert (conversion["status"], conversion["reason"]) == ("validated", None)  # waiting, not rejected
+        assert platform.http.get(platform.url("conversiones") + "/health").json()["sagas"]["stuck"] == 1
+        # One alert on sistema.eventos, listed by auditoria's alerting consumer.
+        alerts = wait_until(lambda: [a for a in platform.get("auditoria", "/sistema/alertas")["alertas"]
+                                     if a["tipo"] == "saga_atascada"], 60, what="stuck-saga alert")
+        assert len(alerts) == 1 and conversion_id in alerts[0]["mensaje"] and alerts[0]["servicio"] == "conversiones"
 
         os.kill(frozen, signal.SIGCONT)
         frozen = None
-        # Back, marketing books the commission late, then reverses it on the compensating rejection.
-        final = wait_until(lambda: (s := platform.get("conversiones", f"/sagas/{conversion_id}"))["pasos"][-1]["paso"]
-                           == "commission_reversal" and s, timeout=60, what="late commission reversed",
-                           diagnose=platform.diagnostics)
-        assert final["estado"] == "compensated"
-        assert [(s["paso"], s["estado"]) for s in final["pasos"]][-2:] == [("commission", "done"),
-                                                                            ("commission_reversal", "done")]
+        # Back, marketing answers; the saga completes with the commission booked, nothing compensated.
+        final = wait_until(lambda: (s := platform.get("conversiones", f"/sagas/{conversion_id}"))["terminal"] and s,
+                           timeout=60, what="saga completed after marketing came back", diagnose=platform.diagnostics)
+        assert (final["estado"], final["resultado"]) == ("completed", "commission_booked")
+        steps = [(s["paso"], s["estado"]) for s in final["pasos"]]
+        assert ("commission", "done") in steps and ("commission_stuck", "done") in steps
+        assert not any(paso == "compensation" for paso, _ in steps)
         [comision] = platform.get("marketing", "/comisiones", conversion_id=conversion_id)["comisiones"]
-        assert comision["estado"] == "revertida"
+        assert comision["estado"] != "revertida" and comision["monto"] == "8.00"
+        assert platform.get("conversiones", f"/conversiones/{conversion_id}")["status"] == "validated"
         assert platform.get("conversiones", "/sagas", estado="running")["sagas"] == []
+        assert platform.get("conversiones", "/sagas", estado="stuck")["sagas"] == []
+        assert platform.get("conversiones", "/health")["sagas"] == {"running": 0, "stuck": 0}
+        assert len([a for a in platform.get("auditoria", "/sistema/alertas")["alertas"]
+                    if a["tipo"] == "saga_atascada"]) == 1  # raised once, not per retry
     finally:
         if frozen is not None:
             os.kill(frozen, signal.SIGCONT)

@@ -113,6 +113,9 @@ def raise_alert(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
     p = event.payload
     if event.event_type == "ServicioDegradado":
         tipo, mensaje = "servicio_degradado", f"{p['instancia']}: {p['motivo']}"
+    elif event.event_type == "SagaAtascada":  # a saga waiting past every timeout, still asking
+        tipo = "saga_atascada"
+        mensaje = f"saga {p['saga_id']} stuck at {p['paso']} after {p['intentos']} requests: {p['motivo']}"
     else:
         tipo = "dead_letter"
         mensaje = f"{p['event_type']} {p['event_id']} on {p['topic']}/{p['subscription']} dead-lettered: {p['error']}"

@@ -3,7 +3,7 @@ the saga log. Each opens its own read session."""
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from alpes.kernel.db import Database, where_equal
@@ -81,3 +81,13 @@ def one_saga(db: Database, policy: saga.SagaPolicy, correlation_id: str) -> dict
     if found is None:
         raise NotFound("correlation_id", "no saga with this correlation id")
     return found
+
+
+def saga_health(db: Database) -> dict:
+    """What conversiones adds to /health: how many sagas wait on marketing, and how many of them
+    are stuck (past every timeout, still asking; each raised one SagaAtascada alert)."""
+    s = tables.sagas
+    with db.read() as session:
+        counts = dict(session.execute(select(s.c.estado, func.count()).where(s.c.estado.in_(saga.WAITING_STATES))
+                                      .group_by(s.c.estado)).all())
+    return {"running": counts.get(saga.RUNNING, 0), "stuck": counts.get(saga.STUCK, 0)}

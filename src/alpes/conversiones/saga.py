@@ -10,15 +10,18 @@ answers, retries after timeouts), so `alpes replay conversiones` leaves it as it
 
 Steps: detection → validation (done; failed = rejected; waiting while held for review) →
 commission (waiting on marketing's answer to ConversionValidated; retried with CommissionRequested
-after each timeout; done = ComisionRegistrada; failed = ComisionDenegada or no answer after the
-last retry) → compensation (the conversion rejected by an explicit ConversionRejected with
-compensation=true) → later facts: refund → commission_reversal (ReversionComisionRegistrada).
+after each timeout; done = ComisionRegistrada; failed = ComisionDenegada) → commission_stuck
+(waiting while no answer came after the last retry; done when one finally comes) → compensation
+(the conversion rejected by an explicit ConversionRejected with compensation=true) → later facts:
+refund → commission_reversal (ReversionComisionRegistrada).
 
-Saga states: running (waiting on validation or on marketing), and two terminal ones:
-completed (the commission was booked, possibly partial or zero by a cap; or the conversion was
-rejected before any commission was due; or it was refunded before one was booked) and
-compensated (the validation was undone by a compensating rejection). A refund after completion
-adds steps; the saga stays completed.
+Saga states: running (waiting on validation or on marketing), stuck (no answer after every retry:
+an infrastructure delay, never a refusal; it keeps asking with a capped backoff and raises one
+SagaAtascada alert on sistema.eventos), and two terminal ones: completed (the commission was booked,
+possibly partial or zero by a cap; or the conversion was rejected before any commission was due; or
+it was refunded before one was booked) and compensated (the validation was undone by a compensating
+rejection: only for marketing's refusal, ComisionDenegada). A refund after completion adds steps;
+the saga stays completed.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from alpes.kernel.messages import utcnow
 from . import domain, tables
 
 RUNNING = "running"
+STUCK = "stuck"  # not terminal: still waiting on marketing, past every timeout
+WAITING_STATES = (RUNNING, STUCK)
 COMPLETED = "completed"
 COMPENSATED = "compensated"
 TERMINAL_STATES = (COMPLETED, COMPENSATED)
@@ -44,6 +49,7 @@ DETECTION = "detection"
 VALIDATION = "validation"
 COMMISSION = "commission"
 COMMISSION_RETRY = "commission_retry"
+COMMISSION_STUCK = "commission_stuck"
 COMPENSATION = "compensation"
 REFUND = "refund"
 COMMISSION_REVERSAL = "commission_reversal"
@@ -59,12 +65,14 @@ DENIED_AFFILIATE_SUSPENDED = "afiliado_suspendido_durante_proceso"
 
 @dataclass(frozen=True)
 class SagaPolicy:
-    """How long conversiones waits for marketing's answer, and how often it asks again before it
-    compensates. Long enough by default that a service stopped for a while (its messages wait in
-    the broker) is not mistaken for a refusal: 120 s × (1 + 3 retries) = 8 minutes."""
+    """How long conversiones waits for marketing's answer, how often it asks again before it calls
+    the saga stuck, and the longest wait between requests once stuck. Silence is never a refusal:
+    a stuck saga keeps asking until an answer comes (default: 120 s × (1 + 3 retries) = 8 minutes
+    before it is stuck, then 4, 8, 10, 10 … minutes between requests)."""
 
     timeout: timedelta = timedelta(seconds=120)
     max_retries: int = 3
+    max_backoff: timedelta = timedelta(seconds=600)
 
     @property
     def max_attempts(self) -> int:
@@ -72,12 +80,25 @@ class SagaPolicy:
 
 
 RETRY = "retry"
-COMPENSATE = "compensate"
+BECOME_STUCK = "stuck"
 
 
 def on_timeout(attempts: int, policy: SagaPolicy) -> str:
-    """After `attempts` unanswered requests: ask again, or give up and compensate."""
-    return RETRY if attempts < policy.max_attempts else COMPENSATE
+    """After `attempts` unanswered requests: ask again; after the last planned one, ask again and
+    be stuck (the caller raises the alert when the saga was not stuck yet)."""
+    return RETRY if attempts < policy.max_attempts else BECOME_STUCK
+
+
+def wait_after(attempt: int, policy: SagaPolicy) -> timedelta:
+    """How long the saga waits for an answer to its `attempt`-th request: the timeout for the planned
+    ones; stuck, twice as long after each further request, never more than `max_backoff` (nor less
+    than the timeout)."""
+    beyond = attempt - policy.max_attempts
+    if beyond <= 0:
+        return policy.timeout
+    timeout = policy.timeout.total_seconds()
+    doubled = timeout * 2.0 ** min(beyond, 64)  # in float seconds: no timedelta overflow
+    return timedelta(seconds=max(timeout, min(doubled, policy.max_backoff.total_seconds())))
 
 
 def compensation_reason(razon: str) -> str:
@@ -158,16 +179,17 @@ def record_events(session: Session, stored: Sequence[StoredEvent], now: datetime
         elif event.event_type == "ConversionValidated":
             finish(session, saga_id, VALIDATION, DONE, now, "ConversionValidated")
             _open(session, saga_id, COMMISSION, now, "attempt 1: ConversionValidated, waiting for marketing")
-            _set(session, saga_id, now, paso_actual=COMMISSION, intentos=1, esperando_desde=now)
+            _set(session, saga_id, now, paso_actual=COMMISSION, intentos=1, esperando_desde=now,
+                 reintentar_en=None)  # None: the plain timeout from esperando_desde
         elif event.event_type == "ConversionRejected" and p.get("compensation"):
-            finish(session, saga_id, COMMISSION, FAILED, now)  # still waiting when a timeout compensates
+            finish(session, saga_id, COMMISSION, FAILED, now)  # the denial's handler finished it already
             _note(session, saga_id, COMPENSATION, DONE, now, f"ConversionRejected {p['reason']}")
             _set(session, saga_id, now, estado=COMPENSATED, paso_actual=COMPENSATION, esperando_desde=None,
-                 resultado=p["reason"])
+                 reintentar_en=None, resultado=p["reason"])
         elif event.event_type == "ConversionRejected":
             finish(session, saga_id, VALIDATION, FAILED, now, f"ConversionRejected {p['reason']}")
             _set(session, saga_id, now, estado=COMPLETED, paso_actual=VALIDATION, esperando_desde=None,
-                 resultado=f"rejected:{p['reason']}")
+                 reintentar_en=None, resultado=f"rejected:{p['reason']}")
         elif event.event_type == "ConversionRefunded":
             _note(session, saga_id, REFUND, DONE, now,
                   f"ConversionRefunded {p['refund_type']}" + (f": {p['reason']}" if p.get("reason") else ""))
@@ -176,15 +198,34 @@ def record_events(session: Session, stored: Sequence[StoredEvent], now: datetime
 
 
 def record_retry(session: Session, saga_id: str, attempt: int, policy: SagaPolicy, now: datetime) -> None:
+    """Request `attempt` sent (CommissionRequested); the next one is due after wait_after(attempt)."""
+    waited = wait_after(attempt - 1, policy).total_seconds()
+    wait = wait_after(attempt, policy)
+    planned = f"of {policy.max_attempts}" if attempt <= policy.max_attempts else "(stuck)"
     _note(session, saga_id, COMMISSION_RETRY, DONE, now,
-          f"attempt {attempt} of {policy.max_attempts}: no answer in {policy.timeout.total_seconds():g} s, "
-          "CommissionRequested sent")
-    _set(session, saga_id, now, intentos=attempt, esperando_desde=now)
+          f"attempt {attempt} {planned}: no answer in {waited:g} s, CommissionRequested sent; "
+          f"next in {wait.total_seconds():g} s")
+    _set(session, saga_id, now, intentos=attempt, esperando_desde=now, reintentar_en=now + wait)
+
+
+def record_stuck(session: Session, saga_id: str, attempts: int, policy: SagaPolicy, now: datetime) -> str:
+    """The saga is stuck: no answer to any of its `attempts` requests. Not a refusal: it keeps
+    asking, and an answer still completes it (or compensates it, when marketing refuses). Returns
+    the reason the alert carries."""
+    motivo = (f"no answer from marketing to {attempts} commission requests, "
+              f"{policy.timeout.total_seconds():g} s apart; asking again every "
+              f"{wait_after(attempts + 1, policy).total_seconds():g} s or more, up to "
+              f"{policy.max_backoff.total_seconds():g} s, until it answers")
+    _open(session, saga_id, COMMISSION_STUCK, now, motivo)
+    _set(session, saga_id, now, estado=STUCK)
+    return motivo
 
 
 def stop_waiting(session: Session, saga_id: str, now: datetime, estado: str | None = None,
                  resultado: str | None = None) -> None:
-    values = {"esperando_desde": None}
+    """No request waits any more; with `estado`, the saga ends there. A stuck step is closed."""
+    finish(session, saga_id, COMMISSION_STUCK, DONE, now, "an answer came: no longer stuck")
+    values = {"esperando_desde": None, "reintentar_en": None}
     if estado is not None:
         values.update(estado=estado, resultado=resultado)
     _set(session, saga_id, now, **values)
@@ -208,13 +249,19 @@ def view(session: Session, saga_id: str, policy: SagaPolicy) -> dict | None:
         "finished_at": _iso(r["finished_at"]), "detalle": r["detalle"]} for r in pasos]}
 
 
-def summary(saga, policy: SagaPolicy) -> dict:
+def next_request_at(saga, policy: SagaPolicy) -> datetime | None:
+    """When the saga asks again if no answer comes (None: it waits for nothing)."""
     waiting_since = saga["esperando_desde"]
+    if waiting_since is None:
+        return None
+    return saga["reintentar_en"] or waiting_since + policy.timeout
+
+
+def summary(saga, policy: SagaPolicy) -> dict:
     return {"saga_id": saga["saga_id"], "correlation_id": saga["saga_id"], "conversion_id": saga["saga_id"],
             "estado": saga["estado"], "terminal": saga["estado"] in TERMINAL_STATES,
             "paso_actual": saga["paso_actual"], "intentos": saga["intentos"], "max_intentos": policy.max_attempts,
-            "esperando_desde": _iso(waiting_since),
-            "deadline": _iso(None if waiting_since is None else waiting_since + policy.timeout),
+            "esperando_desde": _iso(saga["esperando_desde"]), "deadline": _iso(next_request_at(saga, policy)),
             "resultado": saga["resultado"], "created_at": _iso(saga["created_at"]),
             "updated_at": _iso(saga["updated_at"])}
 

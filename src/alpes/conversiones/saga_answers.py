@@ -1,18 +1,21 @@
 """What moves the conversion → commission saga (saga.py) after validation: marketing's answers
 (ComisionRegistrada, ComisionDenegada, ReversionComisionRegistrada) and the saga's timer, which
-asks again (CommissionRequested) and finally compensates."""
+asks again (CommissionRequested) and, after the planned retries, marks the saga stuck (one
+SagaAtascada alert on sistema.eventos) and keeps asking with a capped backoff. Only marketing's
+refusal compensates; its silence never does."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from alpes.kernel.db import Database
 from alpes.kernel.eventstore import EventStore
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent, utcnow
 from alpes.kernel.outbox import Outbox
+from alpes.kernel.runtime import SYSTEM_TOPIC
 
 from . import domain, saga, tables
 from .records import TOPIC
@@ -32,6 +35,13 @@ def commission_request(session: Session, conversion: domain.Conversion, attempt:
         "conversion_value": d.conversion_value, "currency": d.currency, "conversion_type": d.conversion_type,
         "timestamp": conversion.validated_at, "attempt": attempt, "requested_at": now, "converted_at": d.timestamp,
         "click_id": click_id}, occurred_at=now, correlation_id=conversion.id, causation_id=conversion.id)
+
+
+def stuck_alert(saga_id: str, attempts: int, motivo: str, now: datetime) -> OutgoingEvent:
+    """SagaAtascada on sistema.eventos (auditoria's alerting-consumer lists it in /sistema/alertas)."""
+    return OutgoingEvent(SYSTEM_TOPIC, "SagaAtascada", saga_id, {
+        "servicio": "conversiones", "saga_id": saga_id, "paso": saga.COMMISSION, "intentos": attempts,
+        "motivo": motivo, "timestamp": now}, occurred_at=now, correlation_id=saga_id, causation_id=saga_id)
 
 
 def compensate(session: Session, store: EventStore, conversion: domain.Conversion, reason: str,
@@ -54,7 +64,7 @@ def note_commission_booked(session: Session, event: IncomingEvent) -> list[Outgo
     detalle = f"ComisionRegistrada {p['comision_id']}: {p['monto']} {p['moneda']}" + (
         f", limitado_por {p['limitado_por']}" if p.get("limitado_por") else "")
     if saga.finish(session, row["saga_id"], saga.COMMISSION, saga.DONE, now, detalle):
-        if row["estado"] == saga.RUNNING:
+        if row["estado"] in saga.WAITING_STATES:  # a stuck saga too: the answer was late, not missing
             saga.stop_waiting(session, row["saga_id"], now, saga.COMPLETED, "commission_booked")
         return []
     if row["estado"] == saga.COMPENSATED and not saga.has_step(session, row["saga_id"], saga.COMMISSION, saga.DONE):
@@ -70,6 +80,7 @@ def note_commission_denied(session: Session, event: IncomingEvent, store: EventS
     if row is None or row["estado"] in saga.TERMINAL_STATES:
         return []  # already decided: a repeated answer
     saga.finish(session, row["saga_id"], saga.COMMISSION, saga.FAILED, now, f"ComisionDenegada {p['razon']}")
+    saga.finish(session, row["saga_id"], saga.COMMISSION_STUCK, saga.DONE, now, "an answer came: ComisionDenegada")
     conversion = load_conversion(session, store, row["saga_id"])
     if conversion.status == domain.VALIDATED:
         return compensate(session, store, conversion, saga.compensation_reason(p["razon"]), now)
@@ -97,31 +108,28 @@ def note_commission_reversed(session: Session, event: IncomingEvent) -> list[Out
 # -- the saga's timer --------------------------------------------------------------------------
 def expire_sagas(db: Database, store: EventStore, outbox: Outbox, policy: saga.SagaPolicy,
                  now: datetime | None = None, batch: int = 100) -> int:
-    """A saga waiting on marketing longer than the policy's timeout asks again (CommissionRequested),
-    and after the last attempt compensates. Timed on the real clock."""
+    """A saga whose request went unanswered past its wait asks again (CommissionRequested). After
+    the planned retries it becomes stuck, once, with a SagaAtascada alert, and keeps asking with a
+    capped backoff: a late answer completes it (or compensates it, when marketing refuses), however
+    late. Refunded meanwhile too: the answer still tells whether a commission was booked. Timed on
+    the real clock."""
     now = now or utcnow()
     s = tables.sagas
     acted = 0
     with db.transaction() as session:
-        rows = session.execute(select(s).where(s.c.estado == saga.RUNNING, s.c.esperando_desde.is_not(None),
-                                               s.c.esperando_desde <= now - policy.timeout)
-                               .order_by(s.c.esperando_desde).limit(batch).with_for_update(skip_locked=True)
-                               ).mappings().all()
+        # Every wait is at least the timeout, so esperando_desde bounds the scan (and its index serves
+        # it); reintentar_en is the wait itself (None on sagas logged before it: the plain timeout).
+        rows = session.execute(select(s).where(
+            s.c.estado.in_(saga.WAITING_STATES), s.c.esperando_desde.is_not(None),
+            s.c.esperando_desde <= now - policy.timeout, or_(s.c.reintentar_en.is_(None), s.c.reintentar_en <= now))
+            .order_by(s.c.esperando_desde).limit(batch).with_for_update(skip_locked=True)).mappings().all()
         for row in rows:
             conversion = load_conversion(session, store, row["saga_id"])
-            if saga.on_timeout(row["intentos"], policy) == saga.RETRY:
-                # Refunded meanwhile too: the answer still tells whether a commission was booked.
-                attempt = row["intentos"] + 1
-                saga.record_retry(session, row["saga_id"], attempt, policy, now)
-                outbox.add(session, [commission_request(session, conversion, attempt, now)])
-            elif conversion.status != domain.VALIDATED:
-                # Refunded: nothing to compensate; marketing reverses or never books it on its own.
-                saga.finish(session, row["saga_id"], saga.COMMISSION, saga.FAILED, now,
-                            f"no answer after {row['intentos']} attempts; the conversion is {conversion.status}")
-                saga.stop_waiting(session, row["saga_id"], now, saga.COMPLETED, f"unconfirmed:{conversion.status}")
-            else:
-                saga.finish(session, row["saga_id"], saga.COMMISSION, saga.FAILED, now,
-                            f"no answer after {row['intentos']} attempts")
-                outbox.add(session, compensate(session, store, conversion, domain.COMMISSION_NOT_CONFIRMED, now))
+            if saga.on_timeout(row["intentos"], policy) == saga.BECOME_STUCK and row["estado"] != saga.STUCK:
+                motivo = saga.record_stuck(session, row["saga_id"], row["intentos"], policy, now)
+                outbox.add(session, [stuck_alert(row["saga_id"], row["intentos"], motivo, now)])
+            attempt = row["intentos"] + 1
+            saga.record_retry(session, row["saga_id"], attempt, policy, now)
+            outbox.add(session, [commission_request(session, conversion, attempt, now)])
             acted += 1
     return acted
