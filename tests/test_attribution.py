@@ -55,12 +55,14 @@ def test_last_click_takes_the_latest_and_first_click_the_earliest_within_the_win
 
 
 def test_the_visitor_cookie_is_reused_only_when_it_is_ours():
-    fresh = cdomain.visitor_id_or_new(None)
+    visitors = cdomain.VisitorCookies([b"k" * 32])
+    fresh = visitors.visitor_id_or_new(None)
     assert len(fresh) == 32 and int(fresh, 16) >= 0
-    assert cdomain.visitor_id_or_new(fresh) == fresh
-    assert cdomain.visitor_id_or_new(fresh.upper()) != fresh.upper()
-    assert cdomain.visitor_id_or_new("x' OR 1=1 --") != "x' OR 1=1 --"
-    assert cdomain.visitor_id_or_new(None) != fresh
+    assert visitors.visitor_id_or_new(visitors.cookie_for(fresh)) == fresh  # signed by us
+    assert visitors.visitor_id_or_new(fresh) != fresh  # the bare id is no cookie of ours (issue 10)
+    assert visitors.visitor_id_or_new(visitors.cookie_for(fresh).upper()) != fresh
+    assert visitors.visitor_id_or_new("x' OR 1=1 --") != "x' OR 1=1 --"
+    assert visitors.visitor_id_or_new(None) != fresh
 
 
 # -- conversiones, in-process with an injected clock ---------------------------------------------------
@@ -135,11 +137,11 @@ def test_the_redirect_sets_a_long_lived_visitor_cookie_and_records_it_on_the_cli
     client = TestClient(app)
     response = client.get("/r/kla1link", follow_redirects=False)
     cookie = response.headers["set-cookie"]
-    visitor = client.cookies["alpes_vid"]
+    visitor = client.cookies["alpes_vid"].split(".")[0]  # `<visitor id>.<HMAC>`
     assert len(visitor) == 32 and "HttpOnly" in cookie and "Path=/r/" in cookie
     assert f"Max-Age={400 * 24 * 3600}" in cookie and "samesite=lax" in cookie.lower()
     client.get("/r/kfa2link", follow_redirects=False)
-    assert client.cookies["alpes_vid"] == visitor  # the incoming cookie is reused (and renewed)
+    assert client.cookies["alpes_vid"].split(".")[0] == visitor  # the incoming cookie is reused (and renewed)
     other = TestClient(app)
     other.cookies.set("alpes_vid", "forged<script>", path="/r/")
     other.get("/r/kla1link", follow_redirects=False)
@@ -150,7 +152,10 @@ def test_the_redirect_sets_a_long_lived_visitor_cookie_and_records_it_on_the_cli
                                .where(tables.outbox.c.event_type == "ClickRecorded")).all()
     assert visitors.count(visitor) == 2 and len(set(visitors)) == 2 and "forged<script>" not in visitors
     events = [REGISTRY.decode("ClickRecorded", r.payload, r.schema_version) for r in rows]
-    assert {r.schema_version for r in rows} == {2} and sorted(e["visitor_id"] for e in events) == sorted(visitors)
+    # ClickRecorded v3 carries a keyed hash of the visitor, never its id (issue 10): equal per visitor.
+    assert {r.schema_version for r in rows} == {3} and all("visitor_id" not in e for e in events)
+    hashes = [e["visitor_hash"] for e in events]
+    assert len(set(hashes)) == 2 and visitor not in hashes and hashes.count(hashes[0]) == 2
 
 
 def test_last_click_credits_the_affiliate_of_the_visitors_latest_click(conv):
@@ -257,7 +262,8 @@ def test_a_held_conversion_approved_later_carries_its_conversion_time_and_click(
 def test_older_versions_read_with_the_new_fields_defaulted():
     click = {"click_id": "k", "link_code": "l", "affiliate_id": "a", "campaign_id": "c", "timestamp": NOW}
     data, _ = REGISTRY.encode("ClickRecorded", click, 1)
-    assert REGISTRY.decode("ClickRecorded", data, 1)["visitor_id"] is None
+    assert REGISTRY.decode("ClickRecorded", data, 1)["visitor_hash"] is None
+    assert REGISTRY.decode("ClickRecorded", data, 1, 2)["visitor_id"] is None
     validated = {"conversion_id": "x", "affiliate_id": "a", "campaign_id": "c", "conversion_value": Decimal("1.00"),
                  "currency": "EUR", "conversion_type": "sale", "timestamp": NOW}
     data, _ = REGISTRY.encode("ConversionValidated", validated, 1)

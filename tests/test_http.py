@@ -76,12 +76,14 @@ def test_a_deadlock_at_commit_answers_503_retry_and_stores_nothing(afiliados, mo
     assert "503" in client.get("/openapi.json").json()["paths"]["/afiliados"]["post"]["responses"]
 
 
-def test_duplicate_email_is_a_conflict_naming_the_field(afiliados):
+def test_duplicate_email_is_registered_like_any_other_then_rejected(afiliados):
+    """No 409: it would tell anyone whether an address is registered (issue 10). The validation
+    rejects it (`cuenta_duplicada`, tests/test_affiliate_validation.py)."""
     client, runtime, tables = afiliados
     assert client.post("/afiliados", json={"user_id": "u1", "email": "a@b.co", "nombre": "Ana"}).status_code == 201
     response = client.post("/afiliados", json={"user_id": "u2", "email": "A@B.co", "nombre": "Bea"})
-    assert response.status_code == 409 and _fields(response) == {"email"}
-    assert _count(runtime, tables.afiliados) == 1 and _count(runtime, tables.outbox) == 1
+    assert response.status_code == 201 and response.json()["estado"] == "registrado"
+    assert _count(runtime, tables.afiliados) == 2 and _count(runtime, tables.outbox) == 2
 
 
 @pytest.mark.parametrize("body, field", [
@@ -142,8 +144,11 @@ def test_postback_answers_200_with_id_and_is_idempotent_by_order_id(conversiones
     client, runtime, tables = conversiones
     first = client.post("/conversiones", json={**POSTBACK, "order_id": "o-1"})
     assert first.status_code == 200
-    again = client.post("/conversiones", json={**POSTBACK, "order_id": "o-1", "conversion_value": "1.00"})
+    again = client.post("/conversiones", json={**POSTBACK, "order_id": "o-1"})
     assert again.status_code == 200 and again.json()["id"] == first.json()["id"] and again.json()["duplicate"]
+    # The same key with other parameters is a conflict, not a duplicate (issue 10; test_holes_idempotency).
+    assert client.post("/conversiones", json={**POSTBACK, "order_id": "o-1", "conversion_value": "1.00"}
+                       ).status_code == 409
     by_header = client.post("/conversiones", json=POSTBACK, headers={"Idempotency-Key": "o-1"})
     assert by_header.json()["id"] == first.json()["id"]
     other_campaign = client.post("/conversiones", json={**POSTBACK, "campaign_id": "k2", "order_id": "o-1"})

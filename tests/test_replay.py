@@ -63,7 +63,7 @@ def _record_mix(client, runtime) -> None:
     assert commands.validate_pending(runtime.db, store, runtime.outbox, GRACE, now=utcnow() + 2 * GRACE) == 2
     for n, value in enumerate(["99.99", "0.01", "1234567.89"]):
         _post(client, "a1", "k1", value, order_id=f"o-{n}")          # validated
-    _post(client, "a1", "k1", "1.00", order_id="o-0")                 # a repeated postback: no new conversion
+    _post(client, "a1", "k1", "99.99", order_id="o-0")                # a repeated postback: no new conversion
     _post(client, "a1", "k2", "10.05", currency="USD")               # validated, in USD
     _post(client, "a1", "k2", "10.05")                               # rejected: currency mismatch
     _post(client, "a1", "k1", "20.00", currency="USD")               # rejected: currency mismatch, in USD

@@ -68,12 +68,13 @@ def test_tiered_campaign_with_tracking_suspension_payouts_and_a_refund_after_pay
         approved_before = Counter()  # per affiliate: approved conversions not reversed (the tier count)
         expected: dict[str, Decimal] = {}  # conversion id -> commission
         owner: dict[str, str] = {}
+        postbacks: dict[str, dict] = {}
 
         def sale(name: str, order: str, value: str) -> str:
             click_id = click(name)  # the visitor's latest click: last click (the default) attributes through it
-            response = platform.post("conversiones", "/conversiones", {
-                "click_id": click_id, "user_id": "cliente", "conversion_value": value,
-                "conversion_type": "sale", "order_id": order})
+            postbacks[order] = {"click_id": click_id, "user_id": "cliente", "conversion_value": value,
+                                "conversion_type": "sale", "order_id": order}
+            response = platform.post("conversiones", "/conversiones", postbacks[order])
             assert response.status_code == 200, response.text
             conversion = response.json()["id"]
             # Wait for the commission before the next sale: the tier counts the approved conversions before it.
@@ -88,11 +89,12 @@ def test_tiered_campaign_with_tracking_suspension_payouts_and_a_refund_after_pay
             return conversion
 
         a1 = sale("ana", "o-a1", "100.00")
-        # A duplicate postback (same order_id) answers the same id and books no second commission.
-        again = platform.post("conversiones", "/conversiones", {
-            "affiliate_id": afiliados["ana"], "campaign_id": campana, "user_id": "cliente",
-            "conversion_value": "100.00", "conversion_type": "sale", "order_id": "o-a1"})
+        # A duplicate postback (same order_id, same parameters) answers the same id and books no second
+        # commission; the same order_id with other parameters is a conflict (409), not a duplicate.
+        again = platform.post("conversiones", "/conversiones", postbacks["o-a1"])
         assert again.status_code == 200 and again.json()["id"] == a1, again.text
+        other = platform.post("conversiones", "/conversiones", {**postbacks["o-a1"], "conversion_value": "1.00"})
+        assert other.status_code == 409 and other.json()["errors"][0]["field"] == "order_id", other.text
         a2 = sale("ana", "o-a2", "200.00")
         a3 = sale("ana", "o-a3", "300.00")
         b1 = sale("beto", "o-b1", "155.55")

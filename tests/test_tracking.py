@@ -18,6 +18,7 @@ from alpes.conversiones import commands as conversiones_commands
 from alpes.conversiones import records as conversiones_records
 from alpes.conversiones import reference as conversiones_reference
 from alpes.kernel.codec import SchemaRegistry
+from alpes.kernel.proxies import parse_networks, resolve
 from alpes.marketing import domain as marketing_domain
 from alpes.marketing import campaigns
 from alpes.settings import Settings
@@ -80,9 +81,12 @@ def test_landing_url_keeps_its_query_and_fragment_and_gets_the_click_id():
         "https://shop.example.com?alpes_click_id=ck"
 
 
-def test_client_ip_is_the_first_forwarded_hop_else_the_peer():
-    assert conversiones_domain.client_ip("203.0.113.9, 10.0.0.1", "10.0.0.2") == "203.0.113.9"
-    assert conversiones_domain.client_ip(None, "10.0.0.2") == "10.0.0.2"
+def test_client_ip_is_the_right_most_untrusted_forwarded_hop_from_a_trusted_proxy_else_the_peer():
+    trusted = parse_networks("10.0.0.0/8")
+    assert str(resolve("10.0.0.2", "203.0.113.9, 10.0.0.1", None, trusted)[0]) == "203.0.113.9"
+    assert str(resolve("10.0.0.2", None, None, trusted)[0]) == "10.0.0.2"
+    # X-Forwarded-For from anyone else is only a header (issue 10): the peer it is.
+    assert str(resolve("198.51.100.7", "203.0.113.9", None, trusted)[0]) == "198.51.100.7"
 
 
 def test_link_codes_are_short_url_safe_and_unique():
@@ -208,7 +212,7 @@ def tracking(tmp_path):
     """conversiones knowing campaign k1 (landing URL, 7-day window), affiliate a1 enrolled with link
     `linkcodea1`; its clock is the test's."""
     clock = Clock()
-    settings = Settings(data_dir=tmp_path, broker_url="pulsar://127.0.0.1:1")
+    settings = Settings(data_dir=tmp_path, broker_url="pulsar://127.0.0.1:1", trusted_proxies="10.0.0.0/8")
     app, runtime = import_module("alpes.conversiones.service").build(settings, clock=clock)
     with runtime.db.transaction() as session:
         for event_type, payload, version in (
@@ -242,8 +246,9 @@ def _click_id(response: httpx.Response) -> str:
 
 def test_a_tracking_link_records_the_click_and_redirects_with_its_id(tracking):
     client, runtime, tables, _ = tracking
-    response = _click(client, **{"X-Forwarded-For": "203.0.113.9, 10.0.0.1", "User-Agent": "Mozilla/5.0",
-                                 "Referer": "https://blog.example.org/post"})
+    behind_proxy = TestClient(client.app, client=("10.0.0.2", 40000))  # one of ALPES_TRUSTED_PROXIES
+    response = _click(behind_proxy, **{"X-Forwarded-For": "203.0.113.9, 10.0.0.1", "User-Agent": "Mozilla/5.0",
+                                       "Referer": "https://blog.example.org/post"})
     assert response.status_code == 302
     location = urlsplit(response.headers["location"])
     assert (location.netloc, location.path) == ("shop.example.com", "/v")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,7 +14,7 @@ from fastapi.responses import RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, ValidationInfo, field_validator
 
 from alpes.kernel.eventstore import EventStore
-from alpes.kernel.http import MAX_OFFSET, Identifier, PlainText
+from alpes.kernel.http import MAX_OFFSET, Identifier, PlainText, client_address
 from alpes.kernel.messages import utcnow
 from alpes.kernel.money import Amount, Currency, check_places
 from alpes.kernel.runtime import ServiceRuntime
@@ -96,28 +96,39 @@ def _figures(row) -> dict:
 
 
 def include_routes(runtime: ServiceRuntime, store: EventStore, grace: timedelta,
-                   clock: Callable[[], datetime] = utcnow, max_conversions_per_ip: int = 5):
-    """`clock` stamps clicks and conversions; tests inject one to place them in time."""
+                   clock: Callable[[], datetime] = utcnow, max_conversions_per_ip: int = 5, *,
+                   visitors: domain.VisitorCookies, max_conversions_per_caller: int = 10_000):
+    """`clock` stamps clicks and conversions; tests inject one to place them in time. `visitors`
+    signs and reads the visitor cookie (keys derived from the event-signing keys)."""
     router = APIRouter(tags=["conversiones"])
 
     @router.get("/r/{link_code}", tags=["clicks"], status_code=302, response_class=RedirectResponse)
     def redirect(link_code: str, request: Request) -> RedirectResponse:
         """A tracking link: record the click, redirect to the campaign's landing URL with `alpes_click_id`,
-        and set (or renew) the visitor's `alpes_vid` cookie, which ties its clicks together for attribution."""
-        visitor_id = domain.visitor_id_or_new(request.cookies.get(domain.VISITOR_COOKIE))
+        and set (or renew) the visitor's `alpes_vid` cookie, which ties its clicks together for attribution.
+        The cookie is signed (an unsigned or forged one is ignored: a new visitor), HttpOnly,
+        SameSite=Lax, and Secure when the click came over https (directly, or as a trusted proxy says)."""
+        visitor_id = visitors.visitor_id_or_new(request.cookies.get(domain.VISITOR_COOKIE))
         location = commands.follow_link(
-            runtime, link_code, ip=domain.client_ip(request.headers.get("x-forwarded-for"),
-                                                    request.client.host if request.client else None),
+            runtime, link_code, ip=client_address(request),
             user_agent=request.headers.get("user-agent"), referrer=request.headers.get("referer"),
-            now=clock(), visitor_id=visitor_id)
+            now=clock(), visitor_id=visitor_id, visitor_hash=visitors.visitor_hash(visitor_id))
         response = RedirectResponse(location, status_code=302)
-        response.set_cookie(domain.VISITOR_COOKIE, visitor_id, max_age=domain.VISITOR_COOKIE_MAX_AGE, path="/r/",
-                            httponly=True, samesite="lax")
+        response.set_cookie(domain.VISITOR_COOKIE, visitors.cookie_for(visitor_id),
+                            max_age=domain.VISITOR_COOKIE_MAX_AGE, path="/r/", httponly=True, samesite="lax",
+                            secure=request.url.scheme == "https")
         return response
 
-    @router.post("/conversiones")
-    def postback(body: Postback, idempotency_key: str | None = Header(None, max_length=120)) -> dict:
-        """Record a conversion. 200 with its id; the same order id (or Idempotency-Key) gives the same id."""
+    @router.post("/conversiones", responses={409: {"description": "the order id (or Idempotency-Key) was "
+                                                                   "already used for this campaign with other "
+                                                                   "parameters"}})
+    def postback(body: Postback, request: Request,
+                 idempotency_key: Annotated[PlainText | None, Header(
+                     min_length=1, max_length=120, description="the order id when the body has none: the same "
+                     "rules as `order_id`")] = None) -> dict:
+        """Record a conversion. 200 with its id; the same order id (or Idempotency-Key) with the same
+        parameters gives the same id, with other parameters a 409 naming the key (keys are scoped per
+        campaign). Besides its optional `ip`, each postback counts against its caller for velocity."""
         if body.click_id is None and (body.affiliate_id is None or body.campaign_id is None):
             raise RequestValidationError([
                 {"loc": ("body", name), "msg": "required unless click_id is given", "type": "missing"}
@@ -127,8 +138,12 @@ def include_routes(runtime: ServiceRuntime, store: EventStore, grace: timedelta,
             runtime, store, affiliate_id=body.affiliate_id, campaign_id=body.campaign_id, click_id=body.click_id,
             user_id=body.user_id, conversion_value=body.conversion_value, conversion_type=body.conversion_type,
             currency=body.currency, order_id=body.order_id or idempotency_key,
+            key_field="order_id" if body.order_id is not None else "idempotency-key",
             ip=None if body.ip is None else str(body.ip), customer_email=body.customer_email, now=clock(),
-            grace=grace, max_conversions_per_ip=max_conversions_per_ip)
+            grace=grace, max_conversions_per_ip=max_conversions_per_ip,
+            # The seam for the identity work: the caller's API key id, once callers have keys.
+            caller_key=domain.caller_key(client_address(request)),
+            max_conversions_per_caller=max_conversions_per_caller)
         return {"id": conversion_id, "status": status, "duplicate": not created}
 
     @router.get("/conversiones")
@@ -195,9 +210,10 @@ def with_saga_routes(include: Callable[[FastAPI], None], runtime: ServiceRuntime
     router = APIRouter(tags=["sagas"])
 
     @router.get("/sagas")
-    def sagas(estado: Literal["running", "completed", "compensated"] | None = None,
+    def sagas(estado: Literal["running", "stuck", "completed", "compensated"] | None = None,
               limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict:
-        """Sagas, oldest first, without their steps; `estado` filters (terminal: completed, compensated)."""
+        """Sagas, oldest first, without their steps; `estado` filters (terminal: completed, compensated;
+        stuck: no answer from marketing after every retry, still asking)."""
         return {"sagas": queries.sagas(runtime.db, policy, estado=estado, limit=limit, offset=offset),
                 "terminal_states": list(saga.TERMINAL_STATES)}
 

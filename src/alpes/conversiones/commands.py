@@ -16,6 +16,7 @@ from alpes.kernel.errors import Conflict
 from alpes.kernel.eventstore import ConcurrencyConflict, EventStore
 from alpes.kernel.messages import OutgoingEvent, new_id, utcnow
 from alpes.kernel.outbox import Outbox
+from alpes.kernel.proxies import IPAddress
 from alpes.kernel.runtime import ServiceRuntime
 
 from . import domain, queries, tables, tracking
@@ -26,22 +27,42 @@ from .stream import commit_events, load_conversion
 ATTEMPTS = 3
 
 
-def follow_link(runtime: ServiceRuntime, link_code: str, *, ip: str | None, user_agent: str | None,
-                referrer: str | None, now: datetime, visitor_id: str) -> str:
+def follow_link(runtime: ServiceRuntime, link_code: str, *, ip: IPAddress | None, user_agent: str | None,
+                referrer: str | None, now: datetime, visitor_id: str, visitor_hash: str | None = None) -> str:
     """Record a click on a tracking link (ClickRecorded) and return where to redirect."""
     with runtime.unit_of_work() as (session, emit):
         _click_id, location, events = tracking.record_click(
-            session, link_code, ip=ip, user_agent=user_agent, referrer=referrer, now=now, visitor_id=visitor_id)
+            session, link_code, ip=ip, user_agent=user_agent, referrer=referrer, now=now, visitor_id=visitor_id,
+            visitor_hash=visitor_hash)
         emit(events)
     return location
+
+
+class IdempotencyConflict(Conflict):
+    """The postback's order key names a conversion recorded from other parameters."""
+
+    def __init__(self, key_field: str, order_id: str) -> None:
+        name = "Idempotency-Key" if key_field == "idempotency-key" else "order_id"
+        super().__init__(key_field, f"{name} {order_id!r} was already used for this campaign with different "
+                                    f"parameters; send the same parameters to retry, or use a new key")
 
 
 def receive_postback(runtime: ServiceRuntime, store: EventStore, *, affiliate_id: str | None,
                      campaign_id: str | None, click_id: str | None, user_id: str, conversion_value,
                      conversion_type: str, currency: str, order_id: str | None, ip: str | None,
                      customer_email: str | None, now: datetime, grace: timedelta,
-                     max_conversions_per_ip: int) -> tuple[str, bool, str]:
-    """A postback attributed by click_id, or by both ids. Returns (conversion id, created?, status)."""
+                     max_conversions_per_ip: int, caller_key: str | None = None,
+                     max_conversions_per_caller: int = 10_000,
+                     key_field: str = "order_id") -> tuple[str, bool, str]:
+    """A postback attributed by click_id, or by both ids. Returns (conversion id, created?, status).
+    `order_id` is its idempotency key (from the body, or the Idempotency-Key header: `key_field`
+    says which, to name it in a conflict), scoped per campaign; the same key with other parameters
+    raises IdempotencyConflict. `caller_key` (domain.caller_key) is whom the velocity rule counts
+    the postback against besides its `ip`."""
+    fingerprint = domain.postback_fingerprint(
+        affiliate_id=affiliate_id, campaign_id=campaign_id, click_id=click_id, user_id=user_id,
+        conversion_value=conversion_value, currency=currency, conversion_type=conversion_type, ip=ip,
+        customer_email=customer_email)
     if click_id is not None:
         with runtime.db.read() as session:  # clicks never change: reading ahead of the transaction is safe
             attribution = tracking.attribution_of(session, click_id, affiliate_id, campaign_id, now)
@@ -53,41 +74,65 @@ def receive_postback(runtime: ServiceRuntime, store: EventStore, *, affiliate_id
                 session, store, affiliate_id=affiliate_id, campaign_id=campaign_id, user_id=user_id,
                 conversion_value=conversion_value, conversion_type=conversion_type, currency=currency,
                 order_id=order_id, grace=grace, click_id=click_id, now=now, ip=ip, customer_email=customer_email,
-                max_conversions_per_ip=max_conversions_per_ip)
+                max_conversions_per_ip=max_conversions_per_ip, fingerprint=fingerprint, key_field=key_field,
+                caller_key=caller_key, max_conversions_per_caller=max_conversions_per_caller)
             emit(events)
     except IntegrityError:
         if order_id is None:
             raise
-        # A concurrent postback with the same order id committed first: answer with its id.
+        # A concurrent postback with the same order id committed first: its id when it had these
+        # parameters, a conflict when it had others.
         with runtime.db.read() as session:
-            conversion_id = queries.conversion_for_order(session, campaign_id, order_id)
+            known = order_key(session, campaign_id, order_id)
+        if known is None:
+            raise
+        conversion_id = _same_postback(known, fingerprint, key_field, order_id)
         created = False
     return conversion_id, created, queries.status_of(runtime.db, conversion_id)
+
+
+def order_key(session: Session, campaign_id: str, order_id: str):
+    """The (conversion_id, fingerprint) row of a (campaign, order id) idempotency key, or None."""
+    k = tables.order_keys
+    return session.execute(select(k.c.conversion_id, k.c.fingerprint)
+                           .where(k.c.campaign_id == campaign_id, k.c.order_id == order_id)).first()
+
+
+def _same_postback(known, fingerprint: str | None, key_field: str, order_id: str) -> str:
+    """The known conversion's id when the postback repeats it; IdempotencyConflict otherwise.
+    Keys stored before fingerprints existed (NULL) cannot be compared: taken as repeats, as then."""
+    if fingerprint is not None and known.fingerprint is not None and known.fingerprint != fingerprint:
+        raise IdempotencyConflict(key_field, order_id)
+    return known.conversion_id
 
 
 def record_conversion(session: Session, store: EventStore, *, affiliate_id: str, campaign_id: str, user_id: str,
                       conversion_value, conversion_type: str, currency: str, order_id: str | None,
                       grace: timedelta, click_id: str | None = None, now: datetime | None = None,
                       ip: str | None = None, customer_email: str | None = None,
-                      max_conversions_per_ip: int = 5) -> tuple[str, bool, list[OutgoingEvent]]:
-    """A postback. Returns (conversion id, created?, events). A known order id returns its conversion.
-    `ip` and `customer_email` are fraud signals: kept beside the stream (the email only as its
-    hash), never in events."""
+                      max_conversions_per_ip: int = 5, fingerprint: str | None = None, key_field: str = "order_id",
+                      caller_key: str | None = None,
+                      max_conversions_per_caller: int = 10_000) -> tuple[str, bool, list[OutgoingEvent]]:
+    """A postback. Returns (conversion id, created?, events). A known order id returns its conversion
+    when `fingerprint` (domain.postback_fingerprint) matches the one stored with it, and raises
+    IdempotencyConflict when it does not. `ip`, `customer_email` and `caller_key` are fraud
+    signals: kept beside the stream (the email only as its hash), never in events."""
     if order_id is not None:
-        known = queries.conversion_for_order(session, campaign_id, order_id)
+        known = order_key(session, campaign_id, order_id)
         if known is not None:
-            return known, False, []
+            return _same_postback(known, fingerprint, key_field, order_id), False, []
     conversion_id = new_id()
     if order_id is not None:
         # The durable idempotency key; a concurrent twin fails here and the caller re-reads.
         session.execute(tables.order_keys.insert().values(
-            campaign_id=campaign_id, order_id=order_id, conversion_id=conversion_id))
+            campaign_id=campaign_id, order_id=order_id, conversion_id=conversion_id, fingerprint=fingerprint))
     if click_id is not None:
         session.execute(tables.click_attributions.insert().values(conversion_id=conversion_id, click_id=click_id))
     now = now or utcnow()
-    if ip is not None or customer_email is not None:
+    if ip is not None or customer_email is not None or caller_key is not None:
         session.execute(tables.conversion_signals.insert().values(
-            conversion_id=conversion_id, campaign_id=campaign_id, ip=ip, detected_at=now,
+            conversion_id=conversion_id, campaign_id=campaign_id, ip=None if ip is None else str(ip),
+            detected_at=now, caller_key=caller_key,
             customer_email_sha256=None if customer_email is None else domain.email_sha256(customer_email)))
     conversion = domain.Conversion()
     detected = domain.Detected(conversion_id, affiliate_id, campaign_id, user_id, conversion_value, conversion_type,
@@ -95,14 +140,16 @@ def record_conversion(session: Session, store: EventStore, *, affiliate_id: str,
     correlation_id = conversion_id
     events = commit_events(session, store, conversion, [detected], correlation_id)
     decision = domain.decide_validation(
-        conversion, reference(session, affiliate_id, campaign_id, conversion_id, max_conversions_per_ip), now, grace)
+        conversion, reference(session, affiliate_id, campaign_id, conversion_id, max_conversions_per_ip,
+                              max_conversions_per_caller), now, grace)
     if not decision.pending:
         events += commit_events(session, store, conversion, decision.events, correlation_id)
     return conversion_id, True, events
 
 
 def validate_pending(db: Database, store: EventStore, outbox: Outbox, grace: timedelta, batch: int = 200,
-                     now: datetime | None = None, max_conversions_per_ip: int = 5) -> int:
+                     now: datetime | None = None, max_conversions_per_ip: int = 5,
+                     max_conversions_per_caller: int = 10_000) -> int:
     """Decide detected conversions whose references have arrived or whose grace ran out."""
     v = tables.conversiones_view
     decided = 0
@@ -114,7 +161,8 @@ def validate_pending(db: Database, store: EventStore, outbox: Outbox, grace: tim
             assert conversion.detected is not None
             decision = domain.decide_validation(
                 conversion, reference(session, conversion.detected.affiliate_id, conversion.detected.campaign_id,
-                                      conversion_id, max_conversions_per_ip), now or utcnow(), grace)
+                                      conversion_id, max_conversions_per_ip, max_conversions_per_caller),
+                now or utcnow(), grace)
             if decision.pending:
                 continue
             outbox.add(session, commit_events(session, store, conversion, decision.events, conversion_id))

@@ -7,8 +7,12 @@ what conversiones learned from its own subscriptions (reference data), never oth
 from __future__ import annotations
 
 import hashlib
+import hmac
+import ipaddress
+import json
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -35,12 +39,15 @@ SELF_REFERRAL = "self_referral"
 REJECTED_IN_REVIEW = "rejected_in_review"  # followed by ":<motivo>"
 # Compensations of the conversion → commission saga: a validated conversion rejected afterwards.
 AFFILIATE_SUSPENDED_DURING_PROCESSING = "affiliate_suspended_during_processing"
-COMMISSION_NOT_CONFIRMED = "commission_not_confirmed"  # marketing did not answer after every retry
+# No longer decided (silence is not a refusal: the saga is stuck and keeps asking); kept because
+# conversions compensated for it before that still carry it in their streams.
+COMMISSION_NOT_CONFIRMED = "commission_not_confirmed"
 COMMISSION_DENIED = "commission_denied"  # followed by ":<razon>" for a denial with no reason of its own
 
 # Reasons a conversion is put on hold for manual review (ConversionHeld.reason).
 TOO_FAST = "too_fast"  # click-to-conversion faster than a person buys: click injection (Everflow)
 IP_VELOCITY = "ip_velocity"  # too many conversions from one address for one campaign
+CALLER_VELOCITY = "caller_velocity"  # too many conversions from one caller (postback sender) for one campaign
 
 DEFAULT_MIN_SECONDS_CLICK_TO_CONVERSION = 15
 IP_VELOCITY_WINDOW = timedelta(minutes=60)
@@ -141,6 +148,10 @@ class Reference:
     # None: the postback carried no IP.
     conversions_from_same_ip: int | None = None
     max_conversions_per_ip: int = 5
+    # The same from this conversion's caller (caller_key), with or without an IP: leaving `ip` out
+    # does not leave a postback uncounted. None: no caller recorded (conversions from before it).
+    conversions_from_same_caller: int | None = None
+    max_conversions_per_caller: int = 10_000
 
 
 @dataclass
@@ -195,7 +206,39 @@ def fraud_verdict(converted_at: datetime, ref: Reference):
         return lambda now: Held(TOO_FAST, now)
     if ref.conversions_from_same_ip is not None and ref.conversions_from_same_ip > ref.max_conversions_per_ip:
         return lambda now: Held(IP_VELOCITY, now)
+    if ref.conversions_from_same_caller is not None and \
+            ref.conversions_from_same_caller > ref.max_conversions_per_caller:
+        return lambda now: Held(CALLER_VELOCITY, now)
     return None
+
+
+def caller_key(address: ipaddress.IPv4Address | ipaddress.IPv6Address | None, api_key_id: str | None = None) -> str:
+    """Whom the velocity rule counts a postback against, besides the customer's `ip`: the API key
+    that sent it once callers have keys (the identity work passes `api_key_id`), else the address
+    it came from (the TCP peer, or the client a trusted proxy names). IPv6 counts per /64 (one
+    subscriber's prefix: its addresses are free to rotate); no address at all shares one key."""
+    if api_key_id is not None:
+        return f"key:{api_key_id}"[:80]
+    if address is None:
+        return "ip:unknown"
+    if isinstance(address, ipaddress.IPv6Address):
+        return f"net:{ipaddress.IPv6Network((address, 64), strict=False)}"
+    return f"ip:{address}"
+
+
+def postback_fingerprint(*, affiliate_id: str | None, campaign_id: str | None, click_id: str | None, user_id: str,
+                         conversion_value: Decimal, currency: str, conversion_type: str, ip: str | None,
+                         customer_email: str | None) -> str:
+    """sha256 of a postback's parameters as the caller sent them (not of what attribution made of
+    them), canonical: the same postback always gives the same fingerprint, any other value another.
+    Stored with its order key: the same key with other parameters is a conflict, not a duplicate."""
+    canonical = json.dumps({
+        "affiliate_id": affiliate_id, "campaign_id": campaign_id, "click_id": click_id, "user_id": user_id,
+        "conversion_value": str(conversion_value), "currency": currency, "conversion_type": conversion_type,
+        "ip": None if ip is None else str(ipaddress.ip_address(ip)),
+        "customer_email_sha256": None if customer_email is None else email_sha256(customer_email),
+    }, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def within_campaign_dates(converted_at: datetime, starts_at: datetime | None, ends_at: datetime | None) -> bool:
@@ -260,15 +303,53 @@ def attributed_click(presented: Click, visitor_clicks: list[Click], model: str, 
 CLICK_ID_PARAM = "alpes_click_id"  # the landing URL parameter that carries the click id
 VISITOR_COOKIE = "alpes_vid"
 VISITOR_COOKIE_MAX_AGE = 400 * 24 * 3600  # the longest browsers keep a cookie (RFC 6265bis caps at 400 days)
-_VISITOR_ID = re.compile(r"^[0-9a-f]{32}$")
+# `<visitor id: 32 hex>.<HMAC-SHA256 of it: 64 hex>`
+_VISITOR_COOKIE = re.compile(r"([0-9a-f]{32})\.([0-9a-f]{64})")
 
 
-def visitor_id_or_new(cookie: str | None) -> str:
-    """The visitor's id from its cookie when it is one of ours (32 hex digits), else a new random one:
-    a forged or mangled cookie never reaches the database as is."""
-    if cookie is not None and _VISITOR_ID.match(cookie):
-        return cookie
-    return secrets.token_hex(16)
+class VisitorCookies:
+    """The `alpes_vid` cookie ties a visitor's clicks together for attribution, so it must be
+    unforgeable: its value is the visitor id and an HMAC of it, under a key derived from the
+    platform's signing keys (ALPES_EVENT_SIGNING_KEYS: the first signs, all verify, so a rotation
+    keeps cookies valid). What leaves conversiones (ClickRecorded) is only a keyed hash of the id,
+    under yet another derived key: neither the id nor a way to forge a cookie for it."""
+
+    def __init__(self, signing_keys: Sequence[bytes]) -> None:
+        if not signing_keys:
+            raise ValueError("at least one signing key is needed")
+        self._cookie_keys = [_derive(key, b"alpes visitor cookie v1") for key in signing_keys]
+        self._hash_key = _derive(signing_keys[0], b"alpes visitor hash v1")
+
+    def cookie_for(self, visitor_id: str) -> str:
+        return f"{visitor_id}.{self._mac(self._cookie_keys[0], visitor_id)}"
+
+    def visitor_of(self, cookie: str | None) -> str | None:
+        """The visitor id of a cookie one of our keys signed; None for anything else."""
+        match = _VISITOR_COOKIE.fullmatch(cookie or "")
+        if match is None:
+            return None
+        visitor_id, mac = match.groups()
+        if any(hmac.compare_digest(mac, self._mac(key, visitor_id)) for key in self._cookie_keys):
+            return visitor_id
+        return None
+
+    def visitor_id_or_new(self, cookie: str | None) -> str:
+        """The visitor's id from its signed cookie, else a new random one: an unsigned, forged or
+        mangled cookie is ignored (the visitor starts afresh) and never reaches the database."""
+        return self.visitor_of(cookie) or secrets.token_hex(16)
+
+    def visitor_hash(self, visitor_id: str) -> str:
+        """What events say of the visitor: 128 bits of a keyed hash (links a visitor's clicks for
+        analytics, useless as a cookie)."""
+        return self._mac(self._hash_key, visitor_id)[:32]
+
+    @staticmethod
+    def _mac(key: bytes, visitor_id: str) -> str:
+        return hmac.new(key, visitor_id.encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def _derive(key: bytes, purpose: bytes) -> bytes:
+    return hmac.new(key, purpose, hashlib.sha256).digest()
 
 
 def landing_with_click_id(landing_url: str, click_id: str) -> str:
@@ -277,15 +358,6 @@ def landing_with_click_id(landing_url: str, click_id: str) -> str:
     query = parse_qsl(parts.query, keep_blank_values=True)
     query = [(k, v) for k, v in query if k != CLICK_ID_PARAM] + [(CLICK_ID_PARAM, click_id)]
     return urlunsplit(parts._replace(query=urlencode(query)))
-
-
-def client_ip(forwarded_for: str | None, peer: str | None) -> str | None:
-    """The visitor's address: the first hop of X-Forwarded-For (set by our proxy), else the peer."""
-    if forwarded_for:
-        first = forwarded_for.split(",")[0].strip()
-        if first:
-            return first[:45]
-    return peer
 
 
 # -- refunds -------------------------------------------------------------------------------------

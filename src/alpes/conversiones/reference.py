@@ -21,7 +21,8 @@ _CAMPAIGN_STATE = {"CampanaActivada": "activa", "CampanaPausada": "pausada", "Ca
 
 # -- what validation reads ---------------------------------------------------------------------
 def reference(session: Session, affiliate_id: str, campaign_id: str,
-              conversion_id: str | None = None, max_conversions_per_ip: int = 5) -> domain.Reference:
+              conversion_id: str | None = None, max_conversions_per_ip: int = 5,
+              max_conversions_per_caller: int = 10_000) -> domain.Reference:
     affiliate = session.execute(select(tables.ref_afiliados.c.estado, tables.ref_afiliados.c.email_sha256)
                                 .where(tables.ref_afiliados.c.afiliado_id == affiliate_id)).first()
     a = None if affiliate is None else affiliate.estado
@@ -50,7 +51,10 @@ def reference(session: Session, affiliate_id: str, campaign_id: str,
         affiliate_email_sha256=None if affiliate is None else affiliate.email_sha256,
         customer_email_sha256=None if signals is None else signals.customer_email_sha256,
         conversions_from_same_ip=None if signals is None else _conversions_from_same_ip(session, signals),
-        max_conversions_per_ip=max_conversions_per_ip)
+        max_conversions_per_ip=max_conversions_per_ip,
+        conversions_from_same_caller=None if signals is None else _conversions_from_same_caller(
+            session, signals, max_conversions_per_caller),
+        max_conversions_per_caller=max_conversions_per_caller)
 
 
 def _conversions_from_same_ip(session: Session, signals) -> int | None:
@@ -61,6 +65,19 @@ def _conversions_from_same_ip(session: Session, signals) -> int | None:
     return session.scalar(select(func.count()).select_from(t).where(
         t.c.campaign_id == signals.campaign_id, t.c.ip == signals.ip,
         t.c.detected_at > signals.detected_at - domain.IP_VELOCITY_WINDOW, t.c.detected_at <= signals.detected_at))
+
+
+def _conversions_from_same_caller(session: Session, signals, limit: int) -> int | None:
+    """Conversions for the campaign from the signal's caller in the hour up to it, itself included,
+    counted up to limit + 1 (all the rule needs: a busy caller's postbacks stay cheap to decide)."""
+    if signals.caller_key is None:
+        return None
+    t = tables.conversion_signals
+    recent = select(t.c.conversion_id).where(
+        t.c.campaign_id == signals.campaign_id, t.c.caller_key == signals.caller_key,
+        t.c.detected_at > signals.detected_at - domain.IP_VELOCITY_WINDOW,
+        t.c.detected_at <= signals.detected_at).limit(limit + 1).subquery()
+    return session.scalar(select(func.count()).select_from(recent))
 
 
 def _enrolled(session: Session, affiliate_id: str, campaign_id: str, link_code: str | None) -> bool | None:

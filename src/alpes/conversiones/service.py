@@ -12,7 +12,7 @@ from alpes.kernel.messages import utcnow
 from alpes.kernel.runtime import PeriodicJob, ServiceRuntime
 from alpes.settings import Settings
 
-from . import api, commands, consumers, records, saga, saga_answers, tables
+from . import api, commands, consumers, domain, queries, records, saga, saga_answers, tables
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -25,7 +25,8 @@ def build(settings: Settings, clock: Callable[[], datetime] | None = None):
     if clock is None:
         offset = timedelta(seconds=settings.conversiones_clock_offset_seconds)
         clock = utcnow if not offset else lambda: utcnow() + offset
-    policy = saga.SagaPolicy(timedelta(seconds=settings.saga_timeout_seconds), settings.saga_max_retries)
+    policy = saga.SagaPolicy(timedelta(seconds=settings.saga_timeout_seconds), settings.saga_max_retries,
+                             timedelta(seconds=settings.saga_max_backoff_seconds))
     # The service's one schema registry and conversion event store, handed to consumers, jobs and routes.
     registry = SchemaRegistry.from_directory()
     store = records.event_store(registry)
@@ -34,15 +35,21 @@ def build(settings: Settings, clock: Callable[[], datetime] | None = None):
         runtime.jobs.append(PeriodicJob(
             "validate-conversions", 0.25, lambda: commands.validate_pending(
                 runtime.db, store, runtime.outbox, grace, now=clock(),
-                max_conversions_per_ip=settings.max_conversions_per_ip)))
+                max_conversions_per_ip=settings.max_conversions_per_ip,
+                max_conversions_per_caller=settings.max_conversions_per_caller)))
         # The saga's timer runs on the real clock (its deadlines are real waits, not business time).
         runtime.jobs.append(PeriodicJob(
             "saga-timeouts", min(5.0, max(0.2, policy.timeout.total_seconds() / 4)),
             lambda: saga_answers.expire_sagas(runtime.db, store, runtime.outbox, policy)))
+        # /health says how many sagas wait on marketing and how many are stuck.
+        runtime.health_reports["sagas"] = lambda: queries.saga_health(runtime.db)
 
     def routes(runtime: ServiceRuntime) -> Callable[[FastAPI], None]:
         return api.with_saga_routes(api.include_routes(
-            runtime, store, grace, clock, settings.max_conversions_per_ip), runtime, policy)
+            runtime, store, grace, clock, settings.max_conversions_per_ip,
+            # The visitor cookie's keys derive from the event-signing keys (same rotation).
+            visitors=domain.VisitorCookies(settings.signing_keys()),
+            max_conversions_per_caller=settings.max_conversions_per_caller), runtime, policy)
 
     return compose("conversiones", settings, outbox=tables.outbox, inbox=tables.inbox,
                    consumers=consumers.consumer_specs(store), routes=routes, configure=configure,

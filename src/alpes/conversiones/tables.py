@@ -20,12 +20,15 @@ metadata = MetaData()
 # The write side: the source of truth.
 event_store = event_store_table(metadata)
 
-# Postback idempotency: one conversion per (campaign, order id), durable, no TTL.
+# Postback idempotency: one conversion per (campaign, order id), durable, no TTL. The fingerprint
+# (sha256 of the postback's parameters) tells a repeat (same id) from a conflict (409); NULL on
+# keys stored before it (taken as repeats).
 order_keys = Table(
     "order_keys", metadata,
     Column("campaign_id", String(36), nullable=False),
     Column("order_id", String(120), nullable=False),
     Column("conversion_id", String(36), nullable=False),
+    Column("fingerprint", String(64)),
     PrimaryKeyConstraint("campaign_id", "order_id", name="pk_order_keys"),
 )
 
@@ -129,7 +132,8 @@ click_attributions = Table(
 )
 
 # Fraud signals a postback carried (write side, like click_attributions): its IP, and only the
-# sha256 of the customer's email (privacy: the address itself is never stored nor sent).
+# sha256 of the customer's email (privacy: the address itself is never stored nor sent); and who
+# sent it (caller_key: its address, or its API key once callers have keys), counted by velocity.
 conversion_signals = Table(
     "conversion_signals", metadata,
     Column("conversion_id", String(36), primary_key=True),
@@ -137,7 +141,9 @@ conversion_signals = Table(
     Column("ip", String(45)),
     Column("customer_email_sha256", String(64)),
     Column("detected_at", UtcDateTime(), nullable=False),
+    Column("caller_key", String(80)),
     Index("ix_conversion_signals_campaign_ip", "campaign_id", "ip", "detected_at"),
+    Index("ix_conversion_signals_campaign_caller", "campaign_id", "caller_key", "detected_at"),
 )
 
 # The conversion → commission saga's log (see saga.py). Not a projection: it also records
@@ -146,10 +152,13 @@ conversion_signals = Table(
 sagas = Table(
     "sagas", metadata,
     Column("saga_id", String(36), primary_key=True),
-    Column("estado", String(20), nullable=False),  # running, completed, compensated
+    Column("estado", String(20), nullable=False),  # running, stuck, completed, compensated
     Column("paso_actual", String(30), nullable=False),
     Column("intentos", Integer, nullable=False),  # commission requests sent (ConversionValidated + retries)
     Column("esperando_desde", UtcDateTime()),  # set while waiting on marketing: the timeout counts from it
+    # When the saga asks again if no answer came: the timeout, then (stuck) a capped backoff. None on
+    # sagas logged before it existed: they wait the plain timeout from esperando_desde.
+    Column("reintentar_en", UtcDateTime()),
     Column("resultado", String(120)),
     Column("created_at", UtcDateTime(), nullable=False),
     Column("updated_at", UtcDateTime(), nullable=False),

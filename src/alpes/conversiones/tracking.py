@@ -3,6 +3,7 @@ affiliate that earns the conversion."""
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -11,17 +12,20 @@ from sqlalchemy.orm import Session
 
 from alpes.kernel.errors import NotFound, RuleViolated
 from alpes.kernel.messages import OutgoingEvent, new_id, utcnow
+from alpes.kernel.proxies import IPAddress
 
 from . import domain, tables
 from .records import TOPIC
 
 
-def record_click(session: Session, link_code: str, *, ip: str | None, user_agent: str | None,
-                 referrer: str | None, now: datetime | None = None,
-                 visitor_id: str | None = None) -> tuple[str, str, list[OutgoingEvent]]:
+def record_click(session: Session, link_code: str, *, ip: IPAddress | None, user_agent: str | None,
+                 referrer: str | None, now: datetime | None = None, visitor_id: str | None = None,
+                 visitor_hash: str | None = None) -> tuple[str, str, list[OutgoingEvent]]:
     """A visit to a tracking link: store the click, answer where to redirect (the campaign's
     landing URL with the click id) and ClickRecorded. Unknown or inactive links are NotFound and store nothing.
-    `visitor_id` (the visitor's cookie) ties the visitor's clicks together for attribution."""
+    `ip` is a parsed address (never header text). `visitor_id` (from the visitor's signed cookie)
+    ties the visitor's clicks together for attribution and stays in the clicks table; the event
+    carries only `visitor_hash` (VisitorCookies.visitor_hash), never the id."""
     i, c = tables.ref_inscripciones, tables.ref_campanas
     link = session.execute(select(i.c.afiliado_id, i.c.campana_id, i.c.activa, c.c.estado, c.c.landing_url)
                            .join(c, c.c.campana_id == i.c.campana_id, isouter=True)
@@ -39,12 +43,13 @@ def record_click(session: Session, link_code: str, *, ip: str | None, user_agent
     referrer = referrer[:2000] if referrer else None
     session.execute(tables.clicks.insert().values(
         id=click_id, link_code=link_code, affiliate_id=link.afiliado_id, campaign_id=link.campana_id,
-        clicked_at=clicked_at, ip=ip, user_agent=user_agent, referrer=referrer, visitor_id=visitor_id))
+        clicked_at=clicked_at, ip=None if ip is None else str(ipaddress.ip_address(ip)), user_agent=user_agent,
+        referrer=referrer, visitor_id=visitor_id))
     # The IP stays in the clicks table (personal data): the event carries what analytics needs.
     event = OutgoingEvent(TOPIC, "ClickRecorded", click_id, {
         "click_id": click_id, "link_code": link_code, "affiliate_id": link.afiliado_id,
         "campaign_id": link.campana_id, "timestamp": clicked_at, "user_agent": user_agent, "referrer": referrer,
-        "visitor_id": visitor_id})
+        "visitor_hash": visitor_hash})
     return click_id, domain.landing_with_click_id(link.landing_url, click_id), [event]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timezone
@@ -26,8 +27,8 @@ from sqlalchemy.orm import Session, sessionmaker
 def make_engine(url: str, *, pool_size: int = 10, for_writes: bool = True) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
+            private_sqlite_file(parsed.database)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         _sqlite_pragmas(engine, "BEGIN IMMEDIATE" if for_writes else "BEGIN")
         return engine
@@ -116,13 +117,55 @@ class Database:
             self.read_engine.dispose()
 
 
+# -- files only the service's own user reads ------------------------------------------------------
+PRIVATE_FILE = 0o600
+PRIVATE_DIRECTORY = 0o700
+_SQLITE_COMPANIONS = ("", "-wal", "-shm", "-journal")
+
+
+def private_directory(path: str | Path) -> None:
+    """Create `path` (and missing parents) so that only this user may enter it (0700)."""
+    Path(path).mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIRECTORY)
+
+
+def tighten_directory(path: str | Path) -> None:
+    """Make an existing directory of ours 0700 (the platform's data directory: databases, keys,
+    logs). Left alone when another user owns it or it is a shared sticky directory like /tmp."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return
+    if info.st_uid == os.getuid() and not info.st_mode & stat.S_ISVTX and stat.S_IMODE(info.st_mode) & 0o077:
+        os.chmod(path, stat.S_IMODE(info.st_mode) & PRIVATE_DIRECTORY)
+
+
+def private_sqlite_file(database: str | Path) -> None:
+    """A SQLite database file only this user reads: its folder created 0700 when missing, the file
+    created 0600 before SQLite opens it (SQLite gives its -wal, -shm and -journal files the mode of
+    the database file), and any of them left world- or group-readable by an older version made 0600."""
+    path = Path(database)
+    private_directory(path.parent)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))
+    for suffix in _SQLITE_COMPANIONS:
+        _tighten_file(f"{path}{suffix}")
+
+
+def _tighten_file(path: str) -> None:
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o077:
+            os.chmod(path, mode & PRIVATE_FILE)
+    except (FileNotFoundError, PermissionError):  # absent, or not ours to change
+        pass
+
+
 @contextmanager
 def file_lock(path: str, *, blocking: bool = True) -> Iterator[bool]:
-    """flock on `path` (created, with its folder), released on exit or when the process dies.
-    Yields False when not blocking and another holder has it."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """flock on `path` (created 0600, with its folder 0700), released on exit or when the process
+    dies. Yields False when not blocking and another holder has it."""
+    private_directory(os.path.dirname(os.path.abspath(path)))
     # A new open file description each time: flock excludes other threads of this process too.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))

@@ -3,8 +3,10 @@ request limits (body size, content type) and the validators of text and dates fr
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import date, datetime
 from typing import Annotated
@@ -18,6 +20,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException
 
 from .errors import Conflict, DomainError, NotFound, RuleViolated
+from .proxies import IPAddress, IPNetwork, parse_ip, parse_networks, resolve
 from .runtime import ServiceRuntime
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
@@ -36,7 +39,8 @@ _ERROR_REF = {"$ref": "#/components/schemas/Error"}
 
 
 def create_app(title: str, runtime: ServiceRuntime, include: Callable[[FastAPI], None], *,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, trusted_proxies: str | Sequence[str] = "") -> FastAPI:
+    """`trusted_proxies` (ALPES_TRUSTED_PROXIES): the only peers whose X-Forwarded-For/-Proto are believed."""
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         runtime.start()
@@ -59,7 +63,11 @@ def create_app(title: str, runtime: ServiceRuntime, include: Callable[[FastAPI],
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, error: HTTPException) -> JSONResponse:
-        # Starlette's own refusals (unknown path, wrong method, unparsable body) in the same shape.
+        # Starlette's own refusals (unknown path, wrong method) in the same shape. A body FastAPI
+        # could not parse (its 400 "There was an error parsing the body", raised from the parser's
+        # error) is bad input like broken JSON: 422 naming `body`, as documented.
+        if error.status_code == 400 and error.__cause__ is not None:
+            return error_response(422, "body", _unparsable(error.__cause__) or "the body could not be parsed as JSON")
         return error_response(error.status_code, "body" if error.status_code == 400 else None, str(error.detail),
                               headers=error.headers)
 
@@ -81,13 +89,37 @@ def create_app(title: str, runtime: ServiceRuntime, include: Callable[[FastAPI],
     app.openapi = lambda: _openapi(app)
     # A body too large or not JSON is refused before anything reads it.
     app.add_middleware(RequestLimits, max_body_bytes=max_body_bytes)
+    # Outermost: the client's address and scheme, from forwarding headers only behind our proxies.
+    app.add_middleware(ProxyHeaders, trusted=parse_networks(trusted_proxies))
     return app
 
 
 def _field_error(error: dict) -> dict:
     if error.get("type") == "json_invalid":  # the body is not JSON at all: no field to name but the body
         return {"field": "body", "reason": f"invalid JSON: {error.get('ctx', {}).get('error', error['msg'])}"}
-    return {"field": ".".join(str(p) for p in error["loc"] if p != "body"), "reason": error["msg"]}
+    loc = tuple(error["loc"])
+    if len(loc) == 2 and loc[0] == "header":  # a header is named as sent (lower case), e.g. idempotency-key
+        return {"field": str(loc[1]).lower().replace("_", "-"), "reason": error["msg"]}
+    return {"field": ".".join(str(p) for p in loc if p != "body"), "reason": error["msg"]}
+
+
+def _unparsable(error: BaseException) -> str | None:
+    """Why a body that is valid UTF-8 JSON text still cannot be read, or None when it can (or
+    when it is merely broken JSON, which FastAPI reports with the position)."""
+    if isinstance(error, RecursionError):
+        return "JSON nested too deeply"
+    if isinstance(error, ValueError) and not isinstance(error, json.JSONDecodeError):
+        # Python refuses integers of more than sys.get_int_max_str_digits() digits (DoS guard).
+        return f"a JSON number with more than {sys.get_int_max_str_digits()} digits"
+    return None
+
+
+def _json_problem(body: bytes) -> str | None:
+    try:
+        json.loads(body)
+    except (RecursionError, ValueError) as error:
+        return _unparsable(error)
+    return None
 
 
 def _openapi(app: FastAPI) -> dict:
@@ -118,7 +150,8 @@ def _openapi(app: FastAPI) -> dict:
 class RequestLimits:
     """ASGI middleware: a request body larger than `max_body_bytes` gets 413 and one with a body
     that is not JSON gets 415, both before the app reads a byte of it (a body is read whole only
-    up to the limit, whatever Content-Length claims)."""
+    up to the limit, whatever Content-Length claims); one that is not UTF-8, or JSON nested too
+    deep or with a number too long to read, gets 422 naming `body`."""
 
     def __init__(self, app, max_body_bytes: int) -> None:
         self.app = app
@@ -153,6 +186,13 @@ class RequestLimits:
         except UnicodeDecodeError as error:
             await error_response(422, "body", f"not valid UTF-8 (byte {error.start})")(scope, receive, send)
             return
+        # JSON that is well formed but cannot be held (nested thousands deep, a number of thousands
+        # of digits): 422 naming the body, before any route parses it. Broken JSON goes on to the
+        # route, which names the position.
+        problem = _json_problem(bytes(body)) if body else None
+        if problem is not None:
+            await error_response(422, "body", problem)(scope, receive, send)
+            return
         replayed = False
 
         async def replay():
@@ -167,6 +207,39 @@ class RequestLimits:
     async def _too_large(self, scope, receive, send) -> None:
         await error_response(413, "body", f"request body larger than {self.max_body_bytes} bytes (ALPES_MAX_BODY_BYTES)")(
             scope, receive, send)
+
+
+class ProxyHeaders:
+    """ASGI middleware: `scope["client"]` and `scope["scheme"]` say who called and over what, from
+    X-Forwarded-For/-Proto only when the TCP peer is a trusted proxy (kernel/proxies.py); from
+    anyone else the headers are ignored. The client's host is always a parsed address (or the
+    socket's own peer, untouched). Run uvicorn with proxy_headers=False: its own middleware trusts
+    127.0.0.1, i.e. every local caller."""
+
+    def __init__(self, app, trusted: tuple[IPNetwork, ...]) -> None:
+        self.app = app
+        self.trusted = trusted
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] in ("http", "websocket") and self.trusted:
+            peer = scope.get("client")
+            headers = [(k, v) for k, v in scope["headers"] if k in (b"x-forwarded-for", b"x-forwarded-proto")]
+            if peer and headers:
+                forwarded_for = ", ".join(v.decode("latin-1") for k, v in headers if k == b"x-forwarded-for")
+                proto = next((v.decode("latin-1") for k, v in headers if k == b"x-forwarded-proto"), None)
+                client, scheme = resolve(peer[0], forwarded_for or None, proto, self.trusted)
+                scope = dict(scope)
+                if client is not None and forwarded_for:
+                    scope["client"] = (str(client), 0)
+                if scheme is not None and scope["type"] == "http":
+                    scope["scheme"] = scheme
+        await self.app(scope, receive, send)
+
+
+def client_address(request: Request) -> IPAddress | None:
+    """The caller's address as ProxyHeaders resolved it, parsed (None when the socket has none,
+    e.g. a unix socket or the test client)."""
+    return parse_ip(request.client.host) if request.client else None
 
 
 def error_response(status: int, field: str | None, reason: str, *, detail: str | None = None,
