@@ -10,7 +10,7 @@ from alpes.kernel.errors import NotFound, RuleViolated
 from alpes.kernel.http import MAX_OFFSET, PlainText
 from alpes.kernel.runtime import ServiceRuntime
 
-from . import domain, handlers, tables
+from . import domain, handlers, pii, tables
 
 
 class RegistrarAfiliado(BaseModel):
@@ -71,10 +71,14 @@ class SuspenderAfiliado(BaseModel):
 
 
 class Afiliado(BaseModel):
+    """An affiliate as reads show it. Personal data: the email whole only on the single read (masked
+    in lists), the document number always masked, all of it null once erased
+    (`datos_personales_borrados`). Until roles exist every caller sees this; the identity work will
+    narrow it (the affiliate itself and the operator)."""
     id: str
     user_id: str
-    email: str
-    nombre: str
+    email: str | None
+    nombre: str | None
     estado: str
     motivos: list[str]
     registrado_en: str
@@ -89,26 +93,37 @@ class Afiliado(BaseModel):
     pais: str | None
     metodo_pago: str | None
     motivo_suspension: str | None
+    datos_personales_borrados: bool
 
 
-def _afiliado(row) -> Afiliado:
+def _afiliado(row, datos: pii.DatosPersonales | None, *, en_lista: bool = False) -> Afiliado:
+    """`datos`: the affiliate's personal data, None once erased; `en_lista`: the email masked too."""
+    email = nombre = documento = metodo_pago = None
+    if datos is not None:
+        email = domain.enmascarar_email(datos.email) if en_lista else datos.email
+        nombre, metodo_pago = datos.nombre, datos.metodo_pago
+        documento = domain.enmascarar_documento(datos.numero_documento) if datos.numero_documento else None
     return Afiliado(
-        id=row["id"], user_id=row["user_id"], email=row["email"], nombre=row["nombre"], estado=row["estado"],
+        id=row["id"], user_id=row["user_id"], email=email, nombre=nombre, estado=row["estado"],
         motivos=[m for m in row["motivos"].split(",") if m], registrado_en=row["registrado_en"].isoformat(),
         validado_en=row["validado_en"].isoformat() if row["validado_en"] else None,
         comisiones=row["comisiones"], ganancias_pendientes=row["ganancias_pendientes"],
         ganancias_aprobadas=row["ganancias_aprobadas"], ganancias_pagadas=row["ganancias_pagadas"],
         ganancias_revertidas=row["ganancias_revertidas"],
-        tipo_documento=row["tipo_documento"], numero_documento=row["numero_documento"], pais=row["pais"],
-        metodo_pago=row["metodo_pago"], motivo_suspension=row["motivo_suspension"])
+        tipo_documento=row["tipo_documento"], numero_documento=documento, pais=row["pais"],
+        metodo_pago=metodo_pago, motivo_suspension=row["motivo_suspension"],
+        datos_personales_borrados=row["datos_borrados_en"] is not None)
 
 
-def include_routes(runtime: ServiceRuntime):
+def include_routes(runtime: ServiceRuntime, vault: pii.Vault):
     router = APIRouter()
     a = tables.afiliados
 
     @router.post("/afiliados", status_code=201, response_model=Afiliado)
     def registrar(body: RegistrarAfiliado) -> Afiliado:
+        """201 with the new affiliate, `registrado`, whatever the email: an address already registered
+        is not refused here (that would tell anyone whether it is registered) but rejected by the
+        validation that follows (`cuenta_duplicada`)."""
         # A document is its type and its number: one without the other identifies nobody.
         if (body.tipo_documento is None) != (body.numero_documento is None):
             missing = "tipo_documento" if body.tipo_documento is None else "numero_documento"
@@ -116,7 +131,7 @@ def include_routes(runtime: ServiceRuntime):
         with runtime.unit_of_work() as (session, emit):
             afiliado_id, events = handlers.register_afiliado(session, domain.SolicitudRegistro(
                 body.user_id, body.email, body.nombre, body.tipo_documento, body.numero_documento, body.pais,
-                body.metodo_pago))
+                body.metodo_pago), vault)
             emit(events)
         return obtener(afiliado_id)
 
@@ -124,7 +139,8 @@ def include_routes(runtime: ServiceRuntime):
     def aprobar(afiliado_id: str) -> Afiliado:
         """A human approves an affiliate the automatic validation rejected."""
         with runtime.unit_of_work() as (session, emit):
-            emit(handlers.approve_afiliado(session, afiliado_id))
+            # No principal until the identity work names the caller: domain.may_override_rejection.
+            emit(handlers.approve_afiliado(session, afiliado_id, principal=None))
         return obtener(afiliado_id)
 
     @router.post("/afiliados/{afiliado_id}/suspender", response_model=Afiliado)
@@ -147,15 +163,25 @@ def include_routes(runtime: ServiceRuntime):
             query = query.where(a.c.estado == estado)
         with runtime.db.read() as session:
             rows = session.execute(query).mappings().all()
-        return {"afiliados": [_afiliado(r).model_dump(mode="json") for r in rows]}
+            datos = handlers.personal_data(session, vault, rows)
+        return {"afiliados": [_afiliado(r, datos[r["id"]], en_lista=True).model_dump(mode="json") for r in rows]}
 
     @router.get("/afiliados/{afiliado_id}", response_model=Afiliado)
     def obtener(afiliado_id: str) -> Afiliado:
         with runtime.db.read() as session:
             row = session.execute(select(a).where(a.c.id == afiliado_id)).mappings().first()
-        if row is None:
-            raise NotFound("afiliado_id", "no affiliate with this id")
-        return _afiliado(row)
+            if row is None:
+                raise NotFound("afiliado_id", "no affiliate with this id")
+            return _afiliado(row, handlers.personal_data(session, vault, [row])[row["id"]])
+
+    @router.delete("/afiliados/{afiliado_id}/datos-personales", response_model=Afiliado)
+    def borrar_datos_personales(afiliado_id: str) -> Afiliado:
+        """Erasure (an operator's action once roles exist): the affiliate's data key is shredded, so
+        its personal data is unreadable everywhere a sealed copy went (events, audit log, backups);
+        `DatosPersonalesBorrados` is announced. State and earnings stay. Again: the same answer."""
+        with runtime.unit_of_work() as (session, emit):
+            emit(handlers.erase_personal_data(session, afiliado_id, vault))
+        return obtener(afiliado_id)
 
     @router.get("/programas")
     def programas() -> dict:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 REGISTRADO = "registrado"
@@ -64,22 +66,50 @@ def normalizar_documento(numero: str) -> str:
     return numero.strip().upper()
 
 
+def email_sha256(email: str) -> str:
+    """What marketing and conversiones compare for self-referral (AfiliadoRegistrado v3 carries it,
+    AfiliadoHabilitado v2 passes it on): sha256 hex of the normalized address, never the address."""
+    return hashlib.sha256(normalizar_email(email).encode()).hexdigest()
+
+
+def es_desechable(dominio: str) -> bool:
+    """A listed throw-away domain or any subdomain of one (`eu.mailinator.com`), never a lookalike
+    (`notmailinator.com`, `mailinator.com.example.org`)."""
+    etiquetas = dominio.strip(".").lower().split(".")
+    return any(".".join(etiquetas[i:]) in DISPOSABLE_DOMAINS for i in range(len(etiquetas)))
+
+
 def motivos_de_rechazo(solicitud: SolicitudRegistro, user_id_ya_validado: bool,
-                       documento_duplicado: bool = False) -> list[str]:
-    """The automatic validation rules; an empty list means the affiliate is valid."""
+                       documento_duplicado: bool = False, email_duplicado: bool = False) -> list[str]:
+    """The automatic validation rules; an empty list means the affiliate is valid.
+    An email another affiliate holds is `cuenta_duplicada`, like a user id: one person, one account."""
     motivos = []
     email = normalizar_email(solicitud.email)
     if not EMAIL.match(email):
         motivos.append("email_invalido")
-    elif email.rsplit("@", 1)[1] in DISPOSABLE_DOMAINS:
+    elif es_desechable(email.rsplit("@", 1)[1]):
         motivos.append("email_desechable")
     if sum(ch.isalpha() for ch in solicitud.nombre) < 2:
         motivos.append("nombre_invalido")
-    if user_id_ya_validado:
+    if user_id_ya_validado or email_duplicado:
         motivos.append("cuenta_duplicada")
     if documento_duplicado:
         motivos.append("documento_duplicado")
     return motivos
+
+
+# -- what reads show of the personal data ---------------------------------------------------------------
+def enmascarar_email(email: str) -> str:
+    """For lists: `ana.perez@example.com` → `a***@e***.com`."""
+    local, _, dominio = email.partition("@")
+    nombre, punto, tld = dominio.rpartition(".")
+    return f"{local[:1]}***@{nombre[:1]}***{punto}{tld}"
+
+
+def enmascarar_documento(numero: str) -> str:
+    """Never shown whole: at most its last 4 characters and never more than half of it."""
+    visibles = min(4, len(numero) // 2)
+    return "****" + (numero[-visibles:] if visibles else "")
 
 
 # -- lifecycle after the automatic validation: actions taken by a human ---------------------
@@ -93,6 +123,25 @@ TRANSICIONES = {
     SUSPENDER: (VALIDADO, SUSPENDIDO),
     REACTIVAR: (SUSPENDIDO, VALIDADO),
 }
+
+
+# Rejections for being someone who already has an account: overriding one gives a person a second account.
+MOTIVOS_DE_DUPLICADO = frozenset({"cuenta_duplicada", "documento_duplicado"})
+OPERADOR, ANUNCIANTE = "operador", "anunciante"
+
+
+def may_override_rejection(principal: str | None, motivos: Sequence[str]) -> bool:
+    """May `principal` approve an affiliate the automatic validation rejected for `motivos`?
+
+    The seam the identity work wires: `principal` is the caller's role (operador, anunciante,
+    afiliado). None is the anonymous caller of the protected local mode, which ARCHITECTURE treats as
+    the operator, and the only caller there is until roles exist. A duplicate (an account or a
+    document already held) only an operator may override; other rejections the operator or an
+    advertiser; an affiliate never approves anyone, itself included."""
+    rol = OPERADOR if principal is None else principal
+    if rol == OPERADOR:
+        return True
+    return rol == ANUNCIANTE and not (MOTIVOS_DE_DUPLICADO & set(motivos))
 
 
 class TransicionInvalida(ValueError):

@@ -2,58 +2,97 @@
 
 from __future__ import annotations
 
-from sqlalchemy import exists, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import and_, exists, or_, select, update
 from sqlalchemy.orm import Session
 
+from alpes.kernel.codec import SchemaRegistry
 from alpes.kernel.db import Database
 from alpes.kernel.errors import Conflict, NotFound
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent, new_id, utcnow
 from alpes.kernel.outbox import Outbox
 
-from . import domain, tables
+from . import domain, pii, tables
 
 TOPIC = "afiliados.eventos"
 
 
-def register_afiliado(session: Session, solicitud: domain.SolicitudRegistro) -> tuple[str, list[OutgoingEvent]]:
+def register_afiliado(session: Session, solicitud: domain.SolicitudRegistro,
+                      vault: pii.Vault) -> tuple[str, list[OutgoingEvent]]:
+    """Store the registration, its personal data sealed with a new data key of its own. A taken
+    email is not refused here: the answer must not tell whether an address is registered, so the
+    registration is stored like any other and the validation rejects it (cuenta_duplicada)."""
     email = domain.normalizar_email(solicitud.email)
-    if session.scalar(select(exists().where(tables.afiliados.c.email == email))):
-        raise Conflict("email", "an affiliate with this email is already registered")
     numero_documento = domain.normalizar_documento(solicitud.numero_documento) if solicitud.numero_documento else None
     afiliado_id = new_id()
     now = utcnow()
-    try:
-        session.execute(tables.afiliados.insert().values(
-            id=afiliado_id, user_id=solicitud.user_id, email=email, nombre=solicitud.nombre,
-            estado=domain.REGISTRADO, motivos="", registrado_en=now, comisiones=0, ganancias_pendientes=0,
-            tipo_documento=solicitud.tipo_documento, numero_documento=numero_documento, pais=solicitud.pais,
-            metodo_pago=solicitud.metodo_pago))
-        session.flush()
-    except IntegrityError:  # a concurrent registration with the same email won the race
-        raise Conflict("email", "an affiliate with this email is already registered") from None
-    event = OutgoingEvent(TOPIC, "AfiliadoRegistrado", afiliado_id, {
-        "id": afiliado_id, "user_id": solicitud.user_id, "email": email, "nombre": solicitud.nombre,
-        "tipo_documento": solicitud.tipo_documento, "numero_documento": numero_documento, "pais": solicitud.pais,
-        "metodo_pago": solicitud.metodo_pago, "timestamp": now})
-    return afiliado_id, [event]
+    key = vault.create_key(session, afiliado_id)
+    datos = pii.DatosPersonales(email, solicitud.nombre, numero_documento, solicitud.metodo_pago)
+    session.execute(tables.afiliados.insert().values(
+        id=afiliado_id, user_id=solicitud.user_id, estado=domain.REGISTRADO, motivos="", registrado_en=now,
+        comisiones=0, ganancias_pendientes=0, tipo_documento=solicitud.tipo_documento, pais=solicitud.pais,
+        datos_personales=vault.seal_datos(key, afiliado_id, datos), **_indices(vault, datos)))
+    return afiliado_id, [_registrado(afiliado_id, solicitud.user_id, datos, solicitud.pais, now, key)]
 
 
-def validate_registered_afiliados(db: Database, outbox: Outbox, batch: int = 100) -> int:
+def _registrado(afiliado_id: str, user_id: str, datos: pii.DatosPersonales | None, pais: str | None,
+                timestamp, key: bytes | None) -> OutgoingEvent:
+    """AfiliadoRegistrado v3: what others need (country, the email's hash for self-referral), the
+    email and name sealed with the affiliate's key (empty once erased), no document, no payment method."""
+    def sealed(field: str, value: str) -> str:
+        return "" if key is None or datos is None else pii.Vault.seal_event_field(key, afiliado_id, field, value)
+    return OutgoingEvent(TOPIC, "AfiliadoRegistrado", afiliado_id, {
+        "id": afiliado_id, "user_id": user_id, "email": sealed("email", datos.email if datos else ""),
+        "nombre": sealed("nombre", datos.nombre if datos else ""), "pais": pais,
+        "email_sha256": domain.email_sha256(datos.email) if datos and key else None, "timestamp": timestamp})
+
+
+def _indices(vault: pii.Vault, datos: pii.DatosPersonales) -> dict:
+    return {"email_indice": vault.index("email", domain.normalizar_email(datos.email)),
+            "documento_indice": vault.index("documento", domain.normalizar_documento(datos.numero_documento))
+            if datos.numero_documento else None}
+
+
+def personal_data(session: Session, vault: pii.Vault, rows) -> dict[str, pii.DatosPersonales | None]:
+    """Each row's personal data, None once erased. Legacy rows not sealed yet are read in clear."""
+    keys = vault.keys(session, [r["id"] for r in rows if r["datos_personales"]])
+    found: dict[str, pii.DatosPersonales | None] = {}
+    for row in rows:
+        if row["datos_borrados_en"] is not None:
+            found[row["id"]] = None
+        elif row["datos_personales"]:
+            key = keys.get(row["id"])
+            found[row["id"]] = None if key is None else vault.open_datos(key, row["id"], row["datos_personales"])
+        elif row["email"] is not None:
+            found[row["id"]] = pii.DatosPersonales(row["email"], row["nombre"] or "", row["numero_documento"],
+                                                   row["metodo_pago"])
+        else:
+            found[row["id"]] = None
+    return found
+
+
+def validate_registered_afiliados(db: Database, outbox: Outbox, vault: pii.Vault, batch: int = 100) -> int:
     """The automatic validation step: every registered affiliate ends validated or rejected."""
     a = tables.afiliados
     with db.transaction() as session:
         rows = session.execute(
-            select(a).where(a.c.estado == domain.REGISTRADO).order_by(a.c.registrado_en).limit(batch)
+            select(a).where(a.c.estado == domain.REGISTRADO).order_by(a.c.registrado_en, a.c.id).limit(batch)
             .with_for_update(skip_locked=True)).mappings().all()
+        datos_de = personal_data(session, vault, rows)
         events = []
         for row in rows:
-            duplicate = session.scalar(select(exists().where(
-                a.c.user_id == row["user_id"], a.c.estado == domain.VALIDADO, a.c.id != row["id"])))
-            motivos = domain.motivos_de_rechazo(
-                domain.SolicitudRegistro(row["user_id"], row["email"], row["nombre"]), duplicate,
-                documento_duplicado=_documento_taken(session, row))
+            datos = datos_de[row["id"]]
             now = utcnow()
+            if datos is None:  # erased before it was validated: nothing left to validate
+                motivos = ["datos_borrados"]
+            else:
+                # A legacy row not sealed yet has no indexes: computed from its clear data.
+                indices = _indices(vault, datos)
+                duplicate = session.scalar(select(exists().where(
+                    a.c.user_id == row["user_id"], a.c.estado == domain.VALIDADO, a.c.id != row["id"])))
+                motivos = domain.motivos_de_rechazo(
+                    domain.SolicitudRegistro(row["user_id"], datos.email, datos.nombre), duplicate,
+                    documento_duplicado=_taken(session, a.c.documento_indice, indices["documento_indice"], row),
+                    email_duplicado=_taken(session, a.c.email_indice, indices["email_indice"], row))
             if motivos:
                 session.execute(update(a).where(a.c.id == row["id"]).values(
                     estado=domain.RECHAZADO, motivos=",".join(motivos), validado_en=now))
@@ -66,19 +105,32 @@ def validate_registered_afiliados(db: Database, outbox: Outbox, batch: int = 100
         return len(rows)
 
 
-def _documento_taken(session: Session, row) -> bool:
-    """Another affiliate already holds this identity document. A rejected holder does not count
-    (its registration never became an account); a suspended one does (no way around a suspension)."""
-    if not row["numero_documento"]:
+def _taken(session: Session, column, value: str | None, row) -> bool:
+    """Another affiliate already holds this email / identity document (compared by blind index: the
+    document's normalized number whatever its type, so a passport number re-registered as an ID card
+    is still the same document). A validated or suspended holder counts (no way around a suspension);
+    a rejected one does not (its registration never became an account); one registered earlier and not
+    validated yet counts too, so of two registrations racing over instances the first one wins."""
+    if not value:
         return False
     a = tables.afiliados
+    earlier = or_(a.c.registrado_en < row["registrado_en"],
+                  and_(a.c.registrado_en == row["registrado_en"], a.c.id < row["id"]))
     return bool(session.scalar(select(exists().where(
-        a.c.tipo_documento == row["tipo_documento"], a.c.numero_documento == row["numero_documento"],
-        a.c.estado.in_([domain.VALIDADO, domain.SUSPENDIDO]), a.c.id != row["id"]))))
+        column == value, a.c.id != row["id"],
+        or_(a.c.estado.in_([domain.VALIDADO, domain.SUSPENDIDO]), and_(a.c.estado == domain.REGISTRADO, earlier))))))
 
 
 # -- actions taken by a human, each a state change and its event committed together ---------
-def approve_afiliado(session: Session, afiliado_id: str) -> list[OutgoingEvent]:
+def approve_afiliado(session: Session, afiliado_id: str, principal: str | None = None) -> list[OutgoingEvent]:
+    """`principal`: the caller's role, None until the identity work names it (see
+    domain.may_override_rejection)."""
+    a = tables.afiliados
+    motivos = session.scalar(select(a.c.motivos).where(a.c.id == afiliado_id).with_for_update())
+    motivos = [m for m in (motivos or "").split(",") if m]
+    if motivos and not domain.may_override_rejection(principal, motivos):
+        raise Conflict("motivos", f"a {principal} may not override this rejection ({', '.join(motivos)}): "
+                                  "a duplicate only an operator may approve")
     now = utcnow()
     _change_estado(session, afiliado_id, domain.APROBAR, validado_en=now)
     return [OutgoingEvent(TOPIC, "AfiliadoAprobado", afiliado_id, {"id": afiliado_id, "timestamp": now})]
@@ -105,6 +157,65 @@ def _change_estado(session: Session, afiliado_id: str, accion: str, **values) ->
     except domain.TransicionInvalida as refusal:
         raise Conflict("estado", str(refusal)) from None
     session.execute(update(a).where(a.c.id == afiliado_id).values(estado=nuevo, **values))
+
+
+# -- erasure of the personal data (crypto-shredding) -------------------------------------------------
+def erase_personal_data(session: Session, afiliado_id: str, vault: pii.Vault) -> list[OutgoingEvent]:
+    """Shred the affiliate's data key: its sealed data here, in its events, in the broker and in
+    the audit log become unreadable at once, and the audit chain is left as it was. The rest of
+    the affiliate (state, earnings) stays. A second erasure does nothing (no second event).
+    The blind index of the document is kept while the affiliate is suspended, so a suspension is not
+    escaped by erasing and registering again (a pseudonym only the service's key can compute)."""
+    a = tables.afiliados
+    row = session.execute(select(a).where(a.c.id == afiliado_id).with_for_update()).mappings().first()
+    if row is None:
+        raise NotFound("afiliado_id", "no affiliate with this id")
+    if row["datos_borrados_en"] is not None:
+        return []
+    documento_indice = None
+    if row["estado"] == domain.SUSPENDIDO:
+        documento_indice = row["documento_indice"] or (
+            vault.index("documento", row["numero_documento"]) if row["numero_documento"] else None)
+    now = utcnow()
+    vault.shred(session, afiliado_id)
+    session.execute(update(a).where(a.c.id == afiliado_id).values(
+        datos_personales=None, email_indice=None, documento_indice=documento_indice, datos_borrados_en=now,
+        email=None, nombre=None, numero_documento=None, metodo_pago=None))
+    return [OutgoingEvent(TOPIC, "DatosPersonalesBorrados", afiliado_id, {"id": afiliado_id, "timestamp": now})]
+
+
+# -- sealing what was written in clear before the personal data was sealed -----------------------------
+def seal_personal_data(db: Database, vault: pii.Vault, registry: SchemaRegistry, batch: int = 200) -> int:
+    """Legacy rows (migration 0004 kept their clear columns) get a data key, their data sealed and
+    their clear columns emptied; legacy AfiliadoRegistrado v1/v2 in the outbox (pending or sent)
+    are re-encoded as v3, so no clear copy stays in the service. Returns how much it sealed."""
+    a, o = tables.afiliados, tables.outbox
+    with db.transaction() as session:
+        rows = session.execute(select(a).where(
+            a.c.datos_personales.is_(None), a.c.datos_borrados_en.is_(None), a.c.email.is_not(None))
+            .order_by(a.c.registrado_en, a.c.id).limit(batch).with_for_update(skip_locked=True)).mappings().all()
+        for row in rows:
+            key = vault.key(session, row["id"]) or vault.create_key(session, row["id"])
+            datos = pii.DatosPersonales(row["email"], row["nombre"] or "", row["numero_documento"], row["metodo_pago"])
+            session.execute(update(a).where(a.c.id == row["id"]).values(
+                datos_personales=vault.seal_datos(key, row["id"], datos), **_indices(vault, datos),
+                email=None, nombre=None, numero_documento=None, metodo_pago=None))
+        sealed = len(rows)
+        events = session.execute(select(o).where(o.c.event_type == "AfiliadoRegistrado", o.c.schema_version < 3)
+                                 .order_by(o.c.id).limit(batch).with_for_update(skip_locked=True)).mappings().all()
+        for event in events:
+            old = registry.decode("AfiliadoRegistrado", event["payload"], event["schema_version"],
+                                  event["schema_version"])
+            afiliado = session.execute(select(a).where(a.c.id == old["id"])).mappings().first()
+            if afiliado is not None and afiliado["datos_borrados_en"] is None and afiliado["datos_personales"] is None:
+                continue  # its row is not sealed yet (next batch): then its event
+            key = vault.key(session, old["id"]) if afiliado is not None else None
+            datos = pii.DatosPersonales(old["email"], old["nombre"]) if key is not None else None
+            v3 = _registrado(old["id"], old["user_id"], datos, old.get("pais"), old["timestamp"], key).payload
+            payload, version = registry.encode("AfiliadoRegistrado", v3)
+            session.execute(update(o).where(o.c.id == event["id"]).values(payload=payload, schema_version=version))
+            sealed += 1
+        return sealed
 
 
 def record_comision(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:

@@ -1,4 +1,4 @@
-from sqlalchemy import Column, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import Column, Integer, LargeBinary, MetaData, String, Table, Text
 
 from alpes.kernel.db import ScaledDecimal, UtcDateTime
 from alpes.kernel.inbox import inbox_table
@@ -10,8 +10,17 @@ afiliados = Table(
     "afiliados", metadata,
     Column("id", String(36), primary_key=True),
     Column("user_id", String(120), nullable=False, index=True),
-    Column("email", String(254), nullable=False, unique=True),
-    Column("nombre", String(200), nullable=False),
+    # Personal data (pii.py): email, name, document number and payment method, sealed together with
+    # the affiliate's data key; null once erased (and for legacy rows until the sealing job runs).
+    Column("datos_personales", Text),
+    # Blind indexes (HMAC with the service's index key) of the normalized email and document number:
+    # duplicates are found without the clear value. Not unique: a duplicate is stored, then rejected.
+    Column("email_indice", String(64), index=True),
+    Column("documento_indice", String(64), index=True),
+    Column("datos_borrados_en", UtcDateTime()),  # erasure: the data key was shredded then
+    # Legacy clear columns (before migration 0004): emptied by the sealing job, never written again.
+    Column("email", String(254)),
+    Column("nombre", String(200)),
     Column("estado", String(20), nullable=False, index=True),
     Column("motivos", Text, nullable=False, default=""),
     Column("registrado_en", UtcDateTime(), nullable=False),
@@ -25,12 +34,20 @@ afiliados = Table(
     Column("ganancias_revertidas", ScaledDecimal(2), nullable=False, default=0, server_default="0"),
     # Identity and payment data; null for affiliates registered before they were asked for.
     Column("tipo_documento", String(20)),
-    Column("numero_documento", String(20)),
+    Column("numero_documento", String(20)),  # legacy clear column, like email
     Column("pais", String(2)),
-    Column("metodo_pago", String(20)),
+    Column("metodo_pago", String(20)),  # legacy clear column, like email
     Column("motivo_suspension", String(500)),
-    # Not unique: a second registration with a taken document is stored, then rejected.
-    Index("ix_afiliados_documento", "tipo_documento", "numero_documento"),
+)
+
+# Data keys (pii.py): one per affiliate (id = the affiliate's id), wrapped with a master key, plus
+# the service's blind-index key. Deleting an affiliate's row is the erasure of its personal data.
+claves = Table(
+    "claves", metadata,
+    Column("id", String(36), primary_key=True),
+    Column("kek_id", String(16), nullable=False),  # which master key wrapped it
+    Column("clave", LargeBinary, nullable=False),  # nonce | wrapped key | tag
+    Column("creada_en", UtcDateTime(), nullable=False),
 )
 
 programas = Table(

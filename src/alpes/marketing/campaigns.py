@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session
 
@@ -11,6 +13,8 @@ from alpes.kernel.messages import IncomingEvent, OutgoingEvent, new_id, utcnow
 
 from . import domain, tables
 from .topics import MARKETING
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 # -- campaigns -------------------------------------------------------------------------------------
@@ -127,13 +131,25 @@ def note_registered_afiliado(session: Session, event: IncomingEvent) -> list[Out
     It takes part in nothing until validated or approved."""
     t = tables.afiliados
     afiliado_id, pais = event.payload["id"], event.payload.get("pais")
-    email = event.payload.get("email")
-    email_sha256 = domain.email_sha256(email) if email else None  # only the hash: see AfiliadoHabilitado
+    if event.schema_version >= 3:  # the email is sealed (never hashed, never an address): its hash is given
+        given = event.payload.get("email_sha256")
+        email_sha256 = given if isinstance(given, str) and _SHA256_HEX.fullmatch(given) else None
+    else:  # v1/v2 (written before the personal data was sealed): the address, hashed here and not kept
+        email = event.payload.get("email")
+        email_sha256 = domain.email_sha256(email) if email else None  # only the hash: see AfiliadoHabilitado
     if session.scalar(select(exists().where(t.c.afiliado_id == afiliado_id))):
         session.execute(update(t).where(t.c.afiliado_id == afiliado_id).values(pais=pais, email_sha256=email_sha256))
     else:
         session.execute(t.insert().values(afiliado_id=afiliado_id, estado=domain.REGISTRADO, pais=pais,
                                           email_sha256=email_sha256, actualizado_en=utcnow()))
+    return []
+
+
+def forget_personal_data(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """DatosPersonalesBorrados: the affiliate's email hash is derived from its personal data: forgotten.
+    (conversiones keeps the one it was given: see README, personal data.)"""
+    t = tables.afiliados
+    session.execute(update(t).where(t.c.afiliado_id == event.payload["id"]).values(email_sha256=None))
     return []
 
 

@@ -14,6 +14,7 @@ def consumer_specs() -> list[ConsumerSpec]:
             "AfiliadoReactivado": campaigns.enable_afiliado,
             "AfiliadoRechazado": campaigns.note_rejected_afiliado,
             "AfiliadoSuspendido": campaigns.disable_afiliado,
+            "DatosPersonalesBorrados": campaigns.forget_personal_data,
         }),
         ConsumerSpec("conversiones.eventos", "marketing-consumer", {
             # The conversion → commission saga: book once and answer on marketing.eventos.
