@@ -1,0 +1,179 @@
+"""API keys and who is calling: the mechanics every service shares.
+
+A key is `alpes_<kind>_<key id>_<secret>`: the kind says the role at a glance (op, adv, aff), the
+key id finds the key, the secret (256 random bits) proves it. Only the SHA-256 of the whole key
+is kept, anywhere: with that much entropy a fast hash cannot be reversed, and a stolen table
+opens nothing. Marketing issues and revokes keys; every service keeps its own copy of the key
+table, learnt from `ClaveApiEmitida` / `ClaveApiRevocada` on marketing.eventos, and verifies each
+request against it locally, so a revocation reaches every service through the broker within
+moments and verification goes on while marketing is down.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import Column, MetaData, String, Table, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from .db import UtcDateTime
+from .messages import IncomingEvent, OutgoingEvent
+
+OPERATOR, ADVERTISER, AFFILIATE, SYSTEM, ANONYMOUS = "operator", "advertiser", "affiliate", "system", "anonymous"
+ROLES = (OPERATOR, ADVERTISER, AFFILIATE)
+_KIND = {OPERATOR: "op", ADVERTISER: "adv", AFFILIATE: "aff"}
+# Resource groups a key may be scoped to, each `<group>:read` or `<group>:write`.
+RESOURCE_GROUPS = ("afiliados", "campanas", "conversiones", "comisiones", "pagos", "reportes", "auditoria",
+                   "claves", "sistema")
+ALL_SCOPES = tuple(f"{group}:{action}" for group in RESOURCE_GROUPS for action in ("read", "write"))
+# The digest of a key whose revocation arrived before its issue (no key hashes to it).
+_PLACEHOLDER = "revoked-before-issued"
+# How often a key's last use is written back (a key used a thousand times a second is one write).
+LAST_USED_RESOLUTION = timedelta(seconds=60)
+
+
+class Unauthenticated(Exception):
+    """No valid key: missing, malformed, unknown, expired or revoked (→ 401)."""
+
+
+class Forbidden(Exception):
+    """A valid key whose role or scopes do not allow the operation (→ 403)."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the key (or `system`/`local-operator`), its role and the tenant it belongs to."""
+
+    id: str
+    role: str
+    anunciante_id: str | None = None
+    afiliado_id: str | None = None
+    scopes: frozenset[str] = field(default_factory=lambda: frozenset(ALL_SCOPES))
+
+    def allows(self, scope: str) -> bool:
+        return scope in self.scopes
+
+    @property
+    def tenant(self) -> str | None:
+        return self.anunciante_id or self.afiliado_id
+
+
+# The caller of a consumer or a scheduled job: the platform itself.
+SYSTEM_PRINCIPAL = Principal("system", SYSTEM)
+# Protected local mode: anonymous callers on a loopback-only platform that has no key yet.
+LOCAL_OPERATOR = Principal("local-operator", OPERATOR)
+
+
+@dataclass(frozen=True)
+class NewKey:
+    key: str  # shown once, never stored
+    key_id: str
+    digest: str
+
+
+def generate_key(role: str) -> NewKey:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    key_id = base64.b32encode(secrets.token_bytes(10)).decode().lower().rstrip("=")
+    secret = base64.b32encode(secrets.token_bytes(32)).decode().lower().rstrip("=")
+    key = f"alpes_{_KIND[role]}_{key_id}_{secret}"
+    return NewKey(key, key_id, digest(key))
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def key_id_of(key: str) -> str:
+    """The key id inside a presented key, or Unauthenticated if the key is not of our shape."""
+    parts = key.split("_")
+    if len(parts) != 4 or parts[0] != "alpes" or parts[1] not in _KIND.values() or not parts[2].isalnum() \
+            or not parts[3].isalnum() or len(key) > 200:
+        raise Unauthenticated("malformed API key")
+    return parts[2]
+
+
+def parse_scopes(value: Iterable[str]) -> frozenset[str]:
+    scopes = frozenset(value)
+    unknown = sorted(scopes - set(ALL_SCOPES))
+    if unknown:
+        raise ValueError(f"unknown scopes: {', '.join(unknown)}")
+    return scopes
+
+
+def keys_table(metadata: MetaData) -> Table:
+    """Each service's copy of the keys (marketing's is the one it issues from)."""
+    return Table(
+        "claves_api", metadata,
+        Column("key_id", String(40), primary_key=True),
+        Column("digest", String(64), nullable=False),
+        Column("rol", String(16), nullable=False),
+        Column("anunciante_id", String(36)),
+        Column("afiliado_id", String(36)),
+        Column("scopes", String(1000), nullable=False),
+        Column("nombre", String(120)),
+        Column("expira_en", UtcDateTime()),
+        Column("revocada_en", UtcDateTime()),
+        Column("creada_en", UtcDateTime(), nullable=False),
+        Column("usada_en", UtcDateTime()),
+    )
+
+
+class KeyRing:
+    """Verifies presented keys against a service's key table."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+
+    def verify(self, session: Session, key: str, now: datetime) -> Principal:
+        row = session.execute(select(self.table).where(self.table.c.key_id == key_id_of(key))).mappings().first()
+        # Compare the digests in constant time; an unknown id costs the same comparison.
+        expected = row["digest"] if row is not None else "0" * 64
+        if not hmac.compare_digest(expected, digest(key)) or row is None:
+            raise Unauthenticated("unknown API key")
+        if row["revocada_en"] is not None:
+            raise Unauthenticated("revoked API key")
+        if row["expira_en"] is not None and row["expira_en"] <= now:
+            raise Unauthenticated("expired API key")
+        if row["usada_en"] is None or now - row["usada_en"] >= LAST_USED_RESOLUTION:
+            session.execute(update(self.table).where(self.table.c.key_id == row["key_id"]).values(usada_en=now))
+        return Principal(row["key_id"], row["rol"], row["anunciante_id"], row["afiliado_id"],
+                         frozenset(filter(None, row["scopes"].split(","))))
+
+    def any_key(self, session: Session) -> bool:
+        """Protected local mode ends with the first key known to this service, revoked or not."""
+        return bool(session.scalar(select(func.count()).select_from(self.table)))
+
+    # -- learnt from marketing.eventos (every service but marketing) --------------------------
+    def learn_issued(self, session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+        p = event.payload
+        values = dict(digest=p["digest"], rol=p["rol"], anunciante_id=p.get("anunciante_id"),
+                      afiliado_id=p.get("afiliado_id"), scopes=",".join(sorted(p["scopes"])), nombre=p.get("nombre"),
+                      expira_en=p.get("expira_en"), creada_en=p["timestamp"])
+        try:
+            with session.begin_nested():
+                session.execute(insert(self.table).values(key_id=p["key_id"], **values))
+        except IntegrityError:
+            # Known already: a redelivery (nothing to do), or its revocation came first (fill it in,
+            # revoked it stays).
+            session.execute(update(self.table).where(self.table.c.key_id == p["key_id"],
+                                                     self.table.c.digest == _PLACEHOLDER).values(**values))
+        return []
+
+    def learn_revoked(self, session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+        # Revocation may arrive before the issue (different keys order independently): keep a row.
+        p = event.payload
+        revoked = session.execute(update(self.table).where(self.table.c.key_id == p["key_id"])
+                                  .values(revocada_en=p["timestamp"]))
+        if revoked.rowcount == 0:
+            session.execute(insert(self.table).values(
+                key_id=p["key_id"], digest=_PLACEHOLDER, rol="revoked", scopes="", creada_en=p["timestamp"],
+                revocada_en=p["timestamp"]))
+        return []

@@ -1,0 +1,104 @@
+"""API keys (kernel/access.py): shape, hashing, verification against a service's key table."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import MetaData, select
+
+from alpes.kernel.access import (
+    ADVERTISER,
+    AFFILIATE,
+    OPERATOR,
+    KeyRing,
+    Unauthenticated,
+    digest,
+    generate_key,
+    key_id_of,
+    keys_table,
+    parse_scopes,
+)
+from alpes.kernel.db import Database
+from alpes.kernel.messages import IncomingEvent
+
+NOW = datetime(2026, 12, 4, 12, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def ring(tmp_path):
+    metadata = MetaData()
+    table = keys_table(metadata)
+    db = Database(f"sqlite:///{tmp_path / 'keys.db'}")
+    metadata.create_all(db.engine)
+    return db, KeyRing(table)
+
+
+def _issued(new, role: str, **extra) -> IncomingEvent:
+    payload = {"key_id": new.key_id, "digest": new.digest, "rol": role, "scopes": ["conversiones:write"],
+               "timestamp": NOW, **extra}
+    return IncomingEvent("marketing.eventos", "s", f"e-{new.key_id}", "ClaveApiEmitida", 1, new.key_id, NOW,
+                         "c", "c", payload)
+
+
+def test_a_key_names_its_role_carries_256_random_bits_and_is_stored_only_as_its_hash():
+    keys = {role: generate_key(role) for role in (OPERATOR, ADVERTISER, AFFILIATE)}
+    assert [k.key.split("_")[1] for k in keys.values()] == ["op", "adv", "aff"]
+    secret = keys[OPERATOR].key.split("_")[3]
+    assert len(secret) == 52  # base32 of 32 bytes
+    assert keys[OPERATOR].digest == digest(keys[OPERATOR].key) and keys[OPERATOR].key not in keys[OPERATOR].digest
+    assert len({k.key for k in keys.values()} | {generate_key(OPERATOR).key}) == 4
+    with pytest.raises(ValueError):
+        generate_key("superuser")
+
+
+@pytest.mark.parametrize("presented", ["", "Bearer x", "alpes_op_abc", "alpes_xx_abc_def", "sk_live_abc_def_ghi",
+                                       "alpes_op_ab-c_def", "alpes_op_abc_" + "d" * 300])
+def test_a_malformed_key_is_refused_before_any_lookup(presented):
+    with pytest.raises(Unauthenticated, match="malformed"):
+        key_id_of(presented)
+
+
+def test_verification_learns_keys_and_refuses_unknown_altered_expired_and_revoked_ones(ring):
+    db, keys = ring
+    good, expiring, revoked, never_told = (generate_key(ADVERTISER) for _ in range(4))
+    with db.transaction() as session:
+        assert keys.any_key(session) is False
+        keys.learn_issued(session, _issued(good, ADVERTISER, anunciante_id="adv-1"))
+        keys.learn_issued(session, _issued(good, ADVERTISER, anunciante_id="adv-1"))  # redelivered: once
+        keys.learn_issued(session, _issued(expiring, ADVERTISER, expira_en=NOW + timedelta(hours=1)))
+        keys.learn_issued(session, _issued(revoked, ADVERTISER))
+        keys.learn_revoked(session, IncomingEvent("marketing.eventos", "s", "r1", "ClaveApiRevocada", 1,
+                                                  revoked.key_id, NOW, "c", "c",
+                                                  {"key_id": revoked.key_id, "timestamp": NOW}))
+        assert keys.any_key(session) is True
+    with db.transaction() as session:
+        principal = keys.verify(session, good.key, NOW)
+        assert (principal.role, principal.anunciante_id, principal.scopes) == (
+            ADVERTISER, "adv-1", frozenset({"conversiones:write"}))
+        assert principal.allows("conversiones:write") and not principal.allows("pagos:write")
+        assert keys.verify(session, expiring.key, NOW).id == expiring.key_id
+        for key, reason in ((expiring.key, "expired"), (revoked.key, "revoked"), (never_told.key, "unknown"),
+                            (good.key[:-1] + ("a" if good.key[-1] != "a" else "b"), "unknown")):
+            with pytest.raises(Unauthenticated, match=reason):
+                keys.verify(session, key, NOW + timedelta(hours=2))
+    with db.read() as session:
+        used = session.execute(select(keys.table.c.usada_en).where(keys.table.c.key_id == good.key_id)).scalar_one()
+        assert used == NOW
+
+
+def test_a_revocation_that_arrives_first_still_refuses_the_key(ring):
+    db, keys = ring
+    key = generate_key(AFFILIATE)
+    with db.transaction() as session:
+        keys.learn_revoked(session, IncomingEvent("marketing.eventos", "s", "r1", "ClaveApiRevocada", 1,
+                                                  key.key_id, NOW, "c", "c", {"key_id": key.key_id, "timestamp": NOW}))
+        keys.learn_issued(session, _issued(key, AFFILIATE, afiliado_id="af-1"))
+    with db.transaction() as session, pytest.raises(Unauthenticated, match="revoked"):
+        keys.verify(session, key.key, NOW)
+
+
+def test_scopes_are_checked_against_the_known_resource_groups():
+    assert parse_scopes(["pagos:read", "campanas:write"]) == frozenset({"pagos:read", "campanas:write"})
+    with pytest.raises(ValueError, match="unknown scopes: pagos:delete"):
+        parse_scopes(["pagos:delete"])
