@@ -45,11 +45,6 @@ TOPIC_TYPE = {"afiliados.eventos": "AfiliadoRegistrado", "conversiones.eventos":
               "auditoria.eventos": "EventoAuditado", "sistema.eventos": "ServicioIniciado"}
 VELOCITY_LIMIT = 5  # ALPES_MAX_CONVERSIONS_PER_IP for this run
 BURST = 8  # postbacks from one IP in a velocity burst: the last BURST - VELOCITY_LIMIT are held
-# How long a SIGKILLed process may take to answer again. The JVM of a real Apache Pulsar standalone
-# is started again on the same data: the platform worked again 9-16 s after a kill in 8 of 9 kills
-# measured, once 71 s (a bookie-lock flap, README "Real Apache Pulsar"), on a quiet machine; 180 s
-# there, 120 s for a service or the embedded broker.
-RESTART_TIMEOUT = {"embedded": 120.0, "pulsar": 180.0}
 # `alpes up --broker pulsar`'s first run resolves Apache Pulsar's jars with Maven (README).
 START_TIMEOUT = {"embedded": 120.0, "pulsar": 900.0}
 
@@ -414,8 +409,7 @@ class _Suite:
 
     def _do_kill(self, event: ChaosEvent) -> None:
         pid = self.p.kill(event.target)
-        self.p.wait_restarted(event.target, pid, timeout=RESTART_TIMEOUT[self.broker] if event.target == "broker"
-                              else RESTART_TIMEOUT["embedded"])
+        self.p.wait_restarted(event.target, pid, timeout=120)
         event.note = f"SIGKILL pid {pid}, restarted as {self.p.pid(event.target)}"
 
     def _do_hold(self, event: ChaosEvent) -> None:
