@@ -9,21 +9,9 @@ runs `check` on the committed deploy/k8s, so a contract change without regenerat
     python -m alpes.manifests deploy/k8s            # regenerate
     python -m alpes.manifests --check deploy/k8s    # exit 1 and show the differences
 
-What is generated:
-- namespace.yaml: the namespace, Pod Security "restricted" enforced (every pod here complies).
-- config.yaml: the ConfigMap with the shared, non-secret ALPES_* settings.
-- secret.example.yaml: the Secret's shape with placeholders. NOT applied by kustomization.yaml:
-  create the real one from your secret store (deploy/README.md shows the command).
-- provision-job.yaml: a Job running `alpes provision` (topics with their partition counts and
-  the subscriptions, through the Pulsar admin API); its name carries a digest of the contract,
-  so a changed contract is a new Job rather than an edit of an immutable one.
-- <service>.yaml, one per service: its Deployment, its Service and its KEDA ScaledObject with
-  one `pulsar` trigger per subscription the service consumes (contract.subscriptions_of).
-- kustomization.yaml: `kubectl apply -k deploy/k8s` applies all of the above but the example.
-
-Each service pod also runs `alpes provision` as an init container: it is idempotent (an
-existing topic's partition count is checked, not trusted), and it guarantees no consumer ever
-subscribes before its topic exists - Pulsar would otherwise auto-create it non-partitioned.
+What it generates (namespace, ConfigMap, Secret example, provisioning Job, and per service a
+Deployment, a Service and a KEDA ScaledObject with one pulsar trigger per subscription) and why
+each pod also provisions first: deploy/README.md.
 
 Nothing here runs at import. PyYAML is imported by `render()` only.
 """
