@@ -158,10 +158,17 @@ class RequestLimits:
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        refusal = _cross_site(scope, headers)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        if scope["method"] == "DELETE":
+            await self.app(scope, receive, send)
+            return
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             await self._too_large(scope, receive, send)
@@ -240,6 +247,27 @@ def client_address(request: Request) -> IPAddress | None:
     """The caller's address as ProxyHeaders resolved it, parsed (None when the socket has none,
     e.g. a unix socket or the test client)."""
     return parse_ip(request.client.host) if request.client else None
+
+
+# The content types a browser sends cross-site without asking first (no CORS preflight): an HTML
+# form or a "simple" fetch. No route here takes them, so they are refused even with no body.
+_SIMPLE_CONTENT_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data", "text/plain")
+
+
+def _cross_site(scope, headers: dict[str, str]) -> JSONResponse | None:
+    """A state change a browser could have been tricked into sending (CSRF): a form-like content
+    type, or an Origin other than the service's own (its /docs page). Servers and the console send
+    no Origin; every state change takes a JSON body or none."""
+    media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type in _SIMPLE_CONTENT_TYPES:
+        return error_response(415, "content-type", f"must be application/json, not {media_type}")
+    origin = headers.get("origin")
+    if origin is not None:
+        own = f"{scope.get('scheme', 'http')}://{headers.get('host', '')}"
+        if origin.rstrip("/").lower() != own.lower():
+            return error_response(403, "origin", f"cross-site request from {origin[:100]} refused: state changes "
+                                                 "come from servers (no Origin) or this service's own pages")
+    return None
 
 
 def error_response(status: int, field: str | None, reason: str, *, detail: str | None = None,

@@ -15,7 +15,7 @@ from alpes.kernel.http import MAX_OFFSET, BoundedDatetime, Identifier, PlainText
 from alpes.kernel.money import Amount, Currency, Percentage, check_places
 from alpes.kernel.runtime import ServiceRuntime
 
-from . import campaigns, domain
+from .. import campaigns, domain
 
 
 Code = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,40}$")]

@@ -1,5 +1,5 @@
 """Marketing's HTTP API: the routers of each capability, in the order their paths are matched
-and published (api_campaigns, api_commissions, api_reports, api_payouts)."""
+and published (campaigns, commissions, reports, payouts: the routes of each capability)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from fastapi import FastAPI
 
 from alpes.kernel.runtime import ServiceRuntime
 
-from . import api_campaigns, api_commissions, api_payouts, api_reports
+from . import campaigns, commissions, payouts, reports
 
 
 def include_routes(runtime: ServiceRuntime, umbral: Decimal = Decimal("50.00")):
-    routers = [api_campaigns.router(runtime), api_commissions.router(runtime), api_reports.router(runtime),
-               api_payouts.router(runtime, umbral)]
+    routers = [campaigns.router(runtime), commissions.router(runtime), reports.router(runtime),
+               payouts.router(runtime, umbral)]
 
     def include(app: FastAPI) -> None:
         for router in routers:

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Query
 from alpes.kernel.http import IsoDate
 from alpes.kernel.runtime import ServiceRuntime
 
-from . import reporting
+from .. import reporting
 
 
 def router(runtime: ServiceRuntime) -> APIRouter:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict
 from alpes.kernel.http import MAX_OFFSET, Identifier
 from alpes.kernel.runtime import ServiceRuntime
 
-from . import payouts
+from .. import payouts
 
 
 class CrearPagos(BaseModel):

@@ -13,7 +13,7 @@ from alpes.kernel.http import MAX_OFFSET, Identifier
 from alpes.kernel.money import Amount, Percentage, check_places
 from alpes.kernel.runtime import ServiceRuntime
 
-from . import campaigns, commission_rules, commissions, domain
+from .. import campaigns, commission_rules, commissions, domain
 
 
 class ReglaComision(BaseModel):
