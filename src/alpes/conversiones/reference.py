@@ -73,7 +73,8 @@ def _conversions_from_same_caller(session: Session, signals, limit: int) -> int 
     if signals.caller_key is None:
         return None
     t = tables.conversion_signals
-    recent = select(t.c.conversion_id).where(
+    # Only indexed columns (ix_conversion_signals_campaign_caller): the count never reads the rows.
+    recent = select(t.c.detected_at).where(
         t.c.campaign_id == signals.campaign_id, t.c.caller_key == signals.caller_key,
         t.c.detected_at > signals.detected_at - domain.IP_VELOCITY_WINDOW,
         t.c.detected_at <= signals.detected_at).limit(limit + 1).subquery()
