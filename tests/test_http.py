@@ -64,7 +64,7 @@ def test_a_deadlock_at_commit_answers_503_retry_and_stores_nothing(afiliados, mo
     is rolled back whole and the caller is told to retry, not handed a bare 500."""
     client, runtime, tables = afiliados
 
-    def deadlocked(session, events):  # after the affiliate row was added to the session
+    def deadlocked(session, events, actor=None):  # after the affiliate row was added to the session
         raise OperationalError("INSERT INTO outbox ...", {}, Exception(1213, "Deadlock found when trying to get lock"))
     monkeypatch.setattr(runtime.outbox, "add", deadlocked)
     response = client.post("/afiliados", json={"user_id": "u1", "email": "ana@example.com", "nombre": "Ana"})

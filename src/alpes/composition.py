@@ -13,24 +13,30 @@ from collections.abc import Callable
 from fastapi import FastAPI
 from sqlalchemy import Table
 
+from .authorization import LIMIT_SUBJECTS, RULES
 from .contract import subscriptions_of
+from .kernel.access import Gate, KeyRing, RateLimited
 from .kernel.backlog import BacklogProbe
 from .kernel.codec import SchemaRegistry
 from .kernel.db import Database, migrate, tighten_directory
 from .kernel.embedded_broker import EmbeddedBrokerQuirks
 from .kernel.http import create_app
+from .kernel.http_access import AccessControl, SignedRequests
 from .kernel.pulsar_admin import AdminBacklog
+from .kernel.ratelimit import RateLimit, RateLimiter
 from .kernel.runtime import ConsumerSpec, ServiceRuntime
 from .kernel.signing import EventSigner
 from .settings import Settings
 
 
-def compose(name: str, settings: Settings, *, outbox: Table, inbox: Table, consumers: list[ConsumerSpec],
-            routes: Callable[[ServiceRuntime], Callable[[FastAPI], None]],
+def compose(name: str, settings: Settings, *, outbox: Table, inbox: Table, keys: Table,
+            consumers: list[ConsumerSpec], routes: Callable[[ServiceRuntime], Callable[[FastAPI], None]],
             configure: Callable[[ServiceRuntime], None] | None = None,
-            registry: SchemaRegistry | None = None) -> tuple[FastAPI, ServiceRuntime]:
+            registry: SchemaRegistry | None = None,
+            signed_requests: Callable[[ServiceRuntime], SignedRequests] | None = None) -> tuple[FastAPI, ServiceRuntime]:
     """`registry`: the service's schema registry when its own root needs it before the runtime
-    exists (for an event store its consumers use); built here otherwise."""
+    exists (for an event store its consumers use); built here otherwise. `keys`: the service's copy
+    of the API keys. `signed_requests`: the verifier of advertisers' signed requests, if any route takes them."""
     declared = {(s.topic, s.name) for s in subscriptions_of(name)}
     wired = {(c.topic, c.subscription) for c in consumers}
     if declared != wired:
@@ -49,8 +55,34 @@ def compose(name: str, settings: Settings, *, outbox: Table, inbox: Table, consu
     tighten_directory(settings.data_dir)  # ours: SQLite files, the local signing key, logs (0700)
     if configure is not None:
         configure(runtime)
+    access = AccessControl(
+        name, RULES[name], Gate(runtime.db, KeyRing(keys), protected_local=settings.protected_local_mode),
+        signed_requests=signed_requests(runtime) if signed_requests is not None else None,
+        limits=rate_limits(settings, runtime), limit_subjects=LIMIT_SUBJECTS)
+    runtime.health_reports["access"] = access.describe
     return create_app(f"AlpesPartner · {name}", runtime, routes(runtime),
-                      max_body_bytes=settings.max_body_bytes, trusted_proxies=settings.trusted_proxies), runtime
+                      max_body_bytes=settings.max_body_bytes, trusted_proxies=settings.trusted_proxies,
+                      access=access), runtime
+
+
+def rate_limits(settings: Settings, runtime: ServiceRuntime) -> Callable[[str, str], None]:
+    """(bucket, subject) -> None, or RateLimited; counted in Redis when ALPES_REDIS_URL is set (all
+    instances of the service share the counts), in this process otherwise or while Redis is down."""
+    limiter = RateLimiter(settings.redis_url,
+                          on_degraded=lambda reason: runtime.announce("ServicioDegradado", {"motivo": reason}),
+                          on_recovered=lambda: runtime.announce("ServicioRecuperado", {}))
+    per_minute = {"postbacks:key": settings.rate_limit_postbacks_per_key,
+                  "postbacks:ip": settings.rate_limit_postbacks_per_ip,
+                  "clicks:ip": settings.rate_limit_clicks_per_ip}
+    runtime.health_reports["rate_limits"] = limiter.describe
+
+    def hit(bucket: str, subject: str) -> None:
+        limit = per_minute[bucket]
+        decision = limiter.hit(RateLimit(bucket, limit, 60), subject)
+        if not decision.allowed:
+            raise RateLimited(f"more than {limit} requests a minute ({bucket.replace(':', ' per ')})",
+                              decision.retry_after)
+    return hit
 
 
 def embedded_broker_quirks(settings: Settings) -> EmbeddedBrokerQuirks | None:

@@ -31,12 +31,25 @@ ALPES_EVENT_SIGNING_KEYS  comma-separated hex secrets (32+ bytes each) that sign
 ALPES_PII_MASTER_KEYS     comma-separated hex secrets (32+ bytes each) that wrap afiliados' per-affiliate
                           data keys; the first wraps, all unwrap. Unset: one key kept in the data
                           directory (pii-master.key), for one machine only
+ALPES_AUTH                auto (default): protected local mode, anonymous callers are the operator while
+                          no API key exists and ALPES_HOST is loopback; required: every non-public route
+                          needs a key (always so on a non-loopback ALPES_HOST)
+ALPES_REDIS_URL           redis://host:6379/0 for the rate-limit counters shared by a service's instances;
+                          unset: counted in each process
+ALPES_RATE_LIMIT_*        requests per minute: POSTBACKS_PER_KEY (60000), POSTBACKS_PER_IP (6000),
+                          CLICKS_PER_IP (600) before 429 with Retry-After
+ALPES_POSTBACK_SIGNING_KEYS  comma-separated hex secrets (32+ bytes) from which each advertiser's postback
+                          signing secret is derived (marketing shows it, conversiones verifies); the first
+                          derives, all verify. Unset: derived from the event-signing keys
 ALPES_CONVERSIONES_CLOCK_OFFSET_SECONDS  test/demo knob: conversiones runs this many seconds ahead
                           (clicks, postbacks, validations); default 0. Never in production.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import ipaddress
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal
@@ -130,6 +143,14 @@ class Settings(BaseSettings):
     # secrets (32+ bytes each); the first wraps, all unwrap. Unset: <data dir>/pii-master.key.
     pii_master_keys: str | None = Field(None, repr=False)
 
+    # Identity and access (kernel/access.py, README "Access").
+    auth: Literal["auto", "required"] = "auto"
+    redis_url: str | None = Field(None, repr=False)
+    rate_limit_postbacks_per_key: int = Field(60_000, ge=1)
+    rate_limit_postbacks_per_ip: int = Field(6_000, ge=1)
+    rate_limit_clicks_per_ip: int = Field(600, ge=1)
+    postback_signing_keys: str | None = Field(None, repr=False)
+
     @field_validator("trusted_proxies")
     @classmethod
     def _networks(cls, value: str) -> str:
@@ -144,6 +165,27 @@ class Settings(BaseSettings):
         if self.event_signing_keys:
             return parse_keys(self.event_signing_keys)
         return [local_key(self.data_dir.resolve() / "event-signing.key")]
+
+    def postback_keys(self) -> list[bytes]:
+        """The master secrets of advertisers' postback signing secrets (kernel/request_signing.py)."""
+        from .kernel.signing import parse_keys
+
+        if self.postback_signing_keys:
+            return parse_keys(self.postback_signing_keys)
+        # Derived, so one local platform needs no second key file; a different label keeps the two apart.
+        return [hmac.new(k, b"alpes postback signing", hashlib.sha256).digest() for k in self.signing_keys()]
+
+    @property
+    def protected_local_mode(self) -> bool:
+        """Anonymous callers may act as the operator (until the first key): only `auth=auto` on loopback."""
+        if self.auth == "required":
+            return False
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
 
     def pii_keys(self) -> list[bytes]:
         from .kernel.signing import local_key, parse_keys

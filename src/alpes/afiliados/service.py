@@ -26,7 +26,7 @@ def build(settings: Settings):
         runtime.jobs.append(PeriodicJob("validate-afiliados", 0.2, lambda: handlers.validate_registered_afiliados(
             runtime.db, runtime.outbox, vault)))
 
-    app, runtime = compose("afiliados", settings, outbox=tables.outbox, inbox=tables.inbox,
+    app, runtime = compose("afiliados", settings, outbox=tables.outbox, inbox=tables.inbox, keys=tables.claves_api,
                            consumers=consumers.consumer_specs(),
                            routes=lambda runtime: api.include_routes(runtime, vault), configure=configure)
     app.state.pii_vault = vault

@@ -1,6 +1,7 @@
 from sqlalchemy import Column, Integer, LargeBinary, MetaData, String, Table, Text
 
 from alpes.kernel.db import ScaledDecimal, UtcDateTime
+from alpes.kernel.access import keys_table
 from alpes.kernel.inbox import inbox_table
 from alpes.kernel.outbox import outbox_table
 
@@ -61,3 +62,5 @@ programas = Table(
 
 outbox = outbox_table(metadata)
 inbox = inbox_table(metadata)
+# This service's copy of the API keys (kernel/access.py).
+claves_api = keys_table(metadata)

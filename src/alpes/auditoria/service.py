@@ -9,5 +9,5 @@ from . import api, consumers, tables
 
 
 def build(settings: Settings):
-    return compose("auditoria", settings, outbox=tables.outbox, inbox=tables.inbox,
+    return compose("auditoria", settings, outbox=tables.outbox, inbox=tables.inbox, keys=tables.claves_api,
                    consumers=consumers.consumer_specs(), routes=api.include_routes)

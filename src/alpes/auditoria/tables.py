@@ -1,6 +1,7 @@
 from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, Text
 
 from alpes.kernel.db import UtcDateTime
+from alpes.kernel.access import keys_table
 from alpes.kernel.inbox import inbox_table
 from alpes.kernel.outbox import outbox_table
 
@@ -74,3 +75,5 @@ alertas = Table(
 
 outbox = outbox_table(metadata)
 inbox = inbox_table(metadata)
+# This service's copy of the API keys (kernel/access.py).
+claves_api = keys_table(metadata)

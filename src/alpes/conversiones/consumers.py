@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
+from alpes.kernel.access import KeyRing
 from alpes.kernel.eventstore import EventStore
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent
 from alpes.kernel.runtime import ConsumerSpec
 
-from . import reference, saga_answers
+from . import reference, saga_answers, tables
 
 
 def consumer_specs(store: EventStore) -> list[ConsumerSpec]:
@@ -19,6 +20,7 @@ def consumer_specs(store: EventStore) -> list[ConsumerSpec]:
     return [
         ConsumerSpec("marketing.eventos", "conversiones-consumer", {
             "CampanaCreada": reference.learn_campana,
+            **KeyRing(tables.claves_api).handlers(),
             "CampanaActivada": reference.learn_campana_estado,
             "CampanaPausada": reference.learn_campana_estado,
             "CampanaFinalizada": reference.learn_campana_estado,

@@ -51,6 +51,6 @@ def build(settings: Settings, clock: Callable[[], datetime] | None = None):
             visitors=domain.VisitorCookies(settings.signing_keys()),
             max_conversions_per_caller=settings.max_conversions_per_caller), runtime, policy)
 
-    return compose("conversiones", settings, outbox=tables.outbox, inbox=tables.inbox,
+    return compose("conversiones", settings, outbox=tables.outbox, inbox=tables.inbox, keys=tables.claves_api,
                    consumers=consumers.consumer_specs(store), routes=routes, configure=configure,
                    registry=registry)

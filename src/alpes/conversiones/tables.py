@@ -12,6 +12,7 @@ from sqlalchemy import (
 
 from alpes.kernel.db import ScaledDecimal, UtcDateTime
 from alpes.kernel.eventstore import event_store_table
+from alpes.kernel.access import keys_table
 from alpes.kernel.inbox import inbox_table
 from alpes.kernel.outbox import outbox_table
 
@@ -178,3 +179,5 @@ saga_pasos = Table(
 
 outbox = outbox_table(metadata)
 inbox = inbox_table(metadata)
+# This service's copy of the API keys (kernel/access.py).
+claves_api = keys_table(metadata)

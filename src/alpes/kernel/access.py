@@ -15,7 +15,9 @@ import base64
 import hashlib
 import hmac
 import secrets
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -23,8 +25,8 @@ from sqlalchemy import Column, MetaData, String, Table, func, insert, select, up
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .db import UtcDateTime
-from .messages import IncomingEvent, OutgoingEvent
+from .db import Database, UtcDateTime
+from .messages import IncomingEvent, OutgoingEvent, utcnow
 
 OPERATOR, ADVERTISER, AFFILIATE, SYSTEM, ANONYMOUS = "operator", "advertiser", "affiliate", "system", "anonymous"
 ROLES = (OPERATOR, ADVERTISER, AFFILIATE)
@@ -40,11 +42,56 @@ LAST_USED_RESOLUTION = timedelta(seconds=60)
 
 
 class Unauthenticated(Exception):
-    """No valid key: missing, malformed, unknown, expired or revoked (→ 401)."""
+    """No valid key: missing, malformed, unknown, expired or revoked (→ 401). `presented`: a
+    credential was sent (and is bad), as opposed to none at all."""
+
+    def __init__(self, reason: str, presented: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.presented = presented
 
 
 class Forbidden(Exception):
     """A valid key whose role or scopes do not allow the operation (→ 403)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RateLimited(Exception):
+    """Too many requests from this key or address in the current window (→ 429)."""
+
+    def __init__(self, reason: str, retry_after: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Who may call one route (alpes/authorization.py declares one per route). No roles: public.
+    `signed`: an advertiser may also authenticate with a signed request (Alpes-Signature) instead
+    of a key. `limit`: the rate-limit bucket the route counts against (postbacks, clicks)."""
+
+    roles: frozenset[str]
+    scope: str | None = None
+    signed: bool = False
+    limit: str | None = None
+
+    @property
+    def public(self) -> bool:
+        return not self.roles
+
+
+def allow(*roles: str, scope: str, signed: bool = False, limit: str | None = None) -> Rule:
+    if not roles or not set(roles) <= set(ROLES) or scope not in ALL_SCOPES:
+        raise ValueError(f"bad rule: roles {roles}, scope {scope}")
+    return Rule(frozenset(roles), scope, signed, limit)
+
+
+def public(limit: str | None = None) -> Rule:
+    return Rule(frozenset(), None, False, limit)
 
 
 @dataclass(frozen=True)
@@ -152,6 +199,10 @@ class KeyRing:
         return bool(session.scalar(select(func.count()).select_from(self.table)))
 
     # -- learnt from marketing.eventos (every service but marketing) --------------------------
+    def handlers(self) -> dict:
+        """The key events' handlers, for a consumer of marketing.eventos."""
+        return {"ClaveApiEmitida": self.learn_issued, "ClaveApiRevocada": self.learn_revoked}
+
     def learn_issued(self, session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
         p = event.payload
         values = dict(digest=p["digest"], rol=p["rol"], anunciante_id=p.get("anunciante_id"),
@@ -177,3 +228,63 @@ class KeyRing:
                 key_id=p["key_id"], digest=_PLACEHOLDER, rol="revoked", scopes="", creada_en=p["timestamp"],
                 revocada_en=p["timestamp"]))
         return []
+
+
+class Gate:
+    """Who is calling, from the Authorization header, checked against this service's keys.
+
+    Verified keys are remembered for `cache_seconds` (a revocation still lands within seconds:
+    the bound the README promises is the broker's delivery plus this), so the hot routes do not
+    read the key table on every request. In protected local mode an anonymous caller is the
+    operator until this service knows of a first key."""
+
+    def __init__(self, db: Database, keyring: KeyRing, *, protected_local: bool,
+                 clock: Callable[[], datetime] = utcnow, cache_seconds: float = 1.0) -> None:
+        self.db = db
+        self.keyring = keyring
+        self.protected_local = protected_local
+        self.clock = clock
+        self.cache_seconds = cache_seconds
+        self._verified: dict[str, tuple[float, Principal]] = {}
+        self._lock = threading.Lock()
+        self._keys_exist = False
+        self._keys_checked_at = 0.0
+
+    def anonymous_is_operator(self) -> bool:
+        if not self.protected_local or self._keys_exist:
+            return False
+        if time.monotonic() - self._keys_checked_at > self.cache_seconds:
+            with self.db.read() as session:
+                self._keys_exist = self.keyring.any_key(session)  # once true, true for good
+            self._keys_checked_at = time.monotonic()
+        return not self._keys_exist
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        if authorization is None:
+            if self.anonymous_is_operator():
+                return LOCAL_OPERATOR
+            raise Unauthenticated("an API key is required: Authorization: Bearer <key>", presented=False)
+        scheme, _, key = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise Unauthenticated("the Authorization header must be `Bearer <key>`")
+        key = key.strip()
+        fingerprint = digest(key)
+        now = time.monotonic()
+        with self._lock:
+            cached = self._verified.get(fingerprint)
+        if cached is not None and now - cached[0] < self.cache_seconds:
+            return cached[1]
+        with self.db.transaction() as session:
+            principal = self.keyring.verify(session, key, self.clock())
+        with self._lock:
+            if len(self._verified) > 10_000:
+                self._verified.clear()
+            self._verified[fingerprint] = (now, principal)
+        return principal
+
+    @staticmethod
+    def authorize(rule: Rule, principal: Principal) -> None:
+        if principal.role not in rule.roles:
+            raise Forbidden(f"the {principal.role} role may not do this (allowed: {', '.join(sorted(rule.roles))})")
+        if rule.scope is not None and not principal.allows(rule.scope):
+            raise Forbidden(f"the key lacks the scope {rule.scope}")

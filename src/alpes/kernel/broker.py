@@ -104,7 +104,8 @@ class PulsarBroker:
                 producer = self.producer(message.topic)
                 properties = properties_of(
                     message.event_id, message.event_type, message.schema_version, message.occurred_at,
-                    message.correlation_id, message.causation_id, self.producer_name)
+                    message.correlation_id, message.causation_id, self.producer_name,
+                    message.actor_id, message.actor_role)
                 if self.signer is not None:
                     properties[SIGNATURE_PROPERTY] = self.signer.sign(
                         message.topic, message.partition_key, properties, message.payload)

@@ -29,3 +29,8 @@ class Conflict(DomainError):
 class RuleViolated(DomainError):
     """The request breaks a rule of the domain on its own terms (fields that go together, a
     range inverted, a rule that needs a parameter it lacks)."""
+
+
+class NotAllowed(DomainError):
+    """The caller may use the operation but not on this (another tenant's campaign, a higher role's
+    key). Where saying so would reveal that the thing exists, raise NotFound instead."""

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from datetime import date, datetime
 from typing import Annotated
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
@@ -19,7 +19,9 @@ from pydantic import AfterValidator, AwareDatetime, BeforeValidator, StringConst
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException
 
-from .errors import Conflict, DomainError, NotFound, RuleViolated
+from .access import Forbidden, RateLimited, Unauthenticated
+from .errors import Conflict, DomainError, NotAllowed, NotFound, RuleViolated
+from .http_access import AccessControl, current_principal
 from .proxies import IPAddress, IPNetwork, parse_ip, parse_networks, resolve
 from .runtime import ServiceRuntime
 
@@ -39,8 +41,10 @@ _ERROR_REF = {"$ref": "#/components/schemas/Error"}
 
 
 def create_app(title: str, runtime: ServiceRuntime, include: Callable[[FastAPI], None], *,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, trusted_proxies: str | Sequence[str] = "") -> FastAPI:
-    """`trusted_proxies` (ALPES_TRUSTED_PROXIES): the only peers whose X-Forwarded-For/-Proto are believed."""
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, trusted_proxies: str | Sequence[str] = "",
+               access: AccessControl | None = None) -> FastAPI:
+    """`trusted_proxies` (ALPES_TRUSTED_PROXIES): the only peers whose X-Forwarded-For/-Proto are believed.
+    `access`: the service's rules and gate (kernel/http_access.py); every route then runs behind them."""
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         runtime.start()
@@ -49,7 +53,24 @@ def create_app(title: str, runtime: ServiceRuntime, include: Callable[[FastAPI],
         finally:
             runtime.stop()
 
-    app = FastAPI(title=title, lifespan=lifespan)
+    app = FastAPI(title=title, lifespan=lifespan,
+                  dependencies=[Depends(current_principal)] if access is not None else [])
+    app.state.access = access
+
+    @app.exception_handler(Unauthenticated)
+    async def unauthenticated(_request: Request, error: Unauthenticated) -> JSONResponse:
+        # RFC 6750: the scheme to use, and `invalid_token` when the one presented is bad. The
+        # reason names the problem, never the key.
+        challenge = 'Bearer realm="alpes"' + (', error="invalid_token"' if error.presented else "")
+        return error_response(401, "authorization", error.reason, headers={"WWW-Authenticate": challenge})
+
+    @app.exception_handler(Forbidden)
+    async def forbidden(_request: Request, error: Forbidden) -> JSONResponse:
+        return error_response(403, "authorization", error.reason)
+
+    @app.exception_handler(RateLimited)
+    async def rate_limited(_request: Request, error: RateLimited) -> JSONResponse:
+        return error_response(429, None, error.reason, headers={"Retry-After": str(error.retry_after)})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
@@ -86,6 +107,8 @@ def create_app(title: str, runtime: ServiceRuntime, include: Callable[[FastAPI],
         return JSONResponse(status_code=200 if report["status"] == "ok" else 503, content=report)
 
     include(app)
+    if access is not None:
+        access.check_coverage(app)
     app.openapi = lambda: _openapi(app)
     # A body too large or not JSON is refused before anything reads it.
     app.add_middleware(RequestLimits, max_body_bytes=max_body_bytes)
@@ -128,6 +151,9 @@ def _openapi(app: FastAPI) -> dict:
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    access: AccessControl | None = app.state.access
+    if access is not None:
+        _declare_security(schema, access)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components.pop("ValidationError", None)
     components.pop("HTTPValidationError", None)
@@ -145,6 +171,34 @@ def _openapi(app: FastAPI) -> dict:
                                          "content": {"application/json": {"schema": _ERROR_REF}}})
     app.openapi_schema = schema
     return schema
+
+
+_SECURITY_SCHEMES = {
+    "apiKey": {"type": "http", "scheme": "bearer",
+               "description": "an API key, `alpes_<op|adv|aff>_<id>_<secret>` (README \"Access\")"},
+    "postbackSignature": {"type": "apiKey", "in": "header", "name": "Alpes-Signature",
+                          "description": "t=<unix seconds>,v1=<hex HMAC-SHA256 of `<t>.<raw body>` with the "
+                                         "advertiser's postback secret>"},
+}
+
+
+def _declare_security(schema: dict, access: AccessControl) -> None:
+    """Each operation says how to authenticate and which roles may call it."""
+    schema.setdefault("components", {})["securitySchemes"] = _SECURITY_SCHEMES
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            rule = access.rule_for(method.upper(), path)
+            if rule.public:
+                operation["security"] = []
+                continue
+            operation["security"] = [{"apiKey": []}] + ([{"postbackSignature": []}] if rule.signed else [])
+            operation["x-alpes-roles"] = sorted(rule.roles)
+            operation["x-alpes-scope"] = rule.scope
+            responses = operation.setdefault("responses", {})
+            responses.setdefault("401", {"description": "no valid API key (missing, malformed, unknown, expired or revoked)"})
+            responses.setdefault("403", {"description": f"allowed to {', '.join(sorted(rule.roles))} with {rule.scope}"})
+            if rule.limit:
+                responses.setdefault("429", {"description": "rate limited: retry after Retry-After seconds"})
 
 
 class RequestLimits:
@@ -278,7 +332,7 @@ def error_response(status: int, field: str | None, reason: str, *, detail: str |
 
 
 # The one place where a domain refusal becomes an HTTP status.
-_STATUS = {NotFound: 404, Conflict: 409, RuleViolated: 422}
+_STATUS = {NotFound: 404, NotAllowed: 403, Conflict: 409, RuleViolated: 422}
 
 
 def status_of(error: DomainError) -> int:

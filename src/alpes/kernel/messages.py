@@ -64,10 +64,14 @@ class IncomingEvent:
     causation_id: str
     payload: dict[str, Any]
     raw: bytes = b""
+    # Who caused it (the principal behind the request, or `system`): see kernel/access.py.
+    actor_id: str = "system"
+    actor_role: str = "system"
 
 
 def properties_of(event_id: str, event_type: str, version: int, occurred_at: datetime,
-                  correlation_id: str, causation_id: str, producer: str) -> dict[str, str]:
+                  correlation_id: str, causation_id: str, producer: str,
+                  actor_id: str = "system", actor_role: str = "system") -> dict[str, str]:
     return {
         "event_id": event_id,
         "event_type": event_type,
@@ -76,6 +80,8 @@ def properties_of(event_id: str, event_type: str, version: int, occurred_at: dat
         "correlation_id": correlation_id,
         "causation_id": causation_id,
         "producer": producer,
+        "actor_id": actor_id,
+        "actor_role": actor_role,
     }
 
 
@@ -117,4 +123,7 @@ def decode_message(registry: SchemaRegistry, topic: str, subscription: str,
         causation_id=properties.get("causation_id") or event_id,
         payload=payload,
         raw=data,
+        # Messages published before actors were recorded carry none: the platform's own doing.
+        actor_id=properties.get("actor_id") or "system",
+        actor_role=properties.get("actor_role") or "system",
     )

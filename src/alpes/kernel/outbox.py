@@ -54,6 +54,9 @@ def outbox_table(metadata: MetaData) -> Table:
         Column("occurred_at", UtcDateTime(), nullable=False),
         Column("correlation_id", String(36), nullable=False),
         Column("causation_id", String(36), nullable=False),
+        # Who caused the event (kernel/access.py): a key id and its role, or `system`.
+        Column("actor_id", String(64), nullable=False, server_default="system"),
+        Column("actor_role", String(16), nullable=False, server_default="system"),
         Column("status", String(10), nullable=False, default=PENDING),
         Column("attempts", Integer, nullable=False, default=0),
         Column("last_error", String(500)),
@@ -75,6 +78,15 @@ class PendingMessage:
     occurred_at: datetime
     correlation_id: str
     causation_id: str
+    actor_id: str = "system"
+    actor_role: str = "system"
+
+
+class Actor(Protocol):
+    """Who caused a state change (kernel.access.Principal is one)."""
+
+    id: str
+    role: str
 
 
 class Publisher(Protocol):
@@ -89,7 +101,9 @@ class Outbox:
         self.table = table
         self.registry = registry
 
-    def add(self, session: Session, events: Iterable[OutgoingEvent]) -> None:
+    def add(self, session: Session, events: Iterable[OutgoingEvent], actor: Actor | None = None) -> None:
+        """`actor`: who caused these events (the request's principal); None: the platform (`system`)."""
+        actor_id, actor_role = (actor.id, actor.role) if actor is not None else ("system", "system")
         rows = []
         now = utcnow()
         for event in events:
@@ -104,6 +118,8 @@ class Outbox:
                 "occurred_at": event.occurred_at,
                 "correlation_id": event.correlation_id or event.event_id,
                 "causation_id": event.causation_id or event.event_id,
+                "actor_id": actor_id,
+                "actor_role": actor_role,
                 "status": PENDING,
                 "attempts": 0,
                 "created_at": now,
@@ -178,6 +194,7 @@ class OutboxRelay:
             row_id=r["id"], event_id=r["event_id"], topic=r["topic"], event_type=r["event_type"],
             schema_version=r["schema_version"], partition_key=r["partition_key"], payload=r["payload"],
             occurred_at=r["occurred_at"], correlation_id=r["correlation_id"], causation_id=r["causation_id"],
+            actor_id=r["actor_id"], actor_role=r["actor_role"],
         ) for r in rows]
         try:
             return self.publisher.publish(messages)

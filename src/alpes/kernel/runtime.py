@@ -28,7 +28,7 @@ from .consumer import POISON_REDELIVERIES, ConsumerWorker
 from .db import Database
 from .inbox import Handler, InboxProcessor
 from .messages import IncomingEvent, OutgoingEvent, utcnow
-from .outbox import Outbox, OutboxRelay
+from .outbox import Actor, Outbox, OutboxRelay
 from .signing import EventSigner
 
 if TYPE_CHECKING:
@@ -104,10 +104,11 @@ class ServiceRuntime:
 
     # -- unit of work used by HTTP handlers ------------------------------------------------
     @contextmanager
-    def unit_of_work(self) -> Iterator[tuple[Session, Callable[[list[OutgoingEvent]], None]]]:
-        """`with runtime.unit_of_work() as (session, emit): ...` state and events commit together."""
+    def unit_of_work(self, actor: Actor | None = None) -> Iterator[tuple[Session, Callable[[list[OutgoingEvent]], None]]]:
+        """`with runtime.unit_of_work(caller) as (session, emit): ...` state and events commit together;
+        the events carry `actor` (the request's principal; None: `system`) as who caused them."""
         with self.db.transaction() as session:
-            yield session, lambda events: self.outbox.add(session, events)
+            yield session, lambda events: self.outbox.add(session, events, actor)
         self.wake_relay()
 
     def wake_relay(self) -> None:
@@ -196,6 +197,11 @@ class ServiceRuntime:
                 self._stop.wait(job.interval)
 
     # -- lifecycle events on sistema.eventos -------------------------------------------------
+    def announce(self, event_type: str, extra: dict) -> None:
+        """A lifecycle event (ServicioDegradado {motivo}, ServicioRecuperado) from outside the runtime,
+        e.g. the rate limiter losing its Redis."""
+        self._announce(event_type, extra)
+
     def _announce(self, event_type: str, extra: dict) -> None:
         payload = {"servicio": self.service, "instancia": self.instance, "timestamp": utcnow(), **extra}
         with self.db.transaction() as session:

@@ -27,6 +27,9 @@ SIGNATURE_PROPERTY = "signature"
 # The envelope properties a signature covers; anything else a broker adds is not ours to trust.
 SIGNED_PROPERTIES = ("event_id", "event_type", "schema_version", "occurred_at", "correlation_id",
                      "causation_id", "producer")
+# Signed when present (messages published before actors existed have none): an actor cannot be
+# added, removed or changed without breaking the signature.
+OPTIONAL_SIGNED_PROPERTIES = ("actor_id", "actor_role")
 MIN_KEY_BYTES = 32
 
 
@@ -62,6 +65,10 @@ class EventSigner:
         for part in (topic, key, *(properties.get(name, "") for name in SIGNED_PROPERTIES)):
             encoded = part.encode("utf-8")
             mac.update(len(encoded).to_bytes(4, "big") + encoded)
+        for name in OPTIONAL_SIGNED_PROPERTIES:
+            if name in properties:
+                encoded = f"{name}={properties[name]}".encode("utf-8")
+                mac.update(len(encoded).to_bytes(4, "big") + encoded)
         mac.update(len(payload).to_bytes(8, "big") + payload)
         return mac.hexdigest()
 

@@ -17,7 +17,7 @@ def build(settings: Settings):
                                         lambda: payouts.create_due_pagos(runtime.db, runtime.outbox,
                                                                          settings.payout_threshold)))
 
-    return compose("marketing", settings, outbox=tables.outbox, inbox=tables.inbox,
+    return compose("marketing", settings, outbox=tables.outbox, inbox=tables.inbox, keys=tables.claves_api,
                    consumers=consumers.consumer_specs(),
                    routes=lambda runtime: api.include_routes(runtime, settings.payout_threshold),
                    configure=configure)

@@ -13,6 +13,7 @@ from sqlalchemy import (
 )
 
 from alpes.kernel.db import ScaledDecimal, UtcDateTime
+from alpes.kernel.access import keys_table
 from alpes.kernel.inbox import inbox_table
 from alpes.kernel.outbox import outbox_table
 
@@ -40,6 +41,27 @@ campanas = Table(
     Column("min_segundos_click_conversion", Integer),
     # ultimo_click or primer_click: announced to conversiones, which attributes with it.
     Column("modelo_atribucion", String(20), nullable=False, server_default="ultimo_click"),
+    # The advertiser that owns it; null on campaigns created before advertisers existed (operator's).
+    Column("anunciante_id", String(36), index=True),
+    # A conversion worth more than this (campaign currency) is held for review; null: no maximum.
+    Column("valor_maximo_conversion", ScaledDecimal(2)),
+)
+
+# Advertisers (brands): they own campaigns, send their postbacks, pay their affiliates.
+anunciantes = Table(
+    "anunciantes", metadata,
+    Column("id", String(36), primary_key=True),
+    Column("nombre", String(200), nullable=False),
+    # Hosts its campaigns' landing URLs may point to, comma-separated (a domain covers its subdomains).
+    Column("dominios", String(2000), nullable=False, server_default=""),
+    # The default maximum conversion value of its new campaigns; null: none.
+    Column("valor_maximo_conversion", ScaledDecimal(2)),
+    # The version of its postback signing secret (derived, never stored: kernel/request_signing.py);
+    # the previous version stays valid until `secreto_anterior_hasta`.
+    Column("secreto_version", Integer, nullable=False, server_default="1"),
+    Column("secreto_anterior_hasta", UtcDateTime()),
+    Column("creado_en", UtcDateTime(), nullable=False),
+    Column("actualizado_en", UtcDateTime(), nullable=False),
 )
 
 # Affiliates marketing learned of on afiliados.eventos.
@@ -180,6 +202,8 @@ ledger_pagos = Table(
 
 outbox = outbox_table(metadata)
 inbox = inbox_table(metadata)
+# This service's copy of the API keys (kernel/access.py).
+claves_api = keys_table(metadata)
 
 # -- commission lifecycle: refunds, adjustments and payouts -------------------------------------
 # Refunds marketing learned on conversiones.eventos, kept even when no commission was booked

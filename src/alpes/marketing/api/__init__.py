@@ -9,12 +9,12 @@ from fastapi import FastAPI
 
 from alpes.kernel.runtime import ServiceRuntime
 
-from . import campaigns, commissions, payouts, reports
+from . import campaigns, commissions, keys, payouts, reports
 
 
 def include_routes(runtime: ServiceRuntime, umbral: Decimal = Decimal("50.00")):
     routers = [campaigns.router(runtime), commissions.router(runtime), reports.router(runtime),
-               payouts.router(runtime, umbral)]
+               payouts.router(runtime, umbral), keys.router(runtime)]
 
     def include(app: FastAPI) -> None:
         for router in routers:

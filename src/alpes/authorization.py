@@ -1,0 +1,93 @@
+"""Who may call what, in one visible place: one rule per route of every service.
+
+A rule names the roles allowed and the scope their key needs; the route's handlers then keep each
+caller to its own tenant (an advertiser to its campaigns and what hangs off them, an affiliate to
+itself), answering 404 for anything of another tenant. A route missing here stops its service at
+start-up, and tests/test_authorization_matrix.py tries every route as every kind of caller.
+Nothing here runs anything; each service's composition root hands its table to the HTTP edge.
+"""
+
+from __future__ import annotations
+
+from .kernel.access import ADVERTISER as ADV
+from .kernel.access import AFFILIATE as AFF
+from .kernel.access import OPERATOR as OP
+from .kernel.access import Rule, allow, public
+
+HEALTH = {("GET", "/health"): public()}
+
+RULES: dict[str, dict[tuple[str, str], Rule]] = {
+    "afiliados": {
+        **HEALTH,
+        # Registered by an operator or by an advertiser onboarding them (no public self-signup).
+        ("POST", "/afiliados"): allow(OP, ADV, scope="afiliados:write"),
+        # Advertisers: the affiliates they registered or that joined their programs; affiliates: themselves.
+        ("GET", "/afiliados"): allow(OP, ADV, AFF, scope="afiliados:read"),
+        ("GET", "/afiliados/{afiliado_id}"): allow(OP, ADV, AFF, scope="afiliados:read"),
+        ("POST", "/afiliados/{afiliado_id}/aprobar"): allow(OP, ADV, scope="afiliados:write"),
+        ("POST", "/afiliados/{afiliado_id}/suspender"): allow(OP, ADV, scope="afiliados:write"),
+        ("POST", "/afiliados/{afiliado_id}/reactivar"): allow(OP, ADV, scope="afiliados:write"),
+        ("DELETE", "/afiliados/{afiliado_id}/datos-personales"): allow(OP, scope="afiliados:write"),
+        # The catalogue: affiliates see the programs they may join, advertisers their own.
+        ("GET", "/programas"): allow(OP, ADV, AFF, scope="campanas:read"),
+    },
+    "conversiones": {
+        **HEALTH,
+        ("GET", "/r/{link_code}"): public(limit="clicks"),
+        # Advertisers post for their own campaigns, with a key or a signed request.
+        ("POST", "/conversiones"): allow(OP, ADV, scope="conversiones:write", signed=True, limit="postbacks"),
+        ("GET", "/conversiones"): allow(OP, ADV, AFF, scope="conversiones:read"),
+        ("GET", "/conversiones/cifras"): allow(OP, ADV, AFF, scope="conversiones:read"),
+        ("GET", "/conversiones/{conversion_id}"): allow(OP, ADV, AFF, scope="conversiones:read"),
+        ("POST", "/conversiones/{conversion_id}/reembolso"): allow(OP, ADV, scope="conversiones:write", signed=True,
+                                                                   limit="postbacks"),
+        ("POST", "/conversiones/{conversion_id}/aprobar"): allow(OP, ADV, scope="conversiones:write"),
+        ("POST", "/conversiones/{conversion_id}/rechazar"): allow(OP, ADV, scope="conversiones:write"),
+        # The stream carries customer data (user id, address): not for affiliates.
+        ("GET", "/conversiones/{conversion_id}/eventos"): allow(OP, ADV, scope="conversiones:read"),
+        ("GET", "/sagas"): allow(OP, ADV, scope="conversiones:read"),
+        ("GET", "/sagas/{correlation_id}"): allow(OP, ADV, scope="conversiones:read"),
+    },
+    "marketing": {
+        **HEALTH,
+        ("POST", "/claves"): allow(OP, ADV, scope="claves:write"),
+        ("GET", "/claves"): allow(OP, ADV, scope="claves:read"),
+        ("DELETE", "/claves/{key_id}"): allow(OP, ADV, scope="claves:write"),
+        ("POST", "/campanas"): allow(OP, ADV, scope="campanas:write"),
+        # Affiliates: the campaigns they are enrolled in.
+        ("GET", "/campanas"): allow(OP, ADV, AFF, scope="campanas:read"),
+        ("GET", "/campanas/{campana_id}"): allow(OP, ADV, AFF, scope="campanas:read"),
+        ("POST", "/campanas/{campana_id}/activar"): allow(OP, ADV, scope="campanas:write"),
+        ("POST", "/campanas/{campana_id}/pausar"): allow(OP, ADV, scope="campanas:write"),
+        ("POST", "/campanas/{campana_id}/finalizar"): allow(OP, ADV, scope="campanas:write"),
+        ("POST", "/campanas/{campana_id}/inscripciones"): allow(OP, ADV, scope="campanas:write"),
+        # Affiliates: their own enrollment (its tracking link) only.
+        ("GET", "/campanas/{campana_id}/inscripciones"): allow(OP, ADV, AFF, scope="campanas:read"),
+        ("PUT", "/campanas/{campana_id}/reglas"): allow(OP, ADV, scope="campanas:write"),
+        ("GET", "/campanas/{campana_id}/reglas"): allow(OP, ADV, AFF, scope="campanas:read"),
+        ("GET", "/comisiones"): allow(OP, ADV, AFF, scope="comisiones:read"),
+        ("GET", "/comisiones/{comision_id}"): allow(OP, ADV, AFF, scope="comisiones:read"),
+        ("GET", "/comisiones/{comision_id}/explain"): allow(OP, ADV, AFF, scope="comisiones:read"),
+        ("GET", "/reportes"): allow(OP, ADV, AFF, scope="reportes:read"),
+        ("GET", "/reportes/campanas/{campana_id}"): allow(OP, ADV, scope="reportes:read"),
+        ("GET", "/reportes/afiliados/{afiliado_id}"): allow(OP, ADV, AFF, scope="reportes:read"),
+        ("GET", "/pagos/saldos"): allow(OP, ADV, AFF, scope="pagos:read"),
+        ("GET", "/pagos/ledger"): allow(OP, ADV, AFF, scope="pagos:read"),
+        ("POST", "/pagos"): allow(OP, ADV, scope="pagos:write"),
+        ("GET", "/pagos"): allow(OP, ADV, AFF, scope="pagos:read"),
+        ("GET", "/pagos/{pago_id}"): allow(OP, ADV, AFF, scope="pagos:read"),
+        ("POST", "/pagos/{pago_id}/pagar"): allow(OP, ADV, scope="pagos:write"),
+    },
+    "auditoria": {
+        **HEALTH,
+        # Advertisers: the records of their own aggregates; affiliates: none.
+        ("GET", "/auditoria/eventos"): allow(OP, ADV, scope="auditoria:read"),
+        ("GET", "/auditoria/verificacion"): allow(OP, scope="auditoria:read"),
+        ("GET", "/auditoria/hallazgos"): allow(OP, scope="auditoria:read"),
+        ("GET", "/sistema/servicios"): allow(OP, scope="sistema:read"),
+        ("GET", "/sistema/alertas"): allow(OP, scope="sistema:read"),
+    },
+}
+
+# Rate-limit buckets and what each counts (README "Access"): per key and per client address.
+LIMIT_SUBJECTS: dict[str, tuple[str, ...]] = {"postbacks": ("key", "ip"), "clicks": ("ip",)}
