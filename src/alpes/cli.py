@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from .contract import SERVICES, SUBSCRIPTIONS, TOPICS
+from .keys_cli import keys_app
 from .settings import Settings
 
 app = typer.Typer(help="AlpesPartner: event-driven partner marketing platform.", no_args_is_help=True)
@@ -15,6 +16,7 @@ audit_app = typer.Typer(help="Audit log tools.")
 app.add_typer(audit_app, name="audit")
 replay_app = typer.Typer(help="Rebuild a service's projections from its event store.")
 app.add_typer(replay_app, name="replay")
+app.add_typer(keys_app, name="keys")
 
 
 def _settings(data_dir: Path | None) -> Settings:

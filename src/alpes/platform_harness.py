@@ -260,6 +260,28 @@ class Platform:
             wait_until(lambda: self.http.get(self.url(name) + "/health").status_code == 200, timeout,
                        what=f"{name} healthy again")
 
+    # -- keys ---------------------------------------------------------------------------------
+    def create_key(self, role: str = "operator", *args: str) -> str:
+        """A key from `alpes keys create` (marketing's database, as on a fresh deployment), once
+        every service accepts it (they learn it from marketing.eventos)."""
+        done = subprocess.run([sys.executable, "-m", "alpes", "keys", "create", "--role", role, *args,
+                               "--data-dir", str(self.data_dir)], env=self.env, capture_output=True, text=True,
+                              timeout=120, check=True)
+        key = done.stdout.strip()
+        self.wait_key_known(key)
+        return key
+
+    def wait_key_known(self, key: str, timeout: float = 60.0) -> None:
+        """Until no service answers 401 to `key` (on /health's `access.key_known` probe, public)."""
+        for name in self.every_instance():
+            wait_until(lambda: self.http.get(self.url(name) + "/health",
+                                             headers={"Authorization": f"Bearer {key}"}).json()
+                       .get("access", {}).get("caller_known") is True, timeout, what=f"{name} to learn the key")
+
+    def authenticate(self, key: str) -> None:
+        """Every later request of `self.http` presents `key`."""
+        self.http.headers["Authorization"] = f"Bearer {key}"
+
     def diagnostics(self) -> str:
         """Health of every service (consumer counters, outbox backlog), for failure messages."""
         lines = []

@@ -155,8 +155,31 @@ class Supervisor:
         for name, child in self.children.items():
             url = f"http://{self.settings.host}:{child.port}"
             table.add_row(name, f"{url}  (docs: {url}/docs)", str(child.process.pid if child.process else "-"))
+        table.add_row("access", self._access_mode(), "-")
         self.console.print(table)
+        if self._anonymous_is_operator():
+            self.console.print("[bold red]PROTECTED LOCAL MODE:[/] no API key exists yet, so anonymous requests from "
+                               "this machine act as the OPERATOR. Create the first key with "
+                               "`alpes keys create --role operator`; ALPES_AUTH=required closes this mode.")
         self.console.print("Ctrl-C stops everything.")
+
+    def _anonymous_is_operator(self) -> bool:
+        """As marketing's /health says (it issues the keys; the others learn them moments later)."""
+        name = next((n for n, c in self.children.items() if c.service == "marketing"), None)
+        if name is None:
+            return False
+        try:
+            access = httpx.get(self._health_url(name), timeout=2).json().get("access", {})
+        except (httpx.HTTPError, ValueError):
+            return False
+        return bool(access.get("anonymous_is_operator"))
+
+    def _access_mode(self) -> str:
+        if not self.settings.protected_local_mode:
+            return "API key required (Authorization: Bearer <key>)"
+        if self._anonymous_is_operator():
+            return "PROTECTED LOCAL MODE: anonymous = operator until the first key"
+        return "API key required (keys exist; loopback only)"
 
     def _write_state(self) -> None:
         broker = (self.local_broker.state() if self.local_broker is not None

@@ -282,6 +282,12 @@ class Gate:
             self._verified[fingerprint] = (now, principal)
         return principal
 
+    def knows(self, authorization: str) -> bool:
+        try:
+            return self.authenticate(authorization).role != ANONYMOUS
+        except Unauthenticated:
+            return False
+
     @staticmethod
     def authorize(rule: Rule, principal: Principal) -> None:
         if principal.role not in rule.roles:

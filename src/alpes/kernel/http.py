@@ -102,8 +102,13 @@ def create_app(title: str, runtime: ServiceRuntime, include: Callable[[FastAPI],
 
     @app.get("/health", tags=["ops"], responses={503: {"description": "the database or the broker is unreachable "
                                                                       "(same body, status degraded)"}})
-    def health() -> JSONResponse:
+    def health(request: Request) -> JSONResponse:
         report = runtime.health()
+        authorization = request.headers.get("authorization")
+        if access is not None and authorization is not None:
+            # Whether this service accepts the key presented (has learnt it, not revoked): how a
+            # deployment script waits for a new key to reach every service.
+            report["access"]["caller_known"] = access.gate.knows(authorization)
         return JSONResponse(status_code=200 if report["status"] == "ok" else 503, content=report)
 
     include(app)
