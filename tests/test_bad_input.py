@@ -78,6 +78,9 @@ def _seed(services: dict[str, Service]) -> None:
     assert campana.status_code == 201, campana.text
     services["marketing"].ids["campana_id"] = campana.json()["id"]
     services["marketing"].ids["pago_id"] = "no-such-payout"
+    anunciante = services["marketing"].client.post("/anunciantes", json={"nombre": "BF", "dominios": ["bf.example"]})
+    assert anunciante.status_code == 201, anunciante.text
+    services["marketing"].ids["anunciante_id"] = anunciante.json()["id"]
     conversion = services["conversiones"].client.post("/conversiones", json=POSTBACK)
     assert conversion.status_code == 200, conversion.text
     services["conversiones"].ids["conversion_id"] = conversion.json()["id"]

@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 from test_commission_lifecycle import Marketing, _fields, _incoming, _outbox
 
+from alpes.kernel.access import SYSTEM_PRINCIPAL
 from alpes.kernel.db import Database, migrate
 from alpes.kernel.messages import new_id
 from alpes.marketing import domain
@@ -257,7 +258,7 @@ def test_racing_conversions_never_exceed_the_campaign_budget(db_url, registry):
     db = Database(db_url)
     try:
         with db.transaction() as session:
-            campana, _ = campaigns.create_campana(session, domain.NuevaCampana(
+            campana, _ = campaigns.create_campana(session, SYSTEM_PRINCIPAL, domain.NuevaCampana(
                 "Carrera", Decimal("10"), "EUR", presupuesto=Decimal("95.00")))
 
         def convert(n: int):

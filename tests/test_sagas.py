@@ -23,6 +23,7 @@ from alpes.conversiones import records as conv_records
 from alpes.conversiones import saga
 from alpes.conversiones import saga_answers as conv_saga_answers
 from alpes.conversiones import tables as conv_tables
+from alpes.kernel.access import SYSTEM_PRINCIPAL
 from alpes.kernel.codec import SchemaRegistry
 from alpes.kernel.db import Database, migrate
 from alpes.kernel.inbox import InboxProcessor
@@ -445,7 +446,7 @@ def test_racing_commission_requests_spend_exactly_the_budget_and_each_gets_one_a
     outbox = Outbox(mk_tables.outbox, REGISTRY)
     try:
         with db.transaction() as session:
-            campana, _ = mk_campaigns.create_campana(session, mk_domain.NuevaCampana(
+            campana, _ = mk_campaigns.create_campana(session, SYSTEM_PRINCIPAL, mk_domain.NuevaCampana(
                 "Carrera", Decimal("10"), "EUR", presupuesto=Decimal("95.00")))
         processor = InboxProcessor(db, mk_tables.inbox, outbox, "marketing-consumer",
                                    {"ConversionValidated": mk_commissions.answer_comision_request,

@@ -1,24 +1,46 @@
-"""Campaigns, enrollments and marketing's copy of each affiliate's state: plain functions over a session."""
+"""Campaigns, enrollments and marketing's copy of each affiliate's state: plain functions over a session.
+
+Every campaign has an owner (its advertiser; none: the operator's). Callers are kept to their
+tenant here: an advertiser reads and changes its own campaigns, an affiliate reads those it is
+enrolled in (and only its own enrollment), an operator everything; anything else is NotFound.
+"""
 
 from __future__ import annotations
 
 import re
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import exists, false, select, update
 from sqlalchemy.orm import Session
 
+from alpes.kernel.access import ADVERTISER, AFFILIATE, OPERATOR, SYSTEM, Principal
 from alpes.kernel.db import where_equal
-from alpes.kernel.errors import Conflict, NotFound
+from alpes.kernel.errors import Conflict, NotAllowed, NotFound, RuleViolated
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent, new_id, utcnow
+from alpes.kernel.money import MINOR_UNITS
 
-from . import domain, tables
+from . import advertisers, domain, landing, tables
 from .topics import MARKETING
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 # -- campaigns -------------------------------------------------------------------------------------
-def create_campana(session: Session, nueva: domain.NuevaCampana) -> tuple[str, list[OutgoingEvent]]:
+def create_campana(session: Session, caller: Principal, nueva: domain.NuevaCampana, *,
+                   anunciante_id: str | None = None, https_only: bool = True) -> tuple[str, list[OutgoingEvent]]:
+    """A campaign owned by the calling advertiser, or by the advertiser an operator names (None: the
+    operator's own). Its landing URL must be on the owner's registered domains (landing.py); its
+    maximum conversion value defaults to the owner's."""
+    anunciante = _owner(session, caller, anunciante_id)
+    if nueva.landing_url is not None:
+        dominios = advertisers.dominios_of(anunciante) if anunciante is not None else None
+        try:
+            landing.check_landing_url(nueva.landing_url, dominios, https_only)
+        except ValueError as error:
+            raise RuleViolated("landing_url", str(error)) from None
+    maximo = nueva.valor_maximo_conversion
+    if maximo is None and anunciante is not None:
+        maximo = domain.maximo_en_moneda(anunciante["valor_maximo_conversion"], MINOR_UNITS.get(nueva.moneda, 2))
+    owner = anunciante["id"] if anunciante is not None else None
     campana_id = new_id()
     now = utcnow()
     estado = domain.ACTIVA if nueva.activa else domain.BORRADOR
@@ -30,7 +52,7 @@ def create_campana(session: Session, nueva: domain.NuevaCampana) -> tuple[str, l
         ventana_atribucion_dias=nueva.ventana_atribucion_dias, periodo_bloqueo_dias=nueva.periodo_bloqueo_dias,
         paises=",".join(sorted(seg.paises)), canales=",".join(sorted(seg.canales)),
         categorias=",".join(sorted(seg.categorias)), min_segundos_click_conversion=nueva.min_segundos_click_conversion,
-        modelo_atribucion=nueva.modelo_atribucion))
+        modelo_atribucion=nueva.modelo_atribucion, anunciante_id=owner, valor_maximo_conversion=maximo))
     return campana_id, [OutgoingEvent(MARKETING, "CampanaCreada", campana_id, {
         "id": campana_id, "nombre": nueva.nombre, "porcentaje_comision": nueva.porcentaje_comision,
         "moneda": nueva.moneda, "timestamp": now, "estado": estado, "fecha_inicio": nueva.vigencia.fecha_inicio,
@@ -38,26 +60,42 @@ def create_campana(session: Session, nueva: domain.NuevaCampana) -> tuple[str, l
         "ventana_atribucion_dias": nueva.ventana_atribucion_dias, "periodo_bloqueo_dias": nueva.periodo_bloqueo_dias,
         "paises": sorted(seg.paises), "canales": sorted(seg.canales), "categorias": sorted(seg.categorias),
         "min_segundos_click_conversion": nueva.min_segundos_click_conversion,
-        "modelo_atribucion": nueva.modelo_atribucion})]
+        "modelo_atribucion": nueva.modelo_atribucion, "anunciante_id": owner, "valor_maximo_conversion": maximo})]
 
 
-def change_campana_estado(session: Session, campana_id: str, accion: str) -> list[OutgoingEvent]:
-    """activar / pausar / finalizar: the new state and its event commit together."""
-    c = tables.campanas
-    estado = session.scalar(select(c.c.estado).where(c.c.id == campana_id).with_for_update())
-    if estado is None:
-        raise NotFound("campana_id", "no campaign with this id")
+def _owner(session: Session, caller: Principal, anunciante_id: str | None):
+    """The advertiser row that will own a new campaign, or None for an operator's own campaign.
+    An advertiser always owns what it creates (naming another advertiser: 404, as if unknown)."""
+    if caller.role == ADVERTISER:
+        if anunciante_id not in (None, caller.anunciante_id) or not caller.anunciante_id:
+            raise NotFound("anunciante_id", "no advertiser with this id")
+        anunciante_id = caller.anunciante_id
+    elif caller.role not in (OPERATOR, SYSTEM):
+        raise NotAllowed(None, "only operators and advertisers create campaigns")
+    if anunciante_id is None:
+        return None
+    row = advertisers.find_anunciante(session, anunciante_id)
+    if row is None:
+        raise NotFound("anunciante_id", "no advertiser with this id")
+    return row
+
+
+def change_campana_estado(session: Session, caller: Principal, campana_id: str, accion: str) -> list[OutgoingEvent]:
+    """activar / pausar / finalizar: the new state and its event commit together (own campaigns only)."""
+    estado = owned_campana(session, caller, campana_id, lock=True)["estado"]
     try:
         nuevo, evento = domain.transicion(estado, accion)
     except domain.TransicionInvalida as error:
         raise Conflict("estado", str(error)) from None
     now = utcnow()
+    c = tables.campanas
     session.execute(update(c).where(c.c.id == campana_id).values(estado=nuevo, actualizada_en=now))
     return [OutgoingEvent(MARKETING, evento, campana_id, {"id": campana_id, "timestamp": now})]
 
 
 def get_campana(session: Session, campana_id: str):
-    """The campaign's row; NotFound for an unknown id."""
+    """The campaign's row, whoever asks (internal use: the routes go through visible_campana or
+    owned_campana); NotFound for an unknown id."""
     c = tables.campanas
     row = session.execute(select(c).where(c.c.id == campana_id)).mappings().first()
     if row is None:
@@ -65,20 +103,70 @@ def get_campana(session: Session, campana_id: str):
     return row
 
 
-def list_campanas(session: Session, limit: int, offset: int) -> list:
+def visible_campana(session: Session, caller: Principal, campana_id: str):
+    """The campaign's row if the caller may read it: operators any, an advertiser its own, an
+    affiliate those it is enrolled in. Another tenant's campaign is NotFound, as an unknown one."""
     c = tables.campanas
-    return session.execute(select(c).order_by(c.c.creada_en, c.c.id).limit(limit).offset(offset)).mappings().all()
+    row = session.execute(visible_to(select(c), caller).where(c.c.id == campana_id)).mappings().first()
+    if row is None:
+        raise NotFound("campana_id", "no campaign with this id")
+    return row
+
+
+def owned_campana(session: Session, caller: Principal, campana_id: str, *, lock: bool = False):
+    """The campaign's row if the caller may change it: operators any, an advertiser its own (an
+    affiliate none). Anything else is NotFound, as an unknown id: existence is not told."""
+    c = tables.campanas
+    query = _owned_by(select(c), caller).where(c.c.id == campana_id)
+    row = session.execute(query.with_for_update() if lock else query).mappings().first()
+    if row is None:
+        raise NotFound("campana_id", "no campaign with this id")
+    return row
+
+
+def visible_to(query, caller: Principal):
+    """`query` (over campanas) kept to the campaigns the caller may read."""
+    c, i = tables.campanas, tables.inscripciones
+    if caller.role in (OPERATOR, SYSTEM):
+        return query
+    if caller.role == ADVERTISER and caller.anunciante_id:
+        return query.where(c.c.anunciante_id == caller.anunciante_id)
+    if caller.role == AFFILIATE and caller.afiliado_id:
+        return query.where(c.c.id.in_(select(i.c.campana_id).where(i.c.afiliado_id == caller.afiliado_id)))
+    return query.where(false())
+
+
+def visible_campana_ids(caller: Principal):
+    """A subquery of the ids of the campaigns the caller may read, or None for all of them
+    (operators): what hangs off a campaign (commissions, reports, payouts) filters by it."""
+    if caller.role in (OPERATOR, SYSTEM):
+        return None
+    return visible_to(select(tables.campanas.c.id), caller)
+
+
+def _owned_by(query, caller: Principal):
+    c = tables.campanas
+    if caller.role in (OPERATOR, SYSTEM):
+        return query
+    if caller.role == ADVERTISER and caller.anunciante_id:
+        return query.where(c.c.anunciante_id == caller.anunciante_id)
+    return query.where(false())
+
+
+def list_campanas(session: Session, caller: Principal, limit: int, offset: int) -> list:
+    c = tables.campanas
+    query = visible_to(select(c), caller).order_by(c.c.creada_en, c.c.id).limit(limit).offset(offset)
+    return session.execute(query).mappings().all()
 
 
 # -- enrollments -----------------------------------------------------------------------------------
-def enroll_afiliado(session: Session, campana_id: str, afiliado_id: str, canal: str | None,
+def enroll_afiliado(session: Session, caller: Principal, campana_id: str, afiliado_id: str, canal: str | None,
                     categoria: str | None) -> tuple[str, bool, list[OutgoingEvent]]:
     """Enroll an enabled affiliate in a campaign its segmentation admits; it gets a tracking link.
-    Returns (enrollment id, created?, events); enrolling again returns the existing enrollment."""
-    c, a, i = tables.campanas, tables.afiliados, tables.inscripciones
-    campana = session.execute(select(c).where(c.c.id == campana_id)).mappings().first()
-    if campana is None:
-        raise NotFound("campana_id", "no campaign with this id")
+    Only the campaign's owner (or an operator) enrolls: an affiliate never enrolls anyone, itself
+    included. Returns (enrollment id, created?, events); enrolling again returns the existing one."""
+    a, i = tables.afiliados, tables.inscripciones
+    campana = owned_campana(session, caller, campana_id)
     if campana["estado"] == domain.FINALIZADA:
         raise Conflict("estado", "a finished campaign takes no enrollments")
     afiliado = session.execute(select(a).where(a.c.afiliado_id == afiliado_id)).mappings().first()
@@ -116,12 +204,15 @@ def get_inscripcion(session: Session, inscripcion_id: str):
     return session.execute(select(i).where(i.c.id == inscripcion_id)).mappings().one()
 
 
-def list_inscripciones(session: Session, campana_id: str, estado: str | None) -> list:
-    """The campaign's enrollments, oldest first; NotFound for an unknown campaign."""
-    get_campana(session, campana_id)
+def list_inscripciones(session: Session, caller: Principal, campana_id: str, estado: str | None) -> list:
+    """The campaign's enrollments, oldest first; an affiliate sees its own enrollment only (its
+    link), never the other affiliates of the program. NotFound for a campaign the caller cannot see."""
+    visible_campana(session, caller, campana_id)
     i = tables.inscripciones
     query = where_equal(select(i).order_by(i.c.inscrita_en, i.c.id).where(i.c.campana_id == campana_id),
                         i, estado=estado)
+    if caller.role not in (OPERATOR, SYSTEM, ADVERTISER):
+        query = query.where(i.c.afiliado_id == caller.afiliado_id) if caller.afiliado_id else query.where(false())
     return session.execute(query).mappings().all()
 
 

@@ -8,6 +8,7 @@ from decimal import Decimal
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from alpes.kernel.access import AFFILIATE, Principal
 from alpes.kernel.errors import Conflict, NotFound
 from alpes.kernel.messages import OutgoingEvent, utcnow
 
@@ -22,13 +23,12 @@ def load_versiones(session: Session, campana_id: str) -> list[domain.ConjuntoReg
 
 
 def replace_reglas(session: Session, campana_id: str, reglas: tuple[domain.Regla, ...],
-                   tope: domain.Tope | None) -> tuple[int, list[OutgoingEvent]]:
+                   tope: domain.Tope | None, *, caller: Principal) -> tuple[int, list[OutgoingEvent]]:
     """A new version of the campaign's rules, in force from now; earlier versions are kept and
-    still govern the conversions of their time."""
-    c, r = tables.campanas, tables.reglas_comision
-    estado = session.scalar(select(c.c.estado).where(c.c.id == campana_id).with_for_update())
-    if estado is None:
-        raise NotFound("campana_id", "no campaign with this id")
+    still govern the conversions of their time. Only the campaign's owner or an operator sets
+    them (NotFound for anyone else's campaign: an affiliate never writes its own rate)."""
+    r = tables.reglas_comision
+    estado = campaigns.owned_campana(session, caller, campana_id, lock=True)["estado"]
     if estado == domain.FINALIZADA:
         raise Conflict("estado", "a finished campaign's commission rules cannot change")
     version = (session.scalar(select(func.max(r.c.version)).where(r.c.campana_id == campana_id)) or 0) + 1
@@ -41,11 +41,12 @@ def replace_reglas(session: Session, campana_id: str, reglas: tuple[domain.Regla
         "campana_id": campana_id, "version": version, "reglas": texto, "timestamp": now})]
 
 
-def show_reglas(session: Session, campana_id: str, version: int | None) -> dict:
+def show_reglas(session: Session, campana_id: str, version: int | None, *, caller: Principal) -> dict:
     """A version of the campaign's rules (None: the newest). Version 0 is the campaign's flat
     percentage, in force from its creation until the first version. NotFound for an unknown
-    campaign or version."""
-    campana = campaigns.get_campana(session, campana_id)
+    campaign or version, or a campaign the caller cannot see (an affiliate: one it is not enrolled
+    in). An affiliate sees the rules for everyone and its own overrides, not other affiliates' deals."""
+    campana = campaigns.visible_campana(session, caller, campana_id)
     versiones = {v.version: v for v in load_versiones(session, campana_id)}
     version = max(versiones, default=0) if version is None else version
     porcentaje = str(campana["porcentaje_comision"])
@@ -57,8 +58,11 @@ def show_reglas(session: Session, campana_id: str, version: int | None) -> dict:
         raise NotFound("version", "no rule set with this version")
     conjunto = versiones[version]
     tope = conjunto.tope_por_afiliado
+    reglas = _reglas_json(conjunto.reglas)
+    if caller.role == AFFILIATE:
+        reglas = [r for r in reglas if r["afiliado_id"] in (None, caller.afiliado_id)]
     return {"campana_id": campana_id, "version": version, "vigente_desde": conjunto.vigente_desde.isoformat(),
-            "versiones": sorted(versiones), "reglas": _reglas_json(conjunto.reglas),
+            "versiones": sorted(versiones), "reglas": reglas,
             "tope_por_afiliado": {"monto": str(tope.monto), "periodo": tope.periodo} if tope else None,
             "porcentaje_comision": porcentaje}
 

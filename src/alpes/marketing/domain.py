@@ -6,7 +6,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
 
 CENT = Decimal("0.01")
 PENDIENTE = "pendiente"
@@ -120,10 +120,21 @@ class NuevaCampana:
     # A click-attributed conversion sooner than this after its click is held (too_fast); None: no minimum.
     min_segundos_click_conversion: int | None = None
     modelo_atribucion: str = ULTIMO_CLICK
+    # A conversion worth more than this (campaign currency) is held for review; None: its
+    # advertiser's default, if any.
+    valor_maximo_conversion: Decimal | None = None
 
     def __post_init__(self) -> None:
         if self.modelo_atribucion not in MODELOS_ATRIBUCION:
             raise ValueError(f"unknown attribution model {self.modelo_atribucion!r}")
+
+
+def maximo_en_moneda(valor: Decimal | None, decimales: int) -> Decimal | None:
+    """An advertiser's default maximum conversion value in a campaign's currency: rounded down to
+    the currency's minor units (JPY: whole yen), so rounding never raises a maximum."""
+    if valor is None:
+        return None
+    return valor.quantize(Decimal(1).scaleb(-decimales), rounding=ROUND_DOWN)
 
 
 # -- the commission lifecycle: pendiente → aprobada → pagada, or revertida from any of them ----

@@ -19,5 +19,7 @@ def build(settings: Settings):
 
     return compose("marketing", settings, outbox=tables.outbox, inbox=tables.inbox, keys=tables.claves_api,
                    consumers=consumers.consumer_specs(),
-                   routes=lambda runtime: api.include_routes(runtime, settings.payout_threshold),
+                   routes=lambda runtime: api.include_routes(
+                       runtime, settings.payout_threshold, postback_master=settings.postback_keys()[0],
+                       https_only=not settings.protected_local_mode),
                    configure=configure)

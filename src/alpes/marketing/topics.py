@@ -1,7 +1,8 @@
 """The topics marketing publishes on (their partitions and subscribers: alpes.contract)."""
 
-# Campaigns, enrollments, affiliate states and the saga's answers: what conversiones and
-# afiliados follow to decide which conversions and programs count.
+# Advertisers (AnuncianteRegistrado/Actualizado, SecretoPostbackRotado), campaigns, enrollments,
+# affiliate states, API keys and the saga's answers: what conversiones and afiliados follow to
+# decide which conversions and programs count and whose postbacks they are.
 MARKETING = "marketing.eventos"
 # The commission lifecycle and payouts: reporting, the payment ledger and affiliate earnings.
 COMISIONES = "comisiones.eventos"

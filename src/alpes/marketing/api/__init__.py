@@ -1,5 +1,5 @@
 """Marketing's HTTP API: the routers of each capability, in the order their paths are matched
-and published (campaigns, commissions, reports, payouts: the routes of each capability)."""
+and published (advertisers, campaigns, commissions, reports, payouts, keys: the routes of each capability)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,15 @@ from fastapi import FastAPI
 
 from alpes.kernel.runtime import ServiceRuntime
 
-from . import campaigns, commissions, keys, payouts, reports
+from . import advertisers, campaigns, commissions, keys, payouts, reports
 
 
-def include_routes(runtime: ServiceRuntime, umbral: Decimal = Decimal("50.00")):
-    routers = [campaigns.router(runtime), commissions.router(runtime), reports.router(runtime),
+def include_routes(runtime: ServiceRuntime, umbral: Decimal = Decimal("50.00"), *, postback_master: bytes,
+                   https_only: bool):
+    """`postback_master`: the key advertisers' postback secrets derive from; `https_only`: landing
+    URLs must be https (false only in the protected local mode)."""
+    routers = [advertisers.router(runtime, postback_master=postback_master),
+               campaigns.router(runtime, https_only=https_only), commissions.router(runtime), reports.router(runtime),
                payouts.router(runtime, umbral), keys.router(runtime)]
 
     def include(app: FastAPI) -> None:

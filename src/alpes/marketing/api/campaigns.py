@@ -1,4 +1,6 @@
-"""HTTP routes of campaigns and their enrollments: parse, call `campaigns`, shape the answer."""
+"""HTTP routes of campaigns and their enrollments: parse, call `campaigns`, shape the answer.
+
+Every route hands the caller to `campaigns`, which keeps it to its tenant (404 for another's)."""
 
 from __future__ import annotations
 
@@ -7,16 +9,22 @@ from decimal import Decimal
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
-from pydantic import (BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo,
-                      field_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
 from sqlalchemy.exc import IntegrityError
 
 from alpes.kernel.http import MAX_OFFSET, BoundedDatetime, Identifier, PlainText
+from alpes.kernel.http_access import Caller
 from alpes.kernel.money import Amount, Currency, Percentage, check_places
 from alpes.kernel.runtime import ServiceRuntime
 
 from .. import campaigns, domain
-
 
 Code = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,40}$")]
 Country = Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}$")]
@@ -47,6 +55,11 @@ class CrearCampana(BaseModel):
     min_segundos_click_conversion: int | None = Field(None, ge=0, le=86400)
     # Which of a visitor's clicks within the window earns a conversion: the latest or the earliest.
     modelo_atribucion: Literal["ultimo_click", "primer_click"] = "ultimo_click"
+    # The owner: an advertiser's key always creates for its own advertiser; an operator may name
+    # one (null: the operator's own campaign).
+    anunciante_id: Identifier | None = None
+    # A conversion worth more than this (in `moneda`) is held for review; null: the advertiser's default.
+    valor_maximo_conversion: Amount | None = None
 
     @field_validator("fecha_fin")
     @classmethod
@@ -56,9 +69,9 @@ class CrearCampana(BaseModel):
             raise ValueError("must be after fecha_inicio")
         return fecha_fin
 
-    @field_validator("presupuesto")
+    @field_validator("presupuesto", "valor_maximo_conversion")
     @classmethod
-    def budget_fits_currency(cls, presupuesto: Decimal | None, info: ValidationInfo) -> Decimal | None:
+    def amount_fits_currency(cls, presupuesto: Decimal | None, info: ValidationInfo) -> Decimal | None:
         return presupuesto if presupuesto is None else check_places(presupuesto, info.data.get("moneda"))
 
 
@@ -78,6 +91,8 @@ class Campana(BaseModel):
     segmentacion: dict[str, list[str]]
     min_segundos_click_conversion: int | None
     modelo_atribucion: str
+    anunciante_id: str | None
+    valor_maximo_conversion: Decimal | None
 
 
 def _campana(row) -> Campana:
@@ -88,7 +103,8 @@ def _campana(row) -> Campana:
                    periodo_bloqueo_dias=row["periodo_bloqueo_dias"],
                    segmentacion={k: [v for v in row[k].split(",") if v] for k in ("paises", "canales", "categorias")},
                    min_segundos_click_conversion=row["min_segundos_click_conversion"],
-                   modelo_atribucion=row["modelo_atribucion"])
+                   modelo_atribucion=row["modelo_atribucion"], anunciante_id=row["anunciante_id"],
+                   valor_maximo_conversion=row["valor_maximo_conversion"])
 
 
 class Inscribir(BaseModel):
@@ -105,30 +121,34 @@ def _inscripcion(row) -> dict:
             "estado": row["estado"], "inscrita_en": row["inscrita_en"].isoformat()}
 
 
-def router(runtime: ServiceRuntime) -> APIRouter:
+def router(runtime: ServiceRuntime, *, https_only: bool) -> APIRouter:
+    """`https_only`: landing URLs must be https (false only in the protected local mode)."""
     router = APIRouter()
 
     @router.post("/campanas", status_code=201, response_model=Campana, tags=["campanas"])
-    def crear(body: CrearCampana) -> Campana:
-        with runtime.unit_of_work() as (session, emit):
-            campana_id, events = campaigns.create_campana(session, domain.NuevaCampana(
+    def crear(body: CrearCampana, caller: Caller) -> Campana:
+        """A campaign owned by the calling advertiser (or by the advertiser an operator names). Its
+        landing_url must be on the owner's registered domains: 422 naming landing_url otherwise."""
+        with runtime.unit_of_work(caller) as (session, emit):
+            campana_id, events = campaigns.create_campana(session, caller, domain.NuevaCampana(
                 nombre=body.nombre, porcentaje_comision=body.porcentaje_comision, moneda=body.moneda,
                 vigencia=domain.Vigencia(body.fecha_inicio, body.fecha_fin), landing_url=body.landing_url,
                 presupuesto=body.presupuesto, ventana_atribucion_dias=body.ventana_atribucion_dias,
                 periodo_bloqueo_dias=body.periodo_bloqueo_dias, activa=body.activar,
                 min_segundos_click_conversion=body.min_segundos_click_conversion,
-                modelo_atribucion=body.modelo_atribucion,
+                modelo_atribucion=body.modelo_atribucion, valor_maximo_conversion=body.valor_maximo_conversion,
                 segmentacion=domain.Segmentacion(frozenset(body.segmentacion.paises),
                                                  frozenset(body.segmentacion.canales),
-                                                 frozenset(body.segmentacion.categorias))))
+                                                 frozenset(body.segmentacion.categorias))),
+                anunciante_id=body.anunciante_id, https_only=https_only)
             emit(events)
-        return obtener(campana_id)
+        return obtener(campana_id, caller)
 
     def _action(accion: str):
-        def change(campana_id: str) -> Campana:
-            with runtime.unit_of_work() as (session, emit):
-                emit(campaigns.change_campana_estado(session, campana_id, accion))
-            return obtener(campana_id)
+        def change(campana_id: str, caller: Caller) -> Campana:
+            with runtime.unit_of_work(caller) as (session, emit):
+                emit(campaigns.change_campana_estado(session, caller, campana_id, accion))
+            return obtener(campana_id, caller)
         change.__name__ = f"{accion}_campana"
         return change
 
@@ -138,25 +158,27 @@ def router(runtime: ServiceRuntime) -> APIRouter:
                              summary=f"{accion.capitalize()} a campaign (409 if its state does not allow it)")
 
     @router.get("/campanas", tags=["campanas"])
-    def listar(limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict:
+    def listar(caller: Caller, limit: int = Query(100, ge=1, le=1000),
+               offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict:
+        """Operators: every campaign; an advertiser: its own; an affiliate: those it is enrolled in."""
         with runtime.db.read() as session:
-            rows = campaigns.list_campanas(session, limit, offset)
+            rows = campaigns.list_campanas(session, caller, limit, offset)
         return {"campanas": [_campana(r).model_dump(mode="json") for r in rows]}
 
     @router.get("/campanas/{campana_id}", response_model=Campana, tags=["campanas"])
-    def obtener(campana_id: str) -> Campana:
+    def obtener(campana_id: str, caller: Caller) -> Campana:
         with runtime.db.read() as session:
-            row = campaigns.get_campana(session, campana_id)
+            row = campaigns.visible_campana(session, caller, campana_id)
         return _campana(row)
 
     @router.post("/campanas/{campana_id}/inscripciones", status_code=201, tags=["inscripciones"])
-    def inscribir(campana_id: str, body: Inscribir, response: Response) -> dict:
-        """Enroll an enabled affiliate the campaign's segmentation admits; 200 with the same
-        enrollment when it already was enrolled."""
+    def inscribir(campana_id: str, body: Inscribir, response: Response, caller: Caller) -> dict:
+        """Enroll an enabled affiliate the campaign's segmentation admits (the campaign's advertiser
+        or an operator); 200 with the same enrollment when it already was enrolled."""
         try:
-            with runtime.unit_of_work() as (session, emit):
+            with runtime.unit_of_work(caller) as (session, emit):
                 inscripcion_id, created, events = campaigns.enroll_afiliado(
-                    session, campana_id, body.afiliado_id, body.canal, body.categoria)
+                    session, caller, campana_id, body.afiliado_id, body.canal, body.categoria)
                 emit(events)
         except IntegrityError:
             created = False  # a concurrent twin enrolled the pair first: answer with its enrollment
@@ -171,9 +193,10 @@ def router(runtime: ServiceRuntime) -> APIRouter:
         return _inscripcion(row)
 
     @router.get("/campanas/{campana_id}/inscripciones", tags=["inscripciones"])
-    def inscripciones(campana_id: str, estado: str | None = None) -> dict:
+    def inscripciones(campana_id: str, caller: Caller, estado: str | None = None) -> dict:
+        """The campaign's enrollments (an affiliate: its own enrollment only)."""
         with runtime.db.read() as session:
-            rows = campaigns.list_inscripciones(session, campana_id, estado)
+            rows = campaigns.list_inscripciones(session, caller, campana_id, estado)
         return {"inscripciones": [_inscripcion(r) for r in rows]}
 
     return router
