@@ -20,6 +20,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from alpes.afiliados import handlers as afiliados_handlers
 from alpes.conversiones import domain as conversiones
+from alpes.kernel.access import SYSTEM_PRINCIPAL
 from alpes.kernel.db import Database, migrate
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent, new_id
 from alpes.kernel.outbox import Outbox
@@ -620,7 +621,7 @@ def test_racing_payout_runs_put_each_commission_in_exactly_one_payout(db_url, re
     db, outbox = Database(db_url), Outbox(tables.outbox, registry)
     try:
         with db.transaction() as session:
-            campana, _ = campaigns.create_campana(session, marketing.NuevaCampana(
+            campana, _ = campaigns.create_campana(session, SYSTEM_PRINCIPAL, marketing.NuevaCampana(
                 "Carrera", Decimal("10"), "EUR", periodo_bloqueo_dias=0))
             for n in range(60):
                 commissions.calculate_comision(session, _incoming("conversiones.eventos", "ConversionValidated",

@@ -4,11 +4,13 @@ commission saga, reversal, approval, and the reads behind /comisiones. Plain fun
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime
 
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import ColumnElement, exists, false, func, select, true, update
 from sqlalchemy.orm import Session
 
+from alpes.kernel.access import ADVERTISER, AFFILIATE, OPERATOR, SYSTEM, Principal
 from alpes.kernel.db import Database, where_equal
 from alpes.kernel.errors import NotFound
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent, new_id, utcnow
@@ -245,26 +247,60 @@ def approve_due_comisiones(db: Database, outbox: Outbox, now: datetime | None = 
     return len(rows)
 
 
-# -- reads behind /comisiones ----------------------------------------------------------------------
-def get_comision(session: Session, comision_id: str):
-    """The commission's row; NotFound for an unknown id."""
+# -- tenancy: what each caller may read of the money ------------------------------------------------
+def campanas_de(anunciante_id: str | None):
+    """The ids of the advertiser's campaigns, as a subquery (campanas.anunciante_id is set at
+    creation and never changes: null = an operator's campaign)."""
+    c = tables.campanas
+    # Never `anunciante_id == None`: SQL would read IS NULL and hand a key without its advertiser
+    # the operator's campaigns.
+    return select(c.c.id).where(c.c.anunciante_id == anunciante_id if anunciante_id else false())
+
+
+def de_sus_campanas(campana_id: ColumnElement) -> Callable[[str], ColumnElement]:
+    """For `rows_visible_to`: a row is an advertiser's when its campaign is."""
+    return lambda anunciante_id: campana_id.in_(campanas_de(anunciante_id))
+
+
+def rows_visible_to(principal: Principal, afiliado_id: ColumnElement,
+                    del_anunciante: Callable[[str], ColumnElement]) -> ColumnElement:
+    """The condition keeping a read to the caller's tenant: an operator (or the platform itself)
+    sees every row, an advertiser the rows `del_anunciante` says are its own, an affiliate the rows
+    of `afiliado_id`; anyone else, or a key missing its tenant, nothing."""
+    if principal.role in (OPERATOR, SYSTEM):
+        return true()
+    if principal.role == ADVERTISER and principal.anunciante_id:
+        return del_anunciante(principal.anunciante_id)
+    if principal.role == AFFILIATE and principal.afiliado_id:
+        return afiliado_id == principal.afiliado_id
+    return false()
+
+
+def _visible(principal: Principal) -> ColumnElement:
     k = tables.comisiones
-    row = session.execute(select(k).where(k.c.id == comision_id)).mappings().first()
+    return rows_visible_to(principal, k.c.afiliado_id, de_sus_campanas(k.c.campana_id))
+
+
+# -- reads behind /comisiones: none carries customer data (no user, address or email hash is kept) --
+def get_comision(session: Session, comision_id: str, principal: Principal):
+    """The commission's row; NotFound for an unknown id or one of another tenant."""
+    k = tables.comisiones
+    row = session.execute(select(k).where(k.c.id == comision_id, _visible(principal))).mappings().first()
     if row is None:
         raise NotFound("comision_id", "no commission with this id")
     return row
 
 
-def list_comisiones(session: Session, limit: int, offset: int, **filters) -> list:
-    """Oldest first; `filters`: afiliado_id, campana_id, conversion_id (None: any)."""
+def list_comisiones(session: Session, principal: Principal, limit: int, offset: int, **filters) -> list:
+    """Oldest first, the caller's only; `filters`: afiliado_id, campana_id, conversion_id (None: any)."""
     k = tables.comisiones
-    query = select(k).order_by(k.c.calculada_en, k.c.id).limit(limit).offset(offset)
+    query = select(k).where(_visible(principal)).order_by(k.c.calculada_en, k.c.id).limit(limit).offset(offset)
     return session.execute(where_equal(query, k, **filters)).mappings().all()
 
 
-def explain_comision(session: Session, comision_id: str) -> dict:
+def explain_comision(session: Session, comision_id: str, principal: Principal) -> dict:
     """How the commission was computed: rule and version, inputs, checks, caps, amount."""
-    row = get_comision(session, comision_id)
+    row = get_comision(session, comision_id, principal)
     lineage = json.loads(row["explicacion"]) if row["explicacion"] else {
         "inputs": {"base": str(row["base"]), "porcentaje": str(row["porcentaje"])}, "chequeos": [], "topes": None,
         "monto_sin_tope": None}  # booked before commission rules: base × the campaign percentage

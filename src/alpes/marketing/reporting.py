@@ -9,11 +9,13 @@ from decimal import ROUND_HALF_UP, Decimal
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from alpes.kernel.access import ADVERTISER, AFFILIATE, Principal
 from alpes.kernel.db import upsert_add, where_equal
-from alpes.kernel.errors import RuleViolated
+from alpes.kernel.errors import NotFound, RuleViolated
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent
 
 from . import domain, tables
+from .commissions import campanas_de, de_sus_campanas, rows_visible_to
 
 
 # -- analytics-consumer on conversiones.eventos: conversions per day, campaign and affiliate -------
@@ -115,21 +117,48 @@ _IMPORTES = ("ingresos", "ingresos_reembolsados", "monto", "monto_pendiente", "m
 _RATE = Decimal("0.0001")
 
 
-def report(session: Session, desde: date | None, hasta: date | None, campana_id: str | None = None,
-           afiliado_id: str | None = None) -> list[dict]:
-    """One line per day, campaign and affiliate (optionally of one campaign or affiliate)."""
-    lines = _report_lines(session, desde, hasta, campana_id=campana_id, afiliado_id=afiliado_id)
+def report(session: Session, principal: Principal, desde: date | None, hasta: date | None,
+           campana_id: str | None = None, afiliado_id: str | None = None) -> list[dict]:
+    """One line per day, campaign and affiliate (optionally of one campaign or affiliate), of the
+    caller's tenant only: a filter naming another tenant's campaign or affiliate yields nothing."""
+    lines = _report_lines(session, principal, desde, hasta, campana_id=campana_id, afiliado_id=afiliado_id)
     return _summed(lines, lambda line: (line["dia"], line["campana_id"], line["afiliado_id"]))
 
 
-def grouped_report(session: Session, desde: date | None, hasta: date | None, agrupar: str, **one) -> list[dict]:
+def grouped_report(session: Session, principal: Principal, desde: date | None, hasta: date | None, agrupar: str,
+                   **one) -> list[dict]:
     """One campaign or one affiliate (`one`: campana_id= or afiliado_id=) across all the others,
-    per day (`agrupar="dia"`) or one line for the period ("total"), per currency."""
-    return _summed(_report_lines(session, desde, hasta, **one), _por(agrupar), **one)
+    per day (`agrupar="dia"`) or one line for the period ("total"), per currency. Asking for a
+    campaign of another advertiser, or an affiliate for another affiliate, is NotFound; an
+    advertiser asking for an affiliate sees that affiliate in its own campaigns only."""
+    _check_subject(session, principal, **one)
+    return _summed(_report_lines(session, principal, desde, hasta, **one), _por(agrupar), **one)
 
 
-def _report_lines(session: Session, desde: date | None, hasta: date | None, **filters) -> list[dict]:
-    """The stored figures per day, campaign and affiliate, both read models merged."""
+def _check_subject(session: Session, principal: Principal, campana_id: str | None = None,
+                   afiliado_id: str | None = None) -> None:
+    """The campaign or affiliate a report is about must be one the caller may ask for: otherwise
+    NotFound, exactly as for one that does not exist (whether it does is not the caller's business)."""
+    if campana_id is not None and principal.role == ADVERTISER:
+        c = tables.campanas
+        if session.scalar(select(c.c.id).where(c.c.id == campana_id,
+                                               c.c.id.in_(campanas_de(principal.anunciante_id)))) is None:
+            raise NotFound("campana_id", "no campaign with this id")
+    if afiliado_id is not None and principal.role == AFFILIATE and afiliado_id != principal.afiliado_id:
+        raise NotFound("afiliado_id", "no affiliate with this id")
+    if afiliado_id is not None and principal.role == ADVERTISER:
+        # An advertiser asks about the affiliates of its programs only: enrolled in one of its
+        # campaigns, or with a commission in one (a campaign without enrollments takes any affiliate).
+        own = campanas_de(principal.anunciante_id)
+        i, k = tables.inscripciones, tables.comisiones
+        if all(session.scalar(select(t.c.afiliado_id).where(t.c.afiliado_id == afiliado_id, t.c.campana_id.in_(own))
+                              .limit(1)) is None for t in (i, k)):
+            raise NotFound("afiliado_id", "no affiliate with this id")
+
+
+def _report_lines(session: Session, principal: Principal, desde: date | None, hasta: date | None,
+                  **filters) -> list[dict]:
+    """The stored figures per day, campaign and affiliate of the caller's tenant, both read models merged."""
     if desde and hasta and desde > hasta:
         raise RuleViolated("desde", "desde is after hasta")
     lines: dict[tuple, dict] = {}
@@ -137,7 +166,8 @@ def _report_lines(session: Session, desde: date | None, hasta: date | None, **fi
                                                            "reembolsadas", "ingresos", "ingresos_reembolsados")),
                           (tables.reporte_comisiones, ("comisiones", "monto", "monto_pendiente", "monto_aprobado",
                                                        "monto_pagado", "monto_revertido"))):
-        query = where_equal(select(table), table, **filters)
+        query = where_equal(select(table), table, **filters).where(
+            rows_visible_to(principal, table.c.afiliado_id, de_sus_campanas(table.c.campana_id)))
         if desde:
             query = query.where(table.c.dia >= desde)
         if hasta:

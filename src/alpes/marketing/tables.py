@@ -244,6 +244,9 @@ ajustes = Table(
 pagos = Table(
     "pagos", metadata,
     Column("id", String(36), primary_key=True),
+    # The advertiser paying: its campaigns' commissions only. Null: the operator's own campaigns
+    # (and every payout made before payouts belonged to an advertiser).
+    Column("anunciante_id", String(36), index=True),
     Column("afiliado_id", String(36), nullable=False, index=True),
     Column("moneda", String(3), nullable=False),
     # Written once, from the sum of pago_lineas in the transaction that inserts them.

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from alpes.kernel.errors import RuleViolated
 from alpes.kernel.http import MAX_OFFSET, Identifier
+from alpes.kernel.http_access import Caller
 from alpes.kernel.money import Amount, Percentage, check_places
 from alpes.kernel.runtime import ServiceRuntime
 
@@ -80,42 +81,45 @@ def router(runtime: ServiceRuntime) -> APIRouter:
     router = APIRouter()
 
     @router.put("/campanas/{campana_id}/reglas", tags=["reglas"])
-    def reemplazar_reglas(campana_id: str, body: ReemplazarReglas) -> dict:
+    def reemplazar_reglas(campana_id: str, body: ReemplazarReglas, caller: Caller) -> dict:
         """Replace the campaign's commission rules (ordered, first match wins) with a new version
-        in force from now; no rule matching a conversion leaves it at porcentaje_comision."""
+        in force from now; no rule matching a conversion leaves it at porcentaje_comision. Only
+        the campaign's advertiser or an operator (anyone else: 404, before the body is judged)."""
         reglas, tope = _reglas_del_cuerpo(body)
         with runtime.db.read() as session:
-            moneda = campaigns.get_campana(session, campana_id)["moneda"]
+            moneda = campaigns.owned_campana(session, caller, campana_id)["moneda"]
         _amounts_fit_currency(body, moneda)
-        with runtime.unit_of_work() as (session, emit):
-            version, events = commission_rules.replace_reglas(session, campana_id, reglas, tope)
+        with runtime.unit_of_work(caller) as (session, emit):
+            version, events = commission_rules.replace_reglas(session, campana_id, reglas, tope, caller=caller)
             emit(events)
-        return ver_reglas(campana_id, version)
+        return ver_reglas(campana_id, caller, version)
 
     @router.get("/campanas/{campana_id}/reglas", tags=["reglas"])
-    def ver_reglas(campana_id: str, version: int | None = Query(None, ge=0)) -> dict:
+    def ver_reglas(campana_id: str, caller: Caller, version: int | None = Query(None, ge=0)) -> dict:
         """A version of the rules (default: the newest). Version 0 is the campaign's flat percentage."""
         with runtime.db.read() as session:
-            return commission_rules.show_reglas(session, campana_id, version)
+            return commission_rules.show_reglas(session, campana_id, version, caller=caller)
 
     @router.get("/comisiones/{comision_id}/explain", tags=["comisiones"])
-    def explicar(comision_id: str) -> dict:
+    def explicar(comision_id: str, caller: Caller) -> dict:
         """How the commission was computed: rule and version, inputs, checks, caps, amount."""
         with runtime.db.read() as session:
-            return commissions.explain_comision(session, comision_id)
+            return commissions.explain_comision(session, comision_id, caller)
 
     @router.get("/comisiones", tags=["comisiones"])
-    def comisiones(afiliado_id: str | None = None, campana_id: str | None = None, conversion_id: str | None = None,
-                   limit: int = Query(1000, ge=1, le=10000), offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict:
+    def comisiones(caller: Caller, afiliado_id: str | None = None, campana_id: str | None = None,
+                   conversion_id: str | None = None, limit: int = Query(1000, ge=1, le=10000),
+                   offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict:
+        """The caller's commissions (an advertiser: of its campaigns; an affiliate: its own), oldest first."""
         with runtime.db.read() as session:
-            rows = commissions.list_comisiones(session, limit, offset, afiliado_id=afiliado_id,
+            rows = commissions.list_comisiones(session, caller, limit, offset, afiliado_id=afiliado_id,
                                                campana_id=campana_id, conversion_id=conversion_id)
         return {"comisiones": [_comision(r) for r in rows]}
 
     @router.get("/comisiones/{comision_id}", tags=["comisiones"])
-    def comision(comision_id: str) -> dict:
+    def comision(comision_id: str, caller: Caller) -> dict:
         with runtime.db.read() as session:
-            row = commissions.get_comision(session, comision_id)
+            row = commissions.get_comision(session, comision_id, caller)
         return _comision(row)
 
     return router
