@@ -24,6 +24,7 @@ RULES: dict[str, dict[tuple[str, str], Rule]] = {
         # Advertisers: the affiliates they registered or that joined their programs; affiliates: themselves.
         ("GET", "/afiliados"): allow(OP, ADV, AFF, scope="afiliados:read"),
         ("GET", "/afiliados/{afiliado_id}"): allow(OP, ADV, AFF, scope="afiliados:read"),
+        # Advertisers: only the affiliates they registered (any other: 404); a duplicate only an operator.
         ("POST", "/afiliados/{afiliado_id}/aprobar"): allow(OP, ADV, scope="afiliados:write"),
         ("POST", "/afiliados/{afiliado_id}/suspender"): allow(OP, ADV, scope="afiliados:write"),
         ("POST", "/afiliados/{afiliado_id}/reactivar"): allow(OP, ADV, scope="afiliados:write"),
@@ -53,6 +54,12 @@ RULES: dict[str, dict[tuple[str, str], Rule]] = {
         ("POST", "/claves"): allow(OP, ADV, scope="claves:write"),
         ("GET", "/claves"): allow(OP, ADV, scope="claves:read"),
         ("DELETE", "/claves/{key_id}"): allow(OP, ADV, scope="claves:write"),
+        # Advertisers: registered by operators; an advertiser reads and updates itself only.
+        ("POST", "/anunciantes"): allow(OP, scope="campanas:write"),
+        ("GET", "/anunciantes"): allow(OP, ADV, scope="campanas:read"),
+        ("GET", "/anunciantes/{anunciante_id}"): allow(OP, ADV, scope="campanas:read"),
+        ("PUT", "/anunciantes/{anunciante_id}"): allow(OP, ADV, scope="campanas:write"),
+        ("POST", "/anunciantes/{anunciante_id}/secreto-postback"): allow(OP, ADV, scope="claves:write"),
         ("POST", "/campanas"): allow(OP, ADV, scope="campanas:write"),
         # Affiliates: the campaigns they are enrolled in.
         ("GET", "/campanas"): allow(OP, ADV, AFF, scope="campanas:read"),
@@ -80,7 +87,8 @@ RULES: dict[str, dict[tuple[str, str], Rule]] = {
     },
     "auditoria": {
         **HEALTH,
-        # Advertisers: the records of their own aggregates; affiliates: none.
+        # Advertisers: the records of their own aggregates (campaigns, their conversions, themselves);
+        # affiliates: none. Filters by actor (actor_id, actor_role).
         ("GET", "/auditoria/eventos"): allow(OP, ADV, scope="auditoria:read"),
         ("GET", "/auditoria/verificacion"): allow(OP, scope="auditoria:read"),
         ("GET", "/auditoria/hallazgos"): allow(OP, scope="auditoria:read"),
