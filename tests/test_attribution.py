@@ -272,8 +272,11 @@ def test_older_versions_read_with_the_new_fields_defaulted():
     campana = {"id": "k", "nombre": "n", "porcentaje_comision": Decimal("10"), "moneda": "EUR", "timestamp": NOW}
     for version in (1, 2, 3):
         data, _ = REGISTRY.encode("CampanaCreada", campana, version)
-        assert REGISTRY.decode("CampanaCreada", data, version)["modelo_atribucion"] == "ultimo_click"
-    assert REGISTRY.latest_version("CampanaCreada") == 4 and REGISTRY.latest_version("ConversionValidated") == 2
+        read = REGISTRY.decode("CampanaCreada", data, version)
+        assert read["modelo_atribucion"] == "ultimo_click"
+        # v5's terms read as operator-owned, no maximum (conversiones' reference data takes them so).
+        assert (read["anunciante_id"], read["valor_maximo_conversion"]) == (None, None)
+    assert REGISTRY.latest_version("CampanaCreada") == 5 and REGISTRY.latest_version("ConversionValidated") == 2
 
 
 # -- marketing ----------------------------------------------------------------------------------------
@@ -294,8 +297,8 @@ def test_campaigns_take_an_attribution_model_show_it_and_announce_it(mk):
     with mk.runtime.db.read() as session:
         rows = session.execute(select(mk.tables.outbox).where(mk.tables.outbox.c.event_type == "CampanaCreada")
                                .order_by(mk.tables.outbox.c.id)).mappings().all()
-    assert [r["schema_version"] for r in rows] == [4, 4]
-    assert [REGISTRY.decode("CampanaCreada", r["payload"], 4)["modelo_atribucion"] for r in rows] == [
+    assert [r["schema_version"] for r in rows] == [REGISTRY.latest_version("CampanaCreada")] * 2
+    assert [REGISTRY.decode("CampanaCreada", r["payload"], r["schema_version"])["modelo_atribucion"] for r in rows] == [
         "ultimo_click", "primer_click"]
 
 

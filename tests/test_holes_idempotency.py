@@ -1,9 +1,9 @@
 """Issue 10 hole: idempotency conflicts. The same order id (or Idempotency-Key) with a different
 payload was answered as a duplicate of the first, and 10 racing postbacks with different values
 kept one silently. Now, as Stripe does: the same key with the same parameters → 200 with the same
-id; with different parameters → 409 naming the key. Keys are scoped per campaign (advertisers do
-not exist yet; the identity work scopes them per advertiser). The Idempotency-Key header gets the
-rules of the body's order_id. On SQLite and MariaDB."""
+id; with different parameters → 409 naming the key. Keys are scoped per advertiser
+(test_access_conversiones.py); the campaigns here have none, so per campaign. The Idempotency-Key
+header gets the rules of the body's order_id. On SQLite and MariaDB."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The conversiones HTTP API: each route parses its input, calls a command or a query, and shapes
-the answer. Domain errors raised below become statuses in kernel.http."""
+"""The conversiones HTTP API: each route parses its input, calls a command or a query with its caller
+(`caller: Caller`: role and scope are checked before it runs; the tenant below), and shapes the
+answer. Domain errors raised below become statuses in kernel.http."""
 
 from __future__ import annotations
 
@@ -13,13 +14,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, ValidationInfo, field_validator
 
+from alpes.kernel.access import LOCAL_OPERATOR, Principal
 from alpes.kernel.eventstore import EventStore
 from alpes.kernel.http import MAX_OFFSET, Identifier, PlainText, client_address
+from alpes.kernel.http_access import Caller
 from alpes.kernel.messages import utcnow
 from alpes.kernel.money import Amount, Currency, check_places
 from alpes.kernel.runtime import ServiceRuntime
 
 from . import commands, domain, queries, saga
+from .tenancy import Tenant, tenant_of
 
 
 class Postback(BaseModel):
@@ -56,6 +60,9 @@ class Rechazo(BaseModel):
 class Reembolso(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
+    # The conversion refunded, as in the path: a signed refund must name it (the signature covers
+    # the body, not the path); when given it must be the path's.
+    conversion_id: Identifier | None = None
     tipo: Literal["reembolso", "contracargo"] = "reembolso"
     motivo: PlainText | None = Field(None, min_length=1, max_length=500)
 
@@ -64,7 +71,7 @@ class Conversion(BaseModel):
     id: str
     affiliate_id: str
     campaign_id: str
-    user_id: str
+    user_id: str | None  # the customer: null for affiliates, who never see customer data
     conversion_value: Decimal
     currency: str
     conversion_type: str
@@ -74,8 +81,16 @@ class Conversion(BaseModel):
     timestamp: datetime
 
 
-def _conversion(row) -> dict:
-    return Conversion(**{k: row[k] for k in Conversion.model_fields}).model_dump(mode="json")
+def _conversion(row, tenant: Tenant) -> dict:
+    answer = {k: row[k] for k in Conversion.model_fields}
+    if not tenant.sees_customers:
+        answer["user_id"] = None
+    return Conversion(**answer).model_dump(mode="json")
+
+
+def _api_key_id(caller: Principal) -> str | None:
+    """The key (or signed advertiser) velocity counts against; None: an anonymous local caller."""
+    return None if caller.id == LOCAL_OPERATOR.id else caller.id
 
 
 class Figures(BaseModel):
@@ -103,7 +118,7 @@ def include_routes(runtime: ServiceRuntime, store: EventStore, grace: timedelta,
     router = APIRouter(tags=["conversiones"])
 
     @router.get("/r/{link_code}", tags=["clicks"], status_code=302, response_class=RedirectResponse)
-    def redirect(link_code: str, request: Request) -> RedirectResponse:
+    def redirect(link_code: str, request: Request, caller: Caller) -> RedirectResponse:
         """A tracking link: record the click, redirect to the campaign's landing URL with `alpes_click_id`,
         and set (or renew) the visitor's `alpes_vid` cookie, which ties its clicks together for attribution.
         The cookie is signed (an unsigned or forged one is ignored: a new visitor), HttpOnly,
@@ -112,23 +127,25 @@ def include_routes(runtime: ServiceRuntime, store: EventStore, grace: timedelta,
         location = commands.follow_link(
             runtime, link_code, ip=client_address(request),
             user_agent=request.headers.get("user-agent"), referrer=request.headers.get("referer"),
-            now=clock(), visitor_id=visitor_id, visitor_hash=visitors.visitor_hash(visitor_id))
+            now=clock(), visitor_id=visitor_id, visitor_hash=visitors.visitor_hash(visitor_id), actor=caller)
         response = RedirectResponse(location, status_code=302)
         response.set_cookie(domain.VISITOR_COOKIE, visitors.cookie_for(visitor_id),
                             max_age=domain.VISITOR_COOKIE_MAX_AGE, path="/r/", httponly=True, samesite="lax",
                             secure=request.url.scheme == "https")
         return response
 
-    @router.post("/conversiones", responses={409: {"description": "the order id (or Idempotency-Key) was "
-                                                                   "already used for this campaign with other "
-                                                                   "parameters"}})
-    def postback(body: Postback, request: Request,
+    @router.post("/conversiones", responses={
+        409: {"description": "the order id (or Idempotency-Key) was already used for one of the advertiser's "
+                             "campaigns with other parameters"},
+        403: {"description": "the campaign is not one of the caller's"}})
+    def postback(body: Postback, request: Request, caller: Caller,
                  idempotency_key: Annotated[PlainText | None, Header(
                      min_length=1, max_length=120, description="the order id when the body has none: the same "
                      "rules as `order_id`")] = None) -> dict:
-        """Record a conversion. 200 with its id; the same order id (or Idempotency-Key) with the same
+        """Record a conversion, for a campaign of the caller's (an advertiser's key, or its signature in
+        `Alpes-Signature`). 200 with its id; the same order id (or Idempotency-Key) with the same
         parameters gives the same id, with other parameters a 409 naming the key (keys are scoped per
-        campaign). Besides its optional `ip`, each postback counts against its caller for velocity."""
+        advertiser). Besides its optional `ip`, each postback counts against its caller's key for velocity."""
         if body.click_id is None and (body.affiliate_id is None or body.campaign_id is None):
             raise RequestValidationError([
                 {"loc": ("body", name), "msg": "required unless click_id is given", "type": "missing"}
@@ -141,57 +158,67 @@ def include_routes(runtime: ServiceRuntime, store: EventStore, grace: timedelta,
             key_field="order_id" if body.order_id is not None else "idempotency-key",
             ip=None if body.ip is None else str(body.ip), customer_email=body.customer_email, now=clock(),
             grace=grace, max_conversions_per_ip=max_conversions_per_ip,
-            # The seam for the identity work: the caller's API key id, once callers have keys.
-            caller_key=domain.caller_key(client_address(request)),
-            max_conversions_per_caller=max_conversions_per_caller)
+            caller_key=domain.caller_key(client_address(request), _api_key_id(caller)),
+            max_conversions_per_caller=max_conversions_per_caller, caller=caller)
         return {"id": conversion_id, "status": status, "duplicate": not created}
 
     @router.get("/conversiones")
-    def listar(status: Literal["detected", "on_hold", "validated", "rejected", "refunded"] | None = None,
+    def listar(caller: Caller,
+               status: Literal["detected", "on_hold", "validated", "rejected", "refunded"] | None = None,
                affiliate_id: str | None = None, campaign_id: str | None = None,
                limit: int = Query(1000, ge=1, le=10000), offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict:
-        """Oldest first."""
-        rows = queries.conversions(runtime.db, status=status, affiliate_id=affiliate_id, campaign_id=campaign_id,
-                                   limit=limit, offset=offset)
-        return {"conversiones": [_conversion(r) for r in rows]}
+        """The caller's conversions (an advertiser's campaigns', an affiliate's own), oldest first."""
+        tenant = tenant_of(caller)
+        rows = queries.conversions(runtime.db, tenant=tenant, status=status, affiliate_id=affiliate_id,
+                                   campaign_id=campaign_id, limit=limit, offset=offset)
+        return {"conversiones": [_conversion(r, tenant) for r in rows]}
 
     # Declared before /conversiones/{conversion_id}, which would otherwise take "cifras" for an id.
     @router.get("/conversiones/cifras")
-    def cifras(affiliate_id: str | None = None, campaign_id: str | None = None) -> dict:
-        """Counts and validated revenue per affiliate, campaign and currency."""
-        rows = queries.figures(runtime.db, affiliate_id=affiliate_id, campaign_id=campaign_id)
+    def cifras(caller: Caller, affiliate_id: str | None = None, campaign_id: str | None = None) -> dict:
+        """Counts and validated revenue per affiliate, campaign and currency, of the caller's conversions."""
+        rows = queries.figures(runtime.db, tenant=tenant_of(caller), affiliate_id=affiliate_id,
+                               campaign_id=campaign_id)
         return {"cifras": [_figures(r) for r in rows]}
 
     @router.get("/conversiones/{conversion_id}")
-    def obtener(conversion_id: str) -> dict:
-        return _conversion(queries.conversion(runtime.db, conversion_id))
+    def obtener(conversion_id: str, caller: Caller) -> dict:
+        """404 when unknown or not the caller's."""
+        tenant = tenant_of(caller)
+        return _conversion(queries.conversion(runtime.db, conversion_id, tenant=tenant), tenant)
 
     @router.post("/conversiones/{conversion_id}/reembolso")
-    def reembolso(conversion_id: str, body: Reembolso | None = None) -> dict:
-        """Refund (or charge back) a validated conversion: ConversionRefunded, and marketing reverses
-        its commission. 409 on `status` unless validated; a repeated refund answers the same state."""
+    def reembolso(conversion_id: str, caller: Caller, body: Reembolso | None = None) -> dict:
+        """Refund (or charge back) a validated conversion of the caller's campaigns: ConversionRefunded,
+        and marketing reverses its commission. 409 on `status` unless validated; a repeated refund
+        answers the same state; 404 unknown or not the caller's. Signed (Alpes-Signature), the body
+        names the conversion: `conversion_id`."""
         body = body or Reembolso()
-        commands.refund(runtime, store, conversion_id, body.tipo, body.motivo)
-        return obtener(conversion_id)
+        if body.conversion_id is not None and body.conversion_id != conversion_id:
+            raise RequestValidationError([{"loc": ("body", "conversion_id"), "type": "value_error",
+                                           "msg": "differs from the conversion id in the path"}])
+        commands.refund(runtime, store, conversion_id, body.tipo, body.motivo, caller)
+        return obtener(conversion_id, caller)
 
     @router.post("/conversiones/{conversion_id}/aprobar")
-    def aprobar(conversion_id: str) -> dict:
+    def aprobar(conversion_id: str, caller: Caller) -> dict:
         """Approve a conversion on hold: ConversionValidated, and marketing computes its commission.
-        409 on `status` unless on hold; 404 unknown."""
-        commands.review(runtime, store, conversion_id, True, None, clock)
-        return obtener(conversion_id)
+        409 on `status` unless on hold; 404 unknown or not the caller's."""
+        commands.review(runtime, store, conversion_id, True, None, clock, caller)
+        return obtener(conversion_id, caller)
 
     @router.post("/conversiones/{conversion_id}/rechazar")
-    def rechazar(conversion_id: str, body: Rechazo) -> dict:
+    def rechazar(conversion_id: str, body: Rechazo, caller: Caller) -> dict:
         """Reject a conversion on hold: ConversionRejected `rejected_in_review:<motivo>`.
-        409 on `status` unless on hold; 404 unknown."""
-        commands.review(runtime, store, conversion_id, False, body.motivo, clock)
-        return obtener(conversion_id)
+        409 on `status` unless on hold; 404 unknown or not the caller's."""
+        commands.review(runtime, store, conversion_id, False, body.motivo, clock, caller)
+        return obtener(conversion_id, caller)
 
     @router.get("/conversiones/{conversion_id}/eventos")
-    def historia(conversion_id: str) -> dict:
-        """The conversion's event stream, as stored (upcast to the newest schema of each event)."""
-        events = queries.history(runtime.db, store, conversion_id)
+    def historia(conversion_id: str, caller: Caller) -> dict:
+        """The conversion's event stream, as stored (upcast to the newest schema of each event); 404
+        unknown or not the caller's."""
+        events = queries.history(runtime.db, store, conversion_id, tenant=tenant_of(caller))
         return {"eventos": [{"version": e.version, "event_id": e.event_id, "event_type": e.event_type,
                              "schema_version": e.schema_version, "occurred_at": e.occurred_at.isoformat(),
                              "payload": {k: (str(x) if isinstance(x, (Decimal, datetime)) else x)
@@ -210,18 +237,19 @@ def with_saga_routes(include: Callable[[FastAPI], None], runtime: ServiceRuntime
     router = APIRouter(tags=["sagas"])
 
     @router.get("/sagas")
-    def sagas(estado: Literal["running", "stuck", "completed", "compensated"] | None = None,
+    def sagas(caller: Caller, estado: Literal["running", "stuck", "completed", "compensated"] | None = None,
               limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict:
-        """Sagas, oldest first, without their steps; `estado` filters (terminal: completed, compensated;
-        stuck: no answer from marketing after every retry, still asking)."""
-        return {"sagas": queries.sagas(runtime.db, policy, estado=estado, limit=limit, offset=offset),
+        """The sagas of the caller's conversions, oldest first, without their steps; `estado` filters
+        (terminal: completed, compensated; stuck: no answer from marketing after every retry, still asking)."""
+        return {"sagas": queries.sagas(runtime.db, policy, tenant=tenant_of(caller), estado=estado, limit=limit,
+                                       offset=offset),
                 "terminal_states": list(saga.TERMINAL_STATES)}
 
     @router.get("/sagas/{correlation_id}")
-    def una(correlation_id: str) -> dict:
+    def una(correlation_id: str, caller: Caller) -> dict:
         """One conversion's saga (its id is the conversion id, the flow's correlation id): its state and
-        each step with its status and timestamps. 404 when there is none."""
-        return queries.one_saga(runtime.db, policy, correlation_id)
+        each step with its status and timestamps. 404 when there is none or it is not the caller's."""
+        return queries.one_saga(runtime.db, policy, correlation_id, tenant=tenant_of(caller))
 
     def include_all(app: FastAPI) -> None:
         include(app)

@@ -1,18 +1,21 @@
 """Conversiones commands: follow a tracking link, record a postback, validate pending conversions,
 refund and review. The `*_conversion` functions work inside the caller's transaction; the others
-run their own units of work for the API and the jobs."""
+run their own units of work for the API and the jobs, with the caller as the events' actor. A
+postback, refund or review is only for a campaign the caller may change (tenancy.py): another
+advertiser's campaign is refused before anything is stored."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from alpes.kernel.db import Database
-from alpes.kernel.errors import Conflict
+from alpes.kernel.access import Principal
+from alpes.kernel.errors import Conflict, NotAllowed, NotFound
 from alpes.kernel.eventstore import ConcurrencyConflict, EventStore
 from alpes.kernel.messages import OutgoingEvent, new_id, utcnow
 from alpes.kernel.outbox import Outbox
@@ -20,7 +23,8 @@ from alpes.kernel.proxies import IPAddress
 from alpes.kernel.runtime import ServiceRuntime
 
 from . import domain, queries, tables, tracking
-from .reference import reference
+from .reference import campaign_owner, reference
+from .tenancy import EVERYTHING, Tenant, may_change, tenant_of
 from .stream import commit_events, load_conversion
 
 # A command that meets a concurrent append to the same stream reloads and tries again this often.
@@ -28,9 +32,10 @@ ATTEMPTS = 3
 
 
 def follow_link(runtime: ServiceRuntime, link_code: str, *, ip: IPAddress | None, user_agent: str | None,
-                referrer: str | None, now: datetime, visitor_id: str, visitor_hash: str | None = None) -> str:
+                referrer: str | None, now: datetime, visitor_id: str, visitor_hash: str | None = None,
+                actor: Principal | None = None) -> str:
     """Record a click on a tracking link (ClickRecorded) and return where to redirect."""
-    with runtime.unit_of_work() as (session, emit):
+    with runtime.unit_of_work(actor) as (session, emit):
         _click_id, location, events = tracking.record_click(
             session, link_code, ip=ip, user_agent=user_agent, referrer=referrer, now=now, visitor_id=visitor_id,
             visitor_hash=visitor_hash)
@@ -43,8 +48,8 @@ class IdempotencyConflict(Conflict):
 
     def __init__(self, key_field: str, order_id: str) -> None:
         name = "Idempotency-Key" if key_field == "idempotency-key" else "order_id"
-        super().__init__(key_field, f"{name} {order_id!r} was already used for this campaign with different "
-                                    f"parameters; send the same parameters to retry, or use a new key")
+        super().__init__(key_field, f"{name} {order_id!r} was already used with different parameters (keys are "
+                                    f"scoped per advertiser); send the same parameters to retry, or use a new key")
 
 
 def receive_postback(runtime: ServiceRuntime, store: EventStore, *, affiliate_id: str | None,
@@ -53,12 +58,14 @@ def receive_postback(runtime: ServiceRuntime, store: EventStore, *, affiliate_id
                      customer_email: str | None, now: datetime, grace: timedelta,
                      max_conversions_per_ip: int, caller_key: str | None = None,
                      max_conversions_per_caller: int = 10_000,
-                     key_field: str = "order_id") -> tuple[str, bool, str]:
-    """A postback attributed by click_id, or by both ids. Returns (conversion id, created?, status).
-    `order_id` is its idempotency key (from the body, or the Idempotency-Key header: `key_field`
-    says which, to name it in a conflict), scoped per campaign; the same key with other parameters
-    raises IdempotencyConflict. `caller_key` (domain.caller_key) is whom the velocity rule counts
-    the postback against besides its `ip`."""
+                     key_field: str = "order_id", caller: Principal | None = None) -> tuple[str, bool, str]:
+    """A postback attributed by click_id, or by both ids, from `caller` (None: the platform). Returns
+    (conversion id, created?, status). NotAllowed when the campaign is not one the caller may post
+    for (another advertiser's, or one not known to be its own). `order_id` is its idempotency key
+    (from the body, or the Idempotency-Key header: `key_field` says which, to name it in a
+    conflict), scoped per advertiser (per campaign when the campaign has none); the same key with
+    other parameters raises IdempotencyConflict. `caller_key` (domain.caller_key) is whom the
+    velocity rule counts the postback against besides its `ip`."""
     fingerprint = domain.postback_fingerprint(
         affiliate_id=affiliate_id, campaign_id=campaign_id, click_id=click_id, user_id=user_id,
         conversion_value=conversion_value, currency=currency, conversion_type=conversion_type, ip=ip,
@@ -68,14 +75,19 @@ def receive_postback(runtime: ServiceRuntime, store: EventStore, *, affiliate_id
             attribution = tracking.attribution_of(session, click_id, affiliate_id, campaign_id, now)
         affiliate_id, campaign_id, click_id = attribution.affiliate_id, attribution.campaign_id, attribution.click_id
     assert affiliate_id is not None and campaign_id is not None
+    with runtime.db.read() as session:  # a campaign's owner, once known, never changes
+        if not may_change(session, EVERYTHING if caller is None else tenant_of(caller), campaign_id):
+            raise NotAllowed("campaign_id" if click_id is None else "click_id",
+                             "the campaign is not one of yours: post conversions for your own campaigns")
+        scope = idempotency_scope(campaign_id, campaign_owner(session, campaign_id)[1])
     try:
-        with runtime.unit_of_work() as (session, emit):
+        with runtime.unit_of_work(caller) as (session, emit):
             conversion_id, created, events = record_conversion(
                 session, store, affiliate_id=affiliate_id, campaign_id=campaign_id, user_id=user_id,
                 conversion_value=conversion_value, conversion_type=conversion_type, currency=currency,
                 order_id=order_id, grace=grace, click_id=click_id, now=now, ip=ip, customer_email=customer_email,
                 max_conversions_per_ip=max_conversions_per_ip, fingerprint=fingerprint, key_field=key_field,
-                caller_key=caller_key, max_conversions_per_caller=max_conversions_per_caller)
+                caller_key=caller_key, max_conversions_per_caller=max_conversions_per_caller, scope=scope)
             emit(events)
     except IntegrityError:
         if order_id is None:
@@ -83,27 +95,35 @@ def receive_postback(runtime: ServiceRuntime, store: EventStore, *, affiliate_id
         # A concurrent postback with the same order id committed first: its id when it had these
         # parameters, a conflict when it had others.
         with runtime.db.read() as session:
-            known = order_key(session, campaign_id, order_id)
-        if known is None:
+            known = order_keys(session, scope, campaign_id, order_id)
+        if not known:
             raise
         conversion_id = _same_postback(known, fingerprint, key_field, order_id)
         created = False
     return conversion_id, created, queries.status_of(runtime.db, conversion_id)
 
 
-def order_key(session: Session, campaign_id: str, order_id: str):
-    """The (conversion_id, fingerprint) row of a (campaign, order id) idempotency key, or None."""
+def idempotency_scope(campaign_id: str, anunciante_id: str | None) -> str:
+    """Whose order ids must not repeat: the campaign's advertiser's, or the campaign's own when it
+    has none (operator-owned) or is not known yet."""
+    return f"anunciante:{anunciante_id}" if anunciante_id is not None else f"campana:{campaign_id}"
+
+
+def order_keys(session: Session, scope: str, campaign_id: str, order_id: str) -> list:
+    """The (conversion_id, fingerprint) rows the order id already names in the scope, or for the
+    campaign (a key stored under an earlier scope: per campaign, before its owner was known)."""
     k = tables.order_keys
-    return session.execute(select(k.c.conversion_id, k.c.fingerprint)
-                           .where(k.c.campaign_id == campaign_id, k.c.order_id == order_id)).first()
+    return session.execute(select(k.c.conversion_id, k.c.fingerprint).where(
+        k.c.order_id == order_id, or_(k.c.scope == scope, k.c.campaign_id == campaign_id))).all()
 
 
-def _same_postback(known, fingerprint: str | None, key_field: str, order_id: str) -> str:
+def _same_postback(known: list, fingerprint: str | None, key_field: str, order_id: str) -> str:
     """The known conversion's id when the postback repeats it; IdempotencyConflict otherwise.
     Keys stored before fingerprints existed (NULL) cannot be compared: taken as repeats, as then."""
-    if fingerprint is not None and known.fingerprint is not None and known.fingerprint != fingerprint:
-        raise IdempotencyConflict(key_field, order_id)
-    return known.conversion_id
+    for row in known:
+        if fingerprint is None or row.fingerprint is None or row.fingerprint == fingerprint:
+            return row.conversion_id
+    raise IdempotencyConflict(key_field, order_id)
 
 
 def record_conversion(session: Session, store: EventStore, *, affiliate_id: str, campaign_id: str, user_id: str,
@@ -111,21 +131,24 @@ def record_conversion(session: Session, store: EventStore, *, affiliate_id: str,
                       grace: timedelta, click_id: str | None = None, now: datetime | None = None,
                       ip: str | None = None, customer_email: str | None = None,
                       max_conversions_per_ip: int = 5, fingerprint: str | None = None, key_field: str = "order_id",
-                      caller_key: str | None = None,
-                      max_conversions_per_caller: int = 10_000) -> tuple[str, bool, list[OutgoingEvent]]:
-    """A postback. Returns (conversion id, created?, events). A known order id returns its conversion
-    when `fingerprint` (domain.postback_fingerprint) matches the one stored with it, and raises
-    IdempotencyConflict when it does not. `ip`, `customer_email` and `caller_key` are fraud
-    signals: kept beside the stream (the email only as its hash), never in events."""
+                      caller_key: str | None = None, max_conversions_per_caller: int = 10_000,
+                      scope: str | None = None) -> tuple[str, bool, list[OutgoingEvent]]:
+    """A postback. Returns (conversion id, created?, events). A known order id (in `scope`:
+    idempotency_scope, per campaign by default) returns its conversion when `fingerprint`
+    (domain.postback_fingerprint) matches the one stored with it, and raises IdempotencyConflict
+    when it does not. `ip`, `customer_email` and `caller_key` are fraud signals: kept beside the
+    stream (the email only as its hash), never in events."""
+    scope = scope or idempotency_scope(campaign_id, None)
     if order_id is not None:
-        known = order_key(session, campaign_id, order_id)
-        if known is not None:
+        known = order_keys(session, scope, campaign_id, order_id)
+        if known:
             return _same_postback(known, fingerprint, key_field, order_id), False, []
     conversion_id = new_id()
     if order_id is not None:
         # The durable idempotency key; a concurrent twin fails here and the caller re-reads.
         session.execute(tables.order_keys.insert().values(
-            campaign_id=campaign_id, order_id=order_id, conversion_id=conversion_id, fingerprint=fingerprint))
+            campaign_id=campaign_id, order_id=order_id, conversion_id=conversion_id, fingerprint=fingerprint,
+            scope=scope))
     if click_id is not None:
         session.execute(tables.click_attributions.insert().values(conversion_id=conversion_id, click_id=click_id))
     now = now or utcnow()
@@ -170,12 +193,22 @@ def validate_pending(db: Database, store: EventStore, outbox: Outbox, grace: tim
     return decided
 
 
-def refund_conversion(session: Session, store: EventStore, conversion_id: str, refund_type: str,
-                      reason: str | None, now: datetime | None = None) -> list[OutgoingEvent]:
-    """Append ConversionRefunded to a validated conversion's stream (marketing reverses its
-    commission on it). NotFound for an unknown conversion, Conflict on `status` when it was not
-    validated; a repeated refund returns no event."""
+def _load_changeable(session: Session, store: EventStore, conversion_id: str, tenant: Tenant) -> domain.Conversion:
+    """The conversion, when the tenant may change it; NotFound as for an unknown one otherwise."""
     conversion = load_conversion(session, store, conversion_id)
+    assert conversion.detected is not None
+    if not may_change(session, tenant, conversion.detected.campaign_id):
+        raise NotFound("conversion_id", "no conversion with this id")
+    return conversion
+
+
+def refund_conversion(session: Session, store: EventStore, conversion_id: str, refund_type: str,
+                      reason: str | None, now: datetime | None = None,
+                      tenant: Tenant = EVERYTHING) -> list[OutgoingEvent]:
+    """Append ConversionRefunded to a validated conversion's stream (marketing reverses its
+    commission on it). NotFound for an unknown conversion (or another tenant's), Conflict on
+    `status` when it was not validated; a repeated refund returns no event."""
+    conversion = _load_changeable(session, store, conversion_id, tenant)
     try:
         events = domain.decide_refund(conversion, refund_type, reason, now or utcnow())
     except domain.NotRefundable as refusal:
@@ -186,11 +219,12 @@ def refund_conversion(session: Session, store: EventStore, conversion_id: str, r
 
 
 def review_conversion(session: Session, store: EventStore, conversion_id: str, approve: bool,
-                      motivo: str | None = None, now: datetime | None = None) -> list[OutgoingEvent]:
+                      motivo: str | None = None, now: datetime | None = None,
+                      tenant: Tenant = EVERYTHING) -> list[OutgoingEvent]:
     """A reviewer approves (ConversionValidated: marketing computes the commission) or rejects
-    (ConversionRejected `rejected_in_review:<motivo>`) a held conversion. NotFound when unknown,
-    Conflict on `status` unless on hold."""
-    conversion = load_conversion(session, store, conversion_id)
+    (ConversionRejected `rejected_in_review:<motivo>`) a held conversion. NotFound when unknown
+    (or another tenant's), Conflict on `status` unless on hold."""
+    conversion = _load_changeable(session, store, conversion_id, tenant)
     try:
         events = domain.decide_review(conversion, approve, motivo, now or utcnow())
     except domain.NotInReview as refusal:
@@ -199,23 +233,28 @@ def review_conversion(session: Session, store: EventStore, conversion_id: str, a
 
 
 def refund(runtime: ServiceRuntime, store: EventStore, conversion_id: str, refund_type: str,
-           reason: str | None) -> None:
-    """`refund_conversion` in its own unit of work, retried on a concurrent append."""
-    _retrying(runtime, lambda session: refund_conversion(session, store, conversion_id, refund_type, reason))
+           reason: str | None, caller: Principal | None = None) -> None:
+    """`refund_conversion` by `caller` in its own unit of work, retried on a concurrent append."""
+    tenant = EVERYTHING if caller is None else tenant_of(caller)
+    _retrying(runtime, lambda session: refund_conversion(session, store, conversion_id, refund_type, reason,
+                                                         tenant=tenant), caller)
 
 
 def review(runtime: ServiceRuntime, store: EventStore, conversion_id: str, approve: bool, motivo: str | None,
-           clock: Callable[[], datetime]) -> None:
-    """`review_conversion` in its own unit of work, retried on a concurrent append."""
-    _retrying(runtime, lambda session: review_conversion(session, store, conversion_id, approve, motivo, clock()))
+           clock: Callable[[], datetime], caller: Principal | None = None) -> None:
+    """`review_conversion` by `caller` in its own unit of work, retried on a concurrent append."""
+    tenant = EVERYTHING if caller is None else tenant_of(caller)
+    _retrying(runtime, lambda session: review_conversion(session, store, conversion_id, approve, motivo, clock(),
+                                                         tenant=tenant), caller)
 
 
-def _retrying(runtime: ServiceRuntime, change: Callable[[Session], list[OutgoingEvent]]) -> None:
-    """Run `change` and emit its events; when the stream kept moving under every attempt, a
-    Conflict tells the caller to retry."""
+def _retrying(runtime: ServiceRuntime, change: Callable[[Session], list[OutgoingEvent]],
+              caller: Principal | None) -> None:
+    """Run `change` and emit its events as `caller`'s; when the stream kept moving under every
+    attempt, a Conflict tells the caller to retry."""
     for attempt in range(ATTEMPTS):
         try:
-            with runtime.unit_of_work() as (session, emit):
+            with runtime.unit_of_work(caller) as (session, emit):
                 emit(change(session))
             return
         except ConcurrencyConflict:

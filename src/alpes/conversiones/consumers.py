@@ -20,6 +20,9 @@ def consumer_specs(store: EventStore) -> list[ConsumerSpec]:
     return [
         ConsumerSpec("marketing.eventos", "conversiones-consumer", {
             "CampanaCreada": reference.learn_campana,
+            # Advertisers' postback secret versions (signed postbacks: signed_postbacks.py).
+            "AnuncianteRegistrado": reference.learn_anunciante,
+            "SecretoPostbackRotado": reference.learn_secreto_rotado,
             **KeyRing(tables.claves_api).handlers(),
             "CampanaActivada": reference.learn_campana_estado,
             "CampanaPausada": reference.learn_campana_estado,

@@ -48,6 +48,7 @@ COMMISSION_DENIED = "commission_denied"  # followed by ":<razon>" for a denial w
 TOO_FAST = "too_fast"  # click-to-conversion faster than a person buys: click injection (Everflow)
 IP_VELOCITY = "ip_velocity"  # too many conversions from one address for one campaign
 CALLER_VELOCITY = "caller_velocity"  # too many conversions from one caller (postback sender) for one campaign
+VALUE_ABOVE_MAXIMUM = "value_above_maximum"  # worth more than the campaign's maximum conversion value
 
 DEFAULT_MIN_SECONDS_CLICK_TO_CONVERSION = 15
 IP_VELOCITY_WINDOW = timedelta(minutes=60)
@@ -152,6 +153,8 @@ class Reference:
     # does not leave a postback uncounted. None: no caller recorded (conversions from before it).
     conversions_from_same_caller: int | None = None
     max_conversions_per_caller: int = 10_000
+    # The campaign's maximum conversion value, in its currency (CampanaCreada v5); None: no maximum.
+    max_conversion_value: Decimal | None = None
 
 
 @dataclass
@@ -187,20 +190,23 @@ def decide_validation(conversion: Conversion, ref: Reference, now: datetime, gra
     if ref.clicked_at is not None and ref.attribution_window is not None and \
             not within_attribution_window(ref.clicked_at, conversion.detected.timestamp, ref.attribution_window):
         return Decision([Rejected(OUTSIDE_ATTRIBUTION_WINDOW, now)])
-    fraud = fraud_verdict(conversion.detected.timestamp, ref)
+    fraud = fraud_verdict(conversion.detected, ref)
     if fraud is not None:
         return Decision([fraud(now)])
     return Decision([Validated(now)])
 
 
-def fraud_verdict(converted_at: datetime, ref: Reference):
+def fraud_verdict(detected: Detected, ref: Reference):
     """The first fraud rule the conversion breaks, as a partial event to stamp (Rejected for clear
     violations, Held for suspicious ones), or None. Clear violations are checked first: a conversion
     that must be rejected is not worth a reviewer's time."""
+    converted_at = detected.timestamp
     if not within_campaign_dates(converted_at, ref.campaign_starts_at, ref.campaign_ends_at):
         return lambda now: Rejected(CAMPAIGN_OUTSIDE_DATES, now)
     if ref.affiliate_email_sha256 is not None and ref.customer_email_sha256 == ref.affiliate_email_sha256:
         return lambda now: Rejected(SELF_REFERRAL, now)
+    if ref.max_conversion_value is not None and detected.conversion_value > ref.max_conversion_value:
+        return lambda now: Held(VALUE_ABOVE_MAXIMUM, now)
     if ref.clicked_at is not None and ref.min_seconds_click_to_conversion is not None and \
             converted_at - ref.clicked_at < timedelta(seconds=ref.min_seconds_click_to_conversion):
         return lambda now: Held(TOO_FAST, now)
@@ -213,10 +219,9 @@ def fraud_verdict(converted_at: datetime, ref: Reference):
 
 
 def caller_key(address: ipaddress.IPv4Address | ipaddress.IPv6Address | None, api_key_id: str | None = None) -> str:
-    """Whom the velocity rule counts a postback against, besides the customer's `ip`: the API key
-    that sent it once callers have keys (the identity work passes `api_key_id`), else the address
-    it came from (the TCP peer, or the client a trusted proxy names). IPv6 counts per /64 (one
-    subscriber's prefix: its addresses are free to rotate); no address at all shares one key."""
+    """Whom the velocity rule counts a postback against, besides the customer's `ip`: its API key (or
+    a signed request's advertiser), else the address it came from (anonymous local callers); IPv6
+    per /64 (one subscriber's prefix: its addresses rotate freely); no address shares one key."""
     if api_key_id is not None:
         return f"key:{api_key_id}"[:80]
     if address is None:

@@ -1,5 +1,7 @@
 """What the conversiones API reads: the conversions view, the figures, a conversion's stream and
-the saga log. Each opens its own read session."""
+the saga log, each kept to the caller's tenant (tenancy.py): lists are filtered, another tenant's
+conversion or saga asked by id is NotFound like one that does not exist. Each opens its own read
+session."""
 
 from __future__ import annotations
 
@@ -11,23 +13,30 @@ from alpes.kernel.errors import NotFound
 from alpes.kernel.eventstore import EventStore, StoredEvent
 
 from . import domain, saga, tables
+from .tenancy import Tenant, visible
 
 
-def conversions(db: Database, *, status: str | None, affiliate_id: str | None, campaign_id: str | None,
-                limit: int, offset: int) -> list:
-    """View rows, oldest first."""
+def conversions(db: Database, *, tenant: Tenant, status: str | None, affiliate_id: str | None,
+                campaign_id: str | None, limit: int, offset: int) -> list:
+    """View rows of the tenant's conversions, oldest first."""
     v = tables.conversiones_view
-    query = select(v).order_by(v.c.timestamp, v.c.id).limit(limit).offset(offset)
+    query = select(v).where(visible(tenant, v.c.campaign_id, v.c.affiliate_id)) \
+        .order_by(v.c.timestamp, v.c.id).limit(limit).offset(offset)
     query = where_equal(query, v, status=status, affiliate_id=affiliate_id, campaign_id=campaign_id)
     with db.read() as session:
         return session.execute(query).mappings().all()
 
 
-def conversion(db: Database, conversion_id: str):
-    """The conversion's view row; NotFound when there is none."""
-    v = tables.conversiones_view
+def conversion(db: Database, conversion_id: str, *, tenant: Tenant):
+    """The conversion's view row; NotFound when there is none or it is another tenant's."""
     with db.read() as session:
-        row = session.execute(select(v).where(v.c.id == conversion_id)).mappings().first()
+        return visible_conversion(session, conversion_id, tenant)
+
+
+def visible_conversion(session: Session, conversion_id: str, tenant: Tenant):
+    v = tables.conversiones_view
+    row = session.execute(select(v).where(v.c.id == conversion_id, visible(tenant, v.c.campaign_id,
+                                                                           v.c.affiliate_id))).mappings().first()
     if row is None:
         raise NotFound("conversion_id", "no conversion with this id")
     return row
@@ -39,24 +48,21 @@ def status_of(db: Database, conversion_id: str) -> str:
         return session.scalar(select(v.c.status).where(v.c.id == conversion_id)) or domain.DETECTED
 
 
-def conversion_for_order(session: Session, campaign_id: str, order_id: str) -> str | None:
-    """The conversion a postback's (campaign, order id) idempotency key already names, if any."""
-    k = tables.order_keys
-    return session.scalar(select(k.c.conversion_id).where(k.c.campaign_id == campaign_id, k.c.order_id == order_id))
-
-
-def figures(db: Database, *, affiliate_id: str | None, campaign_id: str | None) -> list:
-    """Figure rows per affiliate, campaign and currency."""
+def figures(db: Database, *, tenant: Tenant, affiliate_id: str | None, campaign_id: str | None) -> list:
+    """The tenant's figure rows per affiliate, campaign and currency."""
     f = tables.conversion_figures
-    query = where_equal(select(f).order_by(f.c.affiliate_id, f.c.campaign_id, f.c.currency), f,
-                        affiliate_id=affiliate_id, campaign_id=campaign_id)
+    query = select(f).where(visible(tenant, f.c.campaign_id, f.c.affiliate_id)) \
+        .order_by(f.c.affiliate_id, f.c.campaign_id, f.c.currency)
+    query = where_equal(query, f, affiliate_id=affiliate_id, campaign_id=campaign_id)
     with db.read() as session:
         return session.execute(query).mappings().all()
 
 
-def history(db: Database, store: EventStore, conversion_id: str) -> list[StoredEvent]:
-    """The conversion's stream as stored (upcast to the newest schema of each event); NotFound when empty."""
+def history(db: Database, store: EventStore, conversion_id: str, *, tenant: Tenant) -> list[StoredEvent]:
+    """The conversion's stream as stored (upcast to the newest schema of each event); NotFound when
+    empty or another tenant's."""
     with db.read() as session:
+        visible_conversion(session, conversion_id, tenant)
         events = store.load(session, conversion_id)
     if not events:
         raise NotFound("conversion_id", "no conversion with this id")
@@ -64,23 +70,35 @@ def history(db: Database, store: EventStore, conversion_id: str) -> list[StoredE
 
 
 # -- the saga log ------------------------------------------------------------------------------
-def sagas(db: Database, policy: saga.SagaPolicy, *, estado: str | None, limit: int, offset: int) -> list[dict]:
-    """Saga summaries, oldest first, without their steps."""
-    s = tables.sagas
-    query = where_equal(select(s).order_by(s.c.created_at, s.c.saga_id).limit(limit).offset(offset), s,
-                        estado=estado)
+def sagas(db: Database, policy: saga.SagaPolicy, *, tenant: Tenant, estado: str | None, limit: int,
+          offset: int) -> list[dict]:
+    """Summaries of the sagas of the tenant's conversions, oldest first, without their steps."""
+    s, v = tables.sagas, tables.conversiones_view
+    query = select(s).order_by(s.c.created_at, s.c.saga_id).limit(limit).offset(offset)
+    if not tenant.everything:  # a saga's id is its conversion's
+        query = query.where(s.c.saga_id.in_(select(v.c.id).where(visible(tenant, v.c.campaign_id,
+                                                                          v.c.affiliate_id))))
+    query = where_equal(query, s, estado=estado)
     with db.read() as session:
         rows = session.execute(query).mappings().all()
     return [saga.summary(r, policy) for r in rows]
 
 
-def one_saga(db: Database, policy: saga.SagaPolicy, correlation_id: str) -> dict:
-    """One saga with its steps; NotFound when there is none."""
+def one_saga(db: Database, policy: saga.SagaPolicy, correlation_id: str, *, tenant: Tenant) -> dict:
+    """One saga with its steps; NotFound when there is none or its conversion is another tenant's."""
     with db.read() as session:
-        found = saga.view(session, correlation_id, policy)
+        found = None
+        if tenant.everything or _visible_id(session, correlation_id, tenant):
+            found = saga.view(session, correlation_id, policy)
     if found is None:
         raise NotFound("correlation_id", "no saga with this correlation id")
     return found
+
+
+def _visible_id(session: Session, conversion_id: str, tenant: Tenant) -> bool:
+    v = tables.conversiones_view
+    return session.scalar(select(v.c.id).where(v.c.id == conversion_id,
+                                               visible(tenant, v.c.campaign_id, v.c.affiliate_id))) is not None
 
 
 def saga_health(db: Database) -> dict:

@@ -1,9 +1,10 @@
-"""Reference data: what conversiones learns of campaigns, affiliates and enrollments from
-marketing.eventos (conversiones-consumer), and what validating a conversion reads of it."""
+"""Reference data: what conversiones learns of campaigns (and their advertisers), affiliates and
+enrollments from marketing.eventos (conversiones-consumer), and what validating a conversion reads
+of it."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session
@@ -18,6 +19,11 @@ AFILIADO_SUSPENDIDO = "suspendido"
 
 _CAMPAIGN_STATE = {"CampanaActivada": "activa", "CampanaPausada": "pausada", "CampanaFinalizada": "finalizada"}
 
+# An advertiser's first postback secret (AnuncianteRegistrado), and how long the one a rotation
+# replaces stays valid (SecretoPostbackRotado: marketing keeps the same rule).
+FIRST_SECRET_VERSION = 1
+PREVIOUS_SECRET_VALID_FOR = timedelta(hours=24)
+
 
 # -- what validation reads ---------------------------------------------------------------------
 def reference(session: Session, affiliate_id: str, campaign_id: str,
@@ -28,7 +34,7 @@ def reference(session: Session, affiliate_id: str, campaign_id: str,
     a = None if affiliate is None else affiliate.estado
     rc = tables.ref_campanas
     c = session.execute(select(rc.c.estado, rc.c.moneda, rc.c.ventana_atribucion_dias, rc.c.fecha_inicio,
-                               rc.c.fecha_fin, rc.c.min_segundos_click_conversion)
+                               rc.c.fecha_fin, rc.c.min_segundos_click_conversion, rc.c.valor_maximo_conversion)
                         .where(rc.c.campana_id == campaign_id)).first()
     click = None
     if conversion_id is not None:
@@ -48,6 +54,7 @@ def reference(session: Session, affiliate_id: str, campaign_id: str,
         campaign_starts_at=None if c is None else c.fecha_inicio,
         campaign_ends_at=None if c is None else c.fecha_fin,
         min_seconds_click_to_conversion=None if c is None else c.min_segundos_click_conversion,
+        max_conversion_value=None if c is None else c.valor_maximo_conversion,
         affiliate_email_sha256=None if affiliate is None else affiliate.email_sha256,
         customer_email_sha256=None if signals is None else signals.customer_email_sha256,
         conversions_from_same_ip=None if signals is None else _conversions_from_same_ip(session, signals),
@@ -107,8 +114,61 @@ def learn_campana(session: Session, event: IncomingEvent) -> list[OutgoingEvent]
                                           min_segundos_click_conversion=p.get("min_segundos_click_conversion"),
                                           # v1-v3 read the v4 default: last click.
                                           modelo_atribucion=p.get("modelo_atribucion") or domain.LAST_CLICK,
+                                          # v1-v4 read the v5 defaults: operator-owned, no maximum.
+                                          anunciante_id=p.get("anunciante_id"),
+                                          valor_maximo_conversion=p.get("valor_maximo_conversion"),
                                           updated_at=utcnow()))
     return []
+
+
+def learn_anunciante(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """AnuncianteRegistrado: the advertiser signs postbacks with its secret's version 1 (a rotation
+    that arrived first is kept)."""
+    t = tables.ref_anunciantes
+    anunciante_id = event.payload["id"]
+    if not session.scalar(select(exists().where(t.c.anunciante_id == anunciante_id))):
+        session.execute(t.insert().values(anunciante_id=anunciante_id, secreto_version=FIRST_SECRET_VERSION,
+                                          secreto_anterior_hasta=None, updated_at=utcnow()))
+    return []
+
+
+def learn_secreto_rotado(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """SecretoPostbackRotado: the advertiser's secret moves to `version`; the version before it stays
+    valid for 24 hours after the rotation. A version not newer than the known one (a redelivery,
+    or a late rotation) changes nothing."""
+    p = event.payload
+    t = tables.ref_anunciantes
+    until = p["timestamp"] + PREVIOUS_SECRET_VALID_FOR
+    known = session.scalar(select(t.c.secreto_version).where(t.c.anunciante_id == p["anunciante_id"]))
+    if known is None:
+        session.execute(t.insert().values(anunciante_id=p["anunciante_id"], secreto_version=p["version"],
+                                          secreto_anterior_hasta=until, updated_at=utcnow()))
+    elif p["version"] > known:
+        session.execute(update(t).where(t.c.anunciante_id == p["anunciante_id"]).values(
+            secreto_version=p["version"], secreto_anterior_hasta=until, updated_at=utcnow()))
+    return []
+
+
+def secret_versions(session: Session, anunciante_id: str, now: datetime) -> list[int]:
+    """The versions of the advertiser's postback secret that sign today: the current one, and the
+    one before it while still valid. Never heard of the advertiser: version 1."""
+    t = tables.ref_anunciantes
+    row = session.execute(select(t.c.secreto_version, t.c.secreto_anterior_hasta)
+                          .where(t.c.anunciante_id == anunciante_id)).first()
+    if row is None:
+        return [FIRST_SECRET_VERSION]
+    versions = [row.secreto_version]
+    if row.secreto_version > FIRST_SECRET_VERSION and row.secreto_anterior_hasta is not None \
+            and now < row.secreto_anterior_hasta:
+        versions.append(row.secreto_version - 1)
+    return versions
+
+
+def campaign_owner(session: Session, campaign_id: str) -> tuple[bool, str | None]:
+    """(known?, the advertiser that owns the campaign: None when operator-owned or unknown)."""
+    rc = tables.ref_campanas
+    row = session.execute(select(rc.c.anunciante_id).where(rc.c.campana_id == campaign_id)).first()
+    return (False, None) if row is None else (True, row.anunciante_id)
 
 
 def learn_campana_estado(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:

@@ -12,7 +12,7 @@ from alpes.kernel.messages import utcnow
 from alpes.kernel.runtime import PeriodicJob, ServiceRuntime
 from alpes.settings import Settings
 
-from . import api, commands, consumers, domain, queries, records, saga, saga_answers, tables
+from . import api, commands, consumers, domain, queries, records, saga, saga_answers, signed_postbacks, tables
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -41,6 +41,9 @@ def build(settings: Settings, clock: Callable[[], datetime] | None = None):
         runtime.jobs.append(PeriodicJob(
             "saga-timeouts", min(5.0, max(0.2, policy.timeout.total_seconds() / 4)),
             lambda: saga_answers.expire_sagas(runtime.db, store, runtime.outbox, policy)))
+        # Signatures of signed postbacks are remembered while a replay would be inside the window.
+        runtime.jobs.append(PeriodicJob("forget-used-signatures", 60.0,
+                                        lambda: signed_postbacks.forget_used(runtime.db)))
         # /health says how many sagas wait on marketing and how many are stuck.
         runtime.health_reports["sagas"] = lambda: queries.saga_health(runtime.db)
 
@@ -53,4 +56,5 @@ def build(settings: Settings, clock: Callable[[], datetime] | None = None):
 
     return compose("conversiones", settings, outbox=tables.outbox, inbox=tables.inbox, keys=tables.claves_api,
                    consumers=consumers.consumer_specs(store), routes=routes, configure=configure,
-                   registry=registry)
+                   registry=registry, signed_requests=lambda runtime: signed_postbacks.SignedPostbacks(
+                       runtime.db, settings.postback_keys()))

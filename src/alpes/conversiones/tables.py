@@ -10,27 +10,34 @@ from sqlalchemy import (
     Table,
 )
 
+from alpes.kernel.access import keys_table
 from alpes.kernel.db import ScaledDecimal, UtcDateTime
 from alpes.kernel.eventstore import event_store_table
-from alpes.kernel.access import keys_table
 from alpes.kernel.inbox import inbox_table
 from alpes.kernel.outbox import outbox_table
+from alpes.kernel.request_signing import replay_table
 
 metadata = MetaData()
 
 # The write side: the source of truth.
 event_store = event_store_table(metadata)
 
-# Postback idempotency: one conversion per (campaign, order id), durable, no TTL. The fingerprint
-# (sha256 of the postback's parameters) tells a repeat (same id) from a conflict (409); NULL on
-# keys stored before it (taken as repeats).
+# Postback idempotency: one conversion per order id and scope, durable, no TTL. The scope is the
+# campaign's advertiser (`anunciante:<id>`, as Stripe scopes keys per account), or the campaign
+# itself (`campana:<id>`) when it has none or is not known yet; keys stored before advertisers
+# existed are per campaign (and still found by campaign: commands.order_keys). The one unique key
+# is the primary key: racing postbacks meet on one index (two unique ones deadlock on InnoDB).
+# The fingerprint (sha256 of the postback's parameters) tells a repeat (same id) from a conflict
+# (409); NULL on keys stored before it (taken as repeats).
 order_keys = Table(
     "order_keys", metadata,
+    Column("scope", String(80), nullable=False),
     Column("campaign_id", String(36), nullable=False),
     Column("order_id", String(120), nullable=False),
     Column("conversion_id", String(36), nullable=False),
     Column("fingerprint", String(64)),
-    PrimaryKeyConstraint("campaign_id", "order_id", name="pk_order_keys"),
+    PrimaryKeyConstraint("scope", "order_id", name="pk_order_keys"),
+    Index("ix_order_keys_campaign_order", "campaign_id", "order_id"),
 )
 
 # Read side: projection fed from the event store in the same transaction as each append.
@@ -93,6 +100,22 @@ ref_campanas = Table(
     Column("min_segundos_click_conversion", Integer),
     # ultimo_click or primer_click (CampanaCreada v4); campaigns announced before it: last click.
     Column("modelo_atribucion", String(20), nullable=False, server_default="ultimo_click"),
+    # The advertiser that owns it (CampanaCreada v5); None: operator-owned, or announced before v5.
+    Column("anunciante_id", String(36), index=True),
+    # In the campaign's currency; a conversion worth more is held for review. None: no maximum.
+    Column("valor_maximo_conversion", ScaledDecimal(2)),
+)
+
+# Advertisers' postback signing secrets, by version (the secrets themselves are derived, never
+# stored: kernel/request_signing.py). AnuncianteRegistrado is version 1; each
+# SecretoPostbackRotado moves to its version and keeps the one before valid until
+# `secreto_anterior_hasta` (24 h after the rotation). An advertiser not known here signs with 1.
+ref_anunciantes = Table(
+    "ref_anunciantes", metadata,
+    Column("anunciante_id", String(36), primary_key=True),
+    Column("secreto_version", Integer, nullable=False),
+    Column("secreto_anterior_hasta", UtcDateTime()),
+    Column("updated_at", UtcDateTime(), nullable=False),
 )
 
 # Enrollments learned from marketing.eventos: which affiliate and campaign a tracking link is for.
@@ -176,6 +199,9 @@ saga_pasos = Table(
     Column("detalle", String(500)),
     Index("ix_saga_pasos_saga", "saga_id", "paso", "estado"),
 )
+
+# Signed postbacks already accepted: a replay inside the 5-minute window is refused.
+firmas_usadas = replay_table(metadata)
 
 outbox = outbox_table(metadata)
 inbox = inbox_table(metadata)
