@@ -89,9 +89,9 @@ def test_an_email_whose_holder_was_rejected_may_register_again(afiliados):
     assert client.get(f"/afiliados/{again}").json()["estado"] == "validado"
 
 
-# -- who may override a rejection: the seam the identity work wires -----------------------------------------
+# -- who may override a rejection (the route passes the caller's role: afiliados/tenancy.py) ---------------
 @pytest.mark.parametrize("principal, motivos, allowed", [
-    (None, ["cuenta_duplicada"], True),  # protected local mode: the anonymous caller is the operator
+    ("operador", ["cuenta_duplicada"], True),
     ("operador", ["documento_duplicado"], True),
     ("operador", ["email_desechable"], True),
     ("anunciante", ["email_desechable"], True),
@@ -105,14 +105,20 @@ def test_only_an_operator_may_override_a_duplicate_rejection(principal, motivos,
 
 
 def test_approving_checks_the_seam(afiliados):
-    from alpes.afiliados import handlers
+    from sqlalchemy import update
+
+    from alpes.afiliados import handlers, tables
+    from alpes.kernel.access import Principal
 
     client, runtime = afiliados
     client.post("/afiliados", json=FULL)
     duplicate = client.post("/afiliados", json={**FULL, "user_id": "u2", "email": "b@example.com"}).json()["id"]
     _validate(runtime)
+    with runtime.db.transaction() as session:  # as if advertiser adv-1 had onboarded it
+        session.execute(update(tables.afiliados).where(tables.afiliados.c.id == duplicate)
+                        .values(registrado_por_anunciante="adv-1"))
     with runtime.db.transaction() as session, pytest.raises(Conflict, match="operator"):
-        handlers.approve_afiliado(session, duplicate, principal="anunciante")
+        handlers.approve_afiliado(session, duplicate, Principal("k1", "advertiser", anunciante_id="adv-1"))
     assert client.get(f"/afiliados/{duplicate}").json()["estado"] == "rechazado"
     approved = client.post(f"/afiliados/{duplicate}/aprobar")  # no roles yet: the local operator
     assert approved.status_code == 200 and approved.json()["estado"] == "validado"

@@ -11,6 +11,10 @@ def consumer_specs() -> list[ConsumerSpec]:
     return [
         ConsumerSpec("marketing.eventos", "afiliados-consumer", {
             "CampanaCreada": handlers.record_programa,
+            "CampanaActivada": handlers.record_programa_estado,
+            "CampanaPausada": handlers.record_programa_estado,
+            "CampanaFinalizada": handlers.record_programa_estado,
+            "AfiliadoInscrito": handlers.record_inscripcion,
             **keys.handlers(),
         }),
         ConsumerSpec("comisiones.eventos", "afiliados-consumer", {

@@ -130,15 +130,11 @@ MOTIVOS_DE_DUPLICADO = frozenset({"cuenta_duplicada", "documento_duplicado"})
 OPERADOR, ANUNCIANTE = "operador", "anunciante"
 
 
-def may_override_rejection(principal: str | None, motivos: Sequence[str]) -> bool:
-    """May `principal` approve an affiliate the automatic validation rejected for `motivos`?
-
-    The seam the identity work wires: `principal` is the caller's role (operador, anunciante,
-    afiliado). None is the anonymous caller of the protected local mode, which ARCHITECTURE treats as
-    the operator, and the only caller there is until roles exist. A duplicate (an account or a
-    document already held) only an operator may override; other rejections the operator or an
-    advertiser; an affiliate never approves anyone, itself included."""
-    rol = OPERADOR if principal is None else principal
+def may_override_rejection(rol: str, motivos: Sequence[str]) -> bool:
+    """May a caller of role `rol` (operador, anunciante, afiliado) approve an affiliate the automatic
+    validation rejected for `motivos`? A duplicate (an account or a document already held) only an
+    operator may override; other rejections the operator or an advertiser; an affiliate never
+    approves anyone, itself included."""
     if rol == OPERADOR:
         return True
     return rol == ANUNCIANTE and not (MOTIVOS_DE_DUPLICADO & set(motivos))

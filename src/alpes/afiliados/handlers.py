@@ -5,22 +5,24 @@ from __future__ import annotations
 from sqlalchemy import and_, exists, or_, select, update
 from sqlalchemy.orm import Session
 
+from alpes.kernel.access import Principal
 from alpes.kernel.codec import SchemaRegistry
 from alpes.kernel.db import Database
 from alpes.kernel.errors import Conflict, NotFound
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent, new_id, utcnow
 from alpes.kernel.outbox import Outbox
 
-from . import domain, pii, tables
+from . import domain, pii, tables, tenancy
 
 TOPIC = "afiliados.eventos"
 
 
-def register_afiliado(session: Session, solicitud: domain.SolicitudRegistro,
-                      vault: pii.Vault) -> tuple[str, list[OutgoingEvent]]:
+def register_afiliado(session: Session, solicitud: domain.SolicitudRegistro, vault: pii.Vault,
+                      registrado_por_anunciante: str | None = None) -> tuple[str, list[OutgoingEvent]]:
     """Store the registration, its personal data sealed with a new data key of its own. A taken
     email is not refused here: the answer must not tell whether an address is registered, so the
-    registration is stored like any other and the validation rejects it (cuenta_duplicada)."""
+    registration is stored like any other and the validation rejects it (cuenta_duplicada).
+    `registrado_por_anunciante`: the advertiser onboarding it (None: an operator)."""
     email = domain.normalizar_email(solicitud.email)
     numero_documento = domain.normalizar_documento(solicitud.numero_documento) if solicitud.numero_documento else None
     afiliado_id = new_id()
@@ -30,7 +32,8 @@ def register_afiliado(session: Session, solicitud: domain.SolicitudRegistro,
     session.execute(tables.afiliados.insert().values(
         id=afiliado_id, user_id=solicitud.user_id, estado=domain.REGISTRADO, motivos="", registrado_en=now,
         comisiones=0, ganancias_pendientes=0, tipo_documento=solicitud.tipo_documento, pais=solicitud.pais,
-        datos_personales=vault.seal_datos(key, afiliado_id, datos), **_indices(vault, datos)))
+        datos_personales=vault.seal_datos(key, afiliado_id, datos), registrado_por_anunciante=registrado_por_anunciante,
+        **_indices(vault, datos)))
     return afiliado_id, [_registrado(afiliado_id, solicitud.user_id, datos, solicitud.pais, now, key)]
 
 
@@ -122,27 +125,30 @@ def _taken(session: Session, column, value: str | None, row) -> bool:
 
 
 # -- actions taken by a human, each a state change and its event committed together ---------
-def approve_afiliado(session: Session, afiliado_id: str, principal: str | None = None) -> list[OutgoingEvent]:
-    """`principal`: the caller's role, None until the identity work names it (see
-    domain.may_override_rejection)."""
+def approve_afiliado(session: Session, afiliado_id: str, principal: Principal) -> list[OutgoingEvent]:
+    """An operator approves any rejected affiliate, an advertiser only one it registered and not a
+    duplicate (domain.may_override_rejection); one it may not change is not found."""
     a = tables.afiliados
-    motivos = session.scalar(select(a.c.motivos).where(a.c.id == afiliado_id).with_for_update())
+    tenancy.check_modificable(session, principal, afiliado_id)
+    motivos = session.scalar(select(a.c.motivos).where(a.c.id == afiliado_id))
     motivos = [m for m in (motivos or "").split(",") if m]
-    if motivos and not domain.may_override_rejection(principal, motivos):
-        raise Conflict("motivos", f"a {principal} may not override this rejection ({', '.join(motivos)}): "
+    if motivos and not domain.may_override_rejection(tenancy.rol_de_dominio(principal), motivos):
+        raise Conflict("motivos", f"an {principal.role} may not override this rejection ({', '.join(motivos)}): "
                                   "a duplicate only an operator may approve")
     now = utcnow()
     _change_estado(session, afiliado_id, domain.APROBAR, validado_en=now)
     return [OutgoingEvent(TOPIC, "AfiliadoAprobado", afiliado_id, {"id": afiliado_id, "timestamp": now})]
 
 
-def suspend_afiliado(session: Session, afiliado_id: str, motivo: str) -> list[OutgoingEvent]:
+def suspend_afiliado(session: Session, afiliado_id: str, motivo: str, principal: Principal) -> list[OutgoingEvent]:
+    tenancy.check_modificable(session, principal, afiliado_id)
     _change_estado(session, afiliado_id, domain.SUSPENDER, motivo_suspension=motivo)
     return [OutgoingEvent(TOPIC, "AfiliadoSuspendido", afiliado_id,
                           {"id": afiliado_id, "motivo": motivo, "timestamp": utcnow()})]
 
 
-def reactivate_afiliado(session: Session, afiliado_id: str) -> list[OutgoingEvent]:
+def reactivate_afiliado(session: Session, afiliado_id: str, principal: Principal) -> list[OutgoingEvent]:
+    tenancy.check_modificable(session, principal, afiliado_id)
     _change_estado(session, afiliado_id, domain.REACTIVAR, motivo_suspension=None)
     return [OutgoingEvent(TOPIC, "AfiliadoReactivado", afiliado_id, {"id": afiliado_id, "timestamp": utcnow()})]
 
@@ -227,13 +233,35 @@ def record_comision(session: Session, event: IncomingEvent) -> list[OutgoingEven
     return []
 
 
+# -- afiliados-consumer on marketing.eventos: the programs, their owners and enrollments ----------------
 def record_programa(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
-    """marketing.eventos → the catalogue of programs affiliates can see."""
+    """CampanaCreada → the catalogue of programs affiliates can see, with its owner (v5; null before)."""
     p = event.payload
     t = tables.programas
     if session.scalar(select(exists().where(t.c.id == p["id"]))) is False:
         session.execute(t.insert().values(id=p["id"], nombre=p["nombre"], porcentaje_comision=p["porcentaje_comision"],
-                                          moneda=p["moneda"], creada_en=p["timestamp"]))
+                                          moneda=p["moneda"], creada_en=p["timestamp"],
+                                          anunciante_id=p.get("anunciante_id"), estado=p.get("estado") or "activa"))
+    return []
+
+
+_ESTADO_DE_PROGRAMA = {"CampanaActivada": "activa", "CampanaPausada": "pausada", "CampanaFinalizada": "finalizada"}
+
+
+def record_programa_estado(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """The campaign's lifecycle (same partition key as its CampanaCreada, so after it)."""
+    t = tables.programas
+    session.execute(update(t).where(t.c.id == event.payload["id"]).values(estado=_ESTADO_DE_PROGRAMA[event.event_type]))
+    return []
+
+
+def record_inscripcion(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """AfiliadoInscrito → the affiliate is in the campaign's program (whose owner may arrive later)."""
+    p = event.payload
+    i = tables.inscripciones
+    if session.scalar(select(exists().where(i.c.id == p["inscripcion_id"]))) is False:
+        session.execute(i.insert().values(id=p["inscripcion_id"], campana_id=p["campana_id"],
+                                          afiliado_id=p["afiliado_id"], inscrita_en=p["timestamp"]))
     return []
 
 

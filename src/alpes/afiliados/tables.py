@@ -39,6 +39,9 @@ afiliados = Table(
     Column("pais", String(2)),
     Column("metodo_pago", String(20)),  # legacy clear column, like email
     Column("motivo_suspension", String(500)),
+    # The advertiser that registered (onboarded) the affiliate; null when an operator did. It may
+    # read the affiliate and approve, suspend or reactivate it (tenancy.py).
+    Column("registrado_por_anunciante", String(36), index=True),
 )
 
 # Data keys (pii.py): one per affiliate (id = the affiliate's id), wrapped with a master key, plus
@@ -58,6 +61,21 @@ programas = Table(
     Column("porcentaje_comision", ScaledDecimal(4), nullable=False),
     Column("moneda", String(3), nullable=False),
     Column("creada_en", UtcDateTime(), nullable=False),
+    # Its owner (CampanaCreada v5; null for campaigns created before campaigns had one) and its state
+    # (the campaign's lifecycle events): affiliates see the active ones only.
+    Column("anunciante_id", String(36), index=True),
+    Column("estado", String(20), nullable=False, default="activa", server_default="activa"),
+)
+
+# Enrollments (AfiliadoInscrito on marketing.eventos): which affiliates are in which program, so an
+# advertiser sees the affiliates of its programs. Kept apart from `programas` because the two arrive
+# in any order (different partition keys): the join happens when reading.
+inscripciones = Table(
+    "inscripciones", metadata,
+    Column("id", String(36), primary_key=True),
+    Column("campana_id", String(36), nullable=False, index=True),
+    Column("afiliado_id", String(36), nullable=False, index=True),
+    Column("inscrita_en", UtcDateTime(), nullable=False),
 )
 
 outbox = outbox_table(metadata)

@@ -8,9 +8,16 @@ from sqlalchemy import func, select
 from alpes.kernel.db import where_equal
 from alpes.kernel.errors import RuleViolated
 from alpes.kernel.http import MAX_SEQ, IsoDatetime
+from alpes.kernel.http_access import Caller
 from alpes.kernel.runtime import ServiceRuntime
 
 from . import handlers, tables
+
+
+# An actor is a key id, `system` or `local-operator`; its role one of the platform's (or `anonymous`:
+# a public route's caller, such as a tracking link's visitor).
+ACTOR_ID = r"^[A-Za-z0-9._:-]+$"
+ACTOR_ROLE = r"^(operator|advertiser|affiliate|system|anonymous)$"
 
 
 def include_routes(runtime: ServiceRuntime):
@@ -18,27 +25,33 @@ def include_routes(runtime: ServiceRuntime):
     log = tables.audit_log
 
     @router.get("/auditoria/eventos", tags=["auditoria"])
-    def eventos(aggregate_id: str | None = None, event_type: str | None = None, correlation_id: str | None = None,
-                desde: IsoDatetime | None = None, hasta: IsoDatetime | None = None,
+    def eventos(caller: Caller, aggregate_id: str | None = None, event_type: str | None = None,
+                correlation_id: str | None = None, desde: IsoDatetime | None = None, hasta: IsoDatetime | None = None,
+                actor_id: str | None = Query(None, min_length=1, max_length=64, pattern=ACTOR_ID),
+                actor_role: str | None = Query(None, pattern=ACTOR_ROLE),
                 after_seq: int = Query(0, ge=0, le=MAX_SEQ), limit: int = Query(1000, ge=1, le=10000)) -> dict:
-        """Audit records in chain order, filtered by aggregate, type, correlation and time."""
+        """Audit records in chain order, filtered by aggregate, type, correlation, actor and time. An
+        advertiser reads only the records of its own aggregates (handlers.visible_records) and
+        `total` counts those; a filter naming anything else just finds nothing."""
         if desde and hasta and desde > hasta:
             raise RuleViolated("desde", "desde is after hasta")
-        query = select(log).where(log.c.seq > after_seq).order_by(log.c.seq).limit(limit)
-        query = where_equal(query, log, aggregate_id=aggregate_id, event_type=event_type, correlation_id=correlation_id)
+        visible = handlers.visible_records(caller)
+        query = select(log).where(log.c.seq > after_seq, visible).order_by(log.c.seq).limit(limit)
+        query = where_equal(query, log, aggregate_id=aggregate_id, event_type=event_type, correlation_id=correlation_id,
+                            actor_id=actor_id, actor_role=actor_role)
         if desde:
             query = query.where(log.c.occurred_at >= desde)
         if hasta:
             query = query.where(log.c.occurred_at <= hasta)
         with runtime.db.read() as session:
             rows = session.execute(query).mappings().all()
-            total = session.scalar(select(func.count()).select_from(log))
+            total = session.scalar(select(func.count()).select_from(log).where(visible))
         return {"total": total, "eventos": [{
             "seq": r["seq"], "event_id": r["event_id"], "topic": r["topic"], "event_type": r["event_type"],
             "schema_version": r["schema_version"], "aggregate_id": r["aggregate_id"],
             "occurred_at": r["occurred_at"].isoformat(), "correlation_id": r["correlation_id"],
-            "causation_id": r["causation_id"], "payload": json.loads(r["payload_json"]),
-            "prev_hash": r["prev_hash"], "hash": r["hash"]} for r in rows]}
+            "causation_id": r["causation_id"], "actor_id": r["actor_id"], "actor_role": r["actor_role"],
+            "payload": json.loads(r["payload_json"]), "prev_hash": r["prev_hash"], "hash": r["hash"]} for r in rows]}
 
     @router.get("/auditoria/verificacion", tags=["auditoria"])
     def verificacion() -> dict:

@@ -1,20 +1,38 @@
 """What auditoria does with each message of its subscriptions (declared in alpes.contract)."""
 
 from alpes.contract import BUSINESS_TOPICS
+from alpes.kernel.access import KeyRing
 from alpes.kernel.runtime import ConsumerSpec
 
-from . import handlers
+from . import handlers, tables
 
 
 class _EveryEvent(dict):
-    """The audit log takes every event type, including ones added after this code was written."""
+    """The audit log takes every event type, including ones added after this code was written.
+    `also`: what some types teach besides (API keys, campaign owners), learnt in the same
+    transaction right after the event is audited, so no event is learnt without its record."""
 
-    def get(self, _event_type, default=None):
-        return handlers.audit_event
+    def __init__(self, also: dict | None = None) -> None:
+        super().__init__()
+        self.also = also or {}
+
+    def get(self, event_type, default=None):
+        learn = self.also.get(event_type)
+        if learn is None:
+            return handlers.audit_event
+
+        def audit_and_learn(session, event):
+            return handlers.audit_event(session, event) + (learn(session, event) or [])
+        return audit_and_learn
 
 
 def consumer_specs() -> list[ConsumerSpec]:
-    audit = [ConsumerSpec(topic, "audit-consumer", _EveryEvent()) for topic in BUSINESS_TOPICS]
+    # marketing.eventos also carries the API keys (every service verifies locally) and the campaigns'
+    # owners (an advertiser reads the records of its own campaigns).
+    learnt_from_marketing = {**KeyRing(tables.claves_api).handlers(), "CampanaCreada": handlers.learn_campaign_owner}
+    audit = [ConsumerSpec(topic, "audit-consumer", _EveryEvent(learnt_from_marketing if topic == "marketing.eventos"
+                                                               else None))
+             for topic in BUSINESS_TOPICS]
     return audit + [
         ConsumerSpec("auditoria.eventos", "security-consumer", {"EventoAuditado": handlers.flag_security_event}),
         ConsumerSpec("auditoria.eventos", "compliance-consumer", {"EventoAuditado": handlers.verify_audited_link}),

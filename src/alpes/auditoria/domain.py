@@ -36,6 +36,38 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, default=default, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+# Event types whose aggregate (the payload's `id`) is a campaign, or an advertiser: an advertiser sees
+# the records of its own aggregates, and these name theirs by `id` rather than `campana_id`.
+CAMPAIGN_EVENTS = frozenset({"CampanaCreada", "CampanaActivada", "CampanaPausada", "CampanaFinalizada"})
+ADVERTISER_EVENTS = frozenset({"AnuncianteRegistrado", "AnuncianteActualizado"})
+MAX_OWNER_ID = 80  # what the owner columns hold: a longer value names nothing of ours
+
+
+@dataclass(frozen=True)
+class Owners:
+    """What an audited event's payload says it belongs to: its campaign (`campana_id`, `campaign_id`,
+    or the campaign itself), the conversion it is about, and its advertiser. Read when reading the
+    log: the advertiser owning a campaign or a conversion's campaign may be learnt later."""
+
+    campana_id: str | None
+    conversion_id: str | None
+    anunciante_id: str | None
+
+
+def _an_id(value: Any) -> str | None:
+    return value if isinstance(value, str) and 0 < len(value) <= MAX_OWNER_ID else None
+
+
+def owners_of(event_type: str, payload: dict[str, Any]) -> Owners:
+    campana = _an_id(payload.get("campana_id")) or _an_id(payload.get("campaign_id"))
+    if campana is None and event_type in CAMPAIGN_EVENTS:
+        campana = _an_id(payload.get("id"))
+    anunciante = _an_id(payload.get("anunciante_id"))
+    if anunciante is None and event_type in ADVERTISER_EVENTS:
+        anunciante = _an_id(payload.get("id"))
+    return Owners(campana, _an_id(payload.get("conversion_id")), anunciante)
+
+
 @dataclass(frozen=True)
 class AuditRecord:
     seq: int
@@ -48,14 +80,25 @@ class AuditRecord:
     correlation_id: str
     causation_id: str
     payload_json: str
+    # Who caused the event (its principal's id and role, or `system`); None on records audited
+    # before events carried an actor.
+    actor_id: str | None = None
+    actor_role: str | None = None
 
     def body(self) -> str:
-        return canonical_json({
+        """What the hash covers. The actor is in it only when the record has one, so a record
+        written before actors existed hashes as it did then and the old chain still verifies."""
+        body = {
             "seq": self.seq, "event_id": self.event_id, "topic": self.topic, "event_type": self.event_type,
             "schema_version": self.schema_version, "aggregate_id": self.aggregate_id,
             "occurred_at": self.occurred_at.isoformat(), "correlation_id": self.correlation_id,
             "causation_id": self.causation_id, "payload": json.loads(self.payload_json),
-        })
+        }
+        if self.actor_id is not None:
+            body["actor_id"] = self.actor_id
+        if self.actor_role is not None:
+            body["actor_role"] = self.actor_role
+        return canonical_json(body)
 
 
 def chain_hash(prev_hash: str, record: AuditRecord) -> str:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from sqlalchemy import select, update
+from sqlalchemy import exists, false, or_, select, true, update
 from sqlalchemy.orm import Session
 
+from alpes.kernel.access import ADVERTISER, OPERATOR, Principal
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent, utcnow
 
 from . import domain, tables
@@ -19,7 +20,8 @@ def _record(row) -> domain.AuditRecord:
     return domain.AuditRecord(
         seq=row["seq"], event_id=row["event_id"], topic=row["topic"], event_type=row["event_type"],
         schema_version=row["schema_version"], aggregate_id=row["aggregate_id"], occurred_at=row["occurred_at"],
-        correlation_id=row["correlation_id"], causation_id=row["causation_id"], payload_json=row["payload_json"])
+        correlation_id=row["correlation_id"], causation_id=row["causation_id"], payload_json=row["payload_json"],
+        actor_id=row["actor_id"], actor_role=row["actor_role"])
 
 
 # -- audit-consumer on every business topic ---------------------------------------------------
@@ -30,17 +32,61 @@ def audit_event(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
         seq=head["seq"] + 1, event_id=event.event_id, topic=event.topic, event_type=event.event_type,
         schema_version=event.schema_version, aggregate_id=event.key or "", occurred_at=event.occurred_at,
         correlation_id=event.correlation_id, causation_id=event.causation_id,
-        payload_json=domain.canonical_json(event.payload))
+        payload_json=domain.canonical_json(event.payload), actor_id=event.actor_id, actor_role=event.actor_role)
     digest = domain.chain_hash(head["hash"], record)
+    owners = domain.owners_of(event.event_type, event.payload)
     session.execute(tables.audit_log.insert().values(
         seq=record.seq, event_id=record.event_id, topic=record.topic, event_type=record.event_type,
         schema_version=record.schema_version, aggregate_id=record.aggregate_id, occurred_at=record.occurred_at,
         correlation_id=record.correlation_id, causation_id=record.causation_id, payload_json=record.payload_json,
-        prev_hash=head["hash"], hash=digest, recorded_at=utcnow()))
+        prev_hash=head["hash"], hash=digest, recorded_at=utcnow(), actor_id=record.actor_id,
+        actor_role=record.actor_role, campana_id=owners.campana_id, conversion_id=owners.conversion_id,
+        anunciante_id=owners.anunciante_id))
     session.execute(update(tables.audit_head).where(tables.audit_head.c.id == 1).values(seq=record.seq, hash=digest))
+    if owners.conversion_id and owners.campana_id:
+        _learn_conversion(session, owners.conversion_id, owners.campana_id)
     return [OutgoingEvent(TOPIC, "EventoAuditado", record.aggregate_id, {
         "seq": record.seq, "event_id": record.event_id, "event_type": record.event_type, "topic": record.topic,
         "aggregate_id": record.aggregate_id, "record_hash": digest, "timestamp": utcnow()})]
+
+
+def _learn_conversion(session: Session, conversion_id: str, campana_id: str) -> None:
+    # Under the chain head's lock (audit_event): no other audit-consumer inserts meanwhile.
+    c = tables.conversiones_auditadas
+    if not session.scalar(select(exists().where(c.c.conversion_id == conversion_id))):
+        session.execute(c.insert().values(conversion_id=conversion_id, campana_id=campana_id))
+
+
+def learn_campaign_owner(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """CampanaCreada (audited too): the campaign's advertiser, for scoping the log to it. Campaigns
+    created before they had an owner (before v5) are nobody's but the operator's."""
+    owners = domain.owners_of(event.event_type, event.payload)
+    if owners.campana_id is None:
+        return []
+    k = tables.campanas_auditadas
+    known = session.execute(select(k).where(k.c.campana_id == owners.campana_id)).mappings().first()
+    if known is None:
+        session.execute(k.insert().values(campana_id=owners.campana_id, anunciante_id=owners.anunciante_id))
+    elif known["anunciante_id"] is None and owners.anunciante_id is not None:
+        session.execute(update(k).where(k.c.campana_id == owners.campana_id).values(anunciante_id=owners.anunciante_id))
+    return []
+
+
+def visible_records(principal: Principal):
+    """The condition on audit_log rows the caller may read: the operator every one, an advertiser
+    those naming it, one of its campaigns or a conversion of one of them (ownership learnt in any
+    order: resolved now, when reading); anyone else none (affiliates read no audit record)."""
+    log, k, c = tables.audit_log, tables.campanas_auditadas, tables.conversiones_auditadas
+    if principal.role == OPERATOR:
+        return true()
+    if principal.role != ADVERTISER or not principal.anunciante_id:
+        return false()
+    anunciante = principal.anunciante_id
+    campaigns = select(k.c.campana_id).where(k.c.anunciante_id == anunciante)
+    conversions = select(c.c.conversion_id).join(k, k.c.campana_id == c.c.campana_id).where(
+        k.c.anunciante_id == anunciante)
+    return or_(log.c.anunciante_id == anunciante, log.c.campana_id.in_(campaigns),
+               log.c.conversion_id.in_(conversions))
 
 
 # -- security-consumer on auditoria.eventos ------------------------------------------------------

@@ -22,6 +22,29 @@ audit_log = Table(
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
     Column("recorded_at", UtcDateTime(), nullable=False),
+    # Who caused the event (in the hash when present; null on records from before actors).
+    Column("actor_id", String(64), index=True),
+    Column("actor_role", String(16)),
+    # What the payload says the record belongs to (domain.owners_of): an advertiser reads the records
+    # of its campaigns (owners in campanas_auditadas), of their conversions and its own.
+    Column("campana_id", String(80), index=True),
+    Column("conversion_id", String(80), index=True),
+    Column("anunciante_id", String(80), index=True),
+)
+
+# Each campaign's advertiser, from CampanaCreada (v5 on; null before campaigns had owners).
+campanas_auditadas = Table(
+    "campanas_auditadas", metadata,
+    Column("campana_id", String(80), primary_key=True),
+    Column("anunciante_id", String(80), index=True),
+)
+
+# Each conversion's campaign, from the first audited record naming both: the records that name
+# only the conversion (a commission paid, a reversal) belong to the campaign's advertiser too.
+conversiones_auditadas = Table(
+    "conversiones_auditadas", metadata,
+    Column("conversion_id", String(80), primary_key=True),
+    Column("campana_id", String(80), nullable=False, index=True),
 )
 
 # The chain head, one row, locked while appending so records get consecutive seq numbers.
