@@ -110,12 +110,17 @@ def run_fault_suite(data_dir: Path, *, conversions: int, seed: int, hold_seconds
     platform = Platform(data_dir, env={
         "ALPES_APPROVAL_INTERVAL_SECONDS": "1", "ALPES_PAYOUT_INTERVAL_SECONDS": "86400",
         "ALPES_PAYOUT_THRESHOLD": "1.00", "ALPES_MAX_CONVERSIONS_PER_IP": str(VELOCITY_LIMIT),
-        "ALPES_REFERENCE_GRACE_SECONDS": "2"}, databases=databases, broker=broker)
+        "ALPES_REFERENCE_GRACE_SECONDS": "2",
+        # Closed as in production: every request carries a real key (the operator's for set-up and
+        # checks, the brand's for its campaigns, postbacks and refunds). The suite's load is no abuse.
+        "ALPES_AUTH": "required", "ALPES_RATE_LIMIT_POSTBACKS_PER_KEY": "100000000",
+        "ALPES_RATE_LIMIT_POSTBACKS_PER_IP": "100000000"}, databases=databases, broker=broker)
     observer = Observer(platform)
     observer.attach(platform.http)  # every request the suite makes counts, reads and probes too
     suite = None
     try:
         platform.start(timeout=START_TIMEOUT[broker])
+        platform.authenticate(platform.create_key("operator", "--name", "fault suite"))
         observer.watch()
         suite = _Suite(platform, rng, conversions, hold_service, hold_seconds, threads, out, observer)
         suite.seed = seed
@@ -169,6 +174,13 @@ class _Suite:
     # -- set-up ----------------------------------------------------------------------------------------
     def setup(self) -> None:
         p = self.p
+        brand = p.post("marketing", "/anunciantes", {"nombre": "Fault Suite Brand"})
+        assert brand.status_code == 201, brand.text
+        key = p.post("marketing", "/claves", {"rol": "advertiser", "anunciante_id": brand.json()["id"],
+                                               "nombre": "fault suite brand"})
+        assert key.status_code == 201, key.text
+        p.wait_key_known(key.json()["key"])
+        self.brand = {"Authorization": f"Bearer {key.json()['key']}"}
         for i in range(6):
             email = f"partner{i}@example.com"
             response = p.post("afiliados", "/afiliados", {"user_id": f"partner-{i}", "email": email,
@@ -181,7 +193,7 @@ class _Suite:
                 # Valid load on this campaign asks ~3x its budget: the budget must end exactly spent.
                 share = self.n * 0.78 * 0.25
                 body["presupuesto"] = str(max(Decimal("20.00"), Decimal(int(share * 10.5 / 3))).quantize(Decimal("0.01")))
-            response = p.post("marketing", "/campanas", body)
+            response = p.http.post(p.url("marketing") + "/campanas", json=body, headers=self.brand)
             assert response.status_code == 201, response.text
             campaign_id = response.json()["id"]
             self.campaigns[campaign_id] = Decimal(body["presupuesto"]) if budget else None
@@ -287,6 +299,10 @@ class _Suite:
             conversion.headers = {"Idempotency-Key": key}
         else:
             body["order_id"] = key
+        if kind == "unknown_campaign":
+            # A brand may post only for its own campaigns (403 otherwise); the operator may post for
+            # one nobody has heard of, and conversiones rejects it once the grace period is over.
+            conversion.headers["Authorization"] = self.p.http.headers["Authorization"]
         if ip:
             body["ip"] = ip
         if customer_email:
@@ -315,7 +331,7 @@ class _Suite:
             if self.chaos_error:  # a fault step failed: the run is over, stop loading
                 return
             if not hasattr(local, "http"):
-                local.http = self.observer.attach(httpx.Client(timeout=15))
+                local.http = self.observer.attach(httpx.Client(timeout=15, headers=self.brand))
             task = self.tasks[index]
             if task.kind == "refund":
                 conversion = task.conversions[0]

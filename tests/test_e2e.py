@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from decimal import Decimal
 
+import httpx
 import pytest
 from sqlalchemy import create_engine, text
 from harness import Platform, wait_until
@@ -16,9 +17,12 @@ from alpes.contract import SERVICES
 def platform(request, tmp_path):
     """The platform on SQLite files, or on one fresh MariaDB database per service (migrated by each
     service on start, dropped at the end)."""
-    running = Platform(tmp_path / "alpes", databases=request.param)
+    running = Platform(tmp_path / "alpes", {"ALPES_AUTH": "required"}, databases=request.param)
     try:
-        yield running.start()
+        running.start()
+        # Closed as in production: the operator's key from the command line, then real keys.
+        running.authenticate(running.create_key("operator", "--name", "e2e"))
+        yield running
     finally:
         running.close()
 
@@ -30,11 +34,18 @@ def _register(platform: Platform, email: str, nombre: str = "Ana Pérez") -> str
 
 
 def test_the_whole_flow_through_four_services(platform: Platform):
+    assert httpx.get(platform.url("conversiones") + "/conversiones").status_code == 401  # no key, no answer
     ana = _register(platform, "ana@example.com")
     tramposo = _register(platform, "bot@mailinator.com")
-    campaign = platform.post("marketing", "/campanas", {"nombre": "Black Friday", "porcentaje_comision": "12.5"})
-    assert campaign.status_code == 201
+    brand_id = platform.post("marketing", "/anunciantes", {"nombre": "Brand"}).json()["id"]
+    brand_key = platform.post("marketing", "/claves", {"rol": "advertiser", "anunciante_id": brand_id}).json()["key"]
+    platform.wait_key_known(brand_key)
+    brand = httpx.Client(timeout=30, headers={"Authorization": f"Bearer {brand_key}"})
+    campaign = brand.post(platform.url("marketing") + "/campanas", json={"nombre": "Black Friday",
+                                                                        "porcentaje_comision": "12.5"})
+    assert campaign.status_code == 201, campaign.text
     campaign_id = campaign.json()["id"]
+    assert campaign.json()["anunciante_id"] == brand_id
 
     # Automatic validation, then marketing enables the affiliate and conversiones learns it.
     assert wait_until(lambda: platform.get("afiliados", f"/afiliados/{ana}")["estado"] == "validado",
@@ -46,21 +57,23 @@ def test_the_whole_flow_through_four_services(platform: Platform):
     sale = {"affiliate_id": ana, "campaign_id": campaign_id, "user_id": "cust-1", "conversion_value": "99.99",
             "conversion_type": "sale", "order_id": "order-1"}
 
+    # The brand posts its own conversions with its key.
+    def post(body: dict) -> httpx.Response:
+        return brand.post(platform.url("conversiones") + "/conversiones", json=body)
+
     def validated_postback():
-        response = platform.post("conversiones", "/conversiones", {**sale, "order_id": f"probe-{ana}"})
-        return response.json()["status"] == "validated"
+        return post({**sale, "order_id": f"probe-{ana}"}).json()["status"] == "validated"
     wait_until(validated_postback, what="conversiones to learn the affiliate and campaign")
 
-    first = platform.post("conversiones", "/conversiones", sale)
+    first = post(sale)
     assert first.status_code == 200
     conversion_id = first.json()["id"]
-    repeat = platform.post("conversiones", "/conversiones", sale)
+    repeat = post(sale)
     assert repeat.status_code == 200 and repeat.json()["id"] == conversion_id
-    stranger = platform.post("conversiones", "/conversiones", {**sale, "affiliate_id": "nobody", "order_id": "o-2"})
+    stranger = post({**sale, "affiliate_id": "nobody", "order_id": "o-2"})
     assert stranger.status_code == 200
     stranger_id = stranger.json()["id"]
-    rejected_by_fraud_rules = platform.post("conversiones", "/conversiones",
-                                            {**sale, "affiliate_id": tramposo, "order_id": "o-3"}).json()["id"]
+    rejected_by_fraud_rules = post({**sale, "affiliate_id": tramposo, "order_id": "o-3"}).json()["id"]
 
     # The unknown affiliate is rejected asynchronously, with a reason, once its grace period ran out.
     conversion = wait_until(lambda: (c := platform.get("conversiones", f"/conversiones/{stranger_id}"))["status"] == "rejected" and c,
@@ -84,6 +97,16 @@ def test_the_whole_flow_through_four_services(platform: Platform):
     report = wait_until(lambda: [r for r in platform.get("marketing", "/reportes")["reportes"]
                                  if r["afiliado_id"] == ana and r["comisiones"] == len(probe)], what="report")[0]
     assert report["validadas"] == len(probe) and Decimal(report["monto"]) == expected_total
+
+    # Ana, with her own key, sees her commission and conversions but not the customer behind them.
+    ana_key = platform.post("marketing", "/claves", {"rol": "affiliate", "afiliado_id": ana}).json()["key"]
+    platform.wait_key_known(ana_key)
+    as_ana = {"Authorization": f"Bearer {ana_key}"}
+    mine = httpx.get(platform.url("conversiones") + "/conversiones", headers=as_ana).json()["conversiones"]
+    assert conversion_id in {c["id"] for c in mine} and stranger_id not in {c["id"] for c in mine}
+    assert {c["user_id"] for c in mine} == {None}
+    assert httpx.get(platform.url("marketing") + f"/comisiones/{commission['id']}", headers=as_ana).status_code == 200
+    assert httpx.get(platform.url("auditoria") + "/auditoria/eventos", headers=as_ana).status_code == 403
 
     # Everything listed oldest first, as the original contract did.
     listed = platform.get("conversiones", "/conversiones")["conversiones"]
@@ -109,6 +132,10 @@ def test_the_whole_flow_through_four_services(platform: Platform):
         ["ConversionDetected", "ConversionValidated"]
     assert [e["event_type"] for e in trail if e["topic"] == "marketing.eventos"] == ["ComisionRegistrada"]
     assert all(e["correlation_id"] == conversion_id for e in trail)
+    detected = next(e for e in trail if e["event_type"] == "ConversionDetected")
+    assert (detected["actor_role"], detected["actor_id"]) == ("advertiser", brand_key.split("_")[2])
+    # marketing's answer came from its consumer: the platform itself.
+    assert {e["actor_id"] for e in trail if e["event_type"] == "ComisionRegistrada"} == {"system"}
     assert wait_until(lambda: platform.get("conversiones", f"/sagas/{conversion_id}")["estado"] == "completed",
                       what="saga completed")
     verification = wait_until(lambda: (v := platform.get("auditoria", "/auditoria/verificacion"))["compliance_consumer"]["verified"] == len(events) and v,
