@@ -70,6 +70,9 @@ def test_keys_reach_every_service_revocations_land_within_5s_and_survive_marketi
               + ", ".join(f"{s} {t:.2f} s" for s, t in sorted(refused_after.items())))
         assert set(refused_after) == set(READS) and max(refused_after.values()) <= 5.0, refused_after
 
+        # Keys never reach a log; the start-up table said the platform is closed.
+        log = platform.log() + "".join(f.read_text(errors="replace") for f in (platform.data_dir / "logs").glob("*"))
+        assert first not in log and second not in log and "API key required" in platform.log()
         # Marketing (the issuer) down: every other service still verifies locally.
         platform.hold("marketing", 20)
         wait_until(lambda: _marketing_down(platform), 30, what="marketing held down")

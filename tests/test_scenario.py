@@ -255,6 +255,8 @@ def test_alpes_demo_loads_a_scenario_into_a_running_platform(tmp_path):
 
     platform = Platform(tmp_path / "alpes", env={"ALPES_APPROVAL_INTERVAL_SECONDS": "1"}).start()
     try:
+        # A fresh `alpes up` on loopback says loudly that anonymous callers are the operator.
+        wait_until(lambda: "PROTECTED LOCAL MODE" in platform.log(), 30, what="the start-up table")
         env = {f"ALPES_{name.upper()}_PORT": str(port) for name, port in platform.ports.items()}
         result = CliRunner().invoke(app, ["demo", "--conversions", "6", "--timeout", "60"], env=env)
         assert result.exit_code == 0, result.output
