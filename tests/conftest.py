@@ -14,6 +14,8 @@ from alpes.kernel.codec import SchemaRegistry
 
 MARIADB_URL = os.environ.get("ALPES_TEST_MARIADB_URL", "mysql+pymysql://alpes:alpes@127.0.0.1:3306")
 REQUIRE_MARIADB = os.environ.get("ALPES_REQUIRE_MARIADB", "").lower() in ("1", "true", "yes")
+# The real Redis server's test database (CI starts it; ALPES_REQUIRE_MARIADB requires it too).
+REDIS_URL = os.environ.get("ALPES_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 # CI replays the same examples on every run (a red build must be reproducible, not a roll of the
 # dice); local runs keep exploring new ones. `.ci/run` sets HYPOTHESIS_PROFILE=ci.
@@ -79,3 +81,21 @@ def broker_url(tmp_path_factory):
 
 def unique(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The test database of the real Redis server, emptied before and after each test; skipped
+    when the server is absent (failed instead with ALPES_REQUIRE_MARIADB, CI's "all servers")."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.flushdb()
+    except redis.RedisError as error:
+        if REQUIRE_MARIADB:
+            pytest.fail(f"Redis required (ALPES_REQUIRE_MARIADB) but not reachable at {REDIS_URL}: {error}")
+        pytest.skip(f"Redis not reachable at {REDIS_URL}")
+    yield REDIS_URL
+    client.flushdb()
+    client.close()

@@ -14,7 +14,6 @@ a1 (in A's campaign) and a2 (in B's), an operator, each with a real key.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from datetime import datetime, timezone
@@ -34,8 +33,6 @@ from alpes.settings import Settings
 
 REGISTRY = SchemaRegistry.from_directory()
 NOW = datetime.now(timezone.utc)
-REDIS_URL = os.environ.get("ALPES_TEST_ACCESS_REDIS_URL", "redis://127.0.0.1:6379/14")
-REQUIRE_SERVERS = os.environ.get("ALPES_REQUIRE_MARIADB", "").lower() in ("1", "true", "yes")
 CLIENT = ("203.0.113.5", 40000)  # a routable address: counted per IP (TestClient's default is not one)
 
 
@@ -309,20 +306,6 @@ def _fresh_window() -> None:
         time.sleep(left + 0.2)
 
 
-@pytest.fixture
-def shared_redis() -> str:
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.flushdb()
-    except redis.RedisError as error:
-        if REQUIRE_SERVERS:
-            pytest.fail(f"Redis required (ALPES_REQUIRE_MARIADB) but not reachable at {REDIS_URL}: {error}")
-        pytest.skip(f"Redis not reachable at {REDIS_URL}")
-    yield REDIS_URL
-    client.flushdb()
-    client.close()
-
-
 LIMITS = {"rate_limit_clicks_per_ip": 3, "rate_limit_postbacks_per_key": 2, "rate_limit_postbacks_per_ip": 3}
 
 
@@ -364,17 +347,17 @@ def test_rate_limits_in_process_without_redis(tmp_path):
     assert _click(second.client) == 302
 
 
-def test_rate_limits_in_redis_are_shared_by_two_instances(tmp_path, shared_redis):
+def test_rate_limits_in_redis_are_shared_by_two_instances(tmp_path, redis_url):
     _fresh_window()
-    platform = Platform(tmp_path, redis_url=shared_redis, **LIMITS)
+    platform = Platform(tmp_path, redis_url=redis_url, **LIMITS)
     _limits_apply(platform)
-    second = Platform(tmp_path / "second", redis_url=shared_redis, **LIMITS)
+    second = Platform(tmp_path / "second", redis_url=redis_url, **LIMITS)
     assert _click(second.client) == 429  # the first instance used the address's clicks up
     fresh = TestClient(second.app, client=("203.0.113.77", 1))
     assert [_click(fresh) for _ in range(2)] == [302, 302]
     assert _click(TestClient(platform.app, client=("203.0.113.77", 1))) == 302  # the third, on the other instance
     assert _click(fresh) == 429
-    assert redis.Redis.from_url(shared_redis).keys("alpes:rl:*")
+    assert redis.Redis.from_url(redis_url).keys("alpes:rl:*")
 
 
 def test_a_dead_redis_degrades_to_in_process_limits_never_to_5xx(tmp_path):

@@ -6,7 +6,6 @@ these tests locally and fails them when ALPES_REQUIRE_MARIADB is set (CI's "all 
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 
@@ -16,24 +15,7 @@ import redis
 from alpes.kernel import ratelimit
 from alpes.kernel.ratelimit import Decision, RateLimit, RateLimiter
 
-REDIS_URL = os.environ.get("ALPES_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-REQUIRE_SERVERS = os.environ.get("ALPES_REQUIRE_MARIADB", "").lower() in ("1", "true", "yes")
 CLOSED_PORT_URL = "redis://127.0.0.1:1/0"
-
-
-@pytest.fixture
-def redis_url() -> str:
-    """The test database of the real Redis server, emptied before each test."""
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.flushdb()
-    except redis.RedisError as error:
-        if REQUIRE_SERVERS:
-            pytest.fail(f"Redis required (ALPES_REQUIRE_MARIADB) but not reachable at {REDIS_URL}: {error}")
-        pytest.skip(f"Redis not reachable at {REDIS_URL}")
-    yield REDIS_URL
-    client.flushdb()
-    client.close()
 
 
 @pytest.fixture(params=["redis", "in-process"])
