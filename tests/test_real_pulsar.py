@@ -38,9 +38,12 @@ START_TIMEOUT = 900  # Maven's first resolution into an empty ~/.m2, then the JV
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
-    running = Platform(tmp_path_factory.mktemp("pulsar") / "alpes", broker="pulsar")
+    # Closed as in production: the harness presents the operator's key from `alpes keys create`.
+    running = Platform(tmp_path_factory.mktemp("pulsar") / "alpes", {"ALPES_AUTH": "required"}, broker="pulsar")
     try:
-        yield running.start(timeout=START_TIMEOUT)
+        running.start(timeout=START_TIMEOUT)
+        running.authenticate(running.create_key("operator", "--name", "real pulsar"))
+        yield running
     finally:
         running.close()
     # `alpes up` stopped the JVM it ran (the last one, after the kill test's restart).
