@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: up test test-slow test-pulsar test-all bench install services clean
+.PHONY: schemas-check asyncapi-check up test test-slow test-pulsar test-all bench install services clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ required"'
@@ -27,7 +27,20 @@ up: install
 
 test: install services
 	$(BIN)/lint-imports
+	$(MAKE) --no-print-directory schemas-check asyncapi-check
 	$(BIN)/pytest -m "not slow and not pulsar" -q
+
+# Every new version of an event is backward and forward compatible with the previous one (Avro
+# resolution rules); a break names the event, the versions and the field.
+schemas-check: install
+	$(BIN)/alpes schemas check
+
+# docs/asyncapi.json is what `alpes asyncapi` generates from the contract and the schemas, and the
+# official AsyncAPI parser (with its Avro schema parser, tools/asyncapi-validate) finds no error in it.
+asyncapi-check: install
+	$(BIN)/alpes asyncapi --check
+	npm ci --prefix tools/asyncapi-validate --ignore-scripts --no-audit --no-fund --loglevel=error
+	node tools/asyncapi-validate/validate.mjs docs/asyncapi.json
 
 test-slow: install services
 	$(BIN)/pytest -m slow -q $(PYTEST_ARGS)

@@ -230,3 +230,43 @@ def manifests(directory: Path = typer.Argument(Path("deploy/k8s"), help="the gen
         return
     for path in generator.write(directory):
         typer.echo(path)
+
+
+@app.command()
+def asyncapi(output: Path = typer.Option(Path("docs/asyncapi.json"), help="the committed AsyncAPI document"),
+             check: bool = typer.Option(False, "--check", help="show the differences and exit 1 instead of writing")
+             ) -> None:
+    """Generate the AsyncAPI 3.0 document of the events (docs/asyncapi.json) from the contract and the
+    Avro schemas, or --check that the committed one is in step."""
+    from . import asyncapi as generator
+
+    if check:
+        problems = generator.check(output)
+        for problem in problems:
+            typer.echo(problem)
+        if problems:
+            typer.echo(f"{output} differs from the contract and the schemas: run `alpes asyncapi`", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"{output}: in step with the contract and the schemas")
+        return
+    typer.echo(generator.write(output))
+
+
+schemas_app = typer.Typer(help="Avro schema tools.")
+app.add_typer(schemas_app, name="schemas")
+
+
+@schemas_app.command("check")
+def schemas_check(directory: Path = typer.Argument(None, help="a directory of <Event>.v<N>.avsc "
+                                                              "(default: the package's schemas)")) -> None:
+    """Every new version of an event must be backward and forward compatible with the one before it
+    (Avro resolution rules); exit 1 naming the event, the versions and the field that breaks it."""
+    from .schema_evolution import check as check_evolution
+
+    pairs, problems = check_evolution(directory)
+    for problem in problems:
+        typer.echo(problem)
+    if problems:
+        typer.echo(f"{len(problems)} schema evolution problem(s) in {pairs} version pairs", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{pairs} version pairs compatible both ways (backward and forward)")

@@ -74,6 +74,81 @@ PUBLISHES: dict[str, tuple[str, ...]] = {
 }
 
 
+# -- which event types travel on which topic ------------------------------------------------------
+# Every event type (one per src/alpes/schemas/<Event>.v<N>.avsc) and the topic it is published on;
+# the AsyncAPI document (alpes/asyncapi.py) is built from it. tests/test_broker_contract.py checks it
+# against the OutgoingEvents the code builds, and that every schema has a topic.
+EVENT_TOPICS: dict[str, str] = {
+    # afiliados
+    "AfiliadoRegistrado": "afiliados.eventos",
+    "AfiliadoValidado": "afiliados.eventos",
+    "AfiliadoRechazado": "afiliados.eventos",
+    "AfiliadoAprobado": "afiliados.eventos",
+    "AfiliadoSuspendido": "afiliados.eventos",
+    "AfiliadoReactivado": "afiliados.eventos",
+    "DatosPersonalesBorrados": "afiliados.eventos",
+    # conversiones
+    "ClickRecorded": "conversiones.eventos",
+    "ConversionDetected": "conversiones.eventos",
+    "ConversionValidated": "conversiones.eventos",
+    "ConversionRejected": "conversiones.eventos",
+    "ConversionHeld": "conversiones.eventos",
+    "ConversionRefunded": "conversiones.eventos",
+    "CommissionRequested": "conversiones.eventos",
+    # marketing: advertisers, keys, campaigns, enrollments, affiliate states, the saga's answers
+    "AnuncianteRegistrado": "marketing.eventos",
+    "AnuncianteActualizado": "marketing.eventos",
+    "SecretoPostbackRotado": "marketing.eventos",
+    "ClaveApiEmitida": "marketing.eventos",
+    "ClaveApiRevocada": "marketing.eventos",
+    "CampanaCreada": "marketing.eventos",
+    "CampanaActivada": "marketing.eventos",
+    "CampanaPausada": "marketing.eventos",
+    "CampanaFinalizada": "marketing.eventos",
+    "ReglasComisionActualizadas": "marketing.eventos",
+    "AfiliadoInscrito": "marketing.eventos",
+    "InscripcionSuspendida": "marketing.eventos",
+    "InscripcionReactivada": "marketing.eventos",
+    "AfiliadoHabilitado": "marketing.eventos",
+    "AfiliadoInhabilitado": "marketing.eventos",
+    "ComisionRegistrada": "marketing.eventos",
+    "ComisionDenegada": "marketing.eventos",
+    "ReversionComisionRegistrada": "marketing.eventos",
+    # marketing: the commission lifecycle and payouts
+    "ComisionCalculada": "comisiones.eventos",
+    "ComisionAprobada": "comisiones.eventos",
+    "ComisionRevertida": "comisiones.eventos",
+    "ComisionPagada": "comisiones.eventos",
+    "PagoCreado": "comisiones.eventos",
+    "PagoRealizado": "comisiones.eventos",
+    # auditoria
+    "EventoAuditado": "auditoria.eventos",
+    # sistema.eventos: see SYSTEM_EVENT_PUBLISHERS
+    "ServicioIniciado": "sistema.eventos",
+    "ServicioDetenido": "sistema.eventos",
+    "ServicioDegradado": "sistema.eventos",
+    "ServicioRecuperado": "sistema.eventos",
+    "MensajeEnviadoADeadLetter": "sistema.eventos",
+    "SagaAtascada": "sistema.eventos",
+}
+
+# sistema.eventos is written by every service: the runtime's notices (kernel/runtime.py) by all of
+# them, the rest by the service named. Every other topic has one publisher (PUBLISHES).
+SYSTEM_EVENT_PUBLISHERS: dict[str, tuple[str, ...]] = {
+    **{event: tuple(SERVICES) for event in ("ServicioIniciado", "ServicioDetenido", "ServicioDegradado",
+                                            "ServicioRecuperado", "MensajeEnviadoADeadLetter")},
+    "SagaAtascada": ("conversiones",),
+}
+
+
+def publishers_of(event_type: str) -> tuple[str, ...]:
+    """The services that publish an event type, in SERVICES order."""
+    topic = EVENT_TOPICS[event_type]
+    if topic == "sistema.eventos":
+        return SYSTEM_EVENT_PUBLISHERS[event_type]
+    return tuple(service for service, topics in PUBLISHES.items() if topic in topics)
+
+
 def dead_letter_topic(topic: str, subscription: str) -> str:
     """Where a subscription's unprocessable messages go (kernel/consumer.py, and the client's
     DeadLetterPolicy on Apache Pulsar)."""

@@ -24,6 +24,24 @@ class UnknownEvent(LookupError):
     """No schema for that event type/version: the message cannot be understood."""
 
 
+def schema_files(directory: Path | None = None) -> dict[str, dict[int, Path]]:
+    """event type -> version -> its `.avsc` file (default: the package's schemas directory)."""
+    root = directory or Path(str(resources.files("alpes") / "schemas"))
+    files: dict[str, dict[int, Path]] = {}
+    for path in sorted(root.glob("*.avsc")):
+        match = _FILE.match(path.name)
+        if not match:
+            raise ValueError(f"schema file name must be <Event>.v<N>.avsc: {path.name}")
+        files.setdefault(match["name"], {})[int(match["version"])] = path
+    return files
+
+
+def raw_schemas(directory: Path | None = None) -> dict[str, dict[int, Any]]:
+    """event type -> version -> its schema as written in the `.avsc` file (JSON, not parsed by fastavro)."""
+    return {event: {version: json.loads(path.read_text(encoding="utf-8")) for version, path in versions.items()}
+            for event, versions in schema_files(directory).items()}
+
+
 @dataclass
 class SchemaRegistry:
     """All versions of every event, loaded from a directory of `.avsc` files."""
