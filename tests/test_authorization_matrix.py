@@ -165,8 +165,9 @@ def _snapshot(platform: Platform, ops) -> dict:
     """The operator's view of every list (no path parameter) and the audit log's length."""
     view = {}
     for service, method, path, _ in ops:
-        if method == "GET" and "{" not in path and path not in ("/health", "/sistema/servicios", "/sistema/alertas",
-                                                                   "/claves", "/auditoria/verificacion"):
+        if method == "GET" and "{" not in path and path not in ("/health", "/metrics", "/sistema/servicios",
+                                                                   "/sistema/alertas", "/claves",
+                                                                   "/auditoria/verificacion"):
             response = platform.http.get(platform.url(service) + path, params={"limit": 1000}
                                          if path in ("/conversiones", "/afiliados") else None)
             view[(service, path)] = response.text

@@ -14,7 +14,11 @@ from .kernel.access import AFFILIATE as AFF
 from .kernel.access import OPERATOR as OP
 from .kernel.access import Rule, allow, public
 
-HEALTH = {("GET", "/health"): public()}
+HEALTH = {("GET", "/health"): public(),
+          # The events' AsyncAPI document, public like /openapi.json (alpes/asyncapi.py).
+          ("GET", "/asyncapi.json"): public(),
+          # Prometheus scrapes with an operator key (README "Metrics"); figures of the whole platform.
+          ("GET", "/metrics"): allow(OP, scope="sistema:read")}
 
 RULES: dict[str, dict[tuple[str, str], Rule]] = {
     "afiliados": {

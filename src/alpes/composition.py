@@ -13,6 +13,7 @@ from collections.abc import Callable
 from fastapi import FastAPI
 from sqlalchemy import Table
 
+from . import asyncapi
 from .authorization import LIMIT_SUBJECTS, RULES
 from .contract import subscriptions_of
 from .kernel.access import Gate, KeyRing, RateLimited
@@ -62,7 +63,7 @@ def compose(name: str, settings: Settings, *, outbox: Table, inbox: Table, keys:
     runtime.health_reports["access"] = access.describe
     return create_app(f"AlpesPartner · {name}", runtime, routes(runtime),
                       max_body_bytes=settings.max_body_bytes, trusted_proxies=settings.trusted_proxies,
-                      access=access), runtime
+                      access=access, asyncapi=asyncapi.served), runtime
 
 
 def rate_limits(settings: Settings, runtime: ServiceRuntime) -> Callable[[str, str], None]:
@@ -75,6 +76,8 @@ def rate_limits(settings: Settings, runtime: ServiceRuntime) -> Callable[[str, s
                   "postbacks:ip": settings.rate_limit_postbacks_per_ip,
                   "clicks:ip": settings.rate_limit_clicks_per_ip}
     runtime.health_reports["rate_limits"] = limiter.describe
+    runtime.metrics.gauge("alpes_rate_limiter_degraded", "1 while rate limits are counted in-process because "
+                          "Redis is unreachable", [], lambda: {(): float(limiter.describe()["degraded"])})
 
     def hit(bucket: str, subject: str) -> None:
         limit = per_minute[bucket]

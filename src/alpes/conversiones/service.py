@@ -46,6 +46,9 @@ def build(settings: Settings, clock: Callable[[], datetime] | None = None):
                                         lambda: signed_postbacks.forget_used(runtime.db)))
         # /health says how many sagas wait on marketing and how many are stuck.
         runtime.health_reports["sagas"] = lambda: queries.saga_health(runtime.db)
+        # The same figures for Prometheus (GET /metrics), by state: running, stuck.
+        runtime.metrics.gauge("alpes_sagas", "sagas waiting on marketing, by state", ["state"],
+                              lambda: {(state,): n for state, n in queries.saga_health(runtime.db).items()})
 
     def routes(runtime: ServiceRuntime) -> Callable[[FastAPI], None]:
         return api.with_saga_routes(api.include_routes(

@@ -14,7 +14,8 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AfterValidator, AwareDatetime, BeforeValidator, StringConstraints
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException
@@ -22,6 +23,7 @@ from starlette.exceptions import HTTPException
 from .access import Forbidden, RateLimited, Unauthenticated
 from .errors import Conflict, DomainError, NotAllowed, NotFound, RuleViolated
 from .http_access import AccessControl, current_principal
+from .metrics import RequestMetrics
 from .proxies import IPAddress, IPNetwork, parse_ip, parse_networks, resolve
 from .runtime import ServiceRuntime
 
@@ -42,9 +44,10 @@ _ERROR_REF = {"$ref": "#/components/schemas/Error"}
 
 def create_app(title: str, runtime: ServiceRuntime, include: Callable[[FastAPI], None], *,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, trusted_proxies: str | Sequence[str] = "",
-               access: AccessControl | None = None) -> FastAPI:
+               access: AccessControl | None = None, asyncapi: Callable[[], bytes] | None = None) -> FastAPI:
     """`trusted_proxies` (ALPES_TRUSTED_PROXIES): the only peers whose X-Forwarded-For/-Proto are believed.
-    `access`: the service's rules and gate (kernel/http_access.py); every route then runs behind them."""
+    `access`: the service's rules and gate (kernel/http_access.py); every route then runs behind them.
+    `asyncapi`: the events' AsyncAPI document (built on first call), served at /asyncapi.json."""
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         runtime.start()
@@ -111,12 +114,29 @@ def create_app(title: str, runtime: ServiceRuntime, include: Callable[[FastAPI],
             report["access"]["caller_known"] = access.gate.knows(authorization)
         return JSONResponse(status_code=200 if report["status"] == "ok" else 503, content=report)
 
+    if asyncapi is not None:
+        @app.get("/asyncapi.json", tags=["ops"], response_class=JSONResponse,
+                 responses={200: {"description": "the AsyncAPI 3.0 document of the platform's events: topics, "
+                                                 "Avro messages, who sends and who receives what",
+                                  "content": {"application/json": {"schema": {"type": "object"}}}}})
+        def asyncapi_document() -> Response:
+            return Response(asyncapi(), media_type="application/json")
+
+    @app.get("/metrics", tags=["ops"], response_class=Response,
+             responses={200: {"description": "Prometheus text format (kernel/metrics.py)",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
+    def metrics() -> Response:
+        return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     include(app)
     if access is not None:
         access.check_coverage(app)
     app.openapi = lambda: _openapi(app)
     # A body too large or not JSON is refused before anything reads it.
     app.add_middleware(RequestLimits, max_body_bytes=max_body_bytes)
+    # Latency by route template; outside RequestLimits (its refusals count too), inside ProxyHeaders
+    # (which copies the scope: the router's scope["route"] would not reach a middleware outside it).
+    app.add_middleware(RequestMetrics, histogram=runtime.metrics.http_seconds)
     # Outermost: the client's address and scheme, from forwarding headers only behind our proxies.
     app.add_middleware(ProxyHeaders, trusted=parse_networks(trusted_proxies))
     return app

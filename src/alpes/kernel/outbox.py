@@ -9,7 +9,8 @@ the same transaction. A failed publish leaves its row pending; it is retried, ne
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -144,8 +145,12 @@ class OutboxRelay:
     """Moves pending outbox rows to the broker; run `run_once` in a loop or `start()` a thread."""
 
     def __init__(self, db: Database, table: Table, publisher: Publisher, *, batch_size: int = 500,
-                 idle_seconds: float = 0.05, max_backoff_seconds: float = 5.0) -> None:
+                 idle_seconds: float = 0.05, max_backoff_seconds: float = 5.0,
+                 on_published: Callable[[Sequence[Mapping], float], None] | None = None) -> None:
+        """`on_published(sent rows, seconds)`: after each batch is recorded, the rows the broker
+        confirmed and how long the publish took (kernel/metrics.py counts them)."""
         self.db = db
+        self.on_published = on_published
         self.table = table
         self.publisher = publisher
         self.batch_size = batch_size
@@ -169,7 +174,9 @@ class OutboxRelay:
                     rows = session.execute(self._pending()).mappings().all()
                 if not rows:
                     return 0, 0
+                started = time.perf_counter()
                 results = self._publish(rows)
+                elapsed = time.perf_counter() - started
                 with self.db.transaction() as session:
                     sent, failed = self._record(session, rows, results)
         else:
@@ -179,8 +186,12 @@ class OutboxRelay:
                 rows = session.execute(self._pending().with_for_update(skip_locked=True)).mappings().all()
                 if not rows:
                     return 0, 0
+                started = time.perf_counter()
                 results = self._publish(rows)
+                elapsed = time.perf_counter() - started
                 sent, failed = self._record(session, rows, results)
+        if self.on_published is not None:  # committed: these rows are sent for good
+            self.on_published([r for r in rows if results.get(r["event_id"], "no receipt") is None], elapsed)
         self.published += sent
         self.failures += failed
         return sent, failed

@@ -28,6 +28,7 @@ from .consumer import POISON_REDELIVERIES, ConsumerWorker
 from .db import Database
 from .inbox import Handler, InboxProcessor
 from .messages import IncomingEvent, OutgoingEvent, utcnow
+from .metrics import Metrics
 from .outbox import Actor, Outbox, OutboxRelay
 from .signing import EventSigner
 
@@ -101,6 +102,8 @@ class ServiceRuntime:
         # A service's own figures in /health, by key (conversiones: its sagas); informative, they
         # do not change `status`. One that fails shows its error instead.
         self.health_reports: dict[str, Callable[[], dict]] = {}
+        # This process's Prometheus registry and figures, served at GET /metrics (kernel/metrics.py).
+        self.metrics = Metrics(self)
 
     # -- unit of work used by HTTP handlers ------------------------------------------------
     @contextmanager
@@ -119,7 +122,7 @@ class ServiceRuntime:
     def start(self) -> None:
         self.started_at = time.time()
         self.broker = self._client("relay")
-        self.relay = OutboxRelay(self.db, self.outbox.table, self.broker)
+        self.relay = OutboxRelay(self.db, self.outbox.table, self.broker, on_published=self.metrics.published)
         self._announce("ServicioIniciado", {})
         self.relay.start()
         consumers = self._client("consumers")
@@ -132,7 +135,8 @@ class ServiceRuntime:
             # ids stay distinct within the process (the embedded broker checks them per
             # subscription name across topics and connections; see embedded_broker.py).
             worker = ConsumerWorker(
-                consumers, self.registry, spec.topic, spec.subscription, processor.process,
+                consumers, self.registry, spec.topic, spec.subscription,
+                self.metrics.timed(spec.topic, spec.subscription, processor.process),
                 consumer_name=f"{self.instance}-{spec.topic}-{spec.subscription}",
                 max_redeliveries=self.max_redeliveries, batch_size=self.consumer_batch_size,
                 on_dead_letter=self._dead_letter_notice(spec), signer=self.signer,
