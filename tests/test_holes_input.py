@@ -11,6 +11,7 @@ import pytest
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from test_bad_input import Service
 
+from alpes.kernel.metrics import Metrics
 from alpes.kernel.money import Amount, Percentage
 from alpes.settings import Settings
 
@@ -130,6 +131,9 @@ def test_the_app_factory_maps_unparsable_bodies_for_any_service(tmp_path):
     from alpes.kernel.http import create_app
 
     class Runtime:
+        def __init__(self):
+            self.metrics = Metrics(self)  # the app factory times every request into it
+
         def start(self): pass
 
         def stop(self): pass
