@@ -12,6 +12,8 @@ from harness import Platform, wait_until
 
 from alpes.contract import SERVICES
 
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
 
 @pytest.fixture(params=["sqlite", pytest.param("mariadb", marks=pytest.mark.mariadb)])
 def platform(request, tmp_path):
@@ -58,14 +60,14 @@ def test_the_whole_flow_through_four_services(platform: Platform):
             "conversion_type": "sale", "order_id": "order-1"}
 
     # The brand posts its own conversions with its key.
-    def post(body: dict) -> httpx.Response:
-        return brand.post(platform.url("conversiones") + "/conversiones", json=body)
+    def post(body: dict, **headers: str) -> httpx.Response:
+        return brand.post(platform.url("conversiones") + "/conversiones", json=body, headers=headers)
 
     def validated_postback():
         return post({**sale, "order_id": f"probe-{ana}"}).json()["status"] == "validated"
     wait_until(validated_postback, what="conversiones to learn the affiliate and campaign")
 
-    first = post(sale)
+    first = post(sale, traceparent=f"00-{TRACE_ID}-00f067aa0ba902b7-01")  # the brand's own trace (kernel/tracing.py)
     assert first.status_code == 200
     conversion_id = first.json()["id"]
     repeat = post(sale)
@@ -164,6 +166,19 @@ def test_the_whole_flow_through_four_services(platform: Platform):
     finally:
         engine.dispose()
     assert stored == "validated"
+    # The brand's trace went through the broker (a signed property) into what marketing and
+    # auditoria emitted on handling the postback's events.
+    for name, emitted in (("conversiones", {"ConversionDetected", "ConversionValidated"}),
+                          ("marketing", {"ComisionCalculada", "ComisionRegistrada"}),
+                          ("auditoria", {"EventoAuditado"})):
+        engine = create_engine(platform.db_url(name))
+        try:
+            with engine.connect() as connection:
+                traced = connection.execute(text("SELECT event_type FROM outbox WHERE traceparent LIKE :t"),
+                                            {"t": f"00-{TRACE_ID}-%"}).scalars().all()
+        finally:
+            engine.dispose()
+        assert set(traced) == emitted, (name, traced)
 
 
 def test_data_survives_a_restart(tmp_path):

@@ -47,14 +47,17 @@ PROPERTIES: dict[str, dict[str, Any]] = {
                    "description": "The actor's role; absent like actor_id."},
     "signature": {"pattern": "^v1=[0-9a-f]{64}$",
                   "description": "`v1=<hex HMAC-SHA256>` over the topic, the partition key, the properties "
-                                 "event_id..producer (and actor_id/actor_role when present) and the payload, "
+                                 "event_id..producer (and actor_id/actor_role/traceparent when present) and the payload, "
                                  "with the platform's ALPES_EVENT_SIGNING_KEYS. Consumers dead-letter a message "
                                  "whose signature is missing or wrong (kernel/signing.py)."},
     "traceparent": {"pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
                     "description": "W3C Trace Context (https://www.w3.org/TR/trace-context/): the trace the "
-                                   "event belongs to, from the HTTP request that started it, carried through "
-                                   "every consumer into the events it emits. Optional: absent when tracing is off "
-                                   "and on messages published before it existed. Not signed."},
+                                   "event belongs to and the span that emitted it: from the HTTP request that "
+                                   "started it, carried through every consumer into the events it emits, whether "
+                                   "or not spans are exported (kernel/tracing.py). Optional: absent on events of "
+                                   "periodic jobs and lifecycle notices (their consumers continue the trace whose "
+                                   "id is the correlation id) and on messages published before it existed. Signed "
+                                   "when present."},
 }
 # The message key (Pulsar partition key) of each topic's events; order is kept per key.
 KEYS = {"sistema.eventos": "the service (its lifecycle and dead-letter notices) or the saga (SagaAtascada)"}

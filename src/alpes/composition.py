@@ -2,7 +2,9 @@
 
 Each collaborator is built here once and handed down: the database, the schema registry (also
 `runtime.registry`, for whatever else of the service encodes or decodes events), the backlog
-probe, and, only when the broker is the embedded one, its quirks (kernel/embedded_broker.py).
+probe, the service's tracing (kernel/tracing.py: one TracerProvider per service, exporting only
+when an OTLP endpoint is configured), and, only when the broker is the embedded one, its quirks
+(kernel/embedded_broker.py).
 The runtime opens its broker clients when it starts; nothing connects at import time.
 """
 
@@ -27,6 +29,7 @@ from .kernel.pulsar_admin import AdminBacklog
 from .kernel.ratelimit import RateLimit, RateLimiter
 from .kernel.runtime import ConsumerSpec, ServiceRuntime
 from .kernel.signing import EventSigner
+from .kernel.tracing import Tracing
 from .settings import Settings
 
 
@@ -52,6 +55,8 @@ def compose(name: str, settings: Settings, *, outbox: Table, inbox: Table, keys:
         subscription_type=settings.subscription_type, instance_index=settings.instance_index,
         quirks=quirks, backlog=backlog_probe(settings, sorted(wired), quirks),
         signer=EventSigner(settings.signing_keys()), broker_token=settings.pulsar_token,
+        # Spans exported over OTLP when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set, else only propagated.
+        tracing=Tracing.from_environment(name),
     )
     tighten_directory(settings.data_dir)  # ours: SQLite files, the local signing key, logs (0700)
     if configure is not None:

@@ -41,6 +41,8 @@ ALPES_RATE_LIMIT_*        requests per minute: POSTBACKS_PER_KEY (60000), POSTBA
 ALPES_POSTBACK_SIGNING_KEYS  comma-separated hex secrets (32+ bytes) from which each advertiser's postback
                           signing secret is derived (marketing shows it, conversiones verifies); the first
                           derives, all verify. Unset: derived from the event-signing keys
+OTEL_EXPORTER_OTLP_TRACES_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT  OpenTelemetry's own: where spans go
+                          over OTLP/HTTP (read by kernel/tracing.py, not here); unset: none recorded
 ALPES_CONVERSIONES_CLOCK_OFFSET_SECONDS  test/demo knob: conversiones runs this many seconds ahead
                           (clicks, postbacks, validations); default 0. Never in production.
 """

@@ -105,7 +105,7 @@ class PulsarBroker:
                 properties = properties_of(
                     message.event_id, message.event_type, message.schema_version, message.occurred_at,
                     message.correlation_id, message.causation_id, self.producer_name,
-                    message.actor_id, message.actor_role)
+                    message.actor_id, message.actor_role, message.traceparent)
                 if self.signer is not None:
                     properties[SIGNATURE_PROPERTY] = self.signer.sign(
                         message.topic, message.partition_key, properties, message.payload)

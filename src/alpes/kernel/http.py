@@ -1,5 +1,6 @@
 """HTTP mechanics shared by the services: app factory with lifespan, /health, error shape,
-request limits (body size, content type) and the validators of text and dates from outside."""
+request limits (body size, content type), a server span per request (kernel/tracing.py) and the
+validators of text and dates from outside."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from .http_access import AccessControl, current_principal
 from .metrics import RequestMetrics
 from .proxies import IPAddress, IPNetwork, parse_ip, parse_networks, resolve
 from .runtime import ServiceRuntime
+from .tracing import TraceRequests
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 
@@ -137,6 +139,9 @@ def create_app(title: str, runtime: ServiceRuntime, include: Callable[[FastAPI],
     # Latency by route template; outside RequestLimits (its refusals count too), inside ProxyHeaders
     # (which copies the scope: the router's scope["route"] would not reach a middleware outside it).
     app.add_middleware(RequestMetrics, histogram=runtime.metrics.http_seconds)
+    # Each request in a server span continuing the caller's `traceparent`; inside ProxyHeaders for
+    # the same reason (its name is the route template), outside the rest so refusals are traced too.
+    app.add_middleware(TraceRequests, tracing=runtime.tracing)
     # Outermost: the client's address and scheme, from forwarding headers only behind our proxies.
     app.add_middleware(ProxyHeaders, trusted=parse_networks(trusted_proxies))
     return app

@@ -4,6 +4,9 @@ The inbox row is inserted first, inside the consumer's transaction; a unique-key
 means "already done". A batch is handled in one transaction (one commit for many messages);
 if anything in it fails, its messages are retried one by one so a single bad message cannot
 hold back the others and each gets its own verdict.
+
+Each event is handled in a consumer span of its own trace (kernel/tracing.py); the events its
+handler emits carry that span's `traceparent`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from sqlalchemy.orm import Session
 from .db import Database, UtcDateTime
 from .messages import IncomingEvent, OutgoingEvent, TransientFailure, utcnow
 from .outbox import Outbox
+from .tracing import Tracing, mark_failed
 
 log = structlog.get_logger(__name__)
 
@@ -57,8 +61,11 @@ class InboxProcessor:
     """Runs a subscription's handlers exactly once per event id. Knows nothing of the broker."""
 
     def __init__(self, db: Database, inbox: Table, outbox: Outbox, subscription: str,
-                 handlers: dict[str, Handler], after_commit: Callable[[], None] | None = None) -> None:
+                 handlers: dict[str, Handler], after_commit: Callable[[], None] | None = None,
+                 tracing: Tracing | None = None) -> None:
+        """`tracing`: the service's (kernel/tracing.py); None: spans propagated, never recorded."""
         self.db = db
+        self.tracing = tracing or Tracing("unknown")
         self.inbox = inbox
         self.outbox = outbox
         self.subscription = subscription
@@ -109,18 +116,24 @@ class InboxProcessor:
             if fresh:
                 session.execute(self.inbox.insert(), [self._inbox_row(e) for e in fresh])
             for event in fresh:
-                outcome.processed += self._handle(session, event)
+                with self.tracing.consuming(event, self.subscription) as traceparent:
+                    outcome.processed += self._handle(session, event, traceparent)
             outcome.ignored = len(fresh) - outcome.processed
         return outcome
 
     def _process_single(self, event: IncomingEvent) -> str | None:
+        # The span covers the commit, and the failure logged below carries the trace's ids.
+        with self.tracing.consuming(event, self.subscription) as traceparent:
+            return self._process_one(event, traceparent)
+
+    def _process_one(self, event: IncomingEvent, traceparent: str | None) -> str | None:
         try:
             with self.db.transaction() as session:
                 try:
                     session.execute(self.inbox.insert().values(**self._inbox_row(event)))
                 except IntegrityError:
                     raise _AlreadyProcessed from None
-                handled = self._handle(session, event)
+                handled = self._handle(session, event, traceparent)
         except _AlreadyProcessed:
             self._count(Outcome(duplicates=1))
             return None
@@ -129,17 +142,18 @@ class InboxProcessor:
         except Exception as error:
             log.warning("handler failed", subscription=self.subscription, event_type=event.event_type,
                         event_id=event.event_id, error=str(error)[:300])
+            mark_failed(str(error)[:300])
             return f"{type(error).__name__}: {error}"[:500]
         self._count(Outcome(processed=handled, ignored=1 - handled))
         self.after_commit()
         return None
 
-    def _handle(self, session: Session, event: IncomingEvent) -> int:
+    def _handle(self, session: Session, event: IncomingEvent, traceparent: str | None) -> int:
         handler = self.handlers.get(event.event_type)
         if handler is None:
             return 0  # an event this subscription does not act on: recorded, acknowledged
         emitted = handler(session, event) or ()
-        self.outbox.add(session, [e.caused_by(event) for e in emitted])
+        self.outbox.add(session, [e.caused_by(event) for e in emitted], traceparent=traceparent)
         return 1
 
     def _inbox_row(self, event: IncomingEvent) -> dict:

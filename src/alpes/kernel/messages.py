@@ -67,12 +67,16 @@ class IncomingEvent:
     # Who caused it (the principal behind the request, or `system`): see kernel/access.py.
     actor_id: str = "system"
     actor_role: str = "system"
+    # The W3C trace context of the span that emitted it (kernel/tracing.py); None: none known.
+    traceparent: str | None = None
 
 
 def properties_of(event_id: str, event_type: str, version: int, occurred_at: datetime,
                   correlation_id: str, causation_id: str, producer: str,
-                  actor_id: str = "system", actor_role: str = "system") -> dict[str, str]:
-    return {
+                  actor_id: str = "system", actor_role: str = "system",
+                  traceparent: str | None = None) -> dict[str, str]:
+    """The envelope properties of a message; `traceparent` only when the event has one."""
+    properties = {
         "event_id": event_id,
         "event_type": event_type,
         "schema_version": str(version),
@@ -83,6 +87,9 @@ def properties_of(event_id: str, event_type: str, version: int, occurred_at: dat
         "actor_id": actor_id,
         "actor_role": actor_role,
     }
+    if traceparent:
+        properties["traceparent"] = traceparent
+    return properties
 
 
 class TransientFailure(Exception):
@@ -126,4 +133,5 @@ def decode_message(registry: SchemaRegistry, topic: str, subscription: str,
         # Messages published before actors were recorded carry none: the platform's own doing.
         actor_id=properties.get("actor_id") or "system",
         actor_role=properties.get("actor_role") or "system",
+        traceparent=properties.get("traceparent") or None,
     )

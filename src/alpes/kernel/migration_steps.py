@@ -35,3 +35,14 @@ def drop_api_keys_and_actors(op) -> None:
         batch_op.drop_column('actor_role')
         batch_op.drop_column('actor_id')
     op.drop_table('claves_api')
+
+
+def add_outbox_traceparent(op) -> None:
+    """The W3C trace context of each outbox event (kernel/tracing.py); rows written before have none."""
+    with op.batch_alter_table('outbox', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('traceparent', sa.String(length=55), nullable=True))
+
+
+def drop_outbox_traceparent(op) -> None:
+    with op.batch_alter_table('outbox', schema=None) as batch_op:
+        batch_op.drop_column('traceparent')

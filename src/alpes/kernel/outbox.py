@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 from .codec import SchemaRegistry
 from .db import Database, UtcDateTime
 from .messages import OutgoingEvent, utcnow
+from .tracing import current_traceparent
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +59,8 @@ def outbox_table(metadata: MetaData) -> Table:
         # Who caused the event (kernel/access.py): a key id and its role, or `system`.
         Column("actor_id", String(64), nullable=False, server_default="system"),
         Column("actor_role", String(16), nullable=False, server_default="system"),
+        # The W3C trace context of the span that wrote the event (kernel/tracing.py), if any.
+        Column("traceparent", String(55)),
         Column("status", String(10), nullable=False, default=PENDING),
         Column("attempts", Integer, nullable=False, default=0),
         Column("last_error", String(500)),
@@ -81,6 +84,7 @@ class PendingMessage:
     causation_id: str
     actor_id: str = "system"
     actor_role: str = "system"
+    traceparent: str | None = None
 
 
 class Actor(Protocol):
@@ -102,9 +106,13 @@ class Outbox:
         self.table = table
         self.registry = registry
 
-    def add(self, session: Session, events: Iterable[OutgoingEvent], actor: Actor | None = None) -> None:
-        """`actor`: who caused these events (the request's principal); None: the platform (`system`)."""
+    def add(self, session: Session, events: Iterable[OutgoingEvent], actor: Actor | None = None,
+            traceparent: str | None = None) -> None:
+        """`actor`: who caused these events (the request's principal); None: the platform (`system`).
+        `traceparent`: the trace they continue; None: the span current here (a request's, a
+        consumer's), or none outside any (a periodic job)."""
         actor_id, actor_role = (actor.id, actor.role) if actor is not None else ("system", "system")
+        traceparent = traceparent or current_traceparent()
         rows = []
         now = utcnow()
         for event in events:
@@ -121,6 +129,7 @@ class Outbox:
                 "causation_id": event.causation_id or event.event_id,
                 "actor_id": actor_id,
                 "actor_role": actor_role,
+                "traceparent": traceparent,
                 "status": PENDING,
                 "attempts": 0,
                 "created_at": now,
@@ -205,7 +214,7 @@ class OutboxRelay:
             row_id=r["id"], event_id=r["event_id"], topic=r["topic"], event_type=r["event_type"],
             schema_version=r["schema_version"], partition_key=r["partition_key"], payload=r["payload"],
             occurred_at=r["occurred_at"], correlation_id=r["correlation_id"], causation_id=r["causation_id"],
-            actor_id=r["actor_id"], actor_role=r["actor_role"],
+            actor_id=r["actor_id"], actor_role=r["actor_role"], traceparent=r["traceparent"],
         ) for r in rows]
         try:
             return self.publisher.publish(messages)

@@ -31,6 +31,7 @@ from .messages import IncomingEvent, OutgoingEvent, utcnow
 from .metrics import Metrics
 from .outbox import Actor, Outbox, OutboxRelay
 from .signing import EventSigner
+from .tracing import Tracing
 
 if TYPE_CHECKING:
     from .embedded_broker import EmbeddedBrokerQuirks
@@ -64,8 +65,12 @@ class ServiceRuntime:
                  max_redeliveries: int = 5, consumer_batch_size: int = 200,
                  subscription_type: str = "failover", instance_index: int = 0,
                  quirks: EmbeddedBrokerQuirks | None = None, backlog: BacklogProbe | None = None,
-                 signer: EventSigner | None = None, broker_token: str | None = None) -> None:
+                 signer: EventSigner | None = None, broker_token: str | None = None,
+                 tracing: Tracing | None = None) -> None:
         self.service = service
+        # This process's spans (kernel/tracing.py): exported when the composition root found an
+        # OTLP endpoint; by default only propagated.
+        self.tracing = tracing or Tracing(service)
         self.broker_token = broker_token  # this service's JWT on Apache Pulsar with authentication
         # Signs what this service publishes and verifies what it consumes (kernel/signing.py).
         self.signer = signer
@@ -130,7 +135,7 @@ class ServiceRuntime:
             self.quirks.prepare_consumer_client(consumers.client, self.tenant, self.namespace)
         for spec in self.consumer_specs:
             processor = InboxProcessor(self.db, self.inbox_table, self.outbox, spec.subscription,
-                                       spec.handlers, after_commit=self.wake_relay)
+                                       spec.handlers, after_commit=self.wake_relay, tracing=self.tracing)
             # One client for all of this process's consumers: the client numbers its consumers, so
             # ids stay distinct within the process (the embedded broker checks them per
             # subscription name across topics and connections; see embedded_broker.py).
@@ -178,6 +183,7 @@ class ServiceRuntime:
             self.relay.stop()
         for client in self._clients:
             client.close()
+        self.tracing.shutdown()
         self.db.dispose()
 
     def _spawn(self, name: str, target: Callable, *args) -> None:

@@ -27,9 +27,10 @@ SIGNATURE_PROPERTY = "signature"
 # The envelope properties a signature covers; anything else a broker adds is not ours to trust.
 SIGNED_PROPERTIES = ("event_id", "event_type", "schema_version", "occurred_at", "correlation_id",
                      "causation_id", "producer")
-# Signed when present (messages published before actors existed have none): an actor cannot be
-# added, removed or changed without breaking the signature.
-OPTIONAL_SIGNED_PROPERTIES = ("actor_id", "actor_role")
+# Signed when present (messages published before actors existed have none; events emitted outside
+# any request or consumer span have no traceparent): none can be added, removed or changed without
+# breaking the signature.
+OPTIONAL_SIGNED_PROPERTIES = ("actor_id", "actor_role", "traceparent")
 MIN_KEY_BYTES = 32
 
 
