@@ -12,6 +12,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from test_bad_input import Service
 
 from alpes.kernel.metrics import Metrics
+from alpes.kernel.tracing import Tracing
 from alpes.kernel.money import Amount, Percentage
 from alpes.settings import Settings
 
@@ -132,7 +133,8 @@ def test_the_app_factory_maps_unparsable_bodies_for_any_service(tmp_path):
 
     class Runtime:
         def __init__(self):
-            self.metrics = Metrics(self)  # the app factory times every request into it
+            self.metrics = Metrics(self)  # the app factory times and traces every request
+            self.tracing = Tracing("t")
 
         def start(self): pass
 
