@@ -16,6 +16,7 @@ import time
 
 import httpx
 from harness import Platform, wait_until
+from webhook_receiver import Receiver
 
 from alpes.contract import SERVICES
 
@@ -52,9 +53,16 @@ BODIES = {
     ("PUT", "/campanas/{campana_id}/reglas"): {"reglas": [{"tipo": "cps", "porcentaje": "100"}]},
     ("POST", "/pagos"): lambda w: {"afiliado_id": w["X"]},
     ("POST", "/pagos/{pago_id}/pagar"): {},
+    ("POST", "/webhooks"): lambda w: {"url": w["receiver"] + "/own", "eventos": ["payout.paid"]},
+    ("PUT", "/webhooks/{webhook_id}"): {"url": "http://127.0.0.1:9/hijack", "eventos": ["payout.paid"],
+                                        "descripcion": None, "habilitado": False},
+    ("DELETE", "/webhooks/{webhook_id}"): None,
+    ("POST", "/webhooks/{webhook_id}/secreto"): None,
+    ("POST", "/webhooks/{webhook_id}/habilitar"): None,
+    ("POST", "/webhooks/{webhook_id}/entregas/{entrega_id}/reenviar"): None,
 }
 # Writes that name nothing of another tenant: a caller whose role may call them creates its own.
-OWN_CREATES = {("POST", "/afiliados")}
+OWN_CREATES = {("POST", "/afiliados"), ("POST", "/webhooks")}
 # Reads an affiliate may make of other tenants' things by design: the catalogue of programs to join.
 CATALOGUE = {("GET", "/programas")}
 
@@ -64,13 +72,13 @@ def _headers(world: dict, caller: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-def _build_world(platform: Platform) -> dict:
+def _build_world(platform: Platform, receiver: Receiver) -> dict:
     """A and B, each with a campaign, an affiliate enrolled, a validated and a held conversion, a
-    commission and a payout; keys for every caller."""
+    commission and a payout; keys for every caller; A's webhook endpoint and its deliveries."""
     http = platform.http
     operator = platform.create_key("operator")
     platform.authenticate(operator)
-    world: dict = {"keys": {"operator": operator}}
+    world: dict = {"keys": {"operator": operator}, "receiver": receiver.url("")}
     for tenant, affiliate in (("A", "X"), ("B", "Y")):
         brand = http.post(platform.url("marketing") + "/anunciantes",
                           json={"nombre": f"Brand {tenant}", "dominios": [f"brand-{tenant.lower()}.example"]})
@@ -82,6 +90,10 @@ def _build_world(platform: Platform) -> dict:
         world[f"key_{tenant}"] = key.json()["key_id"]
     for tenant in ("A", "B"):
         platform.wait_key_known(world["keys"][f"advertiser_{tenant.lower()}"])
+    webhook = http.post(platform.url("marketing") + "/webhooks", headers=_headers(world, "advertiser_a"),
+                        json={"url": receiver.url("/A"), "eventos": ["commission.created", "payout.created"]})
+    assert webhook.status_code == 201, webhook.text
+    world["WA"] = webhook.json()["id"]
     for tenant, affiliate in (("A", "X"), ("B", "Y")):
         as_brand = _headers(world, f"advertiser_{tenant.lower()}")
         registered = http.post(platform.url("afiliados") + "/afiliados", headers=as_brand, json={
@@ -129,6 +141,11 @@ def _build_world(platform: Platform) -> dict:
         assert len(pagos) == 1, pagos
         world[f"P{tenant}"] = pagos[0]["id"]
     assert httpx.get(platform.url("conversiones") + f"/r/{world['LA']}", follow_redirects=False).status_code == 302
+    # A's webhook deliveries all made (the operator's views stay still while the matrix runs).
+    log = wait_until(lambda: (e := http.get(platform.url("marketing") + f"/webhooks/{world['WA']}/entregas").json()
+                              ["entregas"]) and all(d["estado"] == "entregada" for d in e) and e, 60,
+                     what="A's webhooks delivered")
+    world["EA"] = str(log[0]["id"])
     return world
 
 
@@ -137,6 +154,7 @@ def _path(template: str, world: dict, tenant: str = "A") -> str:
     values = {"afiliado_id": world[affiliate], "campana_id": world[f"C{tenant}"], "anunciante_id": world[tenant],
               "conversion_id": world[f"H{tenant}"], "correlation_id": world[f"V{tenant}"],
               "comision_id": world[f"K{tenant}"], "pago_id": world[f"P{tenant}"], "key_id": world[f"key_{tenant}"],
+              "webhook_id": world.get(f"W{tenant}", "no-webhook"), "entrega_id": world.get(f"E{tenant}", "0"),
               # The tracking link is public and records a click (a change): tried with a code nobody has.
               "link_code": "matrixnolink"}
     path = template
@@ -158,7 +176,7 @@ def _operations(platform: Platform) -> list[tuple[str, str, str, dict]]:
 
 def _a_secrets(world: dict) -> set[str]:
     """What B and Y must never read: A's and X's ids and A's customer."""
-    return {world[k] for k in ("A", "X", "CA", "VA", "HA", "KA", "PA", "LA", "key_A", "key_X")} | {CUSTOMER}
+    return {world[k] for k in ("A", "X", "CA", "VA", "HA", "KA", "PA", "LA", "key_A", "key_X", "WA")} | {CUSTOMER}
 
 
 def _snapshot(platform: Platform, ops) -> dict:
@@ -178,9 +196,10 @@ def _snapshot(platform: Platform, ops) -> dict:
 def test_every_operation_as_every_caller_leaks_nothing_across_tenants(tmp_path):
     platform = Platform(tmp_path / "alpes", env={
         "ALPES_AUTH": "required", "ALPES_APPROVAL_INTERVAL_SECONDS": "1", "ALPES_PAYOUT_THRESHOLD": "1.00",
-        "ALPES_PAYOUT_INTERVAL_SECONDS": "86400"}).start()
+        "ALPES_PAYOUT_INTERVAL_SECONDS": "86400", "ALPES_WEBHOOK_ALLOW_PRIVATE": "1"}).start()
+    receiver = Receiver(faults=()).start()
     try:
-        world = _build_world(platform)
+        world = _build_world(platform, receiver)
         ops = _operations(platform)
         missing = [(m, p) for _, m, p, _ in ops if m != "GET" and (m, p) not in BODIES]
         assert not missing, f"writes with no body in the matrix (add them to BODIES): {missing}"
@@ -249,3 +268,4 @@ def test_every_operation_as_every_caller_leaks_nothing_across_tenants(tmp_path):
         assert world["VA"] in own.text and CUSTOMER not in own.text
     finally:
         platform.close()
+        receiver.stop()

@@ -88,6 +88,18 @@ RULES: dict[str, dict[tuple[str, str], Rule]] = {
         ("GET", "/pagos"): allow(OP, ADV, AFF, scope="pagos:read"),
         ("GET", "/pagos/{pago_id}"): allow(OP, ADV, AFF, scope="pagos:read"),
         ("POST", "/pagos/{pago_id}/pagar"): allow(OP, ADV, scope="pagos:write"),
+        # Webhook endpoints: advertisers and affiliates manage their own (another's id: 404), the
+        # operator every one; an operator's own endpoint receives every tenant's events.
+        ("POST", "/webhooks"): allow(OP, ADV, AFF, scope="webhooks:write"),
+        ("GET", "/webhooks"): allow(OP, ADV, AFF, scope="webhooks:read"),
+        ("GET", "/webhooks/{webhook_id}"): allow(OP, ADV, AFF, scope="webhooks:read"),
+        ("PUT", "/webhooks/{webhook_id}"): allow(OP, ADV, AFF, scope="webhooks:write"),
+        ("DELETE", "/webhooks/{webhook_id}"): allow(OP, ADV, AFF, scope="webhooks:write"),
+        ("POST", "/webhooks/{webhook_id}/secreto"): allow(OP, ADV, AFF, scope="webhooks:write"),
+        ("POST", "/webhooks/{webhook_id}/habilitar"): allow(OP, ADV, AFF, scope="webhooks:write"),
+        ("GET", "/webhooks/{webhook_id}/entregas"): allow(OP, ADV, AFF, scope="webhooks:read"),
+        ("POST", "/webhooks/{webhook_id}/entregas/{entrega_id}/reenviar"): allow(OP, ADV, AFF,
+                                                                                  scope="webhooks:write"),
     },
     "auditoria": {
         **HEALTH,

@@ -130,6 +130,7 @@ EVENT_TOPICS: dict[str, str] = {
     "ServicioRecuperado": "sistema.eventos",
     "MensajeEnviadoADeadLetter": "sistema.eventos",
     "SagaAtascada": "sistema.eventos",
+    "WebhookDeshabilitado": "sistema.eventos",
 }
 
 # sistema.eventos is written by every service: the runtime's notices (kernel/runtime.py) by all of
@@ -138,6 +139,7 @@ SYSTEM_EVENT_PUBLISHERS: dict[str, tuple[str, ...]] = {
     **{event: tuple(SERVICES) for event in ("ServicioIniciado", "ServicioDetenido", "ServicioDegradado",
                                             "ServicioRecuperado", "MensajeEnviadoADeadLetter")},
     "SagaAtascada": ("conversiones",),
+    "WebhookDeshabilitado": ("marketing",),
 }
 
 

@@ -153,6 +153,25 @@ class Settings(BaseSettings):
     rate_limit_clicks_per_ip: int = Field(600, ge=1)
     postback_signing_keys: str | None = Field(None, repr=False)
 
+    # Webhooks (marketing/webhooks.py, README "Webhooks"). A failed delivery is retried after
+    # base × 2^(n-1) seconds (±25 % jitter, at most max_delay) until retry_for seconds have passed
+    # since its first attempt, then marked failed; an endpoint is disabled after
+    # disable_after_failures consecutive failed attempts. Tests shrink the times.
+    webhook_retry_base_seconds: float = Field(1.0, gt=0)
+    webhook_retry_max_delay_seconds: float = Field(3600.0, gt=0)
+    webhook_retry_for_seconds: float = Field(24 * 3600.0, gt=0)
+    webhook_timeout_seconds: float = Field(5.0, gt=0, le=60)
+    webhook_disable_after_failures: int = Field(20, ge=1)
+    webhook_dispatch_interval_seconds: float = Field(1.0, gt=0)
+    # TEST ONLY: accept http URLs and private/loopback addresses outside the protected local mode
+    # (a receiver on 127.0.0.1 with ALPES_AUTH=required). Never in production: it opens SSRF.
+    webhook_allow_private: bool = False
+
+    @property
+    def webhook_private_targets(self) -> bool:
+        """http and private/loopback webhook targets are accepted (protected local mode, or tests)."""
+        return self.protected_local_mode or self.webhook_allow_private
+
     @field_validator("trusted_proxies")
     @classmethod
     def _networks(cls, value: str) -> str:

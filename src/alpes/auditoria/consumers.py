@@ -42,6 +42,6 @@ def consumer_specs() -> list[ConsumerSpec]:
         }),
         ConsumerSpec("sistema.eventos", "alerting-consumer", {
             "ServicioDegradado": handlers.raise_alert, "MensajeEnviadoADeadLetter": handlers.raise_alert,
-            "SagaAtascada": handlers.raise_alert,
+            "SagaAtascada": handlers.raise_alert, "WebhookDeshabilitado": handlers.raise_alert,
         }),
     ]

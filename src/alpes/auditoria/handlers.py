@@ -162,6 +162,11 @@ def raise_alert(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
     elif event.event_type == "SagaAtascada":  # a saga waiting past every timeout, still asking
         tipo = "saga_atascada"
         mensaje = f"saga {p['saga_id']} stuck at {p['paso']} after {p['intentos']} requests: {p['motivo']}"
+    elif event.event_type == "WebhookDeshabilitado":  # a tenant's endpoint stopped answering
+        tipo = "webhook_deshabilitado"
+        owner = f"{p['propietario_rol']} {p['propietario_id']}" if p["propietario_id"] else p["propietario_rol"]
+        mensaje = (f"webhook {p['webhook_id']} of {owner} disabled after {p['fallos_consecutivos']} failures: "
+                   f"{p['motivo']}")
     else:
         tipo = "dead_letter"
         mensaje = f"{p['event_type']} {p['event_id']} on {p['topic']}/{p['subscription']} dead-lettered: {p['error']}"

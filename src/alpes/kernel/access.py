@@ -33,7 +33,7 @@ ROLES = (OPERATOR, ADVERTISER, AFFILIATE)
 _KIND = {OPERATOR: "op", ADVERTISER: "adv", AFFILIATE: "aff"}
 # Resource groups a key may be scoped to, each `<group>:read` or `<group>:write`.
 RESOURCE_GROUPS = ("afiliados", "campanas", "conversiones", "comisiones", "pagos", "reportes", "auditoria",
-                   "claves", "sistema")
+                   "claves", "sistema", "webhooks")
 ALL_SCOPES = tuple(f"{group}:{action}" for group in RESOURCE_GROUPS for action in ("read", "write"))
 # The digest of a key whose revocation arrived before its issue (no key hashes to it).
 _PLACEHOLDER = "revoked-before-issued"

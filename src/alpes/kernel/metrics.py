@@ -71,6 +71,13 @@ class Metrics:
         self.registry.register(counter)
         return counter
 
+    def counter(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Counter:
+        """A counter of this process's registry; `labels` must take a bounded set of values."""
+        return Counter(name, documentation, list(labels), registry=self.registry)
+
+    def histogram(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Histogram:
+        return Histogram(name, documentation, list(labels), registry=self.registry)
+
     def on_published(self, event_type: str, observer: Callable[[dict], None]) -> None:
         """`observer(payload)` for every event of `event_type` this process publishes (decoded at
         its newest schema), once, after the relay recorded it as sent."""

@@ -105,6 +105,9 @@ class Outbox:
     def __init__(self, table: Table, registry: SchemaRegistry) -> None:
         self.table = table
         self.registry = registry
+        # `hook(session, events)` after each add, in the same transaction: what a context writes
+        # because it emitted these events (marketing: its webhook deliveries) commits with them.
+        self.on_add: list[Callable[[Session, Sequence[OutgoingEvent]], None]] = []
 
     def add(self, session: Session, events: Iterable[OutgoingEvent], actor: Actor | None = None,
             traceparent: str | None = None) -> None:
@@ -115,6 +118,7 @@ class Outbox:
         traceparent = traceparent or current_traceparent()
         rows = []
         now = utcnow()
+        events = list(events)
         for event in events:
             payload, version = self.registry.encode(event.event_type, event.payload)
             rows.append({
@@ -136,6 +140,8 @@ class Outbox:
             })
         if rows:
             session.execute(self.table.insert(), rows)
+            for hook in self.on_add:
+                hook(session, events)
 
     def pending_count(self, session: Session) -> int:
         return session.scalar(select(func.count()).select_from(self.table).where(self.table.c.status == PENDING)) or 0

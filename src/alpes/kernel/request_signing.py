@@ -70,6 +70,15 @@ def sign(secret: bytes, body: bytes, timestamp: int) -> str:
     return f"t={timestamp},v1={_mac(secret, timestamp, body)}"
 
 
+def sign_all(secrets: Sequence[bytes], body: bytes, timestamp: int) -> str:
+    """One `Alpes-Signature` with a v1 per secret (a rotation in progress: the new key first)."""
+    if not secrets:
+        raise ValueError("at least one secret is needed")
+    if not _TIMESTAMP.fullmatch(str(timestamp)):
+        raise ValueError("timestamp must be non-negative unix seconds")
+    return f"t={timestamp}," + ",".join(f"v1={_mac(secret, timestamp, body)}" for secret in secrets)
+
+
 def parse_header(value: str) -> tuple[int, list[str]]:
     """(timestamp, v1 signatures in lower-case hex), or BadSignature naming what is wrong."""
     if len(value) > MAX_HEADER:

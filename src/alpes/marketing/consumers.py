@@ -2,12 +2,13 @@
 
 from alpes.kernel.runtime import ConsumerSpec
 
-from . import campaigns, commissions, payouts, reporting
+from . import campaigns, commissions, payouts, reporting, webhooks
 
 
 def consumer_specs() -> list[ConsumerSpec]:
     return [
-        ConsumerSpec("afiliados.eventos", "marketing-consumer", {
+        # The webhook deliveries a consumed event owes are written with its effect (webhooks.py).
+        ConsumerSpec("afiliados.eventos", "marketing-consumer", webhooks.delivered_kinds({
             "AfiliadoRegistrado": campaigns.note_registered_afiliado,
             "AfiliadoValidado": campaigns.enable_afiliado,
             "AfiliadoAprobado": campaigns.enable_afiliado,
@@ -15,14 +16,14 @@ def consumer_specs() -> list[ConsumerSpec]:
             "AfiliadoRechazado": campaigns.note_rejected_afiliado,
             "AfiliadoSuspendido": campaigns.disable_afiliado,
             "DatosPersonalesBorrados": campaigns.forget_personal_data,
-        }),
-        ConsumerSpec("conversiones.eventos", "marketing-consumer", {
+        }, ("AfiliadoAprobado", "AfiliadoSuspendido"))),
+        ConsumerSpec("conversiones.eventos", "marketing-consumer", webhooks.delivered_kinds({
             # The conversion → commission saga: book once and answer on marketing.eventos.
             "ConversionValidated": commissions.answer_comision_request,
             "CommissionRequested": commissions.answer_comision_request,
             "ConversionRejected": commissions.undo_compensated_comision,
             "ConversionRefunded": commissions.reverse_comision,
-        }),
+        }, ("ConversionValidated", "ConversionRejected", "ConversionRefunded"))),
         ConsumerSpec("conversiones.eventos", "analytics-consumer", {
             "ConversionDetected": reporting.count_detected,
             "ConversionValidated": reporting.count_validated,

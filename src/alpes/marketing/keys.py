@@ -19,12 +19,14 @@ from alpes.kernel.messages import OutgoingEvent
 from . import tables
 from .topics import MARKETING
 
-# What a key of each role can ever be scoped to: affiliates only read.
+# What a key of each role can ever be scoped to: affiliates only read, but for their own webhook
+# endpoints (marketing/webhooks.py), which they manage themselves.
 ROLE_SCOPES = {
     OPERATOR: frozenset(ALL_SCOPES),
     ADVERTISER: frozenset(s for s in ALL_SCOPES if not s.startswith("sistema:")),
     AFFILIATE: frozenset(s for s in ALL_SCOPES if s.endswith(":read") and not s.startswith(("sistema", "auditoria",
-                                                                                             "claves"))),
+                                                                                             "claves")))
+    | {"webhooks:write"},
 }
 
 

@@ -1,5 +1,6 @@
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Date,
     Index,
@@ -266,4 +267,65 @@ pago_lineas = Table(
     PrimaryKeyConstraint("pago_id", "linea", name="pk_pago_lineas"),
     # A commission or an adjustment is in one payout at most, by construction.
     UniqueConstraint("tipo", "referencia_id", name="uq_pago_lineas_referencia"),
+)
+
+# -- webhooks (marketing/webhooks.py) -------------------------------------------------------------
+# Endpoints: an advertiser's, an affiliate's, or an operator's (platform-wide: propietario_id null).
+# The signing secret is derived from the master key, the id and secreto_version, never stored.
+webhooks = Table(
+    "webhooks", metadata,
+    Column("id", String(36), primary_key=True),
+    Column("propietario_rol", String(16), nullable=False),
+    Column("propietario_id", String(36)),
+    Column("url", String(2000), nullable=False),
+    Column("eventos", String(400), nullable=False),  # event kinds, comma-separated
+    Column("descripcion", String(500)),
+    Column("habilitado", Boolean, nullable=False),
+    # Why it was disabled by the platform (consecutive failures); null when its owner did it or it is on.
+    Column("deshabilitado_motivo", String(300)),
+    Column("deshabilitado_en", UtcDateTime()),
+    Column("fallos_consecutivos", Integer, nullable=False, server_default="0"),
+    Column("secreto_version", Integer, nullable=False, server_default="1"),
+    Column("secreto_anterior_hasta", UtcDateTime()),
+    Column("creado_en", UtcDateTime(), nullable=False),
+    Column("actualizado_en", UtcDateTime(), nullable=False),
+    Index("ix_webhooks_propietario", "propietario_rol", "propietario_id"),
+)
+
+# One row per (endpoint, event), written in the transaction of the fact that causes it. The body is
+# built then and sent byte for byte on every attempt. `id` orders the deliveries of one object:
+# two events of one object are causally ordered, so their transactions are too.
+webhook_entregas = Table(
+    "webhook_entregas", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("webhook_id", String(36), nullable=False),
+    Column("event_id", String(36), nullable=False),
+    Column("tipo", String(40), nullable=False),
+    Column("objeto_id", String(36), nullable=False),
+    Column("cuerpo", Text, nullable=False),
+    Column("estado", String(12), nullable=False),  # pendiente, entregada, fallida
+    Column("intentos", Integer, nullable=False, server_default="0"),
+    # When it is due; while a dispatcher holds it, the end of that dispatcher's lease.
+    Column("proximo_intento_en", UtcDateTime(), nullable=False),
+    Column("primer_intento_en", UtcDateTime()),
+    Column("entregada_en", UtcDateTime()),
+    Column("ultimo_status", Integer),
+    Column("ultima_latencia_ms", Integer),
+    Column("ultimo_error", String(500)),
+    Column("creada_en", UtcDateTime(), nullable=False),
+    UniqueConstraint("webhook_id", "event_id", name="uq_webhook_entregas_webhook_event"),
+    Index("ix_webhook_entregas_pendientes", "estado", "proximo_intento_en"),
+    Index("ix_webhook_entregas_objeto", "webhook_id", "objeto_id", "estado"),
+)
+
+# Every attempt of every delivery: the delivery log.
+webhook_intentos = Table(
+    "webhook_intentos", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("entrega_id", BigInteger().with_variant(Integer, "sqlite"), nullable=False, index=True),
+    Column("numero", Integer, nullable=False),
+    Column("en", UtcDateTime(), nullable=False),
+    Column("status", Integer),
+    Column("latencia_ms", Integer, nullable=False),
+    Column("error", String(500)),
 )
