@@ -46,6 +46,7 @@ BODIES = {
     ("POST", "/claves"): lambda w: {"rol": "advertiser", "anunciante_id": w["A"]},
     ("DELETE", "/claves/{key_id}"): None,
     ("POST", "/campanas"): lambda w: {"nombre": "Matrix", "porcentaje_comision": "5", "anunciante_id": w["A"]},
+    ("PUT", "/campanas/{campana_id}"): {"nombre": "Hijacked", "presupuesto": "1.00"},
     ("POST", "/campanas/{campana_id}/activar"): None,
     ("POST", "/campanas/{campana_id}/pausar"): None,
     ("POST", "/campanas/{campana_id}/finalizar"): None,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs (from Debian's packages) and starts the servers the test suite talks to: MariaDB on
-# 127.0.0.1:3306 with a user `alpes` for the tests, and Redis on 127.0.0.1:6379. Idempotent: a
-# second run finds them installed and listening and changes nothing. Needs root (CI runs as root).
+# 127.0.0.1:3306 with a user `alpes` for the tests, and Redis on 127.0.0.1:6379; and installs
+# Chromium for the browser tests. Idempotent: a second run finds them installed and listening and
+# changes nothing. Needs root (CI runs as root).
 set -euo pipefail
 
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -13,6 +14,9 @@ wait_port() {
 missing=()
 command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || missing+=(mariadb-server mariadb-client)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# Debian's Chromium for the console's browser tests (tests/browser): Playwright drives it at
+# /usr/bin/chromium and never downloads a browser of its own (PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD).
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]} from Debian's packages"
   export DEBIAN_FRONTEND=noninteractive

@@ -68,6 +68,8 @@ RULES: dict[str, dict[tuple[str, str], Rule]] = {
         # Affiliates: the campaigns they are enrolled in.
         ("GET", "/campanas"): allow(OP, ADV, AFF, scope="campanas:read"),
         ("GET", "/campanas/{campana_id}"): allow(OP, ADV, AFF, scope="campanas:read"),
+        # The terms that may change while it runs: an advertiser its own campaigns (any other: 404).
+        ("PUT", "/campanas/{campana_id}"): allow(OP, ADV, scope="campanas:write"),
         ("POST", "/campanas/{campana_id}/activar"): allow(OP, ADV, scope="campanas:write"),
         ("POST", "/campanas/{campana_id}/pausar"): allow(OP, ADV, scope="campanas:write"),
         ("POST", "/campanas/{campana_id}/finalizar"): allow(OP, ADV, scope="campanas:write"),
@@ -115,3 +117,51 @@ RULES: dict[str, dict[tuple[str, str], Rule]] = {
 
 # Rate-limit buckets and what each counts (README "Access"): per key and per client address.
 LIMIT_SUBJECTS: dict[str, tuple[str, ...]] = {"postbacks": ("key", "ip"), "clicks": ("ip",)}
+
+# -- the web console (alpes/consola): which roles may open each page ------------------------------
+# The console is not a service: each page calls the services with the signed-in user's own key, so
+# the services' rules above still decide what it may see and do; these keep a role off pages that are
+# not for it (403 page). No roles: public. A console route missing here stops the console at start-up.
+CONSOLE_PAGES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("GET", "/health"): (),
+    ("GET", "/entrar"): (),
+    ("POST", "/entrar"): (),
+    ("GET", "/"): (OP, ADV, AFF),
+    ("POST", "/salir"): (OP, ADV, AFF),
+    # Operator pages (consola/pages_operator.py).
+    ("GET", "/operador"): (OP,),
+    ("GET", "/operador/topicos"): (OP,),
+    ("GET", "/operador/auditoria"): (OP,),
+    ("GET", "/operador/claves"): (OP,),
+    ("POST", "/operador/claves"): (OP,),
+    ("POST", "/operador/claves/{key_id}/revocar"): (OP,),
+    # The live event stream (consola/live.py): auditoria's records, as the user's key may read them.
+    ("GET", "/eventos"): (OP, ADV),
+    ("GET", "/eventos/stream"): (OP, ADV),
+    # The advertiser's pages (consola/pages_advertiser.py); operators open them too and see every tenant.
+    ("GET", "/anunciante"): (OP, ADV),
+    ("GET", "/anunciante/campanas"): (OP, ADV),
+    ("POST", "/anunciante/campanas"): (OP, ADV),
+    ("GET", "/anunciante/campanas/{campana_id}"): (OP, ADV),
+    ("POST", "/anunciante/campanas/{campana_id}/estado"): (OP, ADV),
+    ("POST", "/anunciante/campanas/{campana_id}/reglas"): (OP, ADV),
+    ("POST", "/anunciante/campanas/{campana_id}/terminos"): (OP, ADV),
+    ("POST", "/anunciante/campanas/{campana_id}/inscripciones"): (OP, ADV),
+    ("GET", "/anunciante/afiliados"): (OP, ADV),
+    ("POST", "/anunciante/afiliados"): (OP, ADV),
+    ("POST", "/anunciante/afiliados/{afiliado_id}/estado"): (OP, ADV),
+    ("GET", "/anunciante/revision"): (OP, ADV),
+    ("POST", "/anunciante/revision/{conversion_id}/aprobar"): (OP, ADV),
+    ("POST", "/anunciante/revision/{conversion_id}/rechazar"): (OP, ADV),
+    ("GET", "/anunciante/conversiones"): (OP, ADV),
+    ("GET", "/anunciante/conversiones/{conversion_id}"): (OP, ADV),
+    ("GET", "/anunciante/pagos"): (OP, ADV),
+    ("POST", "/anunciante/pagos"): (OP, ADV),
+    ("GET", "/anunciante/pagos/{pago_id}"): (OP, ADV),
+    ("POST", "/anunciante/pagos/{pago_id}/pagar"): (OP, ADV),
+    ("GET", "/anunciante/reportes"): (OP, ADV),
+    ("GET", "/anunciante/reportes/datos"): (OP, ADV),
+    ("GET", "/anunciante/reportes.csv"): (OP, ADV),
+    # The affiliate portal (consola/pages_affiliate.py).
+    ("GET", "/afiliado"): (AFF,),
+}

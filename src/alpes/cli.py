@@ -81,6 +81,22 @@ def service(name: str = typer.Argument(..., help=f"one of {', '.join(SERVICES)}"
 
 
 @app.command()
+def consola() -> None:
+    """Run the web console alone (what `alpes up` starts beside the services): port ALPES_CONSOLA_PORT
+    (8000), the services on ALPES_HOST (or ALPES_CONSOLA_SERVICES_HOST) and their ports."""
+    import uvicorn
+
+    from .consola.app import build
+    from .logs import configure_logging
+
+    configure_logging()
+    settings = Settings()
+    # proxy_headers=False for the reason given in `service`: the app believes only ALPES_TRUSTED_PROXIES.
+    uvicorn.run(build(settings), host=settings.host, port=settings.consola_port, log_level="warning",
+                timeout_graceful_shutdown=5, proxy_headers=False)
+
+
+@app.command()
 def provision(data_dir: Path = typer.Option(None)) -> None:
     """Create topics (with their partition counts) and subscriptions on the configured broker; on
     Apache Pulsar also the dead-letter topics, retention, backlog quota and (with ALPES_PULSAR_TOKEN,
@@ -186,7 +202,8 @@ def bench(conversions: int = typer.Option(2000, help="conversions to push end to
 def demo(url_base: str = typer.Option("http://127.0.0.1", help="scheme and host of the running services"),
          conversions: int = typer.Option(200, min=0, help="clicks and postbacks to send"),
          timeout: float = typer.Option(120.0, help="seconds to wait for each asynchronous step")) -> None:
-    """Load a demo scenario into a running platform (ports from ALPES_<SERVICE>_PORT); print where to look."""
+    """Load a demo scenario into a running platform (ports from ALPES_<SERVICE>_PORT and
+    ALPES_CONSOLA_PORT); print where to look, in the JSON APIs and in the web console per role."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .demo import DemoError, run_demo
@@ -202,7 +219,8 @@ def demo(url_base: str = typer.Option("http://127.0.0.1", help="scheme and host 
                 if step not in tasks:
                     tasks[step] = bar.add_task(step, total=total)
                 bar.update(tasks[step], completed=done, total=total)
-            result = run_demo(url_base, ports, conversions, progress=progress, timeout=timeout)
+            result = run_demo(url_base, ports, conversions, progress=progress, timeout=timeout,
+                              console_port=settings.consola_port)
     except DemoError as error:
         typer.echo(f"demo failed: {error}", err=True)
         raise typer.Exit(1) from error
@@ -210,6 +228,9 @@ def demo(url_base: str = typer.Option("http://127.0.0.1", help="scheme and host 
                f"{len(result.conversions)} conversions, {result.pagos} payouts")
     for what, link in result.urls.items():
         typer.echo(f"  {what:<16} {link}")
+    typer.echo("In the web console:")
+    for role, (link, how) in result.console.items():
+        typer.echo(f"  {role:<16} {link}\n  {'':<16} ({how})")
 
 
 @app.command()

@@ -15,6 +15,8 @@ SERVICES: dict[str, int] = {
     "marketing": 8003,
     "auditoria": 8004,
 }
+# The web console (alpes/consola): a fifth process, a backend-for-frontend over the services' HTTP APIs.
+CONSOLE_PORT = 8000
 
 TOPICS: dict[str, int] = {
     "afiliados.eventos": 4,
@@ -105,6 +107,7 @@ EVENT_TOPICS: dict[str, str] = {
     "CampanaActivada": "marketing.eventos",
     "CampanaPausada": "marketing.eventos",
     "CampanaFinalizada": "marketing.eventos",
+    "CampanaActualizada": "marketing.eventos",
     "ReglasComisionActualizadas": "marketing.eventos",
     "AfiliadoInscrito": "marketing.eventos",
     "InscripcionSuspendida": "marketing.eventos",

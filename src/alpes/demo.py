@@ -37,6 +37,29 @@ class DemoResult:
     conversions: list[str] = field(default_factory=list)
     pagos: int = 0
     urls: dict[str, str] = field(default_factory=dict)
+    # The web console's pages for each role, and how that role gets in (role -> (url, how)).
+    console: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+def console_urls(console: str, campana_id: str, afiliados: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Where each role looks at the demo in the web console (alpes/consola) and how it signs in there.
+    The demo runs as the operator (its campaign has no advertiser), so advertisers' pages show it to
+    an operator; an affiliate needs its own key, which ends the protected local mode for good."""
+    first = next(iter(afiliados.items()), None)
+    urls = {
+        "operator": (f"{console}/operador",
+                     f"sign in at {console}/entrar: 'Enter as operator' (protected local mode) or an operator key"),
+        "advertiser": (f"{console}/anunciante/campanas/{campana_id}",
+                       "the demo campaign (operator-owned: open it as the operator); an advertiser's key "
+                       "(`alpes keys create --role advertiser --advertiser <id>`) sees its own campaigns there"),
+        "live events": (f"{console}/eventos", "operators and advertisers"),
+    }
+    if first is not None:
+        name, afiliado = first
+        urls["affiliate"] = (f"{console}/afiliado",
+                             f"sign in with {name}'s key: `alpes keys create --role affiliate --affiliate {afiliado}`"
+                             " (the first key ends the protected local mode)")
+    return urls
 
 
 def _wait(check: Callable[[], T], what: str, timeout: float = 60.0) -> T:
@@ -59,8 +82,10 @@ def _ok(response: httpx.Response, *codes: int) -> dict:
 
 
 def run_demo(url_base: str, ports: dict[str, int], conversions: int = 200,
-             progress: Callable[[str, int, int], None] | None = None, timeout: float = 60.0) -> DemoResult:
-    """Load the scenario; `progress(step, done, total)` is told how far each step got."""
+             progress: Callable[[str, int, int], None] | None = None, timeout: float = 60.0,
+             console_port: int | None = None) -> DemoResult:
+    """Load the scenario; `progress(step, done, total)` is told how far each step got. With
+    `console_port`, the result names the web console's pages for each role too."""
     url = {name: f"{url_base.rstrip('/')}:{ports[name]}" for name in SERVICES}
     tell = progress or (lambda step, done, total: None)
     run = uuid.uuid4().hex[:8]
@@ -122,4 +147,6 @@ def run_demo(url_base: str, ports: dict[str, int], conversions: int = 200,
         "audit log": f"{url['auditoria']}/auditoria/eventos",
         "audit chain": f"{url['auditoria']}/auditoria/verificacion",
     }
+    if console_port is not None:
+        result.console = console_urls(f"{url_base.rstrip('/')}:{console_port}", campana, result.afiliados)
     return result

@@ -1,8 +1,8 @@
 """The whole platform (`alpes up`) as a child process in a data directory, on free ports: what the
-end-to-end tests, the fault-injection suite and `alpes bench` run. It starts it and waits until
-every instance is healthy, reads `state.json`, kills, holds and waits for restarts, and stops it.
-Its databases are SQLite files in the data directory, or one fresh MariaDB/MySQL database per
-service (`databases="mariadb"`), created on start and dropped by `close()`."""
+end-to-end tests, the fault-injection suite, the console's browser tests and `alpes bench` run. It
+starts it and waits until every instance (and the console) is healthy, reads `state.json`, kills,
+holds and waits for restarts, and stops it. Its databases are SQLite files in the data directory,
+or one fresh MariaDB/MySQL database per service (`databases="mariadb"`), created on start and dropped by `close()`."""
 
 from __future__ import annotations
 
@@ -107,6 +107,7 @@ class Platform:
         # Further instances listen on port + 100 * i (settings).
         self.ports = {name: listen_port(also=[100 * i for i in range(1, self.instances[name])]) for name in SERVICES}
         self.broker_port = listen_port()
+        self.console_port = listen_port()
         self.env = dict(os.environ)
         if scratch:
             for key in [k for k in self.env if k in _DEPLOYMENT_VARIABLES
@@ -114,6 +115,7 @@ class Platform:
                 del self.env[key]
         self.env.update({f"ALPES_{name.upper()}_PORT": str(port) for name, port in self.ports.items()})
         self.env["ALPES_BROKER_PORT"] = str(self.broker_port)
+        self.env["ALPES_CONSOLA_PORT"] = str(self.console_port)
         self.broker = broker
         if broker == "pulsar":  # its own standalone: a cluster the shell names would contradict it
             for key in ("ALPES_BROKER_URL", "ALPES_PULSAR_ADMIN_URL", "ALPES_PULSAR_TOKEN"):
@@ -132,6 +134,11 @@ class Platform:
         if service in self.ports:
             return f"http://127.0.0.1:{self.ports[service]}"
         return self.state()["services"][service]["url"]
+
+    @property
+    def console_url(self) -> str:
+        """The web console (alpes/consola), e.g. http://127.0.0.1:<port>; sign in at /entrar."""
+        return f"http://127.0.0.1:{self.console_port}"
 
     @property
     def urls(self) -> dict[str, str]:
@@ -186,6 +193,7 @@ class Platform:
         for name in self.every_instance():
             wait_until(lambda: self.http.get(self.url(name) + "/health").status_code == 200, 60,
                        what=f"{name} healthy")
+        wait_until(lambda: self.http.get(self.console_url + "/health").status_code == 200, 60, what="consola up")
         self.start_seconds = time.perf_counter() - started
         return self
 

@@ -17,6 +17,12 @@ ALPES_PULSAR_NAMESPACE    default default
 ALPES_<SERVICE>_DB_URL    SQLAlchemy URL per service, e.g. mysql+pymysql://u:p@db/afiliados
 ALPES_<SERVICE>_PORT      HTTP port per service (8001-8004 by default)
 ALPES_<SERVICE>_INSTANCES processes of that service run by `alpes up` (default 1)
+ALPES_CONSOLA_PORT        HTTP port of the web console (default 8000)
+ALPES_CONSOLA_SERVICES_HOST  host the console calls the services on (`{service}` stands for each service's
+                          name, e.g. `{service}` alone on Compose); default ALPES_HOST
+ALPES_CONSOLA_IDLE_MINUTES   a console session idle this long is signed out; default 30
+ALPES_CONSOLA_TRACKING_URL   public base URL of conversiones' tracking links (/r/<code>) shown to affiliates;
+                          default the address the console calls conversiones on
 ALPES_SUBSCRIPTION_TYPE   key_shared (default) or failover
 ALPES_MAX_CONVERSIONS_PER_IP  conversions per IP and campaign in 60 minutes before holding them; default 5
 ALPES_MAX_CONVERSIONS_PER_CALLER  conversions per caller and campaign in 60 minutes before holding them; default 10000
@@ -59,7 +65,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .contract import SERVICES
+from .contract import CONSOLE_PORT, SERVICES
 
 
 class Settings(BaseSettings):
@@ -94,6 +100,11 @@ class Settings(BaseSettings):
     conversiones_port: int = SERVICES["conversiones"]
     marketing_port: int = SERVICES["marketing"]
     auditoria_port: int = SERVICES["auditoria"]
+    # The web console (alpes/consola): its port, where it finds the services, its sessions' idle limit.
+    consola_port: int = CONSOLE_PORT
+    consola_services_host: str | None = None
+    consola_idle_minutes: float = Field(30.0, gt=0, le=24 * 60)
+    consola_tracking_url: str | None = None
 
     # Processes per service run by `alpes up` (`--instances marketing=2`); instance i > 0 listens
     # on the service's port + 100 * i and shares the service's database.

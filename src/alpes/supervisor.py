@@ -1,4 +1,4 @@
-"""`alpes up`: the broker and the four services as separate OS processes.
+"""`alpes up`: the broker, the four services and the web console as separate OS processes.
 
 Restarts a process that dies (with backoff), keeps all state in the data directory, and on
 Ctrl-C (SIGINT) or SIGTERM stops the services first, then the broker. `alpes hold <service>
@@ -7,7 +7,9 @@ down for N seconds, then starts it again: an outage, not a crash. With no ALPES_
 runs the embedded broker, and everything done for it goes through `self.embedded`
 (supervisor_embedded.py); with `--broker pulsar` it runs a real Apache Pulsar standalone instead
 (supervisor_pulsar.py: `self.pulsar`); with a URL, both are None and the services get the URL.
-`self.local_broker` is whichever of the two it runs.
+`self.local_broker` is whichever of the two it runs. The console (`consola`, port 8000) is started
+after the services and restarted like them, but kept out of `self.children` (the service instances):
+it has no consumers, so its exits are nothing the broker needs to hear of.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class Supervisor:
         self.console = console or Console()
         self.data_dir = settings.data_dir.resolve()
         self.children: dict[str, Child] = {}
+        self.console_child: Child | None = None
         # The one seam to the embedded broker: None on Apache Pulsar.
         self.embedded = (EmbeddedBrokerSupervision(settings, self.data_dir, self.console, self.children)
                          if settings.embedded_broker and broker == "embedded" else None)
@@ -87,6 +90,8 @@ class Supervisor:
                     child = self._service_child(name, index)
                     self.children[child.name] = child
                     child.start()
+            self.console_child = self._console_child()
+            self.console_child.start()
             self._wait_healthy()
             self._print_endpoints()
             self._write_state()
@@ -121,15 +126,31 @@ class Supervisor:
         return Child(child_name, [sys.executable, "-m", "alpes", "service", name], env,
                      self.data_dir / "logs" / f"{child_name}.log", service=name, index=index, port=port)
 
+    def _console_child(self) -> Child:
+        """The web console: where each service instance listens (for its health page) and its own port."""
+        env = dict(os.environ)
+        env.update({"ALPES_DATA_DIR": str(self.data_dir), "PYTHONUNBUFFERED": "1",
+                    "ALPES_CONSOLA_PORT": str(self.settings.consola_port)})
+        for name in SERVICES:
+            env[f"ALPES_{name.upper()}_PORT"] = str(self.settings.port(name))
+            env[f"ALPES_{name.upper()}_INSTANCES"] = str(self.settings.instances(name))
+        return Child("consola", [sys.executable, "-m", "alpes", "consola"], env, self.data_dir / "logs" / "consola.log",
+                     service="consola", port=self.settings.consola_port)
+
+    def _all_children(self) -> list[Child]:
+        return [*self.children.values(), *([self.console_child] if self.console_child else [])]
+
     def _health_url(self, name: str) -> str:
-        return f"http://{self.settings.host}:{self.children[name].port}/health"
+        child = self.console_child if name == "consola" else self.children[name]
+        return f"http://{self.settings.host}:{child.port}/health"
 
     def _wait_healthy(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
-        waiting = set(self.children)
+        by_name = {child.name: child for child in self._all_children()}
+        waiting = set(by_name)
         while waiting and time.monotonic() < deadline and not self._stop.is_set():
             for name in list(waiting):
-                child = self.children[name]
+                child = by_name[name]
                 if not child.alive():
                     tail = "\n".join(child.log_path.read_text(errors="replace").splitlines()[-10:])
                     raise SystemExit(f"{name} exited during start-up; {child.log_path} ends:\n{tail}")
@@ -155,6 +176,9 @@ class Supervisor:
         for name, child in self.children.items():
             url = f"http://{self.settings.host}:{child.port}"
             table.add_row(name, f"{url}  (docs: {url}/docs)", str(child.process.pid if child.process else "-"))
+        if self.console_child is not None:
+            pid = self.console_child.process.pid if self.console_child.process else "-"
+            table.add_row("consola (web console)", f"http://{self.settings.host}:{self.console_child.port}/", str(pid))
         table.add_row("access", self._access_mode(), "-")
         self.console.print(table)
         if self._anonymous_is_operator():
@@ -189,6 +213,10 @@ class Supervisor:
                                   "instance": c.index,
                                   "pid": c.process.pid if c.process else None, "restarts": c.restarts}
                               for n, c in self.children.items()}}
+        if self.console_child is not None:
+            c = self.console_child
+            state["consola"] = {"url": f"http://{self.settings.host}:{c.port}",
+                                "pid": c.process.pid if c.process else None, "restarts": c.restarts}
         tmp = self.data_dir / "state.json.tmp"
         tmp.write_text(json.dumps(state, indent=2), encoding="utf-8")
         tmp.replace(self.data_dir / "state.json")
@@ -200,7 +228,7 @@ class Supervisor:
             if self.local_broker is not None and self.local_broker.repair():
                 self._write_state()
             changed = self._apply_holds()
-            for child in self.children.values():
+            for child in self._all_children():
                 if child.alive() or child.held_for is not None:
                     continue
                 if child.restart_due(self.console):
@@ -241,12 +269,12 @@ class Supervisor:
         return changed
 
     def shutdown(self) -> None:
-        for child in self.children.values():
+        for child in self._all_children():
             threading.Thread(target=child.stop, daemon=True).start()
         deadline = time.monotonic() + 25
-        while any(c.alive() for c in self.children.values()) and time.monotonic() < deadline:
+        while any(c.alive() for c in self._all_children()) and time.monotonic() < deadline:
             time.sleep(0.1)
-        for child in self.children.values():
+        for child in self._all_children():
             if child.alive() and child.process:
                 child.process.kill()
         if self.local_broker is not None:

@@ -14,6 +14,7 @@ def consumer_specs() -> list[ConsumerSpec]:
             "CampanaActivada": handlers.record_programa_estado,
             "CampanaPausada": handlers.record_programa_estado,
             "CampanaFinalizada": handlers.record_programa_estado,
+            "CampanaActualizada": handlers.record_programa_nombre,
             "AfiliadoInscrito": handlers.record_inscripcion,
             **keys.handlers(),
         }),

@@ -255,6 +255,14 @@ def record_programa_estado(session: Session, event: IncomingEvent) -> list[Outgo
     return []
 
 
+def record_programa_nombre(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """CampanaActualizada: the catalogue shows the program's name (the only changed term it keeps),
+    set to the one the event carries, so a redelivery sets it again."""
+    t = tables.programas
+    session.execute(update(t).where(t.c.id == event.payload["id"]).values(nombre=event.payload["nombre"]))
+    return []
+
+
 def record_inscripcion(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
     """AfiliadoInscrito → the affiliate is in the campaign's program (whose owner may arrive later)."""
     p = event.payload

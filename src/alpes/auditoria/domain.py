@@ -38,7 +38,8 @@ def canonical_json(value: Any) -> str:
 
 # Event types whose aggregate (the payload's `id`) is a campaign, or an advertiser: an advertiser sees
 # the records of its own aggregates, and these name theirs by `id` rather than `campana_id`.
-CAMPAIGN_EVENTS = frozenset({"CampanaCreada", "CampanaActivada", "CampanaPausada", "CampanaFinalizada"})
+CAMPAIGN_EVENTS = frozenset({"CampanaCreada", "CampanaActivada", "CampanaPausada", "CampanaFinalizada",
+                             "CampanaActualizada"})
 ADVERTISER_EVENTS = frozenset({"AnuncianteRegistrado", "AnuncianteActualizado"})
 MAX_OWNER_ID = 80  # what the owner columns hold: a longer value names nothing of ours
 

@@ -27,6 +27,7 @@ def consumer_specs(store: EventStore) -> list[ConsumerSpec]:
             "CampanaActivada": reference.learn_campana_estado,
             "CampanaPausada": reference.learn_campana_estado,
             "CampanaFinalizada": reference.learn_campana_estado,
+            "CampanaActualizada": reference.learn_campana_terminos,
             "AfiliadoHabilitado": reference.learn_afiliado,
             "AfiliadoInhabilitado": reference.learn_afiliado_inhabilitado,
             "AfiliadoInscrito": reference.learn_inscripcion,

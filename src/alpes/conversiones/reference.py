@@ -121,6 +121,19 @@ def learn_campana(session: Session, event: IncomingEvent) -> list[OutgoingEvent]
     return []
 
 
+def learn_campana_terminos(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """CampanaActualizada: the terms validation and redirects read, set to what the event carries
+    (all of them, as they are after the change: a redelivery sets the same values). It follows the
+    campaign's CampanaCreada (same partition key); conversions already decided keep their outcome."""
+    p = event.payload
+    t = tables.ref_campanas
+    session.execute(update(t).where(t.c.campana_id == p["id"]).values(
+        landing_url=p["landing_url"], fecha_fin=p["fecha_fin"],
+        min_segundos_click_conversion=p["min_segundos_click_conversion"],
+        valor_maximo_conversion=p["valor_maximo_conversion"], updated_at=utcnow()))
+    return []
+
+
 def learn_anunciante(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
     """AnuncianteRegistrado: the advertiser signs postbacks with its secret's version 1 (a rotation
     that arrived first is kept)."""

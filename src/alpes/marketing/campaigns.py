@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import re
 
-from sqlalchemy import exists, false, select, update
+from sqlalchemy import exists, false, func, select, update
 from sqlalchemy.orm import Session
 
 from alpes.kernel.access import ADVERTISER, AFFILIATE, OPERATOR, SYSTEM, Principal
 from alpes.kernel.db import where_equal
 from alpes.kernel.errors import Conflict, NotAllowed, NotFound, RuleViolated
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent, new_id, utcnow
-from alpes.kernel.money import MINOR_UNITS
+from alpes.kernel.money import MINOR_UNITS, check_places
 
 from . import advertisers, domain, landing, tables
 from .topics import MARKETING
@@ -91,6 +91,59 @@ def change_campana_estado(session: Session, caller: Principal, campana_id: str, 
     c = tables.campanas
     session.execute(update(c).where(c.c.id == campana_id).values(estado=nuevo, actualizada_en=now))
     return [OutgoingEvent(MARKETING, evento, campana_id, {"id": campana_id, "timestamp": now})]
+
+
+def update_campana(session: Session, caller: Principal, campana_id: str, nuevos: dict, *,
+                   https_only: bool = True) -> list[OutgoingEvent]:
+    """Change the terms of a campaign that may change while it runs (domain.TERMINOS_EDITABLES; a
+    term left out of `nuevos` stays). The new terms and CampanaActualizada, carrying all of them,
+    commit together; nothing changed: nothing announced. Own campaigns only (NotFound otherwise);
+    a finished one, or a budget below what it already spent: Conflict."""
+    campana = owned_campana(session, caller, campana_id, lock=True)  # as commissions do: spent cannot move
+    if campana["estado"] == domain.FINALIZADA:
+        raise Conflict("estado", "a finished campaign's terms cannot change")
+    for termino in nuevos:
+        if termino not in domain.TERMINOS_EDITABLES:
+            raise RuleViolated(termino, "not a term that may change while the campaign runs")
+        if nuevos[termino] is None and termino not in domain.TERMINOS_OPCIONALES and campana[termino] is not None:
+            raise RuleViolated(termino, "cannot be removed" + (
+                ": the campaign's tracking links redirect to it" if termino == "landing_url" else ""))
+    for termino in ("presupuesto", "valor_maximo_conversion"):
+        if nuevos.get(termino) is not None:
+            try:
+                check_places(nuevos[termino], campana["moneda"])
+            except ValueError as error:
+                raise RuleViolated(termino, str(error)) from None
+    now = utcnow()
+    fecha_fin = nuevos.get("fecha_fin")
+    if fecha_fin is not None and fecha_fin != campana["fecha_fin"]:
+        if campana["fecha_inicio"] is not None and fecha_fin <= campana["fecha_inicio"]:
+            raise RuleViolated("fecha_fin", "must be after fecha_inicio")
+        if fecha_fin <= now:  # conversions already made before it would be judged out of the campaign
+            raise RuleViolated("fecha_fin", "cannot move into the past: finish the campaign to end it now")
+    if nuevos.get("landing_url") is not None and nuevos["landing_url"] != campana["landing_url"]:
+        dominios = None  # an operator's own campaign: no domain list, every other refusal
+        if campana["anunciante_id"] is not None:
+            anunciante = advertisers.find_anunciante(session, campana["anunciante_id"])
+            dominios = advertisers.dominios_of(anunciante) if anunciante is not None else ()
+        try:
+            landing.check_landing_url(nuevos["landing_url"], dominios, https_only)
+        except ValueError as error:
+            raise RuleViolated("landing_url", str(error)) from None
+    if nuevos.get("presupuesto") is not None and nuevos["presupuesto"] != campana["presupuesto"]:
+        k = tables.comisiones  # spent as the budget cap counts it (commissions.py): reversals give nothing back
+        gastado = session.scalar(select(func.coalesce(func.sum(k.c.monto), 0)).where(k.c.campana_id == campana_id))
+        if nuevos["presupuesto"] < gastado:
+            raise Conflict("presupuesto", f"below what the campaign has already spent ({gastado} {campana['moneda']})")
+    cambios = domain.terminos_cambiados(campana, nuevos)
+    if not cambios:
+        return []
+    c = tables.campanas
+    session.execute(update(c).where(c.c.id == campana_id).values(
+        **{t: nuevos[t] for t in cambios}, actualizada_en=now))
+    terminos = {t: nuevos[t] if t in cambios else campana[t] for t in domain.TERMINOS_EDITABLES}
+    return [OutgoingEvent(MARKETING, "CampanaActualizada", campana_id, {
+        "id": campana_id, **terminos, "cambios": list(cambios), "timestamp": now})]
 
 
 def get_campana(session: Session, campana_id: str):

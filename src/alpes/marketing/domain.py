@@ -129,6 +129,27 @@ class NuevaCampana:
             raise ValueError(f"unknown attribution model {self.modelo_atribucion!r}")
 
 
+# The terms of a campaign that may change while it runs (PUT /campanas/{id}). Each governs only what
+# happens from the change on, so nothing already recorded changes meaning: a commission keeps the lock
+# period it was calculated with, a budget never drops below what was spent, an end never moves into
+# the past. Left out on purpose:
+# - moneda: budget, commissions, payouts and reports already booked are amounts in it;
+# - anunciante_id: the owner decides who sees and pays what hangs off the campaign (tenancy);
+# - porcentaje_comision: rates change through the versioned, effective-dated commission rules;
+# - fecha_inicio, ventana_atribucion_dias, modelo_atribucion, segmentacion: they would re-decide
+#   clicks already made and enrolments already granted under the old terms.
+TERMINOS_EDITABLES = ("nombre", "presupuesto", "fecha_fin", "landing_url", "valor_maximo_conversion",
+                      "min_segundos_click_conversion", "periodo_bloqueo_dias")
+# Those that may be cleared (null): no budget, no end, no maximum, no click minimum. The landing URL
+# may change but not go: the campaign's tracking links redirect to it.
+TERMINOS_OPCIONALES = ("presupuesto", "fecha_fin", "valor_maximo_conversion", "min_segundos_click_conversion")
+
+
+def terminos_cambiados(actuales: dict, nuevos: dict) -> tuple[str, ...]:
+    """The editable terms whose new value differs from the current one, in TERMINOS_EDITABLES order."""
+    return tuple(t for t in TERMINOS_EDITABLES if t in nuevos and nuevos[t] != actuales[t])
+
+
 def maximo_en_moneda(valor: Decimal | None, decimales: int) -> Decimal | None:
     """An advertiser's default maximum conversion value in a campaign's currency: rounded down to
     the currency's minor units (JPY: whole yen), so rounding never raises a maximum."""

@@ -19,6 +19,7 @@ from pydantic import (
 )
 from sqlalchemy.exc import IntegrityError
 
+from alpes.kernel.errors import RuleViolated
 from alpes.kernel.http import MAX_OFFSET, BoundedDatetime, Identifier, PlainText
 from alpes.kernel.http_access import Caller
 from alpes.kernel.money import Amount, Currency, Percentage, check_places
@@ -73,6 +74,28 @@ class CrearCampana(BaseModel):
     @classmethod
     def amount_fits_currency(cls, presupuesto: Decimal | None, info: ValidationInfo) -> Decimal | None:
         return presupuesto if presupuesto is None else check_places(presupuesto, info.data.get("moneda"))
+
+
+class ActualizarCampana(BaseModel):
+    """The terms that may change while a campaign runs (marketing/domain.py TERMINOS_EDITABLES says
+    why moneda, anunciante_id, the rate, the start, the window and the segmentation are not among
+    them: any other field is refused, 422 naming it). A term left out stays as it is; null clears
+    an optional one (no budget, no end, no maximum, no click minimum)."""
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    nombre: PlainText = Field(None, min_length=1, max_length=200)
+    presupuesto: Amount | None = None
+    fecha_fin: BoundedDatetime | None = None
+    landing_url: PlainText | None = Field(None, max_length=2000, pattern=r"^https?://[^\s/$.?#][^\s]*$")
+    valor_maximo_conversion: Amount | None = None
+    min_segundos_click_conversion: int | None = Field(None, ge=0, le=86400)
+    periodo_bloqueo_dias: int = Field(None, ge=0, le=365)
+
+    def terminos(self) -> dict:
+        """The terms the body names (null included), as the domain takes them."""
+        if not self.model_fields_set:
+            raise RuleViolated(None, "name at least one term to change: " + ", ".join(type(self).model_fields))
+        return {name: getattr(self, name) for name in self.model_fields_set}
 
 
 class Campana(BaseModel):
@@ -142,6 +165,17 @@ def router(runtime: ServiceRuntime, *, https_only: bool) -> APIRouter:
                                                  frozenset(body.segmentacion.categorias))),
                 anunciante_id=body.anunciante_id, https_only=https_only)
             emit(events)
+        return obtener(campana_id, caller)
+
+    @router.put("/campanas/{campana_id}", response_model=Campana, tags=["campanas"])
+    def actualizar(campana_id: str, body: ActualizarCampana, caller: Caller) -> Campana:
+        """Change the terms that may change while the campaign runs (the campaign's advertiser or an
+        operator; anyone else: 404). 409 for a finished campaign or a budget below what it has
+        already spent; 422 naming the field for a refused term. CampanaActualizada carries the
+        terms to conversiones and afiliados; the same terms again change and announce nothing."""
+        terminos = body.terminos()
+        with runtime.unit_of_work(caller) as (session, emit):
+            emit(campaigns.update_campana(session, caller, campana_id, terminos, https_only=https_only))
         return obtener(campana_id, caller)
 
     def _action(accion: str):
