@@ -188,14 +188,21 @@ def hold(name: str = typer.Argument(..., help=f"one of {', '.join(SERVICES)}"),
 
 
 @app.command()
-def bench(conversions: int = typer.Option(2000, help="conversions to push end to end"),
-          rate: int = typer.Option(0, help="postbacks per second (0: as fast as possible)"),
+def bench(conversions: int = typer.Option(2000, help="conversions to push end to end (0: skip that run)"),
+          rate: int = typer.Option(0, help="end-to-end postbacks per second (0: as fast as possible)"),
           raw_messages: int = typer.Option(20000, help="messages for the raw broker measurement"),
+          postback_rate: float = typer.Option(500, help="postbacks per second offered at a constant rate"),
+          postback_seconds: float = typer.Option(30, help="how long to offer them (0: skip)"),
+          click_rate: float = typer.Option(1000, help="tracking-link clicks per second offered at a constant rate"),
+          click_seconds: float = typer.Option(30, help="how long to offer them (0: skip)"),
           data_dir: Path = typer.Option(None, help="scratch data directory (default: a temporary one)")) -> None:
-    """Measure raw broker throughput and end-to-end conversion rate/latency; prints JSON."""
+    """Measure raw broker throughput, end-to-end conversion rate/latency, and postbacks and clicks at a
+    constant rate (open loop); prints JSON."""
     from .bench import run_bench
 
-    typer.echo(run_bench(conversions=conversions, rate=rate, raw_messages=raw_messages, data_dir=data_dir))
+    typer.echo(run_bench(conversions=conversions, rate=rate, raw_messages=raw_messages, data_dir=data_dir,
+                         postback_rate=postback_rate, postback_seconds=postback_seconds,
+                         click_rate=click_rate, click_seconds=click_seconds))
 
 
 @app.command()

@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 
 from ..platform_harness import Platform
-from .loadgen import AUDIT_POLL_SECONDS, HTTP_WORKERS, AuditWatcher, send_postbacks, setup_references
-from .measure import latency_summary_ms, per_second, say
+from .loadgen import AUDIT_POLL_SECONDS, HTTP_WORKERS, AuditWatcher, Sent, send_postbacks
+from .measure import CpuMeter, latency_summary_ms, per_second, say
 
 AUDIT_DEADLINE_SECONDS = 600.0  # after the last postback: generous, then report what arrived
 AUDIT_STALL_SECONDS = 120.0  # no new commission for this long: the pipeline is stuck, stop waiting
@@ -49,14 +49,15 @@ def _audit_times(auditoria_db: Path) -> dict[str, tuple[float, float]]:
     return found
 
 
-def bench_end_to_end(conversions: int, rate: int, data_dir: Path) -> dict:
-    # Scratch: the embedded broker and SQLite whatever this shell is configured for; its own session,
-    # so a Ctrl-C on the bench reaches the bench, which stops the platform itself.
-    platform_ = Platform(data_dir, scratch=True, own_session=True)
+def bench_end_to_end(platform_: Platform, setup: dict, conversions: int, rate: int) -> dict:
+    """Postbacks as fast as the service answers (or paced at `rate`), each timed until its
+    commission is in the audit log, on a started platform whose references `setup` made. The
+    audit file's timings are added by `add_recorded_latencies` once the platform is stopped."""
     watcher: AuditWatcher | None = None
     result: dict = {
         "method": {
             "postbacks": f"POST /conversiones over HTTP from {HTTP_WORKERS} threads (keep-alive), one order_id each, "
+                         "with the brand's key, "
                          + (f"paced open-loop at {rate}/s" if rate > 0 else "as fast as the service answers"),
             "latency": ("end-to-end latency = moment the conversion's ComisionCalculada record was first seen by "
                         f"polling GET /auditoria/eventos every {int(AUDIT_POLL_SECONDS * 1000)} ms minus the moment "
@@ -66,21 +67,19 @@ def bench_end_to_end(conversions: int, rate: int, data_dir: Path) -> dict:
                         "slightly early bound); stages_ms splits that at the commission's occurred_at "
                         "(marketing's clock, same machine)"),
             "throughput": "commissions audited / (last one seen - first postback sent)",
-            "platform": "`alpes up` (embedded broker, SQLite per service) on free ports in a scratch directory",
+            "cpu": "utime+stime from /proc/<pid>/stat of each process of `alpes up`, from the first postback "
+                   "to the last commission audited, per 1,000 conversions audited",
         },
     }
+    sends: list[Sent] = []
     try:
-        say(f"e2e: starting the platform in {data_dir}")
-        result["platform_start_seconds"] = round(platform_.start(timeout=180).start_seconds, 2)
-        say(f"e2e: platform healthy ({platform_.urls}); creating affiliate and campaign")
-        setup = setup_references(platform_)
-        result["setup"] = setup
-
-        watcher = AuditWatcher(platform_.urls["auditoria"], after_seq=setup["audit_seq_before_run"])
+        watcher = AuditWatcher(platform_.urls["auditoria"], after_seq=setup["audit_seq_before_run"],
+                               headers=setup["operator_headers"])
         watcher.start()
         say(f"e2e: sending {conversions} postbacks" + (f" at {rate}/s" if rate > 0 else ""))
+        meter = CpuMeter(platform_pids(platform_)).start()
         sends = send_postbacks(platform_.urls["conversiones"], setup["affiliate_id"], setup["campaign_id"],
-                               conversions, rate, uuid.uuid4().hex[:8])
+                               conversions, rate, uuid.uuid4().hex[:8], headers=setup["brand_headers"])
         accepted = [s for s in sends if s.conversion_id]
         # A rejected conversion earns no commission; a detected (pending) one may still validate.
         wanted = {s.conversion_id for s in accepted if s.conversion_status != "rejected"}
@@ -103,12 +102,13 @@ def bench_end_to_end(conversions: int, rate: int, data_dir: Path) -> dict:
                 say(f"e2e: {arrived}/{len(wanted)} commissions audited")
                 last_report = now
             time.sleep(0.1)
+        meter.stop()
         watcher.stop()
         say(f"e2e: {len(wanted & watcher.first_seen.keys())}/{len(wanted)} commissions audited")
 
         # Cross-check with the service that computes commissions (not needed for the numbers).
         try:
-            listed = httpx.get(f"{platform_.urls['marketing']}/comisiones",
+            listed = httpx.get(f"{platform_.urls['marketing']}/comisiones", headers=setup["operator_headers"],
                                params={"campana_id": setup["campaign_id"], "limit": 10000}, timeout=60).json()
             commissions_in_marketing = len([c for c in listed["comisiones"] if c["conversion_id"] in wanted])
         except (httpx.HTTPError, ValueError, KeyError):
@@ -155,23 +155,25 @@ def bench_end_to_end(conversions: int, rate: int, data_dir: Path) -> dict:
             "polls": watcher.polls, "errors": watcher.errors,
             "mean_poll_request_ms": round(1000 * watcher.poll_seconds / watcher.polls, 1) if watcher.polls else None,
         }
-    except Exception as error:  # report the failure in the JSON; the platform is stopped below
+        result["cpu_seconds"] = meter.spent
+        result["cpu_seconds_per_1000_conversions"] = meter.per_thousand(len(audited))
+    except Exception as error:  # report the failure in the JSON; the caller stops the platform
         result["error"] = f"{type(error).__name__}: {error}"
         say(f"e2e: FAILED: {error}")
         sends = []
     finally:
         if watcher is not None:
             watcher.stop()
-        say("e2e: stopping the platform (SIGINT)")
-        code = platform_.stop()
-        result["platform_stop"] = {"returncode": code} if platform_.stop_seconds is None else {
-            "returncode": code, "seconds": round(platform_.stop_seconds, 2)}
-        say(f"e2e: platform stopped: {result['platform_stop']}")
+    result["_sends"] = sends  # for add_recorded_latencies, after the stop; not reported
+    return result
 
-    # After the stop: the audit database is quiet and fully checkpointed.
-    if sends:
+
+def add_recorded_latencies(result: dict, auditoria_db: Path) -> None:
+    """After the stop: the audit database is quiet and fully checkpointed."""
+    sends = result.pop("_sends", [])
+    if sends and "end_to_end" in result:
         try:
-            times = _audit_times(data_dir / "auditoria.db")
+            times = _audit_times(auditoria_db)
             pairs = [(s.send_wall, *times[s.conversion_id]) for s in sends
                      if s.conversion_id and s.conversion_id in times]
             result["end_to_end"]["latency_by_recorded_at_ms"] = latency_summary_ms(
@@ -186,4 +188,14 @@ def bench_end_to_end(conversions: int, rate: int, data_dir: Path) -> dict:
             }
         except (sqlite3.Error, ValueError) as error:
             result["end_to_end"]["latency_by_recorded_at_ms"] = {"error": str(error)}
-    return result
+
+
+def platform_pids(platform_: Platform) -> dict[str, int]:
+    """Every process of the running `alpes up`: the supervisor, the broker, each service instance."""
+    state = platform_.state()
+    pids = {"supervisor": platform_.process.pid} if platform_.process is not None else {}
+    if state.get("broker_pid"):
+        pids["broker"] = state["broker_pid"]
+    for name, instance in state["services"].items():
+        pids[name] = instance["pid"]
+    return pids

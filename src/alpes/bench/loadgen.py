@@ -16,6 +16,7 @@ from .measure import say
 
 HTTP_WORKERS = 32
 AUDIT_POLL_SECONDS = 0.05
+BENCH_LANDING_HOST = "shop.example.com"  # the bench brand's registered domain
 
 
 class BenchError(RuntimeError):
@@ -41,7 +42,7 @@ class AuditWatcher:
     error is at most one poll interval plus one request.
     """
 
-    def __init__(self, auditoria_url: str, after_seq: int = 0) -> None:
+    def __init__(self, auditoria_url: str, after_seq: int = 0, headers: dict[str, str] | None = None) -> None:
         self.url = f"{auditoria_url}/auditoria/eventos"
         self.after_seq = after_seq
         self.first_seen: dict[str, float] = {}  # conversion_id -> perf_counter
@@ -51,7 +52,7 @@ class AuditWatcher:
         self.last_new_at = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="audit-watcher", daemon=True)
-        self._client = httpx.Client(timeout=30)
+        self._client = httpx.Client(timeout=30, headers=headers)
 
     def start(self) -> None:
         self._thread.start()
@@ -105,10 +106,29 @@ class Sent:
 
 
 def setup_references(platform_: Platform) -> dict:
-    """One validated affiliate, one campaign, and proof that conversiones knows both."""
+    """On a platform with ALPES_AUTH=required: an operator key, a brand with its own key, one
+    validated affiliate enrolled in one of the brand's campaigns (its tracking link redirects),
+    and proof that conversiones knows them and that a commission reaches the audit log."""
     urls = platform_.urls
     facts: dict = {}
-    with httpx.Client(timeout=30) as http:
+    started = time.perf_counter()
+    operator = platform_.create_key("operator", "--name", "bench")
+    facts["operator_key_known_after_s"] = round(time.perf_counter() - started, 2)
+    operator_headers = {"Authorization": f"Bearer {operator}"}
+    with httpx.Client(timeout=30, headers=operator_headers) as http:
+        response = http.post(f"{urls['marketing']}/anunciantes", json={
+            "nombre": "Bench Brand", "dominios": [BENCH_LANDING_HOST]})
+        if response.status_code != 201:
+            raise BenchError(f"POST /anunciantes answered {response.status_code}: {response.text}")
+        brand_id = response.json()["id"]
+        response = http.post(f"{urls['marketing']}/claves", json={
+            "rol": "advertiser", "anunciante_id": brand_id, "nombre": "bench brand"})
+        if response.status_code != 201:
+            raise BenchError(f"POST /claves answered {response.status_code}: {response.text}")
+        brand_key = response.json()["key"]
+        platform_.wait_key_known(brand_key)
+        brand_headers = {"Authorization": f"Bearer {brand_key}"}
+
         started = time.perf_counter()
         response = http.post(f"{urls['afiliados']}/afiliados", json={
             "user_id": f"bench-{uuid.uuid4().hex[:8]}", "email": f"bench-{uuid.uuid4().hex[:8]}@example.com",
@@ -126,10 +146,18 @@ def setup_references(platform_: Platform) -> dict:
         _wait_for("the affiliate to be validated", validated, 60)
         facts["affiliate_validated_after_s"] = round(time.perf_counter() - started, 2)
 
-        response = http.post(f"{urls['marketing']}/campanas", json={"nombre": "Bench", "porcentaje_comision": "10"})
+        response = http.post(f"{urls['marketing']}/campanas", headers=brand_headers, json={
+            "nombre": "Bench", "porcentaje_comision": "10", "landing_url": f"https://{BENCH_LANDING_HOST}/oferta"})
         if response.status_code != 201:
             raise BenchError(f"POST /campanas answered {response.status_code}: {response.text}")
         campaign_id = response.json()["id"]
+
+        def enrolled():  # marketing learns the affiliate through the broker
+            answer = http.post(f"{urls['marketing']}/campanas/{campaign_id}/inscripciones", headers=brand_headers,
+                               json={"afiliado_id": affiliate_id})
+            return answer.json()["link_code"] if answer.status_code in (200, 201) else None
+
+        link_code = _wait_for("the affiliate's enrollment", enrolled, 60, interval=0.5)
 
         # conversiones learns of both through the broker; a postback validates at once only
         # when it has. Every try is a real conversion with its own order id.
@@ -138,9 +166,11 @@ def setup_references(platform_: Platform) -> dict:
 
         def conversion_validates():
             tries[0] += 1
-            answer = http.post(f"{urls['conversiones']}/conversiones", json={
+            answer = http.post(f"{urls['conversiones']}/conversiones", headers=brand_headers, json={
                 "affiliate_id": affiliate_id, "campaign_id": campaign_id, "user_id": "bench-warmup",
                 "conversion_value": "100.00", "conversion_type": "sale", "order_id": f"warmup-{tries[0]}"})
+            if answer.status_code == 403:  # conversiones has not learnt the campaign's owner yet
+                return None
             if answer.status_code != 200:
                 raise BenchError(f"warm-up POST /conversiones answered {answer.status_code}: {answer.text}")
             body = answer.json()
@@ -150,9 +180,15 @@ def setup_references(platform_: Platform) -> dict:
         facts["references_known_to_conversiones_after_s"] = round(time.perf_counter() - started, 2)
         facts["warmup_postbacks"] = tries[0]
 
+        def link_redirects():
+            answer = http.get(f"{urls['conversiones']}/r/{link_code}", follow_redirects=False)
+            return answer.status_code == 302
+
+        _wait_for("the tracking link to redirect", link_redirects, 60, interval=0.5)
+
         # And the whole chain once: its commission reaches the audit log.
         started = time.perf_counter()
-        watcher = AuditWatcher(urls["auditoria"])
+        watcher = AuditWatcher(urls["auditoria"], headers=operator_headers)
         try:
             _wait_for("the warm-up commission in the audit log",
                       lambda: watcher.poll_once() >= 0 and warmup_id in watcher.first_seen, 120)
@@ -160,12 +196,13 @@ def setup_references(platform_: Platform) -> dict:
             watcher.stop()
         facts["warmup_commission_audited_after_s"] = round(time.perf_counter() - started, 2)
         facts["audit_seq_before_run"] = watcher.after_seq
-    facts.update(affiliate_id=affiliate_id, campaign_id=campaign_id)
+    facts.update(affiliate_id=affiliate_id, campaign_id=campaign_id, link_code=link_code,
+                 operator_headers=operator_headers, brand_headers=brand_headers)
     return facts
 
 
 def send_postbacks(conversiones_url: str, affiliate_id: str, campaign_id: str, count: int, rate: int,
-                   run_id: str) -> list[Sent]:
+                   run_id: str, headers: dict[str, str] | None = None) -> list[Sent]:
     """`count` postbacks from HTTP_WORKERS threads, paced at `rate`/s when rate > 0."""
     local = threading.local()
     clients: list[httpx.Client] = []
@@ -174,7 +211,7 @@ def send_postbacks(conversiones_url: str, affiliate_id: str, campaign_id: str, c
     def client() -> httpx.Client:
         # One connection pool per thread: keep-alive, no contention on a shared pool.
         if not hasattr(local, "http"):
-            local.http = httpx.Client(timeout=60)
+            local.http = httpx.Client(timeout=60, headers=headers)
             with clients_lock:
                 clients.append(local.http)
         return local.http

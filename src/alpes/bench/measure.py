@@ -64,3 +64,44 @@ def machine_facts() -> dict:
         "pulsar_lite": _version("pulsar-lite"),
         "fastavro": _version("fastavro"),
     }
+
+
+def cpu_seconds_from_stat(stat_text: str, ticks_per_second: int) -> float:
+    """utime + stime of a process, from the text of /proc/<pid>/stat. The command name (field 2)
+    is in parentheses and may hold spaces, so fields are counted after its closing one."""
+    after_name = stat_text[stat_text.rindex(")") + 2:].split()
+    # after_name[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return (int(after_name[11]) + int(after_name[12])) / ticks_per_second
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU seconds a running process has used so far (None when it is gone or not Linux)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return cpu_seconds_from_stat(text, os.sysconf("SC_CLK_TCK"))
+
+
+class CpuMeter:
+    """CPU seconds each named process spent between start() and stop()."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = dict(pids)
+        self.before: dict[str, float | None] = {}
+        self.spent: dict[str, float | None] = {}
+
+    def start(self) -> CpuMeter:
+        self.before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        return self
+
+    def stop(self) -> dict[str, float | None]:
+        for name, pid in self.pids.items():
+            now, then = cpu_seconds(pid), self.before.get(name)
+            # None: the process went away (restarted) during the measurement.
+            self.spent[name] = None if now is None or then is None else round(now - then, 3)
+        return self.spent
+
+    def per_thousand(self, count: int) -> dict[str, float | None]:
+        return {name: (None if spent is None or count <= 0 else round(1000 * spent / count, 3))
+                for name, spent in self.spent.items()}

@@ -23,6 +23,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from .group_commit import GroupCommitter
+
 
 def make_engine(url: str, *, pool_size: int = 10, for_writes: bool = True) -> Engine:
     parsed = make_url(url)
@@ -74,6 +76,11 @@ class Database:
         # and health checks are not queued behind consumers' writes. Elsewhere: the same engine.
         self.read_engine = make_engine(url, pool_size=pool_size, for_writes=False) if self.is_sqlite else self.engine
         self._readers = sessionmaker(self.read_engine, expire_on_commit=False)
+        # SQLite: one writer at a time, and an fsync per commit. The process's units of work take
+        # turns on one connection and share commits (kernel/group_commit.py); each still returns
+        # only once its work is on disk. Other databases: a transaction per unit, as they
+        # group-commit themselves (InnoDB's binlog/redo group commit).
+        self.committer = GroupCommitter(self.engine) if self.is_sqlite else None
 
     @property
     def is_sqlite(self) -> bool:
@@ -82,7 +89,11 @@ class Database:
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """Commit everything done in the block (state, outbox, inbox) or nothing."""
-        with self._sessions.begin() as session:
+        if self.committer is None:
+            with self._sessions.begin() as session:
+                yield session
+            return
+        with self.committer.transaction() as session:
             yield session
 
     @contextmanager
@@ -112,6 +123,8 @@ class Database:
             session.execute(text("SELECT 1"))
 
     def dispose(self) -> None:
+        if self.committer is not None:
+            self.committer.dispose()
         self.engine.dispose()
         if self.read_engine is not self.engine:
             self.read_engine.dispose()

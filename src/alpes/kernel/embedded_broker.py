@@ -220,9 +220,14 @@ class MetricsBacklog:
     def __init__(self, metrics_url: str, *, tenant: str = "public", namespace: str = "default") -> None:
         self.metrics_url = metrics_url
         self.namespace = f"{tenant}/{namespace}"
+        # One client for the process's life: httpx.get builds a client (and its TLS context, tens of
+        # ms of CPU) per call, and the watchdog reads this every 2 s.
+        self._http: httpx.Client | None = None
 
     def read(self, subscriptions: list[tuple[str, str]], timeout: float) -> dict[tuple[str, str], int]:
-        response = httpx.get(self.metrics_url, timeout=timeout)
+        if self._http is None:
+            self._http = httpx.Client()
+        response = self._http.get(self.metrics_url, timeout=timeout)
         response.raise_for_status()
         return parse_backlog_metrics(response.text, self.namespace)
 

@@ -73,22 +73,32 @@ async def current_principal(request: Request) -> Principal:
     address = request.client.host if request.client else None
     signature = request.headers.get(SIGNATURE_HEADER)
     authorization = request.headers.get("authorization")
+    signed = signature is not None and authorization is None and rule.signed and access.signed_requests is not None
+    body = await request.body() if signed and not rule.public else None
+    if rule.public and (rule.limit is None or access.limits is None):  # nothing that may block
+        return _admit(access, rule, address, signature, authorization, body)
+    # Authentication and the rate limits may each block (a key lookup, a Redis round trip): one hop
+    # to the thread pool for all of them, not one each (a postback took three).
+    return await run_in_threadpool(_admit, access, rule, address, signature, authorization, body)
+
+
+def _admit(access: AccessControl, rule: Rule, address: str | None, signature: str | None,
+           authorization: str | None, body: bytes | None) -> Principal:
     if rule.public:
         principal = Principal(ANONYMOUS, ANONYMOUS, scopes=frozenset())
-    elif signature is not None and authorization is None and rule.signed and access.signed_requests is not None:
-        body = await request.body()
-        principal = await run_in_threadpool(access.signed_requests, body, signature)
+    elif body is not None:
+        principal = access.signed_requests(body, signature)
     else:
         # The key table is read at most once a second per key (Gate's cache).
-        principal = await run_in_threadpool(access.gate.authenticate, authorization)
+        principal = access.gate.authenticate(authorization)
     if not rule.public:
         access.gate.authorize(rule, principal)
     if rule.limit is not None and access.limits is not None:
         subjects = access.limit_subjects.get(rule.limit, ("ip",))
         if "key" in subjects and principal.role != ANONYMOUS:
-            await run_in_threadpool(access.limits, f"{rule.limit}:key", principal.id)
+            access.limits(f"{rule.limit}:key", principal.id)
         if "ip" in subjects and address is not None and parse_ip(address) is not None:
-            await run_in_threadpool(access.limits, f"{rule.limit}:ip", address)
+            access.limits(f"{rule.limit}:ip", address)
     return principal
 
 
