@@ -28,7 +28,7 @@ up: install
 test: install services
 	$(BIN)/lint-imports
 	$(MAKE) --no-print-directory schemas-check asyncapi-check
-	$(BIN)/pytest -m "not slow and not pulsar" -q
+	$(BIN)/pytest -m "not slow and not pulsar" -q --durations=15
 
 # Every new version of an event is backward and forward compatible with the previous one (Avro
 # resolution rules); a break names the event, the versions and the field.

@@ -81,6 +81,11 @@ def _seed(services: dict[str, Service]) -> None:
     anunciante = services["marketing"].client.post("/anunciantes", json={"nombre": "BF", "dominios": ["bf.example"]})
     assert anunciante.status_code == 201, anunciante.text
     services["marketing"].ids["anunciante_id"] = anunciante.json()["id"]
+    webhook = services["marketing"].client.post("/webhooks", json={"url": "http://127.0.0.1:9/hook",
+                                                                    "eventos": ["commission.created"]})
+    assert webhook.status_code == 201, webhook.text
+    services["marketing"].ids["webhook_id"] = webhook.json()["id"]
+    services["marketing"].ids["entrega_id"] = "no-such-delivery"
     conversion = services["conversiones"].client.post("/conversiones", json=POSTBACK)
     assert conversion.status_code == 200, conversion.text
     services["conversiones"].ids["conversion_id"] = conversion.json()["id"]

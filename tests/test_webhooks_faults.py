@@ -30,6 +30,8 @@ def _pending_deliveries(platform: Platform) -> int:
         engine.dispose()
 
 
+# About a minute per database: in `make test-slow` (CI runs it), not in the default run.
+@pytest.mark.slow
 @pytest.mark.parametrize("databases", ["sqlite", pytest.param("mariadb", marks=pytest.mark.mariadb)])
 def test_kill_9_of_marketing_mid_delivery_loses_no_webhook_and_leaks_none(tmp_path, databases):
     receiver = Receiver(slow_seconds=1.5).start()
