@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: schemas-check asyncapi-check up test test-slow test-pulsar test-all bench install services clean
+.PHONY: schemas-check asyncapi-check up test test-browser test-slow test-pulsar test-all bench install services clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ required"'
@@ -28,7 +28,7 @@ up: install
 test: install services
 	$(BIN)/lint-imports
 	$(MAKE) --no-print-directory schemas-check asyncapi-check
-	$(BIN)/pytest -m "not slow and not pulsar" -q --durations=15
+	$(BIN)/pytest -m "not slow and not pulsar and not browser" -q --durations=15
 
 # Every new version of an event is backward and forward compatible with the previous one (Avro
 # resolution rules); a break names the event, the versions and the field.
@@ -42,6 +42,10 @@ asyncapi-check: install
 	npm ci --prefix tools/asyncapi-validate --ignore-scripts --no-audit --no-fund --loglevel=error
 	node tools/asyncapi-validate/validate.mjs docs/asyncapi.json
 
+# The console in Debian's Chromium through Playwright (tests/browser; about 1–2 minutes).
+test-browser: install services
+	$(BIN)/pytest -m browser -q $(PYTEST_ARGS)
+
 test-slow: install services
 	$(BIN)/pytest -m slow -q $(PYTEST_ARGS)
 
@@ -50,7 +54,7 @@ test-slow: install services
 test-pulsar: install services
 	$(BIN)/pytest -m pulsar -q $(PYTEST_ARGS)
 
-test-all: test test-pulsar test-slow
+test-all: test test-browser test-pulsar test-slow
 
 bench: install
 	$(BIN)/alpes bench
