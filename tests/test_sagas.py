@@ -64,6 +64,34 @@ def test_only_a_validated_conversion_is_compensated_and_then_never_refunded():
             conv_domain.decide_compensation(conversion, "commission_not_confirmed", NOW)
 
 
+def test_a_detection_validated_in_the_same_append_logs_what_two_appends_would(tmp_path):
+    """A postback validated at once appends both events together; its saga log (written in fewer
+    statements) must be the one the two appends, one after the other, leave."""
+    from alpes.kernel.eventstore import StoredEvent
+
+    logs = []
+    for together in (True, False):
+        url = f"sqlite:///{tmp_path / f'together-{together}.db'}"
+        migrate(url, "alpes.conversiones:migrations")
+        db = Database(url)
+        detected = StoredEvent("c1", 1, "e1", "ConversionDetected", 2, {
+            "conversion_id": "c1", "conversion_value": Decimal("10.00"), "currency": "EUR"}, NOW, "c1")
+        validated = StoredEvent("c1", 2, "e2", "ConversionValidated", 2, {"conversion_id": "c1"}, NOW, "c1")
+        with db.transaction() as session:
+            for stored in ([detected, validated],) if together else ([detected], [validated]):
+                saga.record_events(session, stored, NOW)
+        with db.read() as session:
+            s, p = conv_tables.sagas, conv_tables.saga_pasos
+            logs.append((session.execute(select(s)).mappings().all(),
+                         session.execute(select(p).order_by(p.c.id)).mappings().all()))
+        db.dispose()
+    assert logs[0] == logs[1]
+    [row] = logs[0][0]
+    assert (row["estado"], row["paso_actual"], row["intentos"]) == (saga.RUNNING, saga.COMMISSION, 1)
+    assert [(r["paso"], r["estado"]) for r in logs[0][1]] == [
+        (saga.DETECTION, saga.DONE), (saga.VALIDATION, saga.DONE), (saga.COMMISSION, saga.WAITING)]
+
+
 def test_a_timeout_retries_until_the_last_attempt_then_is_stuck_and_backs_off():
     assert [saga.on_timeout(n, POLICY) for n in (1, 2, 3, 4, 5)] == ["retry", "retry", "retry", "stuck", "stuck"]
     assert saga.on_timeout(1, saga.SagaPolicy(timedelta(seconds=1), 0)) == "stuck"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from sqlalchemy import exists, false, or_, select, true, update
+from sqlalchemy import bindparam, exists, false, or_, select, true, update
+from sqlalchemy.dialects.mysql import insert as mysql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from alpes.kernel.access import ADVERTISER, OPERATOR, Principal
@@ -25,9 +27,48 @@ def _record(row) -> domain.AuditRecord:
 
 
 # -- audit-consumer on every business topic ---------------------------------------------------
+# Built once: a statement built per call costs SQLAlchemy its construction and cache key every
+# time, most of an audited event's CPU (issue 11).
+_HEAD_LOCKED = select(tables.audit_head.c.seq, tables.audit_head.c.hash).where(tables.audit_head.c.id == 1) \
+    .with_for_update()
+_MOVE_HEAD = update(tables.audit_head).where(tables.audit_head.c.id == 1).values(
+    seq=bindparam("new_seq"), hash=bindparam("new_hash"))
+_APPEND = tables.audit_log.insert()
+_CONVERSION_LEARNT = {
+    "sqlite": sqlite_insert(tables.conversiones_auditadas).on_conflict_do_nothing(),
+    # A no-op update: the first campaign learnt stays (INSERT IGNORE would hide other errors too).
+    "mysql": mysql_insert(tables.conversiones_auditadas).on_duplicate_key_update(
+        campana_id=tables.conversiones_auditadas.c.campana_id),
+}
+_CONVERSION_LEARNT["mariadb"] = _CONVERSION_LEARNT["mysql"]
+# session.info keys: what this transaction already read under its lock (one read per batch).
+_HEAD_KEY = "auditoria.audit_head"
+_COMPLIANCE_KEY = "auditoria.compliance_state"
+
+
+def _read_once(session: Session, key: str, read) -> dict:
+    """`read(session)`, done once per transaction: a row locked until the commit, so nobody else
+    changes it meanwhile and the copy kept here stays true as long as the caller moves the copy
+    with the row. Kept for the innermost transaction it was read in: a savepoint rolled back
+    (or released) since then means a new read."""
+    transaction = session.get_nested_transaction() or session.get_transaction()
+    kept = session.info.get(key)
+    if kept is None or kept[0] is not transaction:
+        kept = session.info[key] = (transaction, read(session))
+    return kept[1]
+
+
+def _locked_head(session: Session) -> dict:
+    """The chain head, locked for this transaction (read once per consumer batch); each append
+    moves both the copy and the row."""
+    def read(session: Session) -> dict:
+        row = session.execute(_HEAD_LOCKED).one()
+        return {"seq": row.seq, "hash": row.hash}
+    return _read_once(session, _HEAD_KEY, read)
+
+
 def audit_event(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
-    head = session.execute(select(tables.audit_head).where(tables.audit_head.c.id == 1)
-                           .with_for_update()).mappings().one()
+    head = _locked_head(session)
     record = domain.AuditRecord(
         seq=head["seq"] + 1, event_id=event.event_id, topic=event.topic, event_type=event.event_type,
         schema_version=event.schema_version, aggregate_id=event.key or "", occurred_at=event.occurred_at,
@@ -35,24 +76,32 @@ def audit_event(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
         payload_json=domain.canonical_json(event.payload), actor_id=event.actor_id, actor_role=event.actor_role)
     digest = domain.chain_hash(head["hash"], record)
     owners = domain.owners_of(event.event_type, event.payload)
-    session.execute(tables.audit_log.insert().values(
-        seq=record.seq, event_id=record.event_id, topic=record.topic, event_type=record.event_type,
-        schema_version=record.schema_version, aggregate_id=record.aggregate_id, occurred_at=record.occurred_at,
-        correlation_id=record.correlation_id, causation_id=record.causation_id, payload_json=record.payload_json,
-        prev_hash=head["hash"], hash=digest, recorded_at=utcnow(), actor_id=record.actor_id,
-        actor_role=record.actor_role, campana_id=owners.campana_id, conversion_id=owners.conversion_id,
-        anunciante_id=owners.anunciante_id))
-    session.execute(update(tables.audit_head).where(tables.audit_head.c.id == 1).values(seq=record.seq, hash=digest))
+    now = utcnow()
+    session.execute(_APPEND, {
+        "seq": record.seq, "event_id": record.event_id, "topic": record.topic, "event_type": record.event_type,
+        "schema_version": record.schema_version, "aggregate_id": record.aggregate_id,
+        "occurred_at": record.occurred_at, "correlation_id": record.correlation_id,
+        "causation_id": record.causation_id, "payload_json": record.payload_json, "prev_hash": head["hash"],
+        "hash": digest, "recorded_at": now, "actor_id": record.actor_id, "actor_role": record.actor_role,
+        "campana_id": owners.campana_id, "conversion_id": owners.conversion_id,
+        "anunciante_id": owners.anunciante_id})
+    session.execute(_MOVE_HEAD, {"new_seq": record.seq, "new_hash": digest})
+    head["seq"], head["hash"] = record.seq, digest
     if owners.conversion_id and owners.campana_id:
         _learn_conversion(session, owners.conversion_id, owners.campana_id)
     return [OutgoingEvent(TOPIC, "EventoAuditado", record.aggregate_id, {
         "seq": record.seq, "event_id": record.event_id, "event_type": record.event_type, "topic": record.topic,
-        "aggregate_id": record.aggregate_id, "record_hash": digest, "timestamp": utcnow()})]
+        "aggregate_id": record.aggregate_id, "record_hash": digest, "timestamp": now})]
 
 
 def _learn_conversion(session: Session, conversion_id: str, campana_id: str) -> None:
-    # Under the chain head's lock (audit_event): no other audit-consumer inserts meanwhile.
-    c = tables.conversiones_auditadas
+    # The first campaign named wins; a later record naming the conversion changes nothing. Under
+    # the chain head's lock (audit_event): no other audit-consumer inserts meanwhile.
+    statement = _CONVERSION_LEARNT.get(session.get_bind().dialect.name)
+    if statement is not None:
+        session.execute(statement, {"conversion_id": conversion_id, "campana_id": campana_id})
+        return
+    c = tables.conversiones_auditadas  # another database: check, then insert
     if not session.scalar(select(exists().where(c.c.conversion_id == conversion_id))):
         session.execute(c.insert().values(conversion_id=conversion_id, campana_id=campana_id))
 
@@ -107,11 +156,24 @@ def flag_security_event(session: Session, event: IncomingEvent) -> list[Outgoing
 
 
 # -- compliance-consumer on auditoria.eventos ----------------------------------------------------
+_LINK = select(tables.audit_log).where(tables.audit_log.c.seq >= bindparam("previous"),
+                                       tables.audit_log.c.seq <= bindparam("seq")).order_by(tables.audit_log.c.seq)
+_COMPLIANCE_LOCKED = select(tables.compliance_state).where(tables.compliance_state.c.id == 1).with_for_update()
+_MOVE_COMPLIANCE = update(tables.compliance_state).where(tables.compliance_state.c.id == 1)
+_COUNT_VERIFIED = _MOVE_COMPLIANCE.values(verified=bindparam("new_verified"), highest_seq=bindparam("new_highest_seq"),
+                                          updated_at=bindparam("new_updated_at"))
+
+
+def _locked_compliance(session: Session) -> dict:
+    """The compliance state, locked for this unit of work and read once per unit (as the chain head)."""
+    return _read_once(session, _COMPLIANCE_KEY,
+                      lambda session: dict(session.execute(_COMPLIANCE_LOCKED).mappings().one()))
+
+
 def verify_audited_link(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
     """Re-verify the link the announced record makes with its predecessor, independently of the writer."""
     seq = event.payload["seq"]
-    log = tables.audit_log
-    rows = session.execute(select(log).where(log.c.seq.in_([seq - 1, seq])).order_by(log.c.seq)).mappings().all()
+    rows = session.execute(_LINK, {"previous": seq - 1, "seq": seq}).mappings().all()
     by_seq = {r["seq"]: r for r in rows}
     problem = None
     current = by_seq.get(seq)
@@ -124,15 +186,19 @@ def verify_audited_link(session: Session, event: IncomingEvent) -> list[Outgoing
         problem = "hash link does not verify"
     elif current["hash"] != event.payload["record_hash"]:
         problem = "record hash differs from the one announced"
-    state = session.execute(select(tables.compliance_state).where(tables.compliance_state.c.id == 1)
-                            .with_for_update()).mappings().one()
+    state = _locked_compliance(session)
     values = {"verified": state["verified"] + 1, "highest_seq": max(state["highest_seq"], seq), "updated_at": utcnow()}
     if problem and state["broken_seq"] is None:
         values.update(broken_seq=seq, problem=problem)
         session.execute(tables.alertas.insert().values(
             event_id=event.event_id, servicio="auditoria", tipo="cadena_rota",
             mensaje=f"audit record {seq}: {problem}", creada_en=utcnow()))
-    session.execute(update(tables.compliance_state).where(tables.compliance_state.c.id == 1).values(**values))
+    if problem:
+        session.execute(_MOVE_COMPLIANCE.values(**values))
+    else:
+        session.execute(_COUNT_VERIFIED, {"new_verified": values["verified"], "new_highest_seq": values["highest_seq"],
+                                          "new_updated_at": values["updated_at"]})
+    state.update(values)
     return []
 
 

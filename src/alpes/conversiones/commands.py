@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select
+from sqlalchemy import bindparam, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -24,7 +24,7 @@ from alpes.kernel.runtime import ServiceRuntime
 
 from . import domain, queries, tables, tracking
 from .reference import campaign_owner, reference
-from .tenancy import EVERYTHING, Tenant, may_change, tenant_of
+from .tenancy import EVERYTHING, Tenant, may_change, may_change_owned, tenant_of
 from .stream import commit_events, load_conversion
 
 # A command that meets a concurrent append to the same stream reloads and tries again this often.
@@ -76,10 +76,11 @@ def receive_postback(runtime: ServiceRuntime, store: EventStore, *, affiliate_id
         affiliate_id, campaign_id, click_id = attribution.affiliate_id, attribution.campaign_id, attribution.click_id
     assert affiliate_id is not None and campaign_id is not None
     with runtime.db.read() as session:  # a campaign's owner, once known, never changes
-        if not may_change(session, EVERYTHING if caller is None else tenant_of(caller), campaign_id):
-            raise NotAllowed("campaign_id" if click_id is None else "click_id",
-                             "the campaign is not one of yours: post conversions for your own campaigns")
-        scope = idempotency_scope(campaign_id, campaign_owner(session, campaign_id)[1])
+        owner = campaign_owner(session, campaign_id)[1]
+    if not may_change_owned(EVERYTHING if caller is None else tenant_of(caller), owner):
+        raise NotAllowed("campaign_id" if click_id is None else "click_id",
+                         "the campaign is not one of yours: post conversions for your own campaigns")
+    scope = idempotency_scope(campaign_id, owner)
     try:
         with runtime.unit_of_work(caller) as (session, emit):
             conversion_id, created, events = record_conversion(
@@ -100,7 +101,14 @@ def receive_postback(runtime: ServiceRuntime, store: EventStore, *, affiliate_id
             raise
         conversion_id = _same_postback(known, fingerprint, key_field, order_id)
         created = False
+    if created:  # what its own events made of it, committed: no need to read it back
+        return conversion_id, created, _STATUS_AFTER[events[-1].event_type]
     return conversion_id, created, queries.status_of(runtime.db, conversion_id)
+
+
+# The status a new conversion's last event leaves it in (the view says the same once projected).
+_STATUS_AFTER = {"ConversionDetected": domain.DETECTED, "ConversionValidated": domain.VALIDATED,
+                 "ConversionHeld": domain.HELD, "ConversionRejected": domain.REJECTED}
 
 
 def idempotency_scope(campaign_id: str, anunciante_id: str | None) -> str:
@@ -112,9 +120,17 @@ def idempotency_scope(campaign_id: str, anunciante_id: str | None) -> str:
 def order_keys(session: Session, scope: str, campaign_id: str, order_id: str) -> list:
     """The (conversion_id, fingerprint) rows the order id already names in the scope, or for the
     campaign (a key stored under an earlier scope: per campaign, before its owner was known)."""
-    k = tables.order_keys
-    return session.execute(select(k.c.conversion_id, k.c.fingerprint).where(
-        k.c.order_id == order_id, or_(k.c.scope == scope, k.c.campaign_id == campaign_id))).all()
+    return session.execute(_ORDER_KEYS, {"order_id": order_id, "scope": scope, "campaign_id": campaign_id}).all()
+
+
+# Built once, values bound at execution (a postback's statements, see reference.py).
+_k = tables.order_keys
+_ORDER_KEYS = select(_k.c.conversion_id, _k.c.fingerprint).where(
+    _k.c.order_id == bindparam("order_id"), or_(_k.c.scope == bindparam("scope"),
+                                                _k.c.campaign_id == bindparam("campaign_id")))
+_NEW_ORDER_KEY = tables.order_keys.insert()
+_NEW_ATTRIBUTION = tables.click_attributions.insert()
+_NEW_SIGNALS = tables.conversion_signals.insert()
 
 
 def _same_postback(known: list, fingerprint: str | None, key_field: str, order_id: str) -> str:
@@ -146,27 +162,26 @@ def record_conversion(session: Session, store: EventStore, *, affiliate_id: str,
     conversion_id = new_id()
     if order_id is not None:
         # The durable idempotency key; a concurrent twin fails here and the caller re-reads.
-        session.execute(tables.order_keys.insert().values(
-            campaign_id=campaign_id, order_id=order_id, conversion_id=conversion_id, fingerprint=fingerprint,
-            scope=scope))
+        session.execute(_NEW_ORDER_KEY, {"campaign_id": campaign_id, "order_id": order_id,
+                                         "conversion_id": conversion_id, "fingerprint": fingerprint, "scope": scope})
     if click_id is not None:
-        session.execute(tables.click_attributions.insert().values(conversion_id=conversion_id, click_id=click_id))
+        session.execute(_NEW_ATTRIBUTION, {"conversion_id": conversion_id, "click_id": click_id})
     now = now or utcnow()
     if ip is not None or customer_email is not None or caller_key is not None:
-        session.execute(tables.conversion_signals.insert().values(
-            conversion_id=conversion_id, campaign_id=campaign_id, ip=None if ip is None else str(ip),
-            detected_at=now, caller_key=caller_key,
-            customer_email_sha256=None if customer_email is None else domain.email_sha256(customer_email)))
-    conversion = domain.Conversion()
+        session.execute(_NEW_SIGNALS, {
+            "conversion_id": conversion_id, "campaign_id": campaign_id, "ip": None if ip is None else str(ip),
+            "detected_at": now, "caller_key": caller_key,
+            "customer_email_sha256": None if customer_email is None else domain.email_sha256(customer_email)})
     detected = domain.Detected(conversion_id, affiliate_id, campaign_id, user_id, conversion_value, conversion_type,
                                order_id, currency, now)
-    correlation_id = conversion_id
-    events = commit_events(session, store, conversion, [detected], correlation_id)
+    # Decided before anything is appended (validation reads only the references and the signals
+    # stored above), so the detection and its verdict go to the stream in one append.
     decision = domain.decide_validation(
-        conversion, reference(session, affiliate_id, campaign_id, conversion_id, max_conversions_per_ip,
-                              max_conversions_per_caller), now, grace)
-    if not decision.pending:
-        events += commit_events(session, store, conversion, decision.events, correlation_id)
+        domain.Conversion().apply(detected),
+        reference(session, affiliate_id, campaign_id, conversion_id, max_conversions_per_ip,
+                  max_conversions_per_caller), now, grace)
+    events = commit_events(session, store, domain.Conversion(), [detected, *decision.events], conversion_id,
+                           click_id=click_id)
     return conversion_id, True, events
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from alpes.kernel.codec import SchemaRegistry
@@ -25,27 +25,36 @@ def project(session: Session, stored: StoredEvent) -> None:
     _project_figures(session, stored)
 
 
+# Built once, values bound at execution: this runs in every append's transaction.
+_v = tables.conversiones_view
+_VIEW_INSERT = _v.insert()
+_SET_STATUS = update(_v).where(_v.c.id == bindparam("conversion_id")).values(
+    status=bindparam("new_status"), updated_at=bindparam("new_updated_at"))
+_SET_STATUS_AND_REASON = update(_v).where(_v.c.id == bindparam("conversion_id")).values(
+    status=bindparam("new_status"), reason=bindparam("new_reason"), updated_at=bindparam("new_updated_at"))
+# event type -> (status, the payload field that becomes `reason`, None: reason left as it is)
+_STATUS_OF = {"ConversionValidated": (domain.VALIDATED, None), "ConversionRejected": (domain.REJECTED, "reason"),
+              "ConversionHeld": (domain.HELD, "reason"), "ConversionRefunded": (domain.REFUNDED, "refund_type")}
+
+
 def _project_view(session: Session, stored: StoredEvent) -> None:
-    v = tables.conversiones_view
     p = stored.payload
     if stored.event_type == "ConversionDetected":
-        session.execute(v.insert().values(
-            id=p["conversion_id"], affiliate_id=p["affiliate_id"], campaign_id=p["campaign_id"], user_id=p["user_id"],
-            conversion_value=p["conversion_value"], currency=p["currency"], conversion_type=p["conversion_type"],
-            order_id=p["order_id"], status=domain.DETECTED, reason=None, timestamp=p["timestamp"],
-            updated_at=stored.occurred_at))
-    elif stored.event_type == "ConversionValidated":
-        session.execute(update(v).where(v.c.id == p["conversion_id"]).values(
-            status=domain.VALIDATED, updated_at=stored.occurred_at))
-    elif stored.event_type == "ConversionRejected":
-        session.execute(update(v).where(v.c.id == p["conversion_id"]).values(
-            status=domain.REJECTED, reason=p["reason"], updated_at=stored.occurred_at))
-    elif stored.event_type == "ConversionHeld":
-        session.execute(update(v).where(v.c.id == p["conversion_id"]).values(
-            status=domain.HELD, reason=p["reason"], updated_at=stored.occurred_at))
-    elif stored.event_type == "ConversionRefunded":
-        session.execute(update(v).where(v.c.id == p["conversion_id"]).values(
-            status=domain.REFUNDED, reason=p["refund_type"], updated_at=stored.occurred_at))
+        session.execute(_VIEW_INSERT, {
+            "id": p["conversion_id"], "affiliate_id": p["affiliate_id"], "campaign_id": p["campaign_id"],
+            "user_id": p["user_id"], "conversion_value": p["conversion_value"], "currency": p["currency"],
+            "conversion_type": p["conversion_type"], "order_id": p["order_id"], "status": domain.DETECTED,
+            "reason": None, "timestamp": p["timestamp"], "updated_at": stored.occurred_at})
+        return
+    change = _STATUS_OF.get(stored.event_type)
+    if change is None:
+        return
+    status, reason_field = change
+    values = {"conversion_id": p["conversion_id"], "new_status": status, "new_updated_at": stored.occurred_at}
+    if reason_field is None:
+        session.execute(_SET_STATUS, values)
+    else:
+        session.execute(_SET_STATUS_AND_REASON, {**values, "new_reason": p[reason_field]})
 
 
 def _project_figures(session: Session, stored: StoredEvent) -> None:

@@ -23,14 +23,20 @@ def load_conversion(session: Session, store: EventStore, conversion_id: str) -> 
     return domain.Conversion.rebuild([from_record(e) for e in stored])
 
 
+_LOOK_UP = object()
+
+
 def commit_events(session: Session, store: EventStore, conversion: domain.Conversion,
-                  events: list[domain.DomainEvent], correlation_id: str) -> list[OutgoingEvent]:
+                  events: list[domain.DomainEvent], correlation_id: str, click_id=_LOOK_UP) -> list[OutgoingEvent]:
     """Append to the stream, update the projections and the saga log, and return the integration
-    events (for the caller's outbox). A concurrent append raises ConcurrencyConflict."""
+    events (for the caller's outbox). A concurrent append raises ConcurrencyConflict. `click_id`:
+    the click the conversion was attributed through (None: by ids), when the caller knows it;
+    otherwise it is looked up if an event carries it."""
     expected = conversion.version
-    click_id = None
-    if any(isinstance(event, domain.Validated) for event in events):
-        click_id = attributed_click_id(session, conversion.id)
+    if click_id is _LOOK_UP:
+        click_id = None
+        if any(isinstance(event, domain.Validated) for event in events):
+            click_id = attributed_click_id(session, conversion.id)
     records = []
     for event in events:
         records.append(to_record(conversion, event, click_id))

@@ -68,5 +68,9 @@ def may_change(session: Session, tenant: Tenant, campaign_id: str) -> bool:
     if tenant.anunciante_id is None:
         return False
     rc = tables.ref_campanas
-    owner = session.scalar(select(rc.c.anunciante_id).where(rc.c.campana_id == campaign_id))
-    return owner == tenant.anunciante_id
+    return may_change_owned(tenant, session.scalar(select(rc.c.anunciante_id).where(rc.c.campana_id == campaign_id)))
+
+
+def may_change_owned(tenant: Tenant, owner: str | None) -> bool:
+    """`may_change` for a campaign whose owner (None: operator-owned or unknown) the caller read."""
+    return tenant.everything or (tenant.anunciante_id is not None and owner == tenant.anunciante_id)

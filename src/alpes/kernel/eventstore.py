@@ -76,6 +76,7 @@ class EventStore:
         self.table = table
         self.registry = registry
         self.stream_type = stream_type
+        self._insert = table.insert()  # built once: not per append
 
     def load(self, session: Session, stream_id: str) -> list[StoredEvent]:
         t = self.table
@@ -100,7 +101,7 @@ class EventStore:
                                       event.payload, event.occurred_at, correlation_id))
         try:
             with session.begin_nested():
-                session.execute(self.table.insert(), rows)
+                session.execute(self._insert, rows)
         except IntegrityError as error:
             raise ConcurrencyConflict(f"stream {stream_id} moved past version {expected_version}") from error
         return stored

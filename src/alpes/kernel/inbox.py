@@ -72,6 +72,7 @@ class InboxProcessor:
         self.handlers = handlers
         self.after_commit = after_commit or (lambda: None)
         self.totals = Outcome()
+        self._inbox_insert = inbox.insert()  # built once: not per batch
 
     def process(self, events: Sequence[IncomingEvent]) -> dict[str, str | None]:
         """Handle a batch; returns event_id -> None (done, ack it) or the error (nack it)."""
@@ -114,10 +115,15 @@ class InboxProcessor:
                 done.add(event.event_id)
                 fresh.append(event)
             if fresh:
-                session.execute(self.inbox.insert(), [self._inbox_row(e) for e in fresh])
+                session.execute(self._inbox_insert, [self._inbox_row(e) for e in fresh])
+            # The batch's events go to the outbox in one statement at its end (same transaction,
+            # same order), unless the outbox has hooks that want each event as it is added.
+            emitted: list[dict] | None = None if self.outbox.on_add else []
             for event in fresh:
                 with self.tracing.consuming(event, self.subscription) as traceparent:
-                    outcome.processed += self._handle(session, event, traceparent)
+                    outcome.processed += self._handle(session, event, traceparent, emitted)
+            if emitted:
+                self.outbox.write(session, emitted)
             outcome.ignored = len(fresh) - outcome.processed
         return outcome
 
@@ -130,7 +136,7 @@ class InboxProcessor:
         try:
             with self.db.transaction() as session:
                 try:
-                    session.execute(self.inbox.insert().values(**self._inbox_row(event)))
+                    session.execute(self._inbox_insert, self._inbox_row(event))
                 except IntegrityError:
                     raise _AlreadyProcessed from None
                 handled = self._handle(session, event, traceparent)
@@ -148,12 +154,18 @@ class InboxProcessor:
         self.after_commit()
         return None
 
-    def _handle(self, session: Session, event: IncomingEvent, traceparent: str | None) -> int:
+    def _handle(self, session: Session, event: IncomingEvent, traceparent: str | None,
+                emitted_rows: list[dict] | None = None) -> int:
+        """Run the event's handler; its events go to the outbox now, or into `emitted_rows` for
+        the caller to write before its commit."""
         handler = self.handlers.get(event.event_type)
         if handler is None:
             return 0  # an event this subscription does not act on: recorded, acknowledged
-        emitted = handler(session, event) or ()
-        self.outbox.add(session, [e.caused_by(event) for e in emitted], traceparent=traceparent)
+        emitted = [e.caused_by(event) for e in handler(session, event) or ()]
+        if emitted_rows is None:
+            self.outbox.add(session, emitted, traceparent=traceparent)
+        else:
+            emitted_rows.extend(self.outbox.rows(emitted, traceparent=traceparent))
         return 1
 
     def _inbox_row(self, event: IncomingEvent) -> dict:
