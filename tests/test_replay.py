@@ -13,7 +13,8 @@ from sqlalchemy import select, update
 from typer.testing import CliRunner
 
 from alpes.cli import app as cli_app
-from alpes.conversiones import commands, projections, records, tables
+from alpes.conversiones import commands, projections, records, saga_answers, tables
+from alpes.conversiones.stream import load_conversion
 from alpes.kernel.db import Database, migrate
 from alpes.kernel.eventstore import NewEvent
 from alpes.kernel.messages import new_id, utcnow
@@ -173,6 +174,51 @@ def test_rebuild_gives_back_identical_projections(filled):
     # Replaying again changes nothing: the rebuild starts from empty projections every time.
     projections.rebuild_projections(runtime.db, runtime.registry)
     assert _snapshot(runtime.db) == before
+
+
+def _record_later_steps(client, runtime) -> dict[str, str]:
+    """Every other way a stream goes on, through the service's own commands: refunds and
+    chargebacks, the saga's compensation, holds and both review outcomes."""
+    with runtime.db.transaction() as session:
+        session.execute(tables.ref_campanas.insert().values(campana_id="k9", estado="activa", moneda="EUR",
+                                                            valor_maximo_conversion=Decimal("100.00"),
+                                                            updated_at=utcnow()))
+    store = records.event_store(runtime.registry)
+    ids = {name: _post(client, "a1", "k9", value) for name, value in [
+        ("refunded", "40.00"), ("charged_back", "41.00"), ("compensated", "42.00"), ("held", "500.00"),
+        ("approved", "501.00"), ("refused", "502.00"), ("approved_refunded", "503.00")]}
+    with runtime.db.transaction() as session:
+        commands.refund_conversion(session, store, ids["refunded"], "reembolso", "returned")
+        commands.refund_conversion(session, store, ids["charged_back"], "contracargo", None)
+        saga_answers.compensate(session, store, load_conversion(session, store, ids["compensated"]),
+                                "commission_denied:campaign_closed", utcnow())
+        commands.review_conversion(session, store, ids["approved"], True)
+        commands.review_conversion(session, store, ids["refused"], False, "duplicate")
+        commands.review_conversion(session, store, ids["approved_refunded"], True)
+        commands.refund_conversion(session, store, ids["approved_refunded"], "reembolso", None)
+    return ids
+
+
+@pytest.mark.parametrize("batch", [1, 3, 20_000])
+def test_rebuild_equals_the_live_projections_of_every_kind_of_stream(filled, batch):
+    """Held, reviewed, refunded and compensated streams too, whatever the chunk size (a stream
+    cut across chunks, every event its own chunk, everything in one)."""
+    client, runtime = filled
+    ids = _record_later_steps(client, runtime)
+    live = _snapshot(runtime.db)
+    statuses = {row["id"]: (row["status"], row["reason"]) for row in live["conversiones_view"]}
+    assert statuses[ids["refunded"]] == ("refunded", "reembolso")
+    assert statuses[ids["charged_back"]] == ("refunded", "contracargo")
+    assert statuses[ids["compensated"]] == ("rejected", "commission_denied:campaign_closed")
+    assert statuses[ids["held"]] == ("on_hold", "value_above_maximum")
+    assert statuses[ids["approved"]] == ("validated", "value_above_maximum")
+    assert statuses[ids["refused"]] == ("rejected", "rejected_in_review:duplicate")
+    # Compensated: counted rejected, its validation taken back; refunds leave the figures alone.
+    assert _figures(runtime.db)[("a1", "k9", "EUR")] == (7, 4, 2, Decimal("1085.00"))  # 40 + 41 + 501 + 503
+    _damage_projections(runtime.db)
+    summary = projections.rebuild_projections(runtime.db, runtime.registry, batch=batch)
+    assert _snapshot(runtime.db) == live
+    assert (summary.events, summary.streams) == (26 + 7 + 7 + 7, 14 + 7)  # detected, decided at once, later steps
 
 
 def test_live_path_keeps_working_after_a_rebuild(filled):

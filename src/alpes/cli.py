@@ -195,14 +195,24 @@ def bench(conversions: int = typer.Option(2000, help="conversions to push end to
           postback_seconds: float = typer.Option(30, help="how long to offer them (0: skip)"),
           click_rate: float = typer.Option(1000, help="tracking-link clicks per second offered at a constant rate"),
           click_seconds: float = typer.Option(30, help="how long to offer them (0: skip)"),
+          replay_events: int = typer.Option(1_000_000, min=0, help="events of conversiones' event store to write, "
+                                                                   "then rebuild with `alpes replay` (0: skip)"),
+          database: str = typer.Option("sqlite", help="sqlite, mariadb (one scratch database per service), or "
+                                                      "both (figures under the keys sqlite and mariadb)"),
+          mariadb_url: str = typer.Option(None, help="MariaDB server for --database mariadb/both, a user that may "
+                                                     "create databases (default ALPES_TEST_MARIADB_URL or "
+                                                     "mysql+pymysql://alpes:alpes@127.0.0.1:3306)"),
           data_dir: Path = typer.Option(None, help="scratch data directory (default: a temporary one)")) -> None:
-    """Measure raw broker throughput, end-to-end conversion rate/latency, and postbacks and clicks at a
-    constant rate (open loop); prints JSON."""
-    from .bench import run_bench
+    """Measure raw broker throughput, end-to-end conversion rate/latency, postbacks and clicks at a
+    constant rate (open loop), and the replay of conversiones' projections; prints JSON."""
+    from .bench import DATABASES, run_bench
 
+    if database not in DATABASES:
+        raise typer.BadParameter(f"{database!r}: one of {', '.join(DATABASES)}", param_hint="--database")
     typer.echo(run_bench(conversions=conversions, rate=rate, raw_messages=raw_messages, data_dir=data_dir,
                          postback_rate=postback_rate, postback_seconds=postback_seconds,
-                         click_rate=click_rate, click_seconds=click_seconds))
+                         click_rate=click_rate, click_seconds=click_seconds, replay_events=replay_events,
+                         database=database, mariadb_url=mariadb_url))
 
 
 @app.command()

@@ -4,13 +4,16 @@ conversion's commission is in the audit log."""
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import NullPool
 
 from ..platform_harness import Platform
 from .loadgen import AUDIT_POLL_SECONDS, HTTP_WORKERS, AuditWatcher, Sent, send_postbacks
@@ -20,23 +23,26 @@ AUDIT_DEADLINE_SECONDS = 600.0  # after the last postback: generous, then report
 AUDIT_STALL_SECONDS = 120.0  # no new commission for this long: the pipeline is stuck, stop waiting
 
 
-def _audit_times(auditoria_db: Path) -> dict[str, tuple[float, float]]:
+def _audit_times(auditoria_db_url: str) -> dict[str, tuple[float, float]]:
     """conversion_id -> (occurred_at, recorded_at) of its ComisionCalculada audit record, as
-    epoch seconds, read from auditoria's SQLite file after the run.
+    epoch seconds, read from auditoria's database (its SQLite file, or its MariaDB database)
+    after the run.
 
     occurred_at is when marketing calculated the commission (the event's own time);
     recorded_at is set by the audit consumer inside the transaction that appends the record,
     so it is a slightly early bound of when the record became visible. Same machine, same
     clock as the bench's send times.
     """
-    if not auditoria_db.exists():
+    url = make_url(auditoria_db_url)
+    if url.get_backend_name() == "sqlite" and not Path(url.database or "").exists():
         return {}
-    connection = sqlite3.connect(str(auditoria_db), timeout=30)
+    engine = create_engine(url, poolclass=NullPool)
     try:
-        rows = connection.execute("SELECT payload_json, occurred_at, recorded_at FROM audit_log "
-                                  "WHERE event_type = 'ComisionCalculada'").fetchall()
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT payload_json, occurred_at, recorded_at FROM audit_log "
+                                           "WHERE event_type = 'ComisionCalculada'")).all()
     finally:
-        connection.close()
+        engine.dispose()
 
     def epoch(value) -> float:  # stored naive, in UTC (kernel.db.UtcDateTime)
         return datetime.fromisoformat(str(value)).replace(tzinfo=timezone.utc).timestamp()
@@ -168,12 +174,12 @@ def bench_end_to_end(platform_: Platform, setup: dict, conversions: int, rate: i
     return result
 
 
-def add_recorded_latencies(result: dict, auditoria_db: Path) -> None:
-    """After the stop: the audit database is quiet and fully checkpointed."""
+def add_recorded_latencies(result: dict, auditoria_db_url: str) -> None:
+    """After the stop: the audit database is quiet (and, on SQLite, fully checkpointed)."""
     sends = result.pop("_sends", [])
     if sends and "end_to_end" in result:
         try:
-            times = _audit_times(auditoria_db)
+            times = _audit_times(auditoria_db_url)
             pairs = [(s.send_wall, *times[s.conversion_id]) for s in sends
                      if s.conversion_id and s.conversion_id in times]
             result["end_to_end"]["latency_by_recorded_at_ms"] = latency_summary_ms(
@@ -186,7 +192,7 @@ def add_recorded_latencies(result: dict, auditoria_db: Path) -> None:
                 "commission_calculated_to_audit_recorded": latency_summary_ms(
                     [recorded - occurred for _, occurred, recorded in pairs]),
             }
-        except (sqlite3.Error, ValueError) as error:
+        except (SQLAlchemyError, ValueError) as error:
             result["end_to_end"]["latency_by_recorded_at_ms"] = {"error": str(error)}
 
 

@@ -6,7 +6,7 @@ same fastavro resolution (upcasting) the consumers use on the wire.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -19,6 +19,8 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     String,
     Table,
+    bindparam,
+    or_,
     select,
 )
 from sqlalchemy.exc import IntegrityError
@@ -106,19 +108,39 @@ class EventStore:
             raise ConcurrencyConflict(f"stream {stream_id} moved past version {expected_version}") from error
         return stored
 
-    def all_events(self, session: Session, batch: int = 1000):
+    def all_events(self, session: Session, batch: int = 1000) -> Iterator[StoredEvent]:
         """Every event in a stable order, for rebuilding projections."""
+        for chunk in self.chunks(session, batch):
+            yield from chunk
+
+    def chunks(self, session: Session, batch: int = 20_000) -> Iterator[list[StoredEvent]]:
+        """Every event in primary-key order (stream, version), `batch` at a time, decoded with
+        one fastavro reader per (event type, writer version). Keyset pagination on the primary
+        key: each query is a range scan from where the last one stopped (`stream_id >= s` bounds
+        it on every backend), never an OFFSET, and no cursor stays open while the caller writes
+        on the same connection."""
         t = self.table
-        last = ("", 0)
-        while True:
-            rows = session.execute(
-                select(t).where((t.c.stream_id > last[0]) | ((t.c.stream_id == last[0]) & (t.c.version > last[1])))
-                .order_by(t.c.stream_id, t.c.version).limit(batch)).mappings().all()
-            if not rows:
+        columns = (t.c.stream_id, t.c.version, t.c.event_id, t.c.event_type, t.c.schema_version, t.c.payload,
+                   t.c.occurred_at, t.c.correlation_id)
+        first = select(*columns).order_by(t.c.stream_id, t.c.version).limit(batch)
+        after = (select(*columns)
+                 .where(t.c.stream_id >= bindparam("s"),
+                        or_(t.c.stream_id > bindparam("s"), t.c.version > bindparam("v")))
+                 .order_by(t.c.stream_id, t.c.version).limit(batch))
+        decoders: dict[tuple[str, int], Callable[[bytes], dict[str, Any]]] = {}
+        rows = session.execute(first).all()
+        while rows:
+            chunk = []
+            for stream_id, version, event_id, event_type, schema_version, payload, occurred_at, correlation_id in rows:
+                decode = decoders.get((event_type, schema_version))
+                if decode is None:
+                    decode = decoders[(event_type, schema_version)] = self.registry.decoder(event_type, schema_version)
+                chunk.append(StoredEvent(stream_id, version, event_id, event_type, schema_version, decode(payload),
+                                         occurred_at, correlation_id))
+            yield chunk
+            if len(rows) < batch:
                 return
-            for row in rows:
-                yield self._stored(row)
-            last = (rows[-1]["stream_id"], rows[-1]["version"])
+            rows = session.execute(after, {"s": chunk[-1].stream_id, "v": chunk[-1].version}).all()
 
     def _stored(self, row) -> StoredEvent:
         return StoredEvent(
