@@ -9,6 +9,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from harness import Platform, wait_until
 
+# A fault test (a SIGKILL and a restart per database): in `make test-slow`, which CI runs.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(params=["sqlite", pytest.param("mariadb", marks=pytest.mark.mariadb)])
 def platform(request, tmp_path):
