@@ -119,8 +119,13 @@ def test_the_generator_sends_at_the_rate_and_reads_length_and_chunked_answers():
         figures = run_at_rate(f"http://127.0.0.1:{address[0]}", 50, 0.4,
                               lambda i: Request("POST", f"/x/{i}", (("Content-Type", "text/plain"),), b"b%d" % i))
     finally:
-        for task in asyncio.all_tasks(stop[0]):
-            stop[0].call_soon_threadsafe(task.cancel)
+        # Cancel from inside the loop's own thread, in one call: cancelling task by task from here
+        # lets the loop end (and close) between two calls.
+        def cancel_all() -> None:
+            for task in asyncio.all_tasks():
+                task.cancel()
+
+        stop[0].call_soon_threadsafe(cancel_all)
         thread.join(5)
     assert len(figures.outcomes) == 20
     assert sorted(seen) == sorted(b"POST /x/%d HTTP/1.1 b%d" % (i, i) for i in range(20))
