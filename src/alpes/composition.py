@@ -64,7 +64,8 @@ def compose(name: str, settings: Settings, *, outbox: Table, inbox: Table, keys:
     access = AccessControl(
         name, RULES[name], Gate(runtime.db, KeyRing(keys), protected_local=settings.protected_local_mode),
         signed_requests=signed_requests(runtime) if signed_requests is not None else None,
-        limits=rate_limits(settings, runtime), limit_subjects=LIMIT_SUBJECTS)
+        limits=rate_limits(settings, runtime), limit_subjects=LIMIT_SUBJECTS,
+        limits_may_block=settings.redis_url is not None)
     runtime.health_reports["access"] = access.describe
     return create_app(f"AlpesPartner · {name}", runtime, routes(runtime),
                       max_body_bytes=settings.max_body_bytes, trusted_proxies=settings.trusted_proxies,

@@ -7,7 +7,7 @@ import ipaddress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from alpes.kernel.errors import NotFound, RuleViolated
@@ -18,6 +18,14 @@ from . import domain, tables
 from .records import TOPIC
 
 
+# Built once (values bound at execution): the redirect is the hottest path, and SQLAlchemy would
+# otherwise build each statement and its cache key again on every click.
+_i, _c = tables.ref_inscripciones, tables.ref_campanas
+_LINK = select(_i.c.afiliado_id, _i.c.campana_id, _i.c.activa, _c.c.estado, _c.c.landing_url) \
+    .join(_c, _c.c.campana_id == _i.c.campana_id, isouter=True).where(_i.c.link_code == bindparam("link_code"))
+_INSERT_CLICK = tables.clicks.insert()
+
+
 def record_click(session: Session, link_code: str, *, ip: IPAddress | None, user_agent: str | None,
                  referrer: str | None, now: datetime | None = None, visitor_id: str | None = None,
                  visitor_hash: str | None = None) -> tuple[str, str, list[OutgoingEvent]]:
@@ -26,10 +34,7 @@ def record_click(session: Session, link_code: str, *, ip: IPAddress | None, user
     `ip` is a parsed address (never header text). `visitor_id` (from the visitor's signed cookie)
     ties the visitor's clicks together for attribution and stays in the clicks table; the event
     carries only `visitor_hash` (VisitorCookies.visitor_hash), never the id."""
-    i, c = tables.ref_inscripciones, tables.ref_campanas
-    link = session.execute(select(i.c.afiliado_id, i.c.campana_id, i.c.activa, c.c.estado, c.c.landing_url)
-                           .join(c, c.c.campana_id == i.c.campana_id, isouter=True)
-                           .where(i.c.link_code == link_code)).first()
+    link = session.execute(_LINK, {"link_code": link_code}).first()
     if link is None:
         raise NotFound("link_code", "no tracking link with this code")
     if not link.activa:
@@ -41,10 +46,10 @@ def record_click(session: Session, link_code: str, *, ip: IPAddress | None, user
     click_id, clicked_at = new_id(), now or utcnow()
     user_agent = user_agent[:500] if user_agent else None
     referrer = referrer[:2000] if referrer else None
-    session.execute(tables.clicks.insert().values(
-        id=click_id, link_code=link_code, affiliate_id=link.afiliado_id, campaign_id=link.campana_id,
-        clicked_at=clicked_at, ip=None if ip is None else str(ipaddress.ip_address(ip)), user_agent=user_agent,
-        referrer=referrer, visitor_id=visitor_id))
+    session.execute(_INSERT_CLICK, {
+        "id": click_id, "link_code": link_code, "affiliate_id": link.afiliado_id, "campaign_id": link.campana_id,
+        "clicked_at": clicked_at, "ip": None if ip is None else str(ipaddress.ip_address(ip)),
+        "user_agent": user_agent, "referrer": referrer, "visitor_id": visitor_id})
     # The IP stays in the clicks table (personal data): the event carries what analytics needs.
     event = OutgoingEvent(TOPIC, "ClickRecorded", click_id, {
         "click_id": click_id, "link_code": link_code, "affiliate_id": link.afiliado_id,

@@ -37,6 +37,9 @@ class AccessControl:
     limits: Limits | None = None
     # Per bucket, what is counted: "key" (the caller's key id) and/or "ip" (the client's address).
     limit_subjects: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # False when `limits` counts in this process only (no Redis): a public route's limit then
+    # never blocks, so it runs on the event loop instead of paying a hop to the thread pool.
+    limits_may_block: bool = True
 
     def rule_for(self, method: str, path: str) -> Rule:
         rule = self.rules.get(("GET" if method == "HEAD" else method, path))
@@ -75,7 +78,7 @@ async def current_principal(request: Request) -> Principal:
     authorization = request.headers.get("authorization")
     signed = signature is not None and authorization is None and rule.signed and access.signed_requests is not None
     body = await request.body() if signed and not rule.public else None
-    if rule.public and (rule.limit is None or access.limits is None):  # nothing that may block
+    if rule.public and (rule.limit is None or access.limits is None or not access.limits_may_block):
         return _admit(access, rule, address, signature, authorization, body)
     # Authentication and the rate limits may each block (a key lookup, a Redis round trip): one hop
     # to the thread pool for all of them, not one each (a postback took three).
