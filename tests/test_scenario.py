@@ -6,6 +6,7 @@ platform restarted "two days later" with ALPES_CONVERSIONES_CLOCK_OFFSET_SECONDS
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from decimal import ROUND_HALF_UP, Decimal
 from urllib.parse import parse_qs, urlsplit
@@ -261,6 +262,12 @@ def test_alpes_demo_loads_a_scenario_into_a_running_platform(tmp_path):
         result = CliRunner().invoke(app, ["demo", "--conversions", "6", "--timeout", "60"], env=env)
         assert result.exit_code == 0, result.output
         assert "6 clicks, 6 conversions" in result.output
+        # It says how long each stage took, from the first click to the last commission approved.
+        timings = re.search(r"seconds from the first click: postbacks answered ([\d.]+), commissions calculated "
+                            r"([\d.]+), commissions approved ([\d.]+)", result.output)
+        assert timings is not None, result.output
+        answered, calculated, approved = map(float, timings.groups())
+        assert answered <= calculated <= approved
         [campana] = [c for c in platform.get("marketing", "/campanas")["campanas"] if c["nombre"].startswith("Demo ")]
         assert f"/reportes/campanas/{campana['id']}?agrupar=total" in result.output
         # Validations and commissions reach the report through different consumers: wait for both.

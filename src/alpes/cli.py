@@ -243,6 +243,8 @@ def demo(url_base: str = typer.Option("http://127.0.0.1", help="scheme and host 
         raise typer.Exit(1) from error
     typer.echo(f"campaign {result.campana_id}: {len(result.afiliados)} affiliates, {result.clicks} clicks, "
                f"{len(result.conversions)} conversions, {result.pagos} payouts")
+    if result.seconds:
+        typer.echo("seconds from the first click: " + ", ".join(f"{what} {s}" for what, s in result.seconds.items()))
     for what, link in result.urls.items():
         typer.echo(f"  {what:<16} {link}")
     typer.echo("In the web console:")

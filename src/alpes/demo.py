@@ -8,9 +8,11 @@ sent twice), then a payout run. Prints where to look.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TypeVar
@@ -22,6 +24,7 @@ from .contract import SERVICES
 
 T = TypeVar("T")
 AFFILIATES = ("ana", "beto", "caro")
+DEMO_WORKERS = 8  # customers clicking and buying at the same time
 REGLAS = {"reglas": [{"tipo": "cps", "porcentaje": "20", "min_aprobadas": 2}, {"tipo": "cps", "porcentaje": "10"}]}
 
 
@@ -39,6 +42,9 @@ class DemoResult:
     urls: dict[str, str] = field(default_factory=dict)
     # The web console's pages for each role, and how that role gets in (role -> (url, how)).
     console: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # Seconds from the first click until: every postback answered, every commission calculated,
+    # every commission approved (the approval job runs every ALPES_APPROVAL_INTERVAL_SECONDS).
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def console_urls(console: str, campana_id: str, afiliados: dict[str, str]) -> dict[str, tuple[str, str]]:
@@ -107,33 +113,58 @@ def run_demo(url_base: str, ports: dict[str, int], conversions: int = 200,
                                                    json={"afiliado_id": a})).status_code in (200, 201)
                 and r.json()["link_code"], f"{name} enrolled", timeout)
             tell("affiliates", n + 1, len(AFFILIATES))
-        for n in range(conversions):
+        def convert(client: httpx.Client, n: int) -> str:
             name = AFFILIATES[n % len(AFFILIATES)]
-            http.cookies.clear()  # a new customer: a new visitor, whose clicks compete only with its own
-            redirect = _wait(lambda c=links[name]: (r := http.get(url["conversiones"] + f"/r/{c}",
-                                                                  headers={"User-Agent": "alpes-demo"},
-                                                                  follow_redirects=False)).status_code == 302 and r,
+            client.cookies.clear()  # a new customer: a new visitor, whose clicks compete only with its own
+            redirect = _wait(lambda c=links[name]: (r := client.get(url["conversiones"] + f"/r/{c}",
+                                                                    headers={"User-Agent": "alpes-demo"},
+                                                                    follow_redirects=False)).status_code == 302 and r,
                              f"{name}'s tracking link", timeout)
-            result.clicks += 1
             [click_id] = parse_qs(urlsplit(redirect.headers["location"]).query)["alpes_click_id"]
             value = Decimal(50 + (n * 37) % 400) + Decimal("0.99")
             body = {"click_id": click_id, "user_id": f"cliente-{n}", "conversion_value": str(value),
                     "conversion_type": "sale", "order_id": f"demo-{run}-{n}"}
-            conversion = _ok(http.post(url["conversiones"] + "/conversiones", json=body))["id"]
+            conversion = _ok(client.post(url["conversiones"] + "/conversiones", json=body))["id"]
             # the first postback is sent twice: same order_id, same conversion
-            if n == 0 and _ok(http.post(url["conversiones"] + "/conversiones", json=body))["id"] != conversion:
+            if n == 0 and _ok(client.post(url["conversiones"] + "/conversiones", json=body))["id"] != conversion:
                 raise DemoError("a duplicate postback got a new conversion id")
-            result.conversions.append(conversion)
-            tell("conversions", n + 1, conversions)
+            return conversion
 
-        def commissions() -> int:
+        # Customers arrive side by side (a few at a time, as shoppers do): one client each worker,
+        # so each keeps its own cookie jar and connection.
+        local = threading.local()
+        clients: list[httpx.Client] = []
+
+        def convert_in_worker(n: int) -> str:
+            if not hasattr(local, "client"):
+                local.client = httpx.Client(timeout=30)
+                clients.append(local.client)
+            return convert(local.client, n)
+
+        started = time.monotonic()
+        try:
+            with ThreadPoolExecutor(max_workers=DEMO_WORKERS) as pool:
+                for n, conversion in enumerate(pool.map(convert_in_worker, range(conversions))):
+                    result.clicks += 1
+                    result.conversions.append(conversion)
+                    tell("conversions", n + 1, conversions)
+        finally:
+            for client in clients:
+                client.close()
+
+        result.seconds["postbacks answered"] = round(time.monotonic() - started, 1)
+
+        def commissions() -> bool:
             comisiones = http.get(url["marketing"] + "/comisiones", params={"campana_id": campana, "limit": 10000}).json()["comisiones"]
             mine = {c["conversion_id"]: c["estado"] for c in comisiones}
+            if "commissions calculated" not in result.seconds and all(c in mine for c in result.conversions):
+                result.seconds["commissions calculated"] = round(time.monotonic() - started, 1)
             done = sum(1 for c in result.conversions if mine.get(c) == "aprobada")
             tell("commissions", done, len(result.conversions))
             return done == len(result.conversions)
         if result.conversions:
             _wait(commissions, "the commissions to be approved", timeout)
+            result.seconds["commissions approved"] = round(time.monotonic() - started, 1)
         pagos = _ok(http.post(url["marketing"] + "/pagos", json={}))["pagos"]
         result.pagos = sum(1 for p in pagos if p["afiliado_id"] in result.afiliados.values())
         tell("payouts", 1, 1)

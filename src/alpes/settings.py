@@ -139,7 +139,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
     # Commission lifecycle (marketing): how often pending commissions past their lock period are
     # approved, how often payouts are created, and the least a payout may pay (in its currency).
-    approval_interval_seconds: float = Field(30.0, gt=0)
+    # Every 5 s: a campaign without a lock period sees its commissions approved within seconds; an
+    # idle run is one indexed read.
+    approval_interval_seconds: float = Field(5.0, gt=0)
     payout_interval_seconds: float = Field(3600.0, gt=0)
     payout_threshold: Decimal = Field(Decimal("50.00"), ge=0, decimal_places=2)
     # The conversion → commission saga (conversiones): how long it waits for marketing's answer
