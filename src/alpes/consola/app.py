@@ -21,7 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..authorization import CONSOLE_PAGES
-from ..kernel.http import ProxyHeaders
+from ..kernel.http import NO_NATIVE_TELEMETRY, ProxyHeaders
 from ..kernel.proxies import parse_networks
 from ..settings import Settings
 from . import live, pages_advertiser, pages_affiliate, pages_operator, signin
@@ -184,7 +184,7 @@ def build(settings: Settings, *, urls: dict[str, str] | None = None, idle_second
             yield
 
     app = FastAPI(title="AlpesPartner console", docs_url=None, redoc_url=None, openapi_url=None,
-                  lifespan=lifespan, dependencies=[Depends(guard)])
+                  lifespan=lifespan, dependencies=[Depends(guard)], telemetry=NO_NATIVE_TELEMETRY)
     app.state.settings = settings
     app.state.service_urls = urls or service_urls(settings)
     app.state.sessions = SessionStore(idle_seconds if idle_seconds is not None else settings.consola_idle_minutes * 60)
