@@ -26,6 +26,8 @@ the saga stays completed.
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -126,7 +128,17 @@ def load(session: Session, saga_id: str, lock: bool = False):
 
 
 def _set(session: Session, saga_id: str, now: datetime, **values) -> None:
-    session.execute(update(tables.sagas).where(tables.sagas.c.saga_id == saga_id).values(updated_at=now, **values))
+    values["updated_at"] = now
+    session.execute(_set_statement(tuple(sorted(values))),
+                    {"where_saga_id": saga_id, **{f"new_{column}": value for column, value in values.items()}})
+
+
+@functools.lru_cache(maxsize=32)
+def _set_statement(columns: tuple[str, ...]):
+    """The UPDATE of these saga columns, built once per set of columns (a handful exist)."""
+    sagas = tables.sagas
+    return update(sagas).where(sagas.c.saga_id == bindparam("where_saga_id")).values(
+        {column: bindparam(f"new_{column}", type_=sagas.c[column].type) for column in columns})
 
 
 # Built once (not per call: SQLAlchemy's statement building was a postback's hot spot).
