@@ -293,3 +293,77 @@ def test_racing_conversions_never_exceed_the_campaign_budget(db_url, registry):
         assert sum(1 for r in rows if r.limitado_por is None) == 31
     finally:
         db.dispose()
+
+
+def test_conversions_handled_back_to_back_each_get_their_own_commission(db_url, registry):
+    """Marketing's consumer takes a batch in one transaction, with its statements built once and the
+    campaign and its rules read once per transaction: each conversion still gets the commission of
+    its own campaign, rules and caps, its answer to the saga says what was stored, and a rule change
+    made in the same transaction applies to the conversions after it."""
+    from alpes.kernel.inbox import InboxProcessor
+    from alpes.kernel.outbox import Outbox
+    from alpes.marketing import commission_rules, consumers, webhooks
+
+    migrate(db_url, "alpes.marketing:migrations")
+    db = Database(db_url)
+    try:
+        outbox = Outbox(marketing_tables.outbox, registry)
+        outbox.on_add.append(webhooks.queue_for_own_events)  # as the service does
+        [spec] = [s for s in consumers.consumer_specs()
+                  if (s.topic, s.subscription) == ("conversiones.eventos", "marketing-consumer")]
+        consumer = InboxProcessor(db, marketing_tables.inbox, outbox, "marketing-consumer", spec.handlers)
+        with db.transaction() as session:
+            a, _ = campaigns.create_campana(session, SYSTEM_PRINCIPAL, domain.NuevaCampana("A", Decimal("10"), "EUR"))
+            b, _ = campaigns.create_campana(session, SYSTEM_PRINCIPAL, domain.NuevaCampana(
+                "B", Decimal("20"), "EUR", presupuesto=Decimal("25.00")))
+            commission_rules.replace_reglas(session, a, (domain.Regla("cpa", monto=Decimal("7.50"),
+                                                                      conversion_type="lead"),),
+                                            None, caller=SYSTEM_PRINCIPAL)
+        later = datetime.now(timezone.utc) + timedelta(minutes=1)  # after every rule version above
+
+        def validated(campana: str, tipo: str = "sale", afiliado: str = "a1", event_type="ConversionValidated",
+                      conversion_id: str | None = None):
+            payload = {"conversion_id": conversion_id or new_id(), "affiliate_id": afiliado, "campaign_id": campana,
+                       "conversion_value": Decimal("100.00"), "currency": "EUR", "conversion_type": tipo,
+                       "timestamp": later, "click_id": None, "converted_at": later}
+            return _incoming("conversiones.eventos", event_type, payload["conversion_id"], payload)
+
+        batch = [validated(a), validated(b), validated(a, "lead", "a2"), validated(b, afiliado="a2")]
+        batch.append(validated(a, event_type="CommissionRequested", conversion_id=batch[0].payload["conversion_id"]))
+        assert set(consumer.process(batch).values()) == {None}
+        k = marketing_tables.comisiones
+        with db.read() as session:
+            rows = {r.conversion_id: r for r in session.execute(select(k))}
+        # A has a rule version (leads only): its sales earn the campaign percentage under version 1.
+        expected = [(a, "a1", Decimal("10.00"), 1, None), (b, "a1", Decimal("20.00"), 0, None),
+                    (a, "a2", Decimal("7.50"), 1, None), (b, "a2", Decimal("5.00"), 0, "presupuesto")]
+        assert len(rows) == 4
+        for event, (campana, afiliado, monto, version, limitado_por) in zip(batch, expected):
+            row = rows[event.payload["conversion_id"]]
+            assert (row.campana_id, row.afiliado_id, row.monto, row.version_reglas, row.limitado_por) == (
+                campana, afiliado, monto, version, limitado_por)
+        with db.read() as session:
+            answers = [registry.decode(r.event_type, r.payload, r.schema_version) for r in session.execute(
+                select(marketing_tables.outbox).where(marketing_tables.outbox.c.event_type == "ComisionRegistrada")
+                .order_by(marketing_tables.outbox.c.id))]
+        # One answer per request, the repeated request answered like the first, each as stored.
+        assert [x["conversion_id"] for x in answers] == [e.payload["conversion_id"] for e in batch]
+        for answer in answers:
+            row = rows[answer["conversion_id"]]
+            assert (answer["comision_id"], answer["campana_id"], answer["afiliado_id"], answer["monto"],
+                    answer["moneda"], answer["limitado_por"]) == (
+                row.id, row.campana_id, row.afiliado_id, row.monto, row.moneda, row.limitado_por)
+
+        # A new rule version in the middle of a transaction: the conversions after it earn by it.
+        before, after = validated(a, afiliado="a3"), validated(a, afiliado="a3")
+        with db.transaction() as session:
+            commissions.answer_comision_request(session, before)
+            commission_rules.replace_reglas(session, a, (domain.Regla("cps", porcentaje=Decimal("50")),), None,
+                                            caller=SYSTEM_PRINCIPAL)
+            commissions.answer_comision_request(session, after)
+        with db.read() as session:
+            montos = dict(session.execute(select(k.c.conversion_id, k.c.monto).where(k.c.afiliado_id == "a3")).all())
+        assert (montos[before.payload["conversion_id"]], montos[after.payload["conversion_id"]]) == (
+            Decimal("10.00"), Decimal("50.00"))
+    finally:
+        db.dispose()

@@ -618,3 +618,36 @@ def test_routes_refuse_bad_urls_and_kinds_naming_the_field_and_keep_tenants_apar
     assert client.delete(path, headers=bearer(op)).status_code == 204
     assert client.get(path, headers=bearer(adv_a)).status_code == 404
     runtime.db.dispose()
+
+
+def test_whether_any_endpoint_exists_is_asked_again_in_each_transaction_and_after_a_creation(world):
+    """Marketing asks once per transaction whether any endpoint exists at all (the common case: none,
+    no delivery): an endpoint created later in the same transaction, or in the next one, gets the
+    events that follow it."""
+    db, outbox, now = world["db"], world["outbox"], world["now"]
+    e = tables.webhook_entregas
+    operator = Principal("ko", OPERATOR)
+
+    def create(session) -> str:
+        return webhooks.create_webhook(session, operator, url="https://hooks.example/in",
+                                       eventos=["commission.created"], descripcion=None, habilitado=True, now=utcnow(),
+                                       private_ok=True, resolver=public_dns({"hooks.example": ["93.184.216.34"]}))
+
+    unseen, seen = _comision("ComisionCalculada", "c1", CA, X, now), _comision("ComisionCalculada", "c2", CA, X, now)
+    with db.transaction() as session:
+        outbox.add(session, [unseen])  # no endpoint yet: nothing owed
+        webhook_id = create(session)
+        outbox.add(session, [seen])
+    with db.read() as session:
+        assert session.execute(select(e.c.webhook_id, e.c.event_id)).all() == [(webhook_id, seen.event_id)]
+    with db.transaction() as session:
+        webhooks.delete_webhook(session, operator, webhook_id)
+    with db.transaction() as session:
+        outbox.add(session, [_comision("ComisionCalculada", "c3", CA, X, now)])  # none again
+    with db.transaction() as session:  # another transaction (another instance, say)
+        second = create(session)
+    third = _comision("ComisionCalculada", "c4", CA, X, now)
+    with db.transaction() as session:
+        outbox.add(session, [third])
+    with db.read() as session:
+        assert session.execute(select(e.c.webhook_id, e.c.event_id)).all() == [(second, third.event_id)]

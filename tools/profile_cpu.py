@@ -1,7 +1,8 @@
-"""CPU per item of the two hottest paths, in-process, one thread, scratch SQLite (issue 11).
+"""CPU per item of the hottest paths, in-process, one thread, scratch SQLite (issue 11).
 
     .venv/bin/python tools/profile_cpu.py postbacks [--count 2000] [--profile]
     .venv/bin/python tools/profile_cpu.py audit [--count 10000] [--profile]
+    .venv/bin/python tools/profile_cpu.py commissions [--count 5000] [--caps] [--profile]
 
 `postbacks`: conversiones' `receive_postback` (the command behind POST /conversiones, no HTTP),
 each a new order id of a known campaign and affiliate: ConversionDetected + ConversionValidated,
@@ -9,7 +10,17 @@ the saga's steps, the projections, the outbox. `audit`: `--count` conversiones e
 auditoria's audit-consumer (InboxProcessor, batches of 200 as a ConsumerWorker hands them), then
 the EventoAuditado each produced through the compliance-consumer. Prints the thread's CPU
 milliseconds per item and SQL statements per item; `--profile` adds cProfile's top functions.
-The first 50 postbacks (5 batches) warm caches and are not counted. Nothing here is used by the platform.
+`commissions`: marketing's consumers (the service as built, with its webhook hooks), fed what the
+platform hands them for each conversion, in batches of 100 conversions (200 messages, as a
+ConsumerWorker hands them): ConversionDetected + ConversionValidated to the marketing-consumer
+(the saga's answer, the commission, webhooks) and the analytics-consumer, then the
+ComisionCalculada each wrote to its outbox to the reporting- and payment-consumers. Per consumer
+and in all: CPU milliseconds and SQL statements per conversion. `--caps`: the campaign has a budget
+and a rule version with a monthly per-affiliate cap (more reads per commission; the bench's has neither).
+All its conversions are one affiliate's in one campaign: each commission counts that affiliate's
+commissions of the month, so the figures grow somewhat with `--count`; compare runs of one count.
+The first 50 postbacks, and the first 5 batches of the other workloads, warm caches and are not
+counted. Nothing here is used by the platform.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ from decimal import Decimal
 from importlib import import_module
 from pathlib import Path
 
-from sqlalchemy import event as sa_event, select
+from sqlalchemy import event as sa_event, func, select
 
 WARMUP = 50
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
@@ -165,6 +176,116 @@ def audit(count: int, profile: bool) -> None:
         db.dispose()
 
 
+def commissions(count: int, profile: bool, caps: bool) -> None:
+    from alpes.kernel.codec import SchemaRegistry
+    from alpes.kernel.inbox import InboxProcessor
+    from alpes.kernel.messages import IncomingEvent
+    from alpes.marketing import domain, tables
+    from alpes.settings import Settings
+
+    batch = 100  # conversions: 200 conversiones.eventos messages, a ConsumerWorker's batch
+    with tempfile.TemporaryDirectory() as scratch:
+        settings = Settings(data_dir=Path(scratch), broker_url="pulsar://127.0.0.1:1")
+        _app, runtime = import_module("alpes.marketing.service").build(settings)
+        registry: SchemaRegistry = runtime.registry
+        with runtime.db.transaction() as session:
+            session.execute(tables.campanas.insert().values(
+                id="k1", nombre="n", porcentaje_comision=Decimal("10"), moneda="EUR", estado=domain.ACTIVA,
+                creada_en=NOW - timedelta(days=365), fecha_inicio=NOW - timedelta(days=365),
+                fecha_fin=NOW + timedelta(days=3650), landing_url="https://shop.example.com/v",
+                presupuesto=Decimal("100000000.00") if caps else None))
+            session.execute(tables.afiliados.insert().values(afiliado_id="a1", estado=domain.HABILITADO,
+                                                             actualizado_en=NOW))
+            if caps:
+                session.execute(tables.reglas_comision.insert().values(
+                    campana_id="k1", version=1, vigente_desde=NOW - timedelta(days=30), tope_monto=Decimal("1000000"),
+                    tope_periodo="mes", reglas='[{"tipo": "cps", "monto": null, "porcentaje": "12", '
+                                               '"conversion_type": null, "afiliado_id": null, "min_aprobadas": null}]'))
+        specs = {(s.topic, s.subscription): s for s in runtime.consumer_specs}
+        consumers = {name: InboxProcessor(runtime.db, runtime.inbox_table, runtime.outbox, name,
+                                          specs[(topic, name)].handlers)
+                     for topic, name in (("conversiones.eventos", "marketing-consumer"),
+                                         ("conversiones.eventos", "analytics-consumer"),
+                                         ("comisiones.eventos", "reporting-consumer"),
+                                         ("comisiones.eventos", "payment-consumer"))}
+        statements = _statements(runtime.db.engine)
+        spent = {name: [0.0, 0] for name in consumers}
+        outbox_seen = [0]
+
+        def conversion_events(i: int) -> list[IncomingEvent]:
+            events = []
+            for n in range(batch):
+                k = f"cv-{i}-{n}"
+                at = datetime.now(timezone.utc)
+                detected = {"conversion_id": k, "affiliate_id": "a1", "campaign_id": "k1", "user_id": f"u{k}",
+                            "conversion_value": Decimal("80.00"), "conversion_type": "sale", "timestamp": at,
+                            "order_id": f"o{k}", "currency": "EUR"}
+                validated = {"conversion_id": k, "affiliate_id": "a1", "campaign_id": "k1",
+                             "conversion_value": Decimal("80.00"), "currency": "EUR", "conversion_type": "sale",
+                             "timestamp": at, "click_id": None, "converted_at": at}
+                for event_type, payload in (("ConversionDetected", detected), ("ConversionValidated", validated)):
+                    events.append(IncomingEvent("conversiones.eventos", "", f"{event_type}-{k}", event_type, 2, k,
+                                                at, k, k, payload))
+            return events
+
+        def emitted_commissions() -> list[IncomingEvent]:
+            """What the relay would publish on comisiones.eventos since the last call, decoded."""
+            o = tables.outbox
+            with runtime.db.read() as session:
+                rows = session.execute(select(o).where(o.c.id > outbox_seen[0], o.c.topic == "comisiones.eventos")
+                                       .order_by(o.c.id)).mappings().all()
+                outbox_seen[0] = session.scalar(select(func.max(o.c.id))) or 0
+            return [IncomingEvent(r["topic"], "", r["event_id"], r["event_type"], r["schema_version"],
+                                  r["partition_key"], r["occurred_at"], r["correlation_id"], r["causation_id"],
+                                  registry.decode(r["event_type"], r["payload"], r["schema_version"]), r["payload"])
+                    for r in rows]
+
+        def feed(name: str, events: list[IncomingEvent], counted: bool) -> None:
+            before_cpu, before_sql = time.thread_time(), statements[0]
+            verdicts = consumers[name].process(events)
+            if counted:
+                spent[name][0] += time.thread_time() - before_cpu
+                spent[name][1] += statements[0] - before_sql
+            assert all(v is None for v in verdicts.values()), verdicts
+
+        def run(i: int) -> None:
+            counted = i >= 0
+            events = conversion_events(i)
+            feed("marketing-consumer", events, counted)
+            feed("analytics-consumer", events, counted)
+            commissions = emitted_commissions()
+            assert len(commissions) == batch, len(commissions)
+            feed("reporting-consumer", commissions, counted)
+            feed("payment-consumer", commissions, counted)
+
+        batches = max(1, count // batch)
+        for i in range(5):  # warm-up batches, not counted
+            run(-1 - i)
+        profiler = cProfile.Profile() if profile else None
+        if profiler:
+            profiler.enable()
+        for i in range(batches):
+            run(i)
+        if profiler:
+            profiler.disable()
+        conversions = batches * batch
+        for name, (cpu, sql) in spent.items():
+            print({"what": name, "cpu_ms_per_conversion": round(cpu * 1000 / conversions, 4),
+                   "sql_statements_per_conversion": round(sql / conversions, 3)})
+        print({"what": "all four consumers", "conversions": conversions, "caps": caps,
+               "cpu_ms_per_conversion": round(sum(c for c, _ in spent.values()) * 1000 / conversions, 4),
+               "sql_statements_per_conversion": round(sum(s for _, s in spent.values()) / conversions, 3)})
+        if profiler:
+            pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        k = tables.comisiones
+        with runtime.db.read() as session:
+            booked = session.execute(select(func.count(), func.sum(k.c.monto))).one()
+            ledger = session.scalar(select(func.count()).select_from(tables.ledger_pagos))
+        print({"commissions": booked[0], "amount": str(booked[1]), "ledger_rows": ledger})
+        runtime.db.dispose()
+
+
 def _measure_batches(label, batches, batch, run, statements, profile):
     result = _measure(label + f" per batch of {batch}", batches, run, statements, profile, warmup=5)
     print({"what": label, "cpu_ms_per_event": round(result["cpu_ms_per_item"] / batch, 4),
@@ -173,12 +294,15 @@ def _measure_batches(label, batches, batch, run, statements, profile):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("workload", choices=["postbacks", "audit"])
+    parser.add_argument("workload", choices=["postbacks", "audit", "commissions"])
     parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--caps", action="store_true", help="commissions: a campaign budget and a capped rule set")
     args = parser.parse_args()
     if args.workload == "postbacks":
         postbacks(args.count or 2000, args.profile)
+    elif args.workload == "commissions":
+        commissions(args.count or 5000, args.profile, args.caps)
     else:
         audit(args.count or 10000, args.profile)
 

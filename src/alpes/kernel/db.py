@@ -284,6 +284,26 @@ def bulk_insert(session: Session, table: Table, rows: list[dict]) -> None:
     connection.exec_driver_sql(str(compiled), values)
 
 
+def once_per_transaction(session: Session, key: str, read):
+    """`read(session)`, done once per transaction and kept in `session.info[key]` (a consumer's
+    batch reads it once, not per event). For what nobody else can change before the commit (a row
+    this transaction locked, or one whose writers take a lock this transaction holds), or whose
+    value as of the first read is right for the whole transaction (the caller says why); and for
+    what this transaction does not change itself, or drops with `forget_in_transaction` when it
+    does. Kept for the innermost transaction it was read in: a savepoint begun, rolled back or
+    released since means a new read."""
+    transaction = session.get_nested_transaction() or session.get_transaction()
+    kept = session.info.get(key)
+    if kept is None or kept[0] is not transaction:
+        kept = session.info[key] = (transaction, read(session))
+    return kept[1]
+
+
+def forget_in_transaction(session: Session, key: str) -> None:
+    """Drop what `once_per_transaction` kept under `key`: this transaction changed it."""
+    session.info.pop(key, None)
+
+
 def upsert_add(session: Session, table: Table, keys: dict, increments: dict) -> None:
     """INSERT the row or add `increments` to its columns, atomically (counters, totals)."""
     dialect = session.get_bind().dialect.name

@@ -117,8 +117,9 @@ class InboxProcessor:
             if fresh:
                 session.execute(self._inbox_insert, [self._inbox_row(e) for e in fresh])
             # The batch's events go to the outbox in one statement at its end (same transaction,
-            # same order), unless the outbox has hooks that want each event as it is added.
-            emitted: list[dict] | None = None if self.outbox.on_add else []
+            # same order); the outbox's hooks (marketing's webhook deliveries) run as each
+            # handler emits them.
+            emitted: list[dict] = []
             for event in fresh:
                 with self.tracing.consuming(event, self.subscription) as traceparent:
                     outcome.processed += self._handle(session, event, traceparent, emitted)
@@ -166,6 +167,7 @@ class InboxProcessor:
             self.outbox.add(session, emitted, traceparent=traceparent)
         else:
             emitted_rows.extend(self.outbox.rows(emitted, traceparent=traceparent))
+            self.outbox.run_hooks(session, emitted)
         return 1
 
     def _inbox_row(self, event: IncomingEvent) -> dict:

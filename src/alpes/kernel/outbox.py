@@ -119,6 +119,12 @@ class Outbox:
         rows = self.rows(events, actor, traceparent)
         if rows:
             session.execute(self._insert, rows)
+            self.run_hooks(session, events)
+
+    def run_hooks(self, session: Session, events: Sequence[OutgoingEvent]) -> None:
+        """The `on_add` hooks for `events`, which this transaction writes (by `add`, or by `write`
+        with their `rows`: the caller runs the hooks then, as each handler emits them)."""
+        if events:
             for hook in self.on_add:
                 hook(session, events)
 
@@ -152,9 +158,9 @@ class Outbox:
         return rows
 
     def write(self, session: Session, rows: Sequence[dict]) -> None:
-        """Insert rows made by `rows`, in their order (the relay publishes by id). Only for an
-        outbox without `on_add` hooks: they need the events, at the moment they are added."""
-        assert not self.on_add, "an outbox with on_add hooks takes its events through add()"
+        """Insert rows made by `rows`, in their order (the relay publishes by id), in the
+        transaction whose handlers emitted them; their events' hooks are the caller's to run
+        (`run_hooks`), in that transaction."""
         if rows:
             session.execute(self._insert, list(rows))
 

@@ -13,7 +13,7 @@ from sqlalchemy import exists, false, func, select, update
 from sqlalchemy.orm import Session
 
 from alpes.kernel.access import ADVERTISER, AFFILIATE, OPERATOR, SYSTEM, Principal
-from alpes.kernel.db import where_equal
+from alpes.kernel.db import forget_in_transaction, where_equal
 from alpes.kernel.errors import Conflict, NotAllowed, NotFound, RuleViolated
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent, new_id, utcnow
 from alpes.kernel.money import MINOR_UNITS, check_places
@@ -174,7 +174,20 @@ def owned_campana(session: Session, caller: Principal, campana_id: str, *, lock:
     row = session.execute(query.with_for_update() if lock else query).mappings().first()
     if row is None:
         raise NotFound("campana_id", "no campaign with this id")
+    if lock:  # about to change it or its rules: what this transaction kept of them is no longer true
+        forget_in_transaction(session, kept_campana_key(campana_id))
+        forget_in_transaction(session, kept_reglas_key(campana_id))
     return row
+
+
+# What a transaction that locked a campaign keeps of it and of its rule versions (commissions.py,
+# kernel.db.once_per_transaction): every change to either locks the row here first, and drops them.
+def kept_campana_key(campana_id: str) -> str:
+    return f"marketing.campana.{campana_id}"
+
+
+def kept_reglas_key(campana_id: str) -> str:
+    return f"marketing.reglas.{campana_id}"
 
 
 def visible_to(query, caller: Principal):

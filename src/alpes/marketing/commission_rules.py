@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from decimal import Decimal
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from alpes.kernel.access import AFFILIATE, Principal
@@ -16,10 +16,13 @@ from . import campaigns, domain, tables
 from .topics import MARKETING
 
 
+# Built once, values bound at execution: read for every commission booked (issue 11).
+_VERSIONES = select(tables.reglas_comision).where(tables.reglas_comision.c.campana_id == bindparam("campana_id")) \
+    .order_by(tables.reglas_comision.c.version)
+
+
 def load_versiones(session: Session, campana_id: str) -> list[domain.ConjuntoReglas]:
-    r = tables.reglas_comision
-    return [_conjunto(row) for row in session.execute(
-        select(r).where(r.c.campana_id == campana_id).order_by(r.c.version)).mappings()]
+    return [_conjunto(row) for row in session.execute(_VERSIONES, {"campana_id": campana_id}).mappings()]
 
 
 def replace_reglas(session: Session, campana_id: str, reglas: tuple[domain.Regla, ...],

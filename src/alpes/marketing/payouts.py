@@ -199,19 +199,20 @@ def list_pagos(session: Session, principal: Principal, limit: int, offset: int, 
 # -- payment-consumer on comisiones.eventos: the ledger is what the platform owes each affiliate.
 # Accruals add, reversals and payouts subtract, adjustments netted in a payout add back what the
 # payout withheld; a reversal after a payout leaves the balance negative until then.
+_LEDGER_LINE = tables.ledger_pagos.insert()  # built once: one line per commission booked or reversed
+
+
 def book_accrual(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
     p = event.payload
-    session.execute(tables.ledger_pagos.insert().values(
-        afiliado_id=p["afiliado_id"], comision_id=p["id"], tipo="devengo", monto=p["monto"], moneda=p["moneda"],
-        registrado_en=utcnow()))
+    session.execute(_LEDGER_LINE, {"afiliado_id": p["afiliado_id"], "comision_id": p["id"], "tipo": "devengo",
+                                   "monto": p["monto"], "moneda": p["moneda"], "registrado_en": utcnow()})
     return []
 
 
 def book_reversal(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
     p = event.payload
-    session.execute(tables.ledger_pagos.insert().values(
-        afiliado_id=p["afiliado_id"], comision_id=p["id"], tipo="reversion", monto=-p["monto"], moneda=p["moneda"],
-        registrado_en=utcnow()))
+    session.execute(_LEDGER_LINE, {"afiliado_id": p["afiliado_id"], "comision_id": p["id"], "tipo": "reversion",
+                                   "monto": -p["monto"], "moneda": p["moneda"], "registrado_en": utcnow()})
     return []
 
 

@@ -74,6 +74,9 @@ MONTO_POR_ESTADO = {domain.PENDIENTE: "monto_pendiente", domain.APROBADA: "monto
 _ORDEN_ESTADO = {domain.PENDIENTE: 0, domain.APROBADA: 1, domain.PAGADA: 2, domain.REVERTIDA: 3}
 
 
+_REPORTED_STATE = tables.reporte_comision_estado.insert()  # built once: one per commission
+
+
 def report_comision(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
     p = event.payload
     dia = p["timestamp"].date()
@@ -81,9 +84,8 @@ def report_comision(session: Session, event: IncomingEvent) -> list[OutgoingEven
                {"dia": dia, "campana_id": p["campana_id"], "afiliado_id": p["afiliado_id"]},
                {"comisiones": 1, "monto": p["monto"], "monto_pendiente": p["monto"], "monto_aprobado": Decimal(0),
                 "monto_pagado": Decimal(0), "monto_revertido": Decimal(0)})
-    session.execute(tables.reporte_comision_estado.insert().values(
-        comision_id=p["id"], dia=dia, campana_id=p["campana_id"], afiliado_id=p["afiliado_id"], monto=p["monto"],
-        estado=domain.PENDIENTE))
+    session.execute(_REPORTED_STATE, {"comision_id": p["id"], "dia": dia, "campana_id": p["campana_id"],
+                                      "afiliado_id": p["afiliado_id"], "monto": p["monto"], "estado": domain.PENDIENTE})
     return []
 
 

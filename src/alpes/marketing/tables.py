@@ -126,7 +126,8 @@ comisiones = Table(
     Column("click_id", String(36)),
     Index("ix_comisiones_por_aprobar", "estado", "aprobable_desde"),
     Index("ix_comisiones_por_pagar", "estado", "pago_id", "afiliado_id"),
-    Index("ix_comisiones_topes", "campana_id", "afiliado_id", "momento_conversion"),
+    # Covering: the tier count and the cap and budget sums read the index only (issue 11).
+    Index("ix_comisiones_topes_v2", "campana_id", "afiliado_id", "momento_conversion", "estado", "monto"),
 )
 
 # Commission rule sets: one row per version, never edited; the rules as ordered JSON.

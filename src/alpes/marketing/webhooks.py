@@ -35,6 +35,7 @@ from sqlalchemy import and_, delete, false, or_, select, update
 from sqlalchemy.orm import Session
 
 from alpes.kernel.access import ADVERTISER, AFFILIATE, OPERATOR, SYSTEM, Principal
+from alpes.kernel.db import forget_in_transaction, once_per_transaction
 from alpes.kernel.errors import NotFound, RuleViolated
 from alpes.kernel.inbox import Handler
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent, new_id, utcnow
@@ -117,6 +118,7 @@ def create_webhook(session: Session, caller: Principal, *, url: str, eventos: Se
     rol, propietario = _owner(caller)
     url, kinds = _checked(rol, url, eventos, private_ok, resolver)
     webhook_id = new_id()
+    forget_in_transaction(session, _ANY_ENDPOINT_KEY)
     session.execute(tables.webhooks.insert().values(
         id=webhook_id, propietario_rol=rol, propietario_id=propietario, url=url, eventos=kinds,
         descripcion=descripcion, habilitado=habilitado, fallos_consecutivos=0, secreto_version=1,
@@ -290,14 +292,28 @@ def _advertisers(session: Session, event_type: str, campana_id: str | None, anun
     return set()  # a payout of the operator's own campaigns
 
 
+_ANY_ENDPOINT = select(tables.webhooks.c.id).limit(1)  # built once: asked for most events marketing sees
+_ANY_ENDPOINT_KEY = "marketing.webhooks.any"
+
+
+def _any_endpoint(session: Session) -> bool:
+    """Whether any endpoint exists, asked once per transaction: a consumer's batch owes deliveries to
+    the endpoints there when it is handled, as of its first event (a whole batch is one unit of
+    work, as if handled at once; one created meanwhile by another transaction gets the events
+    after it, as it would have with a batch handled a moment earlier). Not kept across
+    transactions, so never stale for another instance's endpoint; one created in this transaction
+    drops it (create_webhook)."""
+    return once_per_transaction(session, _ANY_ENDPOINT_KEY, lambda s: s.execute(_ANY_ENDPOINT).first() is not None)
+
+
 def queue_deliveries(session: Session, event_id: str, event_type: str, payload: dict, occurred_at: datetime,
                      now: datetime | None = None) -> int:
     """Write the deliveries `event` owes to the endpoints subscribed to its kind (none: no row).
     Returns how many."""
     kind = KINDS.get(event_type)
     w = tables.webhooks
-    # The common case on a platform with no endpoint: one indexed probe, no campaign lookup.
-    if kind is None or session.execute(select(w.c.id).limit(1)).first() is None:
+    # The common case on a platform with no endpoint: one indexed probe per transaction, no campaign lookup.
+    if kind is None or not _any_endpoint(session):
         return 0
     objeto_id, data, campana_id, anunciante_id, afiliado_id = _view(event_type, payload)
     advertisers = _advertisers(session, event_type, campana_id, anunciante_id, afiliado_id)
