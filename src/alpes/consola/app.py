@@ -19,9 +19,10 @@ from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..authorization import CONSOLE_PAGES
-from ..kernel.http import NO_NATIVE_TELEMETRY, ProxyHeaders
+from ..kernel.http import NO_NATIVE_TELEMETRY, ProxyHeaders, read_body_within, replaying
 from ..kernel.proxies import parse_networks
 from ..settings import Settings
 from . import live, pages_advertiser, pages_affiliate, pages_operator, signin
@@ -88,35 +89,19 @@ class FormLimit:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        body, more = bytearray(), not (declared.isdigit() and int(declared) > self.max_bytes)
-        too_large = not more
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            too_large = len(body) > self.max_bytes
-            if too_large:
-                break
-        if too_large:
+        declared = dict(scope["headers"]).get(b"content-length", b"").decode("latin-1")
+        try:
+            body = await read_body_within(receive, declared, self.max_bytes)
+        except ClientDisconnect:
+            return
+        if body is None:
             page = b"<!doctype html><title>413 Form too large</title><h1>Form too large</h1>"
             await send({"type": "http.response.start", "status": 413,
                         "headers": [(b"content-type", b"text/html; charset=utf-8"),
                                     (b"content-length", str(len(page)).encode())]})
             await send({"type": "http.response.body", "body": page})
             return
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body, receive), send)
 
 
 async def guard(request: Request) -> None:

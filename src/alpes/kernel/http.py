@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AfterValidator, AwareDatetime, BeforeValidator, StringConstraints
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from .access import Forbidden, RateLimited, Unauthenticated
 from .errors import Conflict, DomainError, NotAllowed, NotFound, RuleViolated
@@ -237,6 +238,38 @@ def _declare_security(schema: dict, access: AccessControl) -> None:
                 responses.setdefault("429", {"description": "rate limited: retry after Retry-After seconds"})
 
 
+async def read_body_within(receive, declared_length: str, limit: int) -> bytes | None:
+    """The request body, read whole when it holds at most `limit` bytes; None when it holds more,
+    as its Content-Length declares or as read (never more than one chunk past the limit is held,
+    whatever Content-Length claims). ClientDisconnect when the client leaves first."""
+    if declared_length.isdigit() and int(declared_length) > limit:
+        return None
+    body, more = bytearray(), True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def replaying(body: bytes, receive):
+    """A `receive` that hands the app the body already read, then waits on the real one (for the
+    disconnect, as an app expects)."""
+    replayed = False
+
+    async def replay():
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+    return replay
+
+
 class RequestLimits:
     """ASGI middleware: a request body larger than `max_body_bytes` gets 413 and one with a body
     that is not JSON gets 415, both before the app reads a byte of it (a body is read whole only
@@ -259,47 +292,31 @@ class RequestLimits:
         if scope["method"] == "DELETE":
             await self.app(scope, receive, send)
             return
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
+        try:
+            body = await read_body_within(receive, headers.get("content-length", ""), self.max_body_bytes)
+        except ClientDisconnect:
+            return
+        if body is None:
             await self._too_large(scope, receive, send)
             return
-        body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_body_bytes:
-                await self._too_large(scope, receive, send)
-                return
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
         if body and not (media_type == "application/json" or media_type.endswith("+json")):
             await error_response(415, "content-type", f"must be application/json, not {media_type or 'missing'}")(
                 scope, receive, send)
             return
         try:
-            bytes(body).decode("utf-8")
+            body.decode("utf-8")
         except UnicodeDecodeError as error:
             await error_response(422, "body", f"not valid UTF-8 (byte {error.start})")(scope, receive, send)
             return
         # JSON that is well formed but cannot be held (nested thousands deep, a number of thousands
         # of digits): 422 naming the body, before any route parses it. Broken JSON goes on to the
         # route, which names the position.
-        problem = _json_problem(bytes(body)) if body else None
+        problem = _json_problem(body) if body else None
         if problem is not None:
             await error_response(422, "body", problem)(scope, receive, send)
             return
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()  # waits for the disconnect, as the app expects
-            replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body, receive), send)
 
     async def _too_large(self, scope, receive, send) -> None:
         await error_response(413, "body", f"request body larger than {self.max_body_bytes} bytes (ALPES_MAX_BODY_BYTES)")(
