@@ -30,6 +30,7 @@ from pathlib import Path
 
 import httpx
 import pulsar
+from tenacity import retry, retry_if_exception_type, stop_after_attempt
 
 from .ports import free_port
 
@@ -182,8 +183,15 @@ def reserve_consumer_ids(client: pulsar.Client, count: int, tenant: str = "publi
     if count <= 0:
         return
     topic = f"persistent://{tenant}/{namespace}/{ID_SPACER_TOPIC}"
+
+    # A lookup the busy broker does not answer in time (it happened at a start under load) is asked
+    # again: a timed-out attempt skips at most one more id, which the spacing leaves room for.
+    @retry(retry=retry_if_exception_type(pulsar.Timeout), stop=stop_after_attempt(3), reraise=True)
+    def open_reader(_) -> pulsar.Reader:
+        return client.create_reader(topic, pulsar.MessageId.latest)
+
     with ThreadPoolExecutor(16) as pool:
-        readers = list(pool.map(lambda _: client.create_reader(topic, pulsar.MessageId.latest), range(count)))
+        readers = list(pool.map(open_reader, range(count)))
     for reader in readers:
         reader.close()
 
