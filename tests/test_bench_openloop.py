@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from contextlib import contextmanager
 
 import pytest
 
@@ -73,9 +74,11 @@ def test_cpu_seconds_are_read_after_the_parenthesised_command_name():
     assert cpu_seconds(2 ** 22 + 12345) is None  # no such process
 
 
-def test_the_generator_sends_at_the_rate_and_reads_length_and_chunked_answers():
-    """A real socket: an HTTP/1.1 server answering alternately with Content-Length and chunked."""
-    seen: list[bytes] = []
+@contextmanager
+def _scratch_server(seen: list[bytes], close_after_answer: bool = False):
+    """A real socket: an HTTP/1.1 server answering alternately with Content-Length and chunked;
+    `close_after_answer`: it closes each connection once it answered, without saying so (as a
+    keep-alive timeout firing just as the client reuses the connection). Yields its port."""
     ready = threading.Event()
     address: list[int] = []
     stop: list[asyncio.AbstractEventLoop] = []
@@ -95,6 +98,9 @@ def test_the_generator_sends_at_the_rate_and_reads_length_and_chunked_answers():
                 else:
                     writer.write(b"HTTP/1.1 302 Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
                 await writer.drain()
+                if close_after_answer:
+                    writer.close()
+                    return
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
@@ -116,8 +122,7 @@ def test_the_generator_sends_at_the_rate_and_reads_length_and_chunked_answers():
     thread.start()
     assert ready.wait(5)
     try:
-        figures = run_at_rate(f"http://127.0.0.1:{address[0]}", 50, 0.4,
-                              lambda i: Request("POST", f"/x/{i}", (("Content-Type", "text/plain"),), b"b%d" % i))
+        yield address[0]
     finally:
         # Cancel from inside the loop's own thread, in one call: cancelling task by task from here
         # lets the loop end (and close) between two calls.
@@ -127,6 +132,13 @@ def test_the_generator_sends_at_the_rate_and_reads_length_and_chunked_answers():
 
         stop[0].call_soon_threadsafe(cancel_all)
         thread.join(5)
+
+
+def test_the_generator_sends_at_the_rate_and_reads_length_and_chunked_answers():
+    seen: list[bytes] = []
+    with _scratch_server(seen) as port:
+        figures = run_at_rate(f"http://127.0.0.1:{port}", 50, 0.4,
+                              lambda i: Request("POST", f"/x/{i}", (("Content-Type", "text/plain"),), b"b%d" % i))
     assert len(figures.outcomes) == 20
     assert sorted(seen) == sorted(b"POST /x/%d HTTP/1.1 b%d" % (i, i) for i in range(20))
     assert {o.status for o in figures.outcomes} == {200, 302}
@@ -135,3 +147,11 @@ def test_the_generator_sends_at_the_rate_and_reads_length_and_chunked_answers():
     # Sent on schedule: the last was due 19/50 s after the first, and none started before its time.
     assert figures.outcomes[-1].intended_at - figures.outcomes[0].intended_at == pytest.approx(19 / 50)
     assert all(o.started_at >= o.intended_at for o in figures.outcomes)
+
+
+def test_a_kept_alive_connection_the_server_closed_is_not_an_error_the_request_goes_on_a_new_one():
+    seen: list[bytes] = []
+    with _scratch_server(seen, close_after_answer=True) as port:
+        figures = run_at_rate(f"http://127.0.0.1:{port}", 50, 0.4, lambda i: Request("GET", f"/r/{i}", (), b""))
+    assert [o.error for o in figures.outcomes] == [None] * 20
+    assert sorted(seen) == sorted(b"GET /r/%d HTTP/1.1 " % i for i in range(20))  # each sent once, answered once
