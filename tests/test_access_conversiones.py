@@ -217,7 +217,7 @@ def test_the_caller_is_the_actor_of_the_events_it_causes(platform):
     key_id = platform.keys["A"].split("_")[2]
     assert [tuple(a) for a in actors] == [("ConversionDetected", key_id, "advertiser"),
                                           ("ConversionValidated", key_id, "advertiser"),
-                                          ("ClickRecorded", "anonymous", "anonymous")]
+                                          ("ClicksRecorded", "anonymous", "anonymous")]
 
 
 # -- hole 1: a conversion above the campaign's maximum is held -----------------------------------

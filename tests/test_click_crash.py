@@ -1,6 +1,7 @@
-"""A tracking-link click survives a kill -9 of conversiones taken right after its redirect: the click
-row and its ClickRecorded (outbox) commit, fsynced, before the 302 is sent, so a postback naming the
-click id is still attributed, and the click still reaches the audit log (issue 11)."""
+"""A tracking-link click survives a kill -9 of conversiones taken right after its redirect (issue 11).
+The redirect answers before the click's row is written (rows are written in batches within ~50 ms,
+tracking.ClickRecorder), so the kill most likely takes the row; the click id is a signed token, so a
+postback naming it is attributed all the same. Clicks after the restart are recorded and audited."""
 
 from __future__ import annotations
 
@@ -52,14 +53,28 @@ def test_a_click_redirected_just_before_a_kill_9_still_attributes_its_conversion
     [click_id] = parse_qs(urlsplit(redirect.headers["location"]).query)["alpes_click_id"]
     platform.wait_restarted("conversiones", old_pid)
 
-    # The shop posts the conversion with the click id alone: attributed through the stored click.
+    # The shop posts the conversion with the click id alone: attributed from the signed id (or the
+    # row, if its batch was written before the kill).
     answer = platform.post("conversiones", "/conversiones", {
         "click_id": click_id, "user_id": "shopper", "conversion_value": "80.00", "conversion_type": "sale",
         "order_id": "crash-1"})
     assert answer.status_code == 200, answer.text
     conversion = platform.get("conversiones", f"/conversiones/{answer.json()['id']}")
     assert (conversion["affiliate_id"], conversion["campaign_id"]) == (afiliado, campana)
-    # And the click's own event was not lost with the process: it reaches the audit log.
-    wait_until(lambda: any(e["event_type"] == "ClickRecorded" for e in
-                           platform.get("auditoria", "/auditoria/eventos", aggregate_id=click_id)["eventos"]),
-               what="the click's ClickRecorded in the audit log", diagnose=diag)
+    validated = wait_until(lambda: (c := platform.get("conversiones", f"/conversiones/{answer.json()['id']}"))[
+        "status"] != "detected" and c, what="the conversion decided", diagnose=diag)
+    assert validated["status"] == "validated", validated
+
+    # After the restart clicks are written and audited again (in ClicksRecorded batches).
+    after = platform.http.get(clicks, follow_redirects=False)
+    assert after.status_code == 302
+    [after_id] = parse_qs(urlsplit(after.headers["location"]).query)["alpes_click_id"]
+
+    def audited_clicks() -> set[str]:
+        eventos = platform.get("auditoria", "/auditoria/eventos", event_type="ClicksRecorded",
+                               aggregate_id=campana)["eventos"]
+        return {c["click_id"] for e in eventos for c in e["payload"]["clicks"]}
+    wait_until(lambda: after_id in audited_clicks(), what="the click after the restart in the audit log",
+               diagnose=diag)
+    # What the README says a kill -9 costs: the killed click's reporting row, at most.
+    print(f"click redirected just before the kill -9: row {'kept' if click_id in audited_clicks() else 'lost'}")

@@ -160,7 +160,7 @@ def test_a_conversion_seconds_after_its_click_is_held_too_fast_and_listed_on_hol
     assert client.get(f"/conversiones/{conversion_id}").json()["reason"] == "too_fast"
     assert [c["id"] for c in client.get("/conversiones", params={"status": "on_hold"}).json()["conversiones"]] == \
         [conversion_id]
-    assert _outbox_types(runtime, tables) == ["ClickRecorded", "ConversionDetected", "ConversionHeld"]
+    assert _outbox_types(runtime, tables) == ["ClicksRecorded", "ConversionDetected", "ConversionHeld"]
     history = client.get(f"/conversiones/{conversion_id}/eventos").json()["eventos"]
     assert history[-1]["event_type"] == "ConversionHeld" and history[-1]["payload"]["reason"] == "too_fast"
     # The scheduled validation leaves held conversions to the reviewer.

@@ -1,7 +1,8 @@
 """Issue 10 hole 3, conversiones side: the visitor id set in the `alpes_vid` cookie was public in
 ClickRecorded audit payloads, and replaying it as a cookie on another affiliate's link stole the
 conversion (last click). Now the cookie is `<visitor id>.<HMAC>`, an unsigned or forged one is
-ignored (a new visitor id is issued), and ClickRecorded (v3) carries only a keyed hash of the id."""
+ignored (a new visitor id is issued), and ClickRecorded (v3), then each click of ClicksRecorded,
+carries only a keyed hash of the id."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from alpes.conversiones import domain as cdomain
 def _click_events(runtime, tables) -> list[tuple[dict, int]]:
     with runtime.db.read() as session:
         rows = session.execute(select(tables.outbox.c.payload, tables.outbox.c.schema_version)
-                               .where(tables.outbox.c.event_type == "ClickRecorded")
+                               .where(tables.outbox.c.event_type == "ClicksRecorded")
                                .order_by(tables.outbox.c.id)).all()
-    return [(REGISTRY.decode("ClickRecorded", r.payload, r.schema_version), r.schema_version) for r in rows]
+    return [(click, r.schema_version) for r in rows
+            for click in REGISTRY.decode("ClicksRecorded", r.payload, r.schema_version)["clicks"]]
 
 
 def _published_visitor(payload: dict) -> str:
@@ -72,7 +74,7 @@ def test_click_recorded_carries_a_keyed_hash_never_the_visitor_id(conv):  # noqa
     client.get("/r/kfa2link", follow_redirects=False)
     visitor = client.cookies["alpes_vid"].split(".")[0]
     events = _click_events(runtime, tables)
-    assert {version for _, version in events} == {3} == {REGISTRY.latest_version("ClickRecorded")}
+    assert {version for _, version in events} == {1} == {REGISTRY.latest_version("ClicksRecorded")}
     hashes = {payload["visitor_hash"] for payload, _ in events}
     assert len(hashes) == 1 and visitor not in hashes and all(re.fullmatch(r"[0-9a-f]{32}", h) for h in hashes)
     assert all("visitor_id" not in payload for payload, _ in events)
@@ -84,7 +86,8 @@ def test_click_recorded_carries_a_keyed_hash_never_the_visitor_id(conv):  # noqa
            "timestamp": events[0][0]["timestamp"], "visitor_id": visitor}
     data, _ = REGISTRY.encode("ClickRecorded", old, 2)
     assert REGISTRY.decode("ClickRecorded", data, 2)["visitor_hash"] is None
-    new, _ = REGISTRY.encode("ClickRecorded", events[0][0], 3)
+    v3 = {k: v for k, v in old.items() if k != "visitor_id"} | {"visitor_hash": events[0][0]["visitor_hash"]}
+    new, _ = REGISTRY.encode("ClickRecorded", v3, 3)
     assert REGISTRY.decode("ClickRecorded", new, 3, 2)["visitor_id"] is None
 
 

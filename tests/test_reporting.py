@@ -3,7 +3,7 @@ day, campaign and affiliate (analytics-consumer and reporting-consumer read mode
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
@@ -24,7 +24,7 @@ DAY3 = datetime(2026, 11, 4, 8, 0, tzinfo=timezone.utc)
 def _incoming(topic: str, event_type: str, payload: dict) -> IncomingEvent:
     """Through the Avro schema, as a consumer would receive it."""
     data, version = REGISTRY.encode(event_type, payload, 1)
-    key = payload.get("id") or payload.get("click_id") or payload["conversion_id"]
+    key = payload.get("id") or payload.get("click_id") or payload.get("conversion_id") or payload["link_code"]
     return IncomingEvent(topic, "test", f"{event_type}-{key}", event_type, version, key, payload["timestamp"], "c", "c",
                          REGISTRY.decode(event_type, data, version), data)
 
@@ -66,7 +66,7 @@ def _comision(event_type: str, comision_id: str, monto: str, when: datetime) -> 
 def _feed(runtime, *events: IncomingEvent) -> None:
     for event in events:
         handler = {
-            "ClickRecorded": reporting.count_click, "ConversionDetected": reporting.count_detected,
+            "ClickRecorded": reporting.count_click, "ClicksRecorded": reporting.count_clicks, "ConversionDetected": reporting.count_detected,
             "ConversionValidated": reporting.count_validated, "ConversionRejected": reporting.count_rejected,
             "ConversionRefunded": reporting.count_refunded, "ComisionCalculada": reporting.report_comision,
             "ComisionAprobada": reporting.report_approved_comision, "ComisionPagada": reporting.report_paid_comision,
@@ -129,6 +129,19 @@ def test_each_day_shows_clicks_conversions_and_commissions_by_state_of_the_day_t
     # The day's split always adds up to what was calculated that day.
     split = sum(Decimal(lines[0][f]) for f in ("monto_pendiente", "monto_aprobado", "monto_pagado", "monto_revertido"))
     assert split == Decimal(lines[0]["monto"])
+
+
+def test_a_batch_of_clicks_counts_each_click_on_its_own_day_beside_single_click_events(marketing):
+    client, runtime, _ = marketing
+    before_midnight, after_midnight = DAY2 - timedelta(hours=9, seconds=1), DAY2 - timedelta(hours=9)
+    clicks = [{"click_id": f"b{n}", "timestamp": when, "user_agent": None, "referrer": None, "visitor_hash": None}
+              for n, when in enumerate([before_midnight] * 3 + [after_midnight] * 2)]
+    batch = _incoming("conversiones.eventos", "ClicksRecorded", {
+        "link_code": "linkcode01", "affiliate_id": "a1", "campaign_id": "k1", "timestamp": before_midnight,
+        "clicks": clicks})
+    _feed(runtime, batch, _click(0))  # an older ClickRecorded (from a backlog) still counts too
+    lines = client.get("/reportes", params={"campana_id": "k1"}).json()["reportes"]
+    assert [(r["dia"], r["clicks"]) for r in lines] == [("2026-11-02", 4), ("2026-11-03", 2)]
 
 
 def test_a_state_move_is_applied_once_and_only_forward(marketing):

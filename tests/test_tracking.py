@@ -261,11 +261,13 @@ def test_a_tracking_link_records_the_click_and_redirects_with_its_id(tracking):
                                                         "https://blog.example.org/post")
     with runtime.db.read() as session:
         [row] = session.execute(select(tables.outbox)).mappings().all()
-    event = REGISTRY.decode("ClickRecorded", row["payload"], row["schema_version"])
-    assert (row["event_type"], row["topic"], row["partition_key"]) == ("ClickRecorded", "conversiones.eventos",
-                                                                      click["id"])
+    event = REGISTRY.decode("ClicksRecorded", row["payload"], row["schema_version"])
+    assert (row["event_type"], row["topic"], row["partition_key"]) == ("ClicksRecorded", "conversiones.eventos", "k1")
     assert (event["link_code"], event["affiliate_id"], event["campaign_id"], event["timestamp"]) == \
         ("linkcodea1", "a1", "k1", NOW) and "ip" not in event
+    assert event["clicks"] == [{"click_id": click["id"], "timestamp": NOW, "user_agent": "Mozilla/5.0",
+                                "referrer": "https://blog.example.org/post", "visitor_hash": event["clicks"][0]["visitor_hash"]}]
+    assert len(event["clicks"][0]["visitor_hash"]) == 32 and "ip" not in event["clicks"][0]
     assert _click(client).status_code == 302 and _count(runtime, tables.clicks) == 2  # every click counts
 
 
@@ -373,8 +375,8 @@ def test_enroll_click_and_convert_through_the_platform(tmp_path):
         [comision] = wait_until(lambda: platform.get("marketing", "/comisiones", conversion_id=conversion["id"])
                                 ["comisiones"], what="the commission of the attributed conversion")
         assert (comision["afiliado_id"], comision["monto"]) == (afiliado, "8.00")
-        audited = wait_until(lambda: platform.get("auditoria", "/auditoria/eventos", aggregate_id=click_id)["eventos"],
-                             what="the click audited")
-        assert [e["event_type"] for e in audited] == ["ClickRecorded"]
+        audited = wait_until(lambda: platform.get("auditoria", "/auditoria/eventos", event_type="ClicksRecorded",
+                                                  aggregate_id=campana)["eventos"], what="the click audited")
+        assert [c["click_id"] for e in audited for c in e["payload"]["clicks"]] == [click_id]
     finally:
         platform.stop()

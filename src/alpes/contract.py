@@ -90,7 +90,8 @@ EVENT_TOPICS: dict[str, str] = {
     "AfiliadoReactivado": "afiliados.eventos",
     "DatosPersonalesBorrados": "afiliados.eventos",
     # conversiones
-    "ClickRecorded": "conversiones.eventos",
+    "ClickRecorded": "conversiones.eventos",  # retired (RETIRED_EVENTS)
+    "ClicksRecorded": "conversiones.eventos",
     "ConversionDetected": "conversiones.eventos",
     "ConversionValidated": "conversiones.eventos",
     "ConversionRejected": "conversiones.eventos",
@@ -146,9 +147,18 @@ SYSTEM_EVENT_PUBLISHERS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Event types no service emits any more. Their consumers still read them (messages already in a
+# backlog or retained on the topic), and their schemas stay to decode them.
+RETIRED_EVENTS: frozenset[str] = frozenset({
+    "ClickRecorded",  # one event per click; now ClicksRecorded, one per batch of a link's clicks (issue 11)
+})
+
+
 def publishers_of(event_type: str) -> tuple[str, ...]:
-    """The services that publish an event type, in SERVICES order."""
+    """The services that publish an event type, in SERVICES order (none for a retired one)."""
     topic = EVENT_TOPICS[event_type]
+    if event_type in RETIRED_EVENTS:
+        return ()
     if topic == "sistema.eventos":
         return SYSTEM_EVENT_PUBLISHERS[event_type]
     return tuple(service for service, topics in PUBLISHES.items() if topic in topics)

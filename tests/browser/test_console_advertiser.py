@@ -106,7 +106,7 @@ def test_an_advertiser_runs_a_campaign_from_creation_to_payout(console, world, b
     click_id = world.click(code)
     sale = world.postback(click_id, "80.00")
     stream = live.locator("#live-events")
-    expect(stream.locator("li", has_text=f"ClickRecorded · id {click_id}")).to_be_visible(timeout=FEW_SECONDS)
+    expect(stream.locator("li", has_text=f"ClicksRecorded · id {campana_id}")).to_be_visible(timeout=FEW_SECONDS)
     expect(stream.locator("li", has_text=f"ConversionDetected · id {sale['id']}")).to_be_visible(timeout=FEW_SECONDS)
     in_stream = time.perf_counter() - sent
     wait_until(lambda: _chart_total(report, "chart-actividad", "Clicks") == 1

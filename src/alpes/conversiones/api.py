@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, ValidationInfo, field_validator
 
 from alpes.kernel.access import LOCAL_OPERATOR, Principal
@@ -22,7 +23,7 @@ from alpes.kernel.messages import utcnow
 from alpes.kernel.money import Amount, Currency, check_places
 from alpes.kernel.runtime import ServiceRuntime
 
-from . import commands, domain, queries, saga
+from . import commands, domain, queries, saga, tracking
 from .tenancy import Tenant, tenant_of
 
 
@@ -112,22 +113,30 @@ def _figures(row) -> dict:
 
 def include_routes(runtime: ServiceRuntime, store: EventStore, grace: timedelta,
                    clock: Callable[[], datetime] = utcnow, max_conversions_per_ip: int = 5, *,
-                   visitors: domain.VisitorCookies, max_conversions_per_caller: int = 10_000):
+                   visitors: domain.VisitorCookies, clicks: tracking.ClickRecorder,
+                   max_conversions_per_caller: int = 10_000):
     """`clock` stamps clicks and conversions; tests inject one to place them in time. `visitors`
-    signs and reads the visitor cookie (keys derived from the event-signing keys)."""
+    signs and reads the visitor cookie (keys derived from the event-signing keys); `clicks` records
+    the tracking links' clicks and verifies their ids."""
     router = APIRouter(tags=["conversiones"])
 
     @router.get("/r/{link_code}", tags=["clicks"], status_code=302, response_class=RedirectResponse)
-    def redirect(link_code: str, request: Request, caller: Caller) -> RedirectResponse:
+    async def redirect(link_code: str, request: Request, caller: Caller) -> RedirectResponse:
         """A tracking link: record the click, redirect to the campaign's landing URL with `alpes_click_id`,
         and set (or renew) the visitor's `alpes_vid` cookie, which ties its clicks together for attribution.
         The cookie is signed (an unsigned or forged one is ignored: a new visitor), HttpOnly,
-        SameSite=Lax, and Secure when the click came over https (directly, or as a trusted proxy says)."""
+        SameSite=Lax, and Secure when the click came over https (directly, or as a trusted proxy says).
+        The click id is a signed token naming the link and the time, so the conversion is attributed
+        even when the click's row (written within 50 ms, after the answer) was lost to a crash."""
         visitor_id = visitors.visitor_id_or_new(request.cookies.get(domain.VISITOR_COOKIE))
-        location = commands.follow_link(
-            runtime, link_code, ip=client_address(request),
-            user_agent=request.headers.get("user-agent"), referrer=request.headers.get("referer"),
-            now=clock(), visitor_id=visitor_id, visitor_hash=visitors.visitor_hash(visitor_id), actor=caller)
+        visit = {"ip": client_address(request), "user_agent": request.headers.get("user-agent"),
+                 "referrer": request.headers.get("referer"), "now": clock(), "visitor_id": visitor_id,
+                 "visitor_hash": visitors.visitor_hash(visitor_id), "actor": caller}
+        # A link read in the last second and a click kept in memory: nothing blocks, so no hop to
+        # the thread pool; otherwise (a read, or a write when the service is not running) there.
+        location = clicks.follow_in_memory(link_code, **visit)
+        if location is None:
+            location = await run_in_threadpool(clicks.follow, link_code, **visit)
         response = RedirectResponse(location, status_code=302)
         response.set_cookie(domain.VISITOR_COOKIE, visitors.cookie_for(visitor_id),
                             max_age=domain.VISITOR_COOKIE_MAX_AGE, path="/r/", httponly=True, samesite="lax",
@@ -159,7 +168,7 @@ def include_routes(runtime: ServiceRuntime, store: EventStore, grace: timedelta,
             ip=None if body.ip is None else str(body.ip), customer_email=body.customer_email, now=clock(),
             grace=grace, max_conversions_per_ip=max_conversions_per_ip,
             caller_key=domain.caller_key(client_address(request), _api_key_id(caller)),
-            max_conversions_per_caller=max_conversions_per_caller, caller=caller)
+            max_conversions_per_caller=max_conversions_per_caller, caller=caller, clicks=clicks)
         return {"id": conversion_id, "status": status, "duplicate": not created}
 
     @router.get("/conversiones")

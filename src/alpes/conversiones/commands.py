@@ -1,4 +1,4 @@
-"""Conversiones commands: follow a tracking link, record a postback, validate pending conversions,
+"""Conversiones commands: record a postback, validate pending conversions,
 refund and review. The `*_conversion` functions work inside the caller's transaction; the others
 run their own units of work for the API and the jobs, with the caller as the events' actor. A
 postback, refund or review is only for a campaign the caller may change (tenancy.py): another
@@ -19,7 +19,6 @@ from alpes.kernel.errors import Conflict, NotAllowed, NotFound
 from alpes.kernel.eventstore import ConcurrencyConflict, EventStore
 from alpes.kernel.messages import OutgoingEvent, new_id, utcnow
 from alpes.kernel.outbox import Outbox
-from alpes.kernel.proxies import IPAddress
 from alpes.kernel.runtime import ServiceRuntime
 
 from . import domain, queries, tables, tracking
@@ -29,18 +28,6 @@ from .stream import commit_events, load_conversion
 
 # A command that meets a concurrent append to the same stream reloads and tries again this often.
 ATTEMPTS = 3
-
-
-def follow_link(runtime: ServiceRuntime, link_code: str, *, ip: IPAddress | None, user_agent: str | None,
-                referrer: str | None, now: datetime, visitor_id: str, visitor_hash: str | None = None,
-                actor: Principal | None = None) -> str:
-    """Record a click on a tracking link (ClickRecorded) and return where to redirect."""
-    with runtime.unit_of_work(actor) as (session, emit):
-        _click_id, location, events = tracking.record_click(
-            session, link_code, ip=ip, user_agent=user_agent, referrer=referrer, now=now, visitor_id=visitor_id,
-            visitor_hash=visitor_hash)
-        emit(events)
-    return location
 
 
 class IdempotencyConflict(Conflict):
@@ -58,21 +45,25 @@ def receive_postback(runtime: ServiceRuntime, store: EventStore, *, affiliate_id
                      customer_email: str | None, now: datetime, grace: timedelta,
                      max_conversions_per_ip: int, caller_key: str | None = None,
                      max_conversions_per_caller: int = 10_000,
-                     key_field: str = "order_id", caller: Principal | None = None) -> tuple[str, bool, str]:
+                     key_field: str = "order_id", caller: Principal | None = None,
+                     clicks: tracking.ClickRecorder | None = None) -> tuple[str, bool, str]:
     """A postback attributed by click_id, or by both ids, from `caller` (None: the platform). Returns
     (conversion id, created?, status). NotAllowed when the campaign is not one the caller may post
     for (another advertiser's, or one not known to be its own). `order_id` is its idempotency key
     (from the body, or the Idempotency-Key header: `key_field` says which, to name it in a
     conflict), scoped per advertiser (per campaign when the campaign has none); the same key with
     other parameters raises IdempotencyConflict. `caller_key` (domain.caller_key) is whom the
-    velocity rule counts the postback against besides its `ip`."""
+    velocity rule counts the postback against besides its `ip`. `clicks` holds the clicks not written yet
+    and verifies a click id whose click is not stored (None: only stored clicks attribute)."""
     fingerprint = domain.postback_fingerprint(
         affiliate_id=affiliate_id, campaign_id=campaign_id, click_id=click_id, user_id=user_id,
         conversion_value=conversion_value, currency=currency, conversion_type=conversion_type, ip=ip,
         customer_email=customer_email)
     if click_id is not None:
+        if clicks is not None:
+            clicks.write_waiting()
         with runtime.db.read() as session:  # clicks never change: reading ahead of the transaction is safe
-            attribution = tracking.attribution_of(session, click_id, affiliate_id, campaign_id, now)
+            attribution = tracking.attribution_of(session, clicks and clicks.click_ids, click_id, affiliate_id, campaign_id, now)
         affiliate_id, campaign_id, click_id = attribution.affiliate_id, attribution.campaign_id, attribution.click_id
     assert affiliate_id is not None and campaign_id is not None
     with runtime.db.read() as session:  # a campaign's owner, once known, never changes

@@ -33,8 +33,11 @@ _AFFILIATE = select(_ra.c.estado, _ra.c.email_sha256).where(_ra.c.afiliado_id ==
 _CAMPAIGN = select(_rc.c.estado, _rc.c.moneda, _rc.c.ventana_atribucion_dias, _rc.c.fecha_inicio, _rc.c.fecha_fin,
                    _rc.c.min_segundos_click_conversion, _rc.c.valor_maximo_conversion) \
     .where(_rc.c.campana_id == bindparam("campaign_id"))
-_CLICK = select(tables.clicks.c.clicked_at, tables.clicks.c.link_code) \
-    .join(tables.click_attributions, tables.click_attributions.c.click_id == tables.clicks.c.id) \
+# The click a conversion was attributed through: its row, or (not stored: see tracking.ClickRecorder)
+# what its signed id says, which attribution verified.
+_CLICK = select(tables.click_attributions.c.click_id, tables.clicks.c.clicked_at, tables.clicks.c.link_code) \
+    .select_from(tables.click_attributions) \
+    .join(tables.clicks, tables.click_attributions.c.click_id == tables.clicks.c.id, isouter=True) \
     .where(tables.click_attributions.c.conversion_id == bindparam("conversion_id"))
 _SIGNALS = select(_cs).where(_cs.c.conversion_id == bindparam("conversion_id"))
 _WINDOW = (_cs.c.campaign_id == bindparam("campaign_id"), _cs.c.detected_at > bindparam("since"),
@@ -61,6 +64,8 @@ def reference(session: Session, affiliate_id: str, campaign_id: str,
     click = None
     if conversion_id is not None:
         click = session.execute(_CLICK, {"conversion_id": conversion_id}).first()
+        if click is not None and click.clicked_at is None:
+            click = domain.click_of_stored_id(click.click_id)
     signals = None if conversion_id is None else session.execute(_SIGNALS, {"conversion_id": conversion_id}).first()
     return domain.Reference(
         affiliate_enabled=None if a is None else a == AFILIADO_HABILITADO,

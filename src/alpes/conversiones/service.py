@@ -12,7 +12,8 @@ from alpes.kernel.messages import utcnow
 from alpes.kernel.runtime import PeriodicJob, ServiceRuntime
 from alpes.settings import Settings
 
-from . import api, commands, consumers, domain, queries, records, saga, saga_answers, signed_postbacks, tables
+from . import (api, commands, consumers, domain, queries, records, saga, saga_answers, signed_postbacks, tables,
+               tracking)
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -31,7 +32,25 @@ def build(settings: Settings, clock: Callable[[], datetime] | None = None):
     registry = SchemaRegistry.from_directory()
     store = records.event_store(registry)
 
+    # Click ids are tokens signed with keys derived from the event-signing keys (same rotation).
+    click_ids = domain.ClickIds(settings.signing_keys())
+    recorders: list[tracking.ClickRecorder] = []  # the runtime's, made when it exists
+
+    def click_recorder(runtime: ServiceRuntime) -> tracking.ClickRecorder:
+        if not recorders:
+            dropped = runtime.metrics.counter(
+                "alpes_click_rows_dropped_total", "clicks redirected whose row was dropped (the database "
+                "refused clicks until too many waited); their click ids still attribute")
+            recorders.append(tracking.ClickRecorder(
+                runtime.db, runtime.outbox, click_ids, buffering=lambda: runtime.running,
+                wake_relay=runtime.wake_relay, on_dropped=dropped.inc))
+        return recorders[0]
+
     def configure(runtime: ServiceRuntime) -> None:
+        clicks = click_recorder(runtime)
+        # Every instance writes the clicks it holds; the last ones when it stops.
+        runtime.jobs.append(PeriodicJob("record-clicks", tracking.CLICK_FLUSH_INTERVAL_S / 2, clicks.flush,
+                                        exclusive=False, on_stop=clicks.close))
         runtime.jobs.append(PeriodicJob(
             "validate-conversions", 0.25, lambda: commands.validate_pending(
                 runtime.db, store, runtime.outbox, grace, now=clock(),
@@ -54,7 +73,7 @@ def build(settings: Settings, clock: Callable[[], datetime] | None = None):
         return api.with_saga_routes(api.include_routes(
             runtime, store, grace, clock, settings.max_conversions_per_ip,
             # The visitor cookie's keys derive from the event-signing keys (same rotation).
-            visitors=domain.VisitorCookies(settings.signing_keys()),
+            visitors=domain.VisitorCookies(settings.signing_keys()), clicks=click_recorder(runtime),
             max_conversions_per_caller=settings.max_conversions_per_caller), runtime, policy)
 
     return compose("conversiones", settings, outbox=tables.outbox, inbox=tables.inbox, keys=tables.claves_api,

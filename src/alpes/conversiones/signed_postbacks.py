@@ -30,7 +30,7 @@ from alpes.kernel import request_signing
 from alpes.kernel.access import ADVERTISER, Principal, Unauthenticated
 from alpes.kernel.db import Database
 
-from . import reference, tables
+from . import reference, tables, tracking
 
 SCOPES = frozenset({"conversiones:write"})
 PRINCIPAL_PREFIX = "firma:"
@@ -94,7 +94,7 @@ def _advertiser_of(session: Session, named: dict[str, str]) -> str:
     or the conversion)."""
     campaign_id = named.get("campaign_id")
     if campaign_id is None and "click_id" in named:
-        campaign_id = session.scalar(select(tables.clicks.c.campaign_id).where(tables.clicks.c.id == named["click_id"]))
+        campaign_id = tracking.campaign_of_click(session, named["click_id"])
     if campaign_id is None and "conversion_id" in named:
         v = tables.conversiones_view
         campaign_id = session.scalar(select(v.c.campaign_id).where(v.c.id == named["conversion_id"]))

@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -56,6 +56,11 @@ class PeriodicJob:
     name: str
     interval: float
     run: Callable[[], int]
+    # False: every instance runs it for itself (work held in its own memory), not one at a time.
+    exclusive: bool = True
+    # Called once when the service stops, after the job's loop ended and before the outbox's last
+    # flush (work held in memory goes to the database, and its events with the outbox).
+    on_stop: Callable[[], None] | None = None
 
 
 class ServiceRuntime:
@@ -119,6 +124,11 @@ class ServiceRuntime:
             yield session, lambda events: self.outbox.add(session, events, actor)
         self.wake_relay()
 
+    @property
+    def running(self) -> bool:
+        """Started and not stopping: its jobs run."""
+        return self.started_at is not None and not self._stop.is_set()
+
     def wake_relay(self) -> None:
         if self.relay is not None:
             self.relay.wake()
@@ -171,6 +181,12 @@ class ServiceRuntime:
             worker.stop()
         for thread in self._threads:
             thread.join(5)
+        for job in self.jobs:
+            if job.on_stop is not None:
+                try:
+                    job.on_stop()
+                except Exception as error:  # the database is gone: what it held is lost, say so
+                    log.warning("job could not finish on stop", job=job.name, error=str(error)[:300])
         try:
             self._announce("ServicioDetenido", {})
             if self.relay is not None:
@@ -196,7 +212,8 @@ class ServiceRuntime:
             try:
                 # One instance at a time runs a job on a shared SQLite file (the others skip this
                 # tick); on MariaDB the job's own row locks keep instances apart.
-                with self.db.exclusive(f"job-{job.name}", blocking=False) as mine:
+                with self.db.exclusive(f"job-{job.name}", blocking=False) if job.exclusive \
+                        else nullcontext(True) as mine:
                     done = job.run() if mine else 0
             except Exception as error:
                 log.warning("job failed", job=job.name, error=str(error)[:300])

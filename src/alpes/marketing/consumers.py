@@ -30,6 +30,7 @@ def consumer_specs() -> list[ConsumerSpec]:
             "ConversionRejected": reporting.count_rejected_conversion,
             "ConversionRefunded": reporting.count_refunded,
             "ClickRecorded": reporting.count_click,
+            "ClicksRecorded": reporting.count_clicks,
         }),
         ConsumerSpec("comisiones.eventos", "reporting-consumer", {
             "ComisionCalculada": reporting.report_comision,

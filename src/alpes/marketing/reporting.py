@@ -48,6 +48,17 @@ def count_click(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
     return []
 
 
+def count_clicks(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """ClicksRecorded: one link's clicks, each on its own day (one upsert per day in the batch)."""
+    per_day: dict[date, int] = {}
+    for click in event.payload["clicks"]:
+        day = click["timestamp"].date()
+        per_day[day] = per_day.get(day, 0) + 1
+    for day, clicks in per_day.items():
+        _add_to_analytics(session, event, {"clicks": clicks}, dia=day)
+    return []
+
+
 def count_refunded(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
     """On the refund's day; `ingresos` keeps what was validated, the refunded revenue sits beside it."""
     _add_to_analytics(session, event, {"reembolsadas": 1, "ingresos_reembolsados": event.payload["conversion_value"]})
