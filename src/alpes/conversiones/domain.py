@@ -317,7 +317,7 @@ class VisitorCookies:
     """The `alpes_vid` cookie ties a visitor's clicks together for attribution, so it must be
     unforgeable: its value is the visitor id and an HMAC of it, under a key derived from the
     platform's signing keys (ALPES_EVENT_SIGNING_KEYS: the first signs, all verify, so a rotation
-    keeps cookies valid). What leaves conversiones (ClickRecorded) is only a keyed hash of the id,
+    keeps cookies valid). What leaves conversiones (ClicksRecorded) is only a keyed hash of the id,
     under yet another derived key: neither the id nor a way to forge a cookie for it."""
 
     def __init__(self, signing_keys: Sequence[bytes]) -> None:

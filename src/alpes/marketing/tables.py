@@ -152,7 +152,7 @@ analitica_conversiones = Table(
     Column("validadas", Integer, nullable=False, default=0),
     Column("rechazadas", Integer, nullable=False, default=0),
     Column("ingresos", ScaledDecimal(2), nullable=False, default=0),
-    # Clicks (ClickRecorded) and refunds (ConversionRefunded), each on the day of its own event.
+    # Clicks (each click of ClicksRecorded) and refunds (ConversionRefunded), each on its own day.
     Column("clicks", Integer, nullable=False, default=0, server_default="0"),
     Column("reembolsadas", Integer, nullable=False, default=0, server_default="0"),
     Column("ingresos_reembolsados", ScaledDecimal(2), nullable=False, default=0, server_default="0"),
