@@ -107,7 +107,7 @@ def test_a_failed_flush_keeps_its_clicks_in_order_for_the_next(tracking, monkeyp
     monkeypatch.setattr(ctracking, "CLICK_FLUSH_INTERVAL_S", 0.0)
     real = ctracking.store_clicks
 
-    def refused(session, clicks):
+    def refused(session, clicks, **_):
         raise RuntimeError("database unavailable")
     monkeypatch.setattr(ctracking, "store_clicks", refused)
     with pytest.raises(RuntimeError):
@@ -260,3 +260,24 @@ def test_a_postback_right_after_the_clicks_sees_the_visitors_waiting_clicks_comp
     assert (conversion["affiliate_id"], conversion["status"]) == ("a1", "validated")
     assert _validated_events(runtime, tables)[conversion["id"]]["click_id"] == first
     assert _recorder(runtime).pending() == 0
+
+
+def test_a_flush_whose_commit_happened_but_reported_a_failure_is_not_written_twice(tracking, monkeypatch):  # noqa: F811
+    client, runtime, tables, _ = tracking
+    _running(runtime)
+    recorder = _recorder(runtime)
+    ids = [_click_id(_click(client)) for _ in range(3)]
+    monkeypatch.setattr(ctracking, "CLICK_FLUSH_INTERVAL_S", 0.0)
+    calls = []
+
+    def lost_answer() -> None:  # runs after the commit: as if the database's answer was lost
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("answer lost")
+    recorder.wake_relay = lost_answer
+    with pytest.raises(ConnectionError):
+        recorder.flush()
+    assert recorder.pending() == 3 and [r["id"] for r in _stored(runtime, tables)] == ids
+    recorder.flush()  # looks its clicks up: all stored, nothing written or announced again
+    assert recorder.pending() == 0 and len(_stored(runtime, tables)) == 3
+    assert [c["click_id"] for _, e in _batches(runtime, tables) for c in e["clicks"]] == ids

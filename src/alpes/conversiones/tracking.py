@@ -3,7 +3,6 @@ affiliate that earns the conversion."""
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -116,19 +115,22 @@ def new_click(click_ids: domain.ClickIds, link_code: str, link: Link, *, ip: IPA
     (VisitorCookies.visitor_hash), never the id."""
     click_id, clicked_at = click_ids.new(link_code, now)
     row = {"id": click_id, "link_code": link_code, "affiliate_id": link.afiliado_id, "campaign_id": link.campana_id,
-           "clicked_at": clicked_at, "ip": None if ip is None else str(ipaddress.ip_address(ip)),
+           "clicked_at": clicked_at, "ip": None if ip is None else str(ip),
            "user_agent": user_agent[:500] if user_agent else None,
            "referrer": referrer[:2000] if referrer else None, "visitor_id": visitor_id}
     return Click(row, visitor_hash, actor), domain.landing_with_click_id(link.landing_url, click_id)
 
 
-def store_clicks(session: Session, clicks: Sequence[Click]) -> list[tuple[Principal | None, OutgoingEvent]]:
-    """Write the clicks not stored yet (a flush retried after an unknown outcome finds its own rows)
-    and their events: ClicksRecorded per link and actor, at most CLICKS_PER_EVENT clicks each. The IP
-    stays in the clicks table (personal data): the events carry what analytics needs."""
-    ids = [c.row["id"] for c in clicks]
-    stored = set(session.scalars(_STORED_CLICKS, {"ids": ids})) if ids else set()
-    fresh = [c for c in clicks if c.row["id"] not in stored]
+def store_clicks(session: Session, clicks: Sequence[Click], *,
+                 some_stored: bool = True) -> list[tuple[Principal | None, OutgoingEvent]]:
+    """Write the clicks not stored yet and their events: ClicksRecorded per link and actor, at most
+    CLICKS_PER_EVENT clicks each. `some_stored`: some may be (a write repeated after an unknown
+    outcome): they are looked up and skipped; False skips the lookup. The IP stays in the clicks
+    table (personal data): the events carry what analytics needs."""
+    fresh = list(clicks)
+    if some_stored and fresh:
+        stored = set(session.scalars(_STORED_CLICKS, {"ids": [c.row["id"] for c in fresh]}))
+        fresh = [c for c in fresh if c.row["id"] not in stored]
     if not fresh:
         return []
     bulk_insert(session, tables.clicks, [c.row for c in fresh])
@@ -166,6 +168,7 @@ class ClickRecorder:
         self._oldest = 0.0  # monotonic time the oldest waiting click arrived
         self._lock = threading.Lock()
         self._closed = False
+        self._failed = False  # the last write failed (its outcome unknown)
         self.dropped = 0
 
     def _read_link(self, link_code: str) -> Link:
@@ -218,12 +221,15 @@ class ClickRecorder:
             if self._pending:
                 self._oldest = time.monotonic()
         try:
-            self._write(batch)
+            self._write(batch, some_stored=self._failed)
         except Exception:
             with self._lock:
                 self._pending[:0] = batch
                 self._oldest = time.monotonic() - CLICK_FLUSH_INTERVAL_S
+                # Its commit may have happened all the same: the next write looks its clicks up.
+                self._failed = True
             raise
+        self._failed = False
         with self._lock:
             return len(self._pending) if len(self._pending) >= CLICKS_PER_FLUSH else 0
 
@@ -246,9 +252,9 @@ class ClickRecorder:
         with self._lock:
             return len(self._pending)
 
-    def _write(self, clicks: list[Click]) -> None:
+    def _write(self, clicks: list[Click], some_stored: bool = False) -> None:
         with self.db.transaction() as session:
-            for actor, event in store_clicks(session, clicks):
+            for actor, event in store_clicks(session, clicks, some_stored=some_stored):
                 self.outbox.add(session, [event], actor)
         self.wake_relay()
 
