@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
+from decimal import Decimal
 from importlib import import_module
 
 import pytest
@@ -81,6 +82,7 @@ def test_clicks_wait_in_memory_then_go_in_one_transaction_with_one_event_per_lin
         assert response.status_code == 302
         ids.append(_click_id(response))
     assert _stored(runtime, tables) == [] and recorder.pending() == 5  # answered before any write
+    monkeypatch.setattr(ctracking, "CLICK_FLUSH_INTERVAL_S", 60.0)
     assert recorder.flush() == 0 and recorder.pending() == 5  # younger than the interval: they wait
     monkeypatch.setattr(ctracking, "CLICK_FLUSH_INTERVAL_S", 0.0)
     monkeypatch.setattr(ctracking, "CLICKS_PER_EVENT", 2)
@@ -281,3 +283,48 @@ def test_a_flush_whose_commit_happened_but_reported_a_failure_is_not_written_twi
     recorder.flush()  # looks its clicks up: all stored, nothing written or announced again
     assert recorder.pending() == 0 and len(_stored(runtime, tables)) == 3
     assert [c["click_id"] for _, e in _batches(runtime, tables) for c in e["clicks"]] == ids
+
+
+def test_batches_and_attribution_without_the_row_on_both_databases(db_url, tmp_path, monkeypatch):
+    clock = Clock()
+    settings = Settings(data_dir=tmp_path, broker_url="pulsar://127.0.0.1:1", conversiones_db_url=db_url)
+    app, runtime = import_module("alpes.conversiones.service").build(settings, clock=clock)
+    tables = import_module("alpes.conversiones.tables")
+    with runtime.db.transaction() as session:
+        for event_type, payload, version in (
+            ("CampanaCreada", {"id": "k1", "nombre": "n", "porcentaje_comision": Decimal("10"), "moneda": "EUR",
+                               "timestamp": NOW, "landing_url": "https://shop.example.com/v",
+                               "ventana_atribucion_dias": 7}, 2),
+            ("AfiliadoHabilitado", {"afiliado_id": "a1", "timestamp": NOW}, 1),
+            ("AfiliadoInscrito", {"inscripcion_id": "i1", "campana_id": "k1", "afiliado_id": "a1",
+                                  "link_code": "linkcodea1", "timestamp": NOW}, 1)):
+            handler = {"CampanaCreada": conversiones_reference.learn_campana,
+                       "AfiliadoHabilitado": conversiones_reference.learn_afiliado,
+                       "AfiliadoInscrito": conversiones_reference.learn_inscripcion}[event_type]
+            handler(session, _incoming(REGISTRY, event_type, payload, version))
+    client = TestClient(app)
+    _running(runtime)
+    recorder = _recorder(runtime)
+    try:
+        ids = []
+        for n in range(4):
+            clock.now = NOW + timedelta(seconds=n)
+            ids.append(_click_id(_click(client)))
+        monkeypatch.setattr(ctracking, "CLICK_FLUSH_INTERVAL_S", 0.0)
+        recorder.flush()
+        assert [r["id"] for r in _stored(runtime, tables)] == ids
+        # A batch repeated after an unknown outcome adds nothing (the lookup of stored ids).
+        with runtime.db.read() as session:
+            link = ctracking.link_to_follow(session, "linkcodea1")
+        again = [ctracking.Click({**r, "id": i}, None, None) for r, i in zip(_stored(runtime, tables), ids)]
+        with runtime.db.transaction() as session:
+            assert ctracking.store_clicks(session, again) == []
+        lost = _click_id(_click(client))  # waits in memory; the "crash" drops it
+        recorder._pending.clear()
+        clock.now = NOW + timedelta(hours=1)
+        body = client.post("/conversiones", json={**POSTBACK, "click_id": lost}).json()
+        shown = client.get(f"/conversiones/{body['id']}").json()
+        assert (body["status"], shown["affiliate_id"], shown["campaign_id"]) == ("validated", "a1", "k1")
+        assert link.campana_id == "k1" and len(_stored(runtime, tables)) == 4
+    finally:
+        runtime.db.dispose()
