@@ -73,6 +73,18 @@ def test_a_non_enrolled_affiliate_waits_for_its_enrollment_then_is_rejected():
     assert conversiones_domain.decide_validation(conversion, _reference(), NOW, grace).events
 
 
+@pytest.mark.parametrize("landing", [
+    "https://shop.example.com/v?utm=a&utm=b#top", "https://shop.example.com",
+    "https://shop.example.com/p?alpes_click_id=old&q=ñ ü", "https://x.example/ALPESCLICKIDMARKER?a=ALPESCLICKIDMARKER",
+    "https://x.example/a b/?q=%41&r=<x>"])
+def test_the_location_cut_once_per_link_is_the_landing_url_with_the_click_id_as_redirects_send_it(landing):
+    from starlette.responses import RedirectResponse
+    before, after = conversiones_domain.landing_template(landing)
+    for click_id in ("linkcodea1.AaIiBsoAO2fDr71z9O2rhcP_", "3f2b6c1e-8f0a-4c1e-9a57-8d2f6f1a0b7c"):
+        expected = RedirectResponse(conversiones_domain.landing_with_click_id(landing, click_id)).headers["location"]
+        assert before + click_id + after == expected
+
+
 def test_landing_url_keeps_its_query_and_fragment_and_gets_the_click_id():
     url = conversiones_domain.landing_with_click_id("https://shop.example.com/v?utm=a&utm=b#top", "ck")
     parts = urlsplit(url)

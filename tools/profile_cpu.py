@@ -286,6 +286,69 @@ def commissions(count: int, profile: bool, caps: bool) -> None:
         runtime.db.dispose()
 
 
+def clicks(count: int, profile: bool) -> None:
+    """GET /r/{code} through the conversiones app as served (every middleware, the access rules,
+    the route), called as ASGI in this thread without a socket, as new visitors; the service as
+    when running, so clicks wait in memory, and their batches (75 clicks, the ~75 ms of waiting at
+    1,000/s) are written in the measured thread too."""
+    import asyncio
+
+    from alpes.conversiones import reference
+    from alpes.kernel.codec import SchemaRegistry
+    from alpes.kernel.messages import IncomingEvent
+    from alpes.settings import Settings
+
+    registry = SchemaRegistry.from_directory()
+
+    def incoming(event_type: str, payload: dict, version: int) -> IncomingEvent:
+        data, _ = registry.encode(event_type, payload, version)
+        return IncomingEvent("marketing.eventos", "conversiones-consumer", f"{event_type}-{version}", event_type,
+                             version, payload.get("id", ""), payload["timestamp"], "c", "c",
+                             registry.decode(event_type, data, version), data)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        settings = Settings(data_dir=Path(scratch), broker_url="pulsar://127.0.0.1:1", auth="required",
+                            rate_limit_clicks_per_ip=10**9)
+        app, runtime = import_module("alpes.conversiones.service").build(settings)
+        with runtime.db.transaction() as session:
+            reference.learn_campana(session, incoming("CampanaCreada", {
+                "id": "k1", "nombre": "n", "porcentaje_comision": Decimal("10"), "moneda": "EUR", "timestamp": NOW,
+                "landing_url": "https://shop.example.com/v?utm_source=alpes"}, 2))
+            reference.learn_afiliado(session, incoming("AfiliadoHabilitado", {"afiliado_id": "a1", "timestamp": NOW},
+                                                       2))
+            reference.learn_inscripcion(session, incoming("AfiliadoInscrito", {
+                "inscripcion_id": "i1", "campana_id": "k1", "afiliado_id": "a1", "link_code": "linkcodea1",
+                "timestamp": NOW}, 1))
+        runtime.started_at = time.time()  # running (clicks wait in memory), without broker or jobs
+        [job] = [j for j in runtime.jobs if j.name == "record-clicks"]
+        recorder = job.run.__self__
+        statements = _statements(runtime.db.engine)
+        loop = asyncio.new_event_loop()
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+                 "scheme": "http", "path": "/r/linkcodea1", "raw_path": b"/r/linkcodea1", "root_path": "",
+                 "query_string": b"", "server": ("127.0.0.1", 8002), "client": ("203.0.113.9", 40000),
+                 "headers": [(b"host", b"127.0.0.1:8002"), (b"user-agent", b"Mozilla/5.0 (bench)"),
+                             (b"referer", b"https://blog.example.org/post")]}
+        statuses: dict[int, int] = {}
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                statuses[message["status"]] = statuses.get(message["status"], 0) + 1
+
+        def run(i: int) -> None:
+            loop.run_until_complete(app(dict(scope), receive, send))
+            if i % 75 == 74:
+                recorder.flush(force=True)
+        _measure("click (GET /r/{code}, ASGI in-process, batches written)", count, run, statements, profile)
+        recorder.flush(force=True)
+        print("statuses:", statuses)
+        loop.close()
+        runtime.db.dispose()
+
+
 def _measure_batches(label, batches, batch, run, statements, profile):
     result = _measure(label + f" per batch of {batch}", batches, run, statements, profile, warmup=5)
     print({"what": label, "cpu_ms_per_event": round(result["cpu_ms_per_item"] / batch, 4),
@@ -294,13 +357,15 @@ def _measure_batches(label, batches, batch, run, statements, profile):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("workload", choices=["postbacks", "audit", "commissions"])
+    parser.add_argument("workload", choices=["postbacks", "audit", "commissions", "clicks"])
     parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--caps", action="store_true", help="commissions: a campaign budget and a capped rule set")
     args = parser.parse_args()
     if args.workload == "postbacks":
         postbacks(args.count or 2000, args.profile)
+    elif args.workload == "clicks":
+        clicks(args.count or 20000, args.profile)
     elif args.workload == "commissions":
         commissions(args.count or 5000, args.profile, args.caps)
     else:

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import RedirectResponse
+from fastapi.responses import RedirectResponse, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, ValidationInfo, field_validator
 
@@ -111,6 +111,9 @@ def _figures(row) -> dict:
     return Figures(**stored, pending=pending).model_dump(mode="json")
 
 
+_VISITOR_COOKIE_ATTRIBUTES = f"HttpOnly; Max-Age={domain.VISITOR_COOKIE_MAX_AGE}; Path=/r/; SameSite=lax"
+
+
 def include_routes(runtime: ServiceRuntime, store: EventStore, grace: timedelta,
                    clock: Callable[[], datetime] = utcnow, max_conversions_per_ip: int = 5, *,
                    visitors: domain.VisitorCookies, clicks: tracking.ClickRecorder,
@@ -137,11 +140,13 @@ def include_routes(runtime: ServiceRuntime, store: EventStore, grace: timedelta,
         location = clicks.follow_in_memory(link_code, **visit)
         if location is None:
             location = await run_in_threadpool(clicks.follow, link_code, **visit)
-        response = RedirectResponse(location, status_code=302)
-        response.set_cookie(domain.VISITOR_COOKIE, visitors.cookie_for(visitor_id),
-                            max_age=domain.VISITOR_COOKIE_MAX_AGE, path="/r/", httponly=True, samesite="lax",
-                            secure=request.url.scheme == "https")
-        return response
+        # The Location is already quoted (domain.landing_template) and the cookie's value is hex and a
+        # dot: both headers are written as they go out, without Starlette's per-response quoting and
+        # cookie objects (a tenth of the redirect's CPU, issue 11).
+        cookie = f"{domain.VISITOR_COOKIE}={visitors.cookie_for(visitor_id)}; {_VISITOR_COOKIE_ATTRIBUTES}"
+        if request.scope.get("scheme") == "https":
+            cookie += "; Secure"
+        return Response(status_code=302, headers={"location": location, "set-cookie": cookie})
 
     @router.post("/conversiones", responses={
         409: {"description": "the order id (or Idempotency-Key) was already used for one of the advertiser's "

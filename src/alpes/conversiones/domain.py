@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 DETECTED = "detected"
 VALIDATED = "validated"
@@ -441,6 +441,17 @@ def landing_with_click_id(landing_url: str, click_id: str) -> str:
     query = parse_qsl(parts.query, keep_blank_values=True)
     query = [(k, v) for k, v in query if k != CLICK_ID_PARAM] + [(CLICK_ID_PARAM, click_id)]
     return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def landing_template(landing_url: str) -> tuple[str, str]:
+    """The Location a redirect answers, cut where the click id goes: `before + click_id + after` is
+    `landing_with_click_id(landing_url, click_id)` as a redirect sends it (percent-quoted as
+    Starlette's RedirectResponse does). Built once per link, not per click: click ids are made only
+    of characters neither the query nor the quoting changes."""
+    marker = "ALPESCLICKIDMARKER"
+    quoted = quote(landing_with_click_id(landing_url, marker), safe=":/%#?=@[]!$&'()*+,;")
+    before, _, after = quoted.rpartition(f"{CLICK_ID_PARAM}={marker}")
+    return before + f"{CLICK_ID_PARAM}=", after
 
 
 # -- refunds -------------------------------------------------------------------------------------

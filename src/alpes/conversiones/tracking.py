@@ -55,6 +55,11 @@ class Link:
     afiliado_id: str
     campana_id: str
     landing_url: str
+    # Where its clicks are redirected, cut where the click id goes (domain.landing_template).
+    location: tuple[str, str] = ("", "")
+
+    def location_of(self, click_id: str) -> str:
+        return self.location[0] + click_id + self.location[1]
 
 
 def link_to_follow(session: Session, link_code: str) -> Link:
@@ -68,7 +73,7 @@ def link_to_follow(session: Session, link_code: str) -> Link:
         raise NotFound("link_code", "the link's campaign is not active")
     if not link.landing_url:
         raise NotFound("link_code", "campaign has no landing URL")
-    return Link(link.afiliado_id, link.campana_id, link.landing_url)
+    return Link(link.afiliado_id, link.campana_id, link.landing_url, domain.landing_template(link.landing_url))
 
 
 class Links:
@@ -109,7 +114,8 @@ def new_click(click_ids: domain.ClickIds, link_code: str, link: Link, *, ip: IPA
               user_agent: str | None, referrer: str | None, now: datetime, visitor_id: str | None = None,
               visitor_hash: str | None = None, actor: Principal | None = None) -> tuple[Click, str]:
     """A visit to a followable link: the click (its id a signed token naming the link and the time)
-    and where to redirect (the campaign's landing URL with the click id). `ip` is a parsed address
+    and where to redirect (the campaign's landing URL with the click id, quoted for the Location
+    header). `ip` is a parsed address
     (never header text). `visitor_id` (from the visitor's signed cookie) ties the visitor's clicks
     together for attribution and stays in the clicks table; the event carries only `visitor_hash`
     (VisitorCookies.visitor_hash), never the id."""
@@ -118,7 +124,7 @@ def new_click(click_ids: domain.ClickIds, link_code: str, link: Link, *, ip: IPA
            "clicked_at": clicked_at, "ip": None if ip is None else str(ip),
            "user_agent": user_agent[:500] if user_agent else None,
            "referrer": referrer[:2000] if referrer else None, "visitor_id": visitor_id}
-    return Click(row, visitor_hash, actor), domain.landing_with_click_id(link.landing_url, click_id)
+    return Click(row, visitor_hash, actor), link.location_of(click_id)
 
 
 def store_clicks(session: Session, clicks: Sequence[Click], *,
