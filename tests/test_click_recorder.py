@@ -101,12 +101,18 @@ def test_clicks_wait_in_memory_then_go_in_one_transaction_with_one_event_per_lin
     assert (body["status"], client.get(f"/conversiones/{body['id']}").json()["affiliate_id"]) == ("validated", "a1")
 
 
+def _three_due_clicks(tracking, monkeypatch) -> tuple[ctracking.ClickRecorder, list[str]]:  # noqa: F811
+    """Three clicks waiting in the running service's recorder, due to be written."""
+    client, runtime, _, _ = tracking
+    _running(runtime)
+    ids = [_click_id(_click(client)) for _ in range(3)]
+    monkeypatch.setattr(ctracking, "CLICK_FLUSH_INTERVAL_S", 0.0)
+    return _recorder(runtime), ids
+
+
 def test_a_failed_flush_keeps_its_clicks_in_order_for_the_next(tracking, monkeypatch):  # noqa: F811
     client, runtime, tables, _ = tracking
-    _running(runtime)
-    recorder = _recorder(runtime)
-    first = [_click_id(_click(client)) for _ in range(3)]
-    monkeypatch.setattr(ctracking, "CLICK_FLUSH_INTERVAL_S", 0.0)
+    recorder, first = _three_due_clicks(tracking, monkeypatch)
     real = ctracking.store_clicks
 
     def refused(session, clicks, **_):
@@ -265,11 +271,8 @@ def test_a_postback_right_after_the_clicks_sees_the_visitors_waiting_clicks_comp
 
 
 def test_a_flush_whose_commit_happened_but_reported_a_failure_is_not_written_twice(tracking, monkeypatch):  # noqa: F811
-    client, runtime, tables, _ = tracking
-    _running(runtime)
-    recorder = _recorder(runtime)
-    ids = [_click_id(_click(client)) for _ in range(3)]
-    monkeypatch.setattr(ctracking, "CLICK_FLUSH_INTERVAL_S", 0.0)
+    _, runtime, tables, _ = tracking
+    recorder, ids = _three_due_clicks(tracking, monkeypatch)
     calls = []
 
     def lost_answer() -> None:  # runs after the commit: as if the database's answer was lost

@@ -73,8 +73,10 @@ def _measure(label: str, count: int, run, statements: list[int], profile: bool, 
     return result
 
 
-def postbacks(count: int, profile: bool) -> None:
-    from alpes.conversiones import commands, records, reference
+def _conversiones_knowing_a_link(scratch: str, **settings):
+    """The conversiones service (app, runtime, registry) on a scratch SQLite, knowing campaign k1
+    (active, a landing URL), affiliate a1 and its enrolment with link `linkcodea1`."""
+    from alpes.conversiones import reference
     from alpes.kernel.codec import SchemaRegistry
     from alpes.kernel.messages import IncomingEvent
     from alpes.settings import Settings
@@ -87,19 +89,25 @@ def postbacks(count: int, profile: bool) -> None:
                              version, payload.get("id", ""), payload["timestamp"], "c", "c",
                              registry.decode(event_type, data, version), data)
 
+    app, runtime = import_module("alpes.conversiones.service").build(
+        Settings(data_dir=Path(scratch), broker_url="pulsar://127.0.0.1:1", **settings))
+    with runtime.db.transaction() as session:
+        reference.learn_campana(session, incoming("CampanaCreada", {
+            "id": "k1", "nombre": "n", "porcentaje_comision": Decimal("10"), "moneda": "EUR", "timestamp": NOW,
+            "landing_url": "https://shop.example.com/v?utm_source=alpes", "fecha_inicio": NOW - timedelta(days=365),
+            "fecha_fin": NOW + timedelta(days=3650)}, 2))
+        reference.learn_afiliado(session, incoming("AfiliadoHabilitado", {"afiliado_id": "a1", "timestamp": NOW}, 2))
+        reference.learn_inscripcion(session, incoming("AfiliadoInscrito", {
+            "inscripcion_id": "i1", "campana_id": "k1", "afiliado_id": "a1", "link_code": "linkcodea1",
+            "timestamp": NOW}, 1))
+    return app, runtime, registry
+
+
+def postbacks(count: int, profile: bool) -> None:
+    from alpes.conversiones import commands, records
+
     with tempfile.TemporaryDirectory() as scratch:
-        settings = Settings(data_dir=Path(scratch), broker_url="pulsar://127.0.0.1:1")
-        _app, runtime = import_module("alpes.conversiones.service").build(settings)
-        with runtime.db.transaction() as session:
-            reference.learn_campana(session, incoming("CampanaCreada", {
-                "id": "k1", "nombre": "n", "porcentaje_comision": Decimal("10"), "moneda": "EUR", "timestamp": NOW,
-                "landing_url": "https://shop.example.com/v", "fecha_inicio": NOW - timedelta(days=365),
-                "fecha_fin": NOW + timedelta(days=3650)}, 2))
-            reference.learn_afiliado(session, incoming("AfiliadoHabilitado", {"afiliado_id": "a1", "timestamp": NOW},
-                                                       2))
-            reference.learn_inscripcion(session, incoming("AfiliadoInscrito", {
-                "inscripcion_id": "i1", "campana_id": "k1", "afiliado_id": "a1", "link_code": "linkcodea1",
-                "timestamp": NOW}, 1))
+        _app, runtime, registry = _conversiones_knowing_a_link(scratch)
         store = records.event_store(registry)
         statements = _statements(runtime.db.engine)
         statuses: dict[str, int] = {}
@@ -293,32 +301,9 @@ def clicks(count: int, profile: bool) -> None:
     1,000/s) are written in the measured thread too."""
     import asyncio
 
-    from alpes.conversiones import reference
-    from alpes.kernel.codec import SchemaRegistry
-    from alpes.kernel.messages import IncomingEvent
-    from alpes.settings import Settings
-
-    registry = SchemaRegistry.from_directory()
-
-    def incoming(event_type: str, payload: dict, version: int) -> IncomingEvent:
-        data, _ = registry.encode(event_type, payload, version)
-        return IncomingEvent("marketing.eventos", "conversiones-consumer", f"{event_type}-{version}", event_type,
-                             version, payload.get("id", ""), payload["timestamp"], "c", "c",
-                             registry.decode(event_type, data, version), data)
-
     with tempfile.TemporaryDirectory() as scratch:
-        settings = Settings(data_dir=Path(scratch), broker_url="pulsar://127.0.0.1:1", auth="required",
-                            rate_limit_clicks_per_ip=10**9)
-        app, runtime = import_module("alpes.conversiones.service").build(settings)
-        with runtime.db.transaction() as session:
-            reference.learn_campana(session, incoming("CampanaCreada", {
-                "id": "k1", "nombre": "n", "porcentaje_comision": Decimal("10"), "moneda": "EUR", "timestamp": NOW,
-                "landing_url": "https://shop.example.com/v?utm_source=alpes"}, 2))
-            reference.learn_afiliado(session, incoming("AfiliadoHabilitado", {"afiliado_id": "a1", "timestamp": NOW},
-                                                       2))
-            reference.learn_inscripcion(session, incoming("AfiliadoInscrito", {
-                "inscripcion_id": "i1", "campana_id": "k1", "afiliado_id": "a1", "link_code": "linkcodea1",
-                "timestamp": NOW}, 1))
+        app, runtime, _registry = _conversiones_knowing_a_link(scratch, auth="required",
+                                                               rate_limit_clicks_per_ip=10**9)
         runtime.started_at = time.time()  # running (clicks wait in memory), without broker or jobs
         [job] = [j for j in runtime.jobs if j.name == "record-clicks"]
         recorder = job.run.__self__
