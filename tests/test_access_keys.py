@@ -102,3 +102,33 @@ def test_scopes_are_checked_against_the_known_resource_groups():
     assert parse_scopes(["pagos:read", "campanas:write"]) == frozenset({"pagos:read", "campanas:write"})
     with pytest.raises(ValueError, match="unknown scopes: pagos:delete"):
         parse_scopes(["pagos:delete"])
+
+
+def test_a_key_is_remembered_without_a_lookup_only_while_its_verification_is_fresh(ring, monkeypatch):
+    """What lets a request with a key verified in the last second be admitted on the event loop
+    (kernel/http_access.py): the same principal authenticate gives, never a refused key's, and
+    nothing once the cache time passed (a revocation still lands within it)."""
+    import time
+
+    from alpes.kernel.access import Gate
+
+    db, keys = ring
+    good, revoked = generate_key(ADVERTISER), generate_key(ADVERTISER)
+    with db.transaction() as session:
+        keys.learn_issued(session, _issued(good, ADVERTISER, anunciante_id="adv-1"))
+        keys.learn_issued(session, _issued(revoked, ADVERTISER, anunciante_id="adv-1"))
+    gate = Gate(db, keys, protected_local=False, clock=lambda: NOW)
+    header = f"Bearer {good.key}"
+    assert gate.remembered(header) is None  # never verified: a lookup is needed
+    verified = gate.authenticate(header)
+    assert gate.remembered(header) == verified and gate.remembered(f"bearer  {good.key} ") == verified
+    for other in (None, "", good.key, f"Basic {good.key}", "Bearer ", f"Bearer {revoked.key}"):
+        assert gate.remembered(other) is None, other
+    with db.transaction() as session:
+        keys.learn_revoked(session, IncomingEvent("marketing.eventos", "s", "r2", "ClaveApiRevocada", 1,
+                                                  good.key_id, NOW, "c", "c", {"key_id": good.key_id, "timestamp": NOW}))
+    later = time.monotonic() + gate.cache_seconds
+    monkeypatch.setattr(time, "monotonic", lambda: later)
+    assert gate.remembered(header) is None
+    with pytest.raises(Unauthenticated, match="revoked"):
+        gate.authenticate(header)

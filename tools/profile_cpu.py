@@ -50,19 +50,22 @@ def _statements(engine) -> list[int]:
     return count
 
 
-def _measure(label: str, count: int, run, statements: list[int], profile: bool, warmup: int = WARMUP) -> dict:
+def _measure(label: str, count: int, run, statements: list[int], profile: bool, warmup: int = WARMUP,
+             cpu_clock=time.thread_time) -> dict:
+    """`cpu_clock`: this thread's CPU by default; time.process_time when the work runs in other
+    threads too (a sync route runs in the thread pool)."""
     for i in range(warmup):
         run(-1 - i)
     profiler = cProfile.Profile() if profile else None
     before_sql = statements[0]
-    started, wall = time.thread_time(), time.perf_counter()
+    started, wall = cpu_clock(), time.perf_counter()
     if profiler:
         profiler.enable()
     for i in range(count):
         run(i)
     if profiler:
         profiler.disable()
-    cpu, wall = time.thread_time() - started, time.perf_counter() - wall
+    cpu, wall = cpu_clock() - started, time.perf_counter() - wall
     result = {"what": label, "items": count, "cpu_ms_per_item": round(cpu * 1000 / count, 3),
               "wall_ms_per_item": round(wall * 1000 / count, 3),
               "sql_statements_per_item": round((statements[0] - before_sql) / count, 2)}
@@ -296,11 +299,9 @@ def commissions(count: int, profile: bool, caps: bool) -> None:
 
 def clicks(count: int, profile: bool) -> None:
     """GET /r/{code} through the conversiones app as served (every middleware, the access rules,
-    the route), called as ASGI in this thread without a socket, as new visitors; the service as
-    when running, so clicks wait in memory, and their batches (75 clicks, the ~75 ms of waiting at
-    1,000/s) are written in the measured thread too."""
-    import asyncio
-
+    the route), called as ASGI without a socket (_asgi_caller), as new visitors; the service as when
+    running, so clicks wait in memory, and their batches (75 clicks, the ~75 ms of waiting at
+    1,000/s) are written too. The process's CPU per click."""
     with tempfile.TemporaryDirectory() as scratch:
         app, runtime, _registry = _conversiones_knowing_a_link(scratch, auth="required",
                                                                rate_limit_clicks_per_ip=10**9)
@@ -308,29 +309,94 @@ def clicks(count: int, profile: bool) -> None:
         [job] = [j for j in runtime.jobs if j.name == "record-clicks"]
         recorder = job.run.__self__
         statements = _statements(runtime.db.engine)
-        loop = asyncio.new_event_loop()
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
-                 "scheme": "http", "path": "/r/linkcodea1", "raw_path": b"/r/linkcodea1", "root_path": "",
-                 "query_string": b"", "server": ("127.0.0.1", 8002), "client": ("203.0.113.9", 40000),
-                 "headers": [(b"host", b"127.0.0.1:8002"), (b"user-agent", b"Mozilla/5.0 (bench)"),
-                             (b"referer", b"https://blog.example.org/post")]}
+        call = _asgi_caller(app)
+        headers = [(b"user-agent", b"Mozilla/5.0 (bench)"), (b"referer", b"https://blog.example.org/post")]
         statuses: dict[int, int] = {}
 
+        def run(i: int) -> None:
+            status = call("GET", "/r/linkcodea1", headers)
+            statuses[status] = statuses.get(status, 0) + 1
+            if i % 75 == 74:
+                recorder.flush(force=True)
+        _measure("click (GET /r/{code}, ASGI in-process, batches written)", count, run, statements, profile,
+                 cpu_clock=time.process_time)
+        recorder.flush(force=True)
+        print("statuses:", statuses)
+        runtime.db.dispose()
+
+
+def _asgi_caller(app):
+    """Call `app` as ASGI without a socket: (method, path, headers, body) -> status. Its event loop
+    runs in a thread of its own under one long-lived task, as under uvicorn (anyio keeps its
+    thread-pool workers while that root task lives; one run_until_complete per request would start
+    a new worker thread for every request). Measure with time.process_time."""
+    import asyncio
+    import threading
+
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    async def forever() -> None:
+        started.set()
+        await asyncio.Event().wait()
+    threading.Thread(target=loop.run_until_complete, args=(forever(),), daemon=True).start()
+    started.wait()
+
+    def call(method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> int:
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+                 "server": ("127.0.0.1", 8002), "client": ("203.0.113.9", 40000),
+                 "headers": [(b"host", b"127.0.0.1:8002"), *headers]}
+        status = []
+
         async def receive() -> dict:
-            return {"type": "http.request", "body": b"", "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": False}
 
         async def send(message: dict) -> None:
             if message["type"] == "http.response.start":
-                statuses[message["status"]] = statuses.get(message["status"], 0) + 1
+                status.append(message["status"])
+        asyncio.run_coroutine_threadsafe(app(scope, receive, send), loop).result()
+        return status[0]
+    return call
+
+
+def postbacks_http(count: int, profile: bool) -> None:
+    """POST /conversiones through the conversiones app as served (every middleware, an operator's
+    API key, the body's strict model, the route, the command), as ASGI without a socket
+    (_asgi_caller): what the `postbacks` mode measures plus the HTTP layer. The process's CPU."""
+    import json
+
+    from alpes.kernel.access import ALL_SCOPES, KeyRing, generate_key
+    from alpes.kernel.messages import IncomingEvent
+
+    with tempfile.TemporaryDirectory() as scratch:
+        app, runtime, _registry = _conversiones_knowing_a_link(scratch, auth="required",
+                                                               rate_limit_postbacks_per_key=10**9,
+                                                               rate_limit_postbacks_per_ip=10**9,
+                                                               max_conversions_per_caller=10**9)
+        key, now = generate_key("operator"), datetime.now(timezone.utc)
+        tables = import_module("alpes.conversiones.tables")
+        with runtime.db.transaction() as session:
+            KeyRing(tables.claves_api).learn_issued(session, IncomingEvent(
+                "marketing.eventos", "profile", key.key_id, "ClaveApiEmitida", 1, key.key_id, now, key.key_id,
+                key.key_id, {"key_id": key.key_id, "digest": key.digest, "rol": "operator", "anunciante_id": None,
+                             "afiliado_id": None, "scopes": sorted(ALL_SCOPES),
+                             "nombre": None, "expira_en": None, "timestamp": now}))
+        call = _asgi_caller(app)
+        headers = [(b"authorization", f"Bearer {key.key}".encode()), (b"content-type", b"application/json")]
+        statements = _statements(runtime.db.engine)
+        statuses: dict[int, int] = {}
 
         def run(i: int) -> None:
-            loop.run_until_complete(app(dict(scope), receive, send))
-            if i % 75 == 74:
-                recorder.flush(force=True)
-        _measure("click (GET /r/{code}, ASGI in-process, batches written)", count, run, statements, profile)
-        recorder.flush(force=True)
+            body = json.dumps({"affiliate_id": "a1", "campaign_id": "k1", "user_id": f"u{i}",
+                               "conversion_value": "80.00", "conversion_type": "sale", "currency": "EUR",
+                               "order_id": f"o{i}", "ip": f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}",
+                               "customer_email": f"c{i}@example.com"}).encode()
+            status = call("POST", "/conversiones", headers + [(b"content-length", str(len(body)).encode())], body)
+            statuses[status] = statuses.get(status, 0) + 1
+        _measure("postback (POST /conversiones, ASGI in-process)", count, run, statements, profile,
+                 cpu_clock=time.process_time)
         print("statuses:", statuses)
-        loop.close()
         runtime.db.dispose()
 
 
@@ -342,13 +408,15 @@ def _measure_batches(label, batches, batch, run, statements, profile):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("workload", choices=["postbacks", "audit", "commissions", "clicks"])
+    parser.add_argument("workload", choices=["postbacks", "postbacks-http", "audit", "commissions", "clicks"])
     parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--caps", action="store_true", help="commissions: a campaign budget and a capped rule set")
     args = parser.parse_args()
     if args.workload == "postbacks":
         postbacks(args.count or 2000, args.profile)
+    elif args.workload == "postbacks-http":
+        postbacks_http(args.count or 2000, args.profile)
     elif args.workload == "clicks":
         clicks(args.count or 20000, args.profile)
     elif args.workload == "commissions":

@@ -282,6 +282,19 @@ class Gate:
             self._verified[fingerprint] = (now, principal)
         return principal
 
+    def remembered(self, authorization: str | None) -> Principal | None:
+        """Who `authenticate` would say is calling, when it can say so without reading the key
+        table (a key verified in the last `cache_seconds`); None when it would have to read or
+        refuse (then call `authenticate`)."""
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            return None
+        with self._lock:
+            cached = self._verified.get(digest(key.strip()))
+        if cached is None or time.monotonic() - cached[0] >= self.cache_seconds:
+            return None
+        return cached[1]
+
     def knows(self, authorization: str) -> bool:
         try:
             return self.authenticate(authorization).role != ANONYMOUS

@@ -78,17 +78,25 @@ async def current_principal(request: Request) -> Principal:
     authorization = request.headers.get("authorization")
     signed = signature is not None and authorization is None and rule.signed and access.signed_requests is not None
     body = await request.body() if signed and not rule.public else None
-    if rule.public and (rule.limit is None or access.limits is None or not access.limits_may_block):
+    limits_never_block = rule.limit is None or access.limits is None or not access.limits_may_block
+    if rule.public and limits_never_block:
         return _admit(access, rule, address, signature, authorization, body)
+    # A key verified in the last second and limits counted in this process: nothing blocks.
+    known = access.gate.remembered(authorization) if limits_never_block and body is None else None
+    if known is not None:
+        return _admit(access, rule, address, signature, authorization, body, known)
     # Authentication and the rate limits may each block (a key lookup, a Redis round trip): one hop
     # to the thread pool for all of them, not one each (a postback took three).
     return await run_in_threadpool(_admit, access, rule, address, signature, authorization, body)
 
 
 def _admit(access: AccessControl, rule: Rule, address: str | None, signature: str | None,
-           authorization: str | None, body: bytes | None) -> Principal:
+           authorization: str | None, body: bytes | None, known: Principal | None = None) -> Principal:
+    """`known`: the caller as Gate.remembered found it (no key lookup)."""
     if rule.public:
         principal = Principal(ANONYMOUS, ANONYMOUS, scopes=frozenset())
+    elif known is not None:
+        principal = known
     elif body is not None:
         principal = access.signed_requests(body, signature)
     else:
