@@ -572,6 +572,23 @@ def test_inbox_failing_handler_in_a_batch_spares_the_others(schema):
     assert bad.event_id not in effect_counts(schema)
 
 
+def test_inbox_wakes_the_relay_only_after_a_commit_that_wrote_the_outbox(schema):
+    """The relay's wake-up (`after_commit`) follows a commit with events to publish, one by one or
+    in a batch; a batch that emitted nothing, or only redeliveries, sends it to look for nothing."""
+    wakes = []
+    p = processor(schema, "marketing-consumer")
+    p.after_commit = lambda: wakes.append(len(outbox_rows(schema)))
+    quiet = [incoming(emit=False) for _ in range(3)]
+    p.process(quiet)
+    p.process(quiet[:1])
+    assert wakes == []
+    p.process([incoming()])
+    p.process([incoming(emit=False), incoming(), incoming(emit=False)])
+    assert wakes == [1, 2]  # each after its commit: the rows were there to publish
+    p.process([incoming(fail=True), incoming(emit=False)])  # one by one: the failure emits nothing
+    assert wakes == [1, 2]
+
+
 def test_inbox_unknown_event_type_is_recorded_and_ignored(schema):
     p = processor(schema, "marketing-consumer")
     other = IncomingEvent(topic="afiliados.eventos", subscription="x", event_id=new_id(), event_type="AfiliadoRechazado",

@@ -1,14 +1,15 @@
 """CPU per item of the hottest paths, in-process, one thread, scratch SQLite (issue 11).
 
     .venv/bin/python tools/profile_cpu.py postbacks [--count 2000] [--profile]
-    .venv/bin/python tools/profile_cpu.py audit [--count 10000] [--profile]
+    .venv/bin/python tools/profile_cpu.py audit [--count 10000] [--batch 200] [--profile]
     .venv/bin/python tools/profile_cpu.py commissions [--count 5000] [--caps] [--profile]
 
 `postbacks`: conversiones' `receive_postback` (the command behind POST /conversiones, no HTTP),
 each a new order id of a known campaign and affiliate: ConversionDetected + ConversionValidated,
 the saga's steps, the projections, the outbox. `audit`: `--count` conversiones events through
-auditoria's audit-consumer (InboxProcessor, batches of 200 as a ConsumerWorker hands them), then
-the EventoAuditado each produced through the compliance-consumer. Prints the thread's CPU
+auditoria's audit-consumer (InboxProcessor, batches of 200 as a ConsumerWorker hands them under a
+backlog; `--batch`: another size, such as the few events a batch holds when the consumers keep up),
+then the EventoAuditado each produced through the compliance-consumer. Prints the thread's CPU
 milliseconds per item and SQL statements per item; `--profile` adds cProfile's top functions.
 `commissions`: marketing's consumers (the service as built, with its webhook hooks), fed what the
 platform hands them for each conversion, in batches of 100 conversions (200 messages, as a
@@ -128,7 +129,7 @@ def postbacks(count: int, profile: bool) -> None:
         runtime.db.dispose()
 
 
-def audit(count: int, profile: bool) -> None:
+def audit(count: int, profile: bool, batch: int = 200) -> None:
     from alpes.auditoria import consumers, tables
     from alpes.kernel.codec import SchemaRegistry
     from alpes.kernel.db import Database, migrate
@@ -148,7 +149,6 @@ def audit(count: int, profile: bool) -> None:
         compliance = InboxProcessor(db, tables.inbox, outbox, "compliance-consumer",
                                     specs[("auditoria.eventos", "compliance-consumer")].handlers)
         statements = _statements(db.engine)
-        batch = 200
 
         def conversion_events(i: int) -> list[IncomingEvent]:
             events = []
@@ -412,6 +412,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--caps", action="store_true", help="commissions: a campaign budget and a capped rule set")
+    parser.add_argument("--batch", type=int, default=200, help="audit: events per consumer batch")
     args = parser.parse_args()
     if args.workload == "postbacks":
         postbacks(args.count or 2000, args.profile)
@@ -422,7 +423,7 @@ def main() -> None:
     elif args.workload == "commissions":
         commissions(args.count or 5000, args.profile, args.caps)
     else:
-        audit(args.count or 10000, args.profile)
+        audit(args.count or 10000, args.profile, args.batch)
 
 
 if __name__ == "__main__":

@@ -2,18 +2,20 @@
 
 from alpes.contract import BUSINESS_TOPICS
 from alpes.kernel.access import KeyRing
+from alpes.kernel.inbox import Handlers
 from alpes.kernel.runtime import ConsumerSpec
 
 from . import handlers, tables
 
 
-class _EveryEvent(dict):
+class _EveryEvent(Handlers):
     """The audit log takes every event type, including ones added after this code was written.
     `also`: what some types teach besides (API keys, campaign owners), learnt in the same
-    transaction right after the event is audited, so no event is learnt without its record."""
+    transaction right after the event is audited, so no event is learnt without its record.
+    A consumer batch's records are written together at its end (handlers.audit_batch)."""
 
     def __init__(self, also: dict | None = None) -> None:
-        super().__init__()
+        super().__init__(batch=handlers.audit_batch)
         self.also = also or {}
 
     def get(self, event_type, default=None):
@@ -35,7 +37,8 @@ def consumer_specs() -> list[ConsumerSpec]:
              for topic in BUSINESS_TOPICS]
     return audit + [
         ConsumerSpec("auditoria.eventos", "security-consumer", {"EventoAuditado": handlers.flag_security_event}),
-        ConsumerSpec("auditoria.eventos", "compliance-consumer", {"EventoAuditado": handlers.verify_audited_link}),
+        ConsumerSpec("auditoria.eventos", "compliance-consumer",
+                     Handlers({"EventoAuditado": handlers.verify_audited_link}, batch=handlers.compliance_batch)),
         ConsumerSpec("sistema.eventos", "monitoring-consumer", {
             "ServicioIniciado": handlers.track_service, "ServicioDetenido": handlers.track_service,
             "ServicioDegradado": handlers.track_service, "ServicioRecuperado": handlers.track_service,

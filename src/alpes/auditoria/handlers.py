@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from sqlalchemy import bindparam, exists, false, or_, select, true, update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
@@ -68,7 +70,11 @@ def _locked_head(session: Session) -> dict:
 
 
 def audit_event(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
-    head = _locked_head(session)
+    """Append the event's record to the chain; announce it (EventoAuditado). Inside `audit_batch`
+    (a consumer's batch) the record, the head's move and the conversion's campaign are kept for
+    one write at the batch's end; otherwise written now."""
+    pending = _pending_appends(session)
+    head = pending.head if pending is not None and pending.head is not None else _locked_head(session)
     record = domain.AuditRecord(
         seq=head["seq"] + 1, event_id=event.event_id, topic=event.topic, event_type=event.event_type,
         schema_version=event.schema_version, aggregate_id=event.key or "", occurred_at=event.occurred_at,
@@ -77,33 +83,89 @@ def audit_event(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
     digest = domain.chain_hash(head["hash"], record)
     owners = domain.owners_of(event.event_type, event.payload)
     now = utcnow()
-    session.execute(_APPEND, {
+    row = {
         "seq": record.seq, "event_id": record.event_id, "topic": record.topic, "event_type": record.event_type,
         "schema_version": record.schema_version, "aggregate_id": record.aggregate_id,
         "occurred_at": record.occurred_at, "correlation_id": record.correlation_id,
         "causation_id": record.causation_id, "payload_json": record.payload_json, "prev_hash": head["hash"],
         "hash": digest, "recorded_at": now, "actor_id": record.actor_id, "actor_role": record.actor_role,
         "campana_id": owners.campana_id, "conversion_id": owners.conversion_id,
-        "anunciante_id": owners.anunciante_id})
-    session.execute(_MOVE_HEAD, {"new_seq": record.seq, "new_hash": digest})
+        "anunciante_id": owners.anunciante_id}
+    learnt = owners.conversion_id and owners.campana_id
+    if pending is None:
+        session.execute(_APPEND, row)
+        session.execute(_MOVE_HEAD, {"new_seq": record.seq, "new_hash": digest})
+        if learnt:
+            _learn_conversions(session, {owners.conversion_id: owners.campana_id})
+    else:
+        pending.rows.append(row)
+        pending.head = head
+        if learnt:
+            pending.conversions.setdefault(owners.conversion_id, owners.campana_id)
     head["seq"], head["hash"] = record.seq, digest
-    if owners.conversion_id and owners.campana_id:
-        _learn_conversion(session, owners.conversion_id, owners.campana_id)
     return [OutgoingEvent(TOPIC, "EventoAuditado", record.aggregate_id, {
         "seq": record.seq, "event_id": record.event_id, "event_type": record.event_type, "topic": record.topic,
         "aggregate_id": record.aggregate_id, "record_hash": digest, "timestamp": now})]
 
 
-def _learn_conversion(session: Session, conversion_id: str, campana_id: str) -> None:
-    # The first campaign named wins; a later record naming the conversion changes nothing. Under
-    # the chain head's lock (audit_event): no other audit-consumer inserts meanwhile.
+@dataclass
+class _Appends:
+    """What a consumer batch's audit_event calls left for its end (audit_batch)."""
+
+    transaction: object
+    head: dict | None = None  # the kept chain head (_locked_head), moved by each record
+    rows: list[dict] = field(default_factory=list)
+    conversions: dict[str, str] = field(default_factory=dict)  # conversion -> first campaign named
+
+
+_APPENDS_KEY = "auditoria.pending_appends"
+
+
+def _pending_appends(session: Session) -> _Appends | None:
+    pending = session.info.get(_APPENDS_KEY)
+    if pending is not None and (session.get_nested_transaction() is not None
+                                or pending.transaction is not session.get_transaction()):
+        # The kept head is ahead of its row until the batch's end: inside a savepoint it would be
+        # read again from the row (a forked chain), and a savepoint rolled back could not take
+        # back what is kept. Fail the batch instead: it is retried one event at a time.
+        raise RuntimeError("audit_event in a savepoint of an audit batch")
+    return pending
+
+
+@contextmanager
+def audit_batch(session: Session) -> Iterator[None]:
+    """The audit-consumer's batch scope (kernel.inbox.Handlers): its records computed in memory,
+    the chain head locked and read once, then written in one statement, the head moved once and
+    the conversions' campaigns learnt in one statement, all in the batch's transaction. On an
+    error nothing kept is written (the transaction is rolled back, the head's copy dropped)."""
+    pending = session.info[_APPENDS_KEY] = _Appends(session.get_transaction())
+    try:
+        yield
+        del session.info[_APPENDS_KEY]
+        if pending.rows:
+            session.execute(_APPEND, pending.rows)
+            session.execute(_MOVE_HEAD, {"new_seq": pending.head["seq"], "new_hash": pending.head["hash"]})
+        if pending.conversions:
+            _learn_conversions(session, pending.conversions)
+    except BaseException:
+        session.info.pop(_HEAD_KEY, None)  # moved past its row: read again if ever needed
+        raise
+    finally:
+        session.info.pop(_APPENDS_KEY, None)
+
+
+def _learn_conversions(session: Session, campaigns: dict[str, str]) -> None:
+    """Each conversion's campaign (conversion_id -> campana_id). The first campaign named wins; a
+    later record naming the conversion changes nothing. Under the chain head's lock (audit_event):
+    no other audit-consumer inserts meanwhile."""
     statement = _CONVERSION_LEARNT.get(session.get_bind().dialect.name)
     if statement is not None:
-        session.execute(statement, {"conversion_id": conversion_id, "campana_id": campana_id})
+        session.execute(statement, [{"conversion_id": c, "campana_id": k} for c, k in campaigns.items()])
         return
     c = tables.conversiones_auditadas  # another database: check, then insert
-    if not session.scalar(select(exists().where(c.c.conversion_id == conversion_id))):
-        session.execute(c.insert().values(conversion_id=conversion_id, campana_id=campana_id))
+    for conversion_id, campana_id in campaigns.items():
+        if not session.scalar(select(exists().where(c.c.conversion_id == conversion_id))):
+            session.execute(c.insert().values(conversion_id=conversion_id, campana_id=campana_id))
 
 
 def learn_campaign_owner(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
@@ -159,9 +221,13 @@ def flag_security_event(session: Session, event: IncomingEvent) -> list[Outgoing
 _LINK = select(tables.audit_log).where(tables.audit_log.c.seq >= bindparam("previous"),
                                        tables.audit_log.c.seq <= bindparam("seq")).order_by(tables.audit_log.c.seq)
 _COMPLIANCE_LOCKED = select(tables.compliance_state).where(tables.compliance_state.c.id == 1).with_for_update()
-_MOVE_COMPLIANCE = update(tables.compliance_state).where(tables.compliance_state.c.id == 1)
-_COUNT_VERIFIED = _MOVE_COMPLIANCE.values(verified=bindparam("new_verified"), highest_seq=bindparam("new_highest_seq"),
-                                          updated_at=bindparam("new_updated_at"))
+_MOVE_COMPLIANCE = update(tables.compliance_state).where(tables.compliance_state.c.id == 1).values(
+    verified=bindparam("new_verified"), highest_seq=bindparam("new_highest_seq"), broken_seq=bindparam("new_broken_seq"),
+    problem=bindparam("new_problem"), updated_at=bindparam("new_updated_at"))
+# A batch's records are read by runs of nearby seq numbers: one query for the usual batch (the
+# announcements of consecutive records), never a scan of a long stretch between two far apart.
+_RUN_GAP = 64
+_PENDING_LINKS_KEY = "auditoria.pending_links"
 
 
 def _locked_compliance(session: Session) -> dict:
@@ -171,35 +237,78 @@ def _locked_compliance(session: Session) -> dict:
 
 
 def verify_audited_link(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
-    """Re-verify the link the announced record makes with its predecessor, independently of the writer."""
+    """Re-verify the link the announced record makes with its predecessor, independently of the writer.
+    Inside `compliance_batch` (a consumer's batch) the check waits for the batch's end, where the
+    batch's records are read together."""
+    pending = session.info.get(_PENDING_LINKS_KEY)
+    if pending is not None and session.get_nested_transaction() is None:
+        pending.append(event)
+        return []
+    # One by one (and in a savepoint, whose rollback must take its count back): checked now.
     seq = event.payload["seq"]
     rows = session.execute(_LINK, {"previous": seq - 1, "seq": seq}).mappings().all()
-    by_seq = {r["seq"]: r for r in rows}
-    problem = None
+    _count_verified(session, [event], {r["seq"]: r for r in rows})
+    return []
+
+
+@contextmanager
+def compliance_batch(session: Session) -> Iterator[None]:
+    """The compliance-consumer's batch scope (kernel.inbox.Handlers): the announced records and
+    their predecessors read in one query per run of seq numbers, each link checked in the
+    batch's order as one by one, the state moved once."""
+    pending: list[IncomingEvent] = []
+    session.info[_PENDING_LINKS_KEY] = pending
+    try:
+        yield
+    finally:
+        session.info.pop(_PENDING_LINKS_KEY, None)
+    if not pending:
+        return
+    wanted = sorted({s for e in pending for s in (e.payload["seq"] - 1, e.payload["seq"]) if s >= 1})
+    by_seq: dict = {}
+    start = 0
+    for i in range(1, len(wanted) + 1):
+        if i == len(wanted) or wanted[i] - wanted[i - 1] > _RUN_GAP:
+            for row in session.execute(_LINK, {"previous": wanted[start], "seq": wanted[i - 1]}).mappings():
+                by_seq[row["seq"]] = row
+            start = i
+    _count_verified(session, pending, by_seq)
+
+
+def _link_problem(seq: int, announced_hash: str, by_seq: dict) -> str | None:
     current = by_seq.get(seq)
     prev_hash = domain.GENESIS if seq == 1 else (by_seq[seq - 1]["hash"] if seq - 1 in by_seq else None)
     if current is None:
-        problem = "announced record is missing"
-    elif prev_hash is None:
-        problem = "previous record is missing"
-    elif current["prev_hash"] != prev_hash or domain.chain_hash(prev_hash, _record(current)) != current["hash"]:
-        problem = "hash link does not verify"
-    elif current["hash"] != event.payload["record_hash"]:
-        problem = "record hash differs from the one announced"
+        return "announced record is missing"
+    if prev_hash is None:
+        return "previous record is missing"
+    if current["prev_hash"] != prev_hash or domain.chain_hash(prev_hash, _record(current)) != current["hash"]:
+        return "hash link does not verify"
+    if current["hash"] != announced_hash:
+        return "record hash differs from the one announced"
+    return None
+
+
+def _count_verified(session: Session, events: list[IncomingEvent], by_seq: dict) -> None:
+    """Check each announced link (records by seq in `by_seq`) in order; count them in the state, the
+    first break found recorded there and raised as an alert."""
     state = _locked_compliance(session)
-    values = {"verified": state["verified"] + 1, "highest_seq": max(state["highest_seq"], seq), "updated_at": utcnow()}
-    if problem and state["broken_seq"] is None:
-        values.update(broken_seq=seq, problem=problem)
-        session.execute(tables.alertas.insert().values(
-            event_id=event.event_id, servicio="auditoria", tipo="cadena_rota",
-            mensaje=f"audit record {seq}: {problem}", creada_en=utcnow()))
-    if problem:
-        session.execute(_MOVE_COMPLIANCE.values(**values))
-    else:
-        session.execute(_COUNT_VERIFIED, {"new_verified": values["verified"], "new_highest_seq": values["highest_seq"],
-                                          "new_updated_at": values["updated_at"]})
-    state.update(values)
-    return []
+    moved = dict(state)  # the kept copy moves once the row has
+    for event in events:
+        seq = event.payload["seq"]
+        problem = _link_problem(seq, event.payload["record_hash"], by_seq)
+        moved["verified"] += 1
+        moved["highest_seq"] = max(moved["highest_seq"], seq)
+        if problem and moved["broken_seq"] is None:
+            moved["broken_seq"], moved["problem"] = seq, problem
+            session.execute(tables.alertas.insert().values(
+                event_id=event.event_id, servicio="auditoria", tipo="cadena_rota",
+                mensaje=f"audit record {seq}: {problem}", creada_en=utcnow()))
+    moved["updated_at"] = utcnow()
+    session.execute(_MOVE_COMPLIANCE, {"new_verified": moved["verified"], "new_highest_seq": moved["highest_seq"],
+                                       "new_broken_seq": moved["broken_seq"], "new_problem": moved["problem"],
+                                       "new_updated_at": moved["updated_at"]})
+    state.update(moved)
 
 
 # -- monitoring-consumer and alerting-consumer on sistema.eventos -------------------------------

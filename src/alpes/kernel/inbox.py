@@ -7,15 +7,20 @@ hold back the others and each gets its own verdict.
 
 Each event is handled in a consumer span of its own trace (kernel/tracing.py); the events its
 handler emits carry that span's `traceparent`.
+
+A subscription's handlers may come as `Handlers` with a `batch` scope: entered around a batch's
+handlers, inside its transaction, so they can leave their writes for one statement at its end
+(auditoria's chain). The one-by-one retry runs without it: each handler then writes as it goes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import structlog
-from sqlalchemy import Column, MetaData, PrimaryKeyConstraint, String, Table, select
+from sqlalchemy import Column, MetaData, PrimaryKeyConstraint, String, Table, bindparam, select
 from sqlalchemy.exc import (
     DisconnectionError,
     IntegrityError,
@@ -26,12 +31,25 @@ from sqlalchemy.orm import Session
 
 from .db import Database, UtcDateTime
 from .messages import IncomingEvent, OutgoingEvent, TransientFailure, utcnow
-from .outbox import Outbox
+from .outbox import Outbox, wrote_in
 from .tracing import Tracing, mark_failed
 
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[Session, IncomingEvent], Sequence[OutgoingEvent] | None]
+BatchScope = Callable[[Session], AbstractContextManager[None]]
+
+
+class Handlers(dict):
+    """A subscription's handlers by event type, and its optional `batch` scope: `batch(session)` is
+    entered before a batch's first handler runs and left after its last, in the batch's
+    transaction and before its outbox write. Left normally, it writes what the handlers left it;
+    left by an error, it drops it (the transaction is rolled back and the batch retried one by
+    one, without the scope)."""
+
+    def __init__(self, handlers: Mapping[str, Handler] | None = None, *, batch: BatchScope | None = None) -> None:
+        super().__init__(handlers or {})
+        self.batch = batch
 
 
 def inbox_table(metadata: MetaData) -> Table:
@@ -70,9 +88,13 @@ class InboxProcessor:
         self.outbox = outbox
         self.subscription = subscription
         self.handlers = handlers
+        # Called after a commit that wrote outbox rows (the relay's wake-up): a batch that emitted
+        # nothing does not send the relay to look for rows (a read and a file lock each time).
         self.after_commit = after_commit or (lambda: None)
         self.totals = Outcome()
         self._inbox_insert = inbox.insert()  # built once: not per batch
+        self._done = select(inbox.c.event_id).where(inbox.c.subscription == subscription,
+                                                    inbox.c.event_id.in_(bindparam("ids", expanding=True)))
 
     def process(self, events: Sequence[IncomingEvent]) -> dict[str, str | None]:
         """Handle a batch; returns event_id -> None (done, ack it) or the error (nack it)."""
@@ -80,9 +102,10 @@ class InboxProcessor:
             return {}
         if len(events) > 1:
             try:
-                outcome = self._process_batch(events)
+                outcome, wrote = self._process_batch(events)
                 self._count(outcome)
-                self.after_commit()
+                if wrote:
+                    self.after_commit()
                 return {e.event_id: None for e in events}
             except Exception as error:
                 log.info("batch failed, retrying one by one", subscription=self.subscription,
@@ -99,14 +122,14 @@ class InboxProcessor:
                 failed_keys.add(event.key)
         return verdicts
 
-    def _process_batch(self, events: Sequence[IncomingEvent]) -> Outcome:
+    def _process_batch(self, events: Sequence[IncomingEvent]) -> tuple[Outcome, bool]:
+        """Returns what happened and whether the outbox was written."""
         outcome = Outcome()
         with self.db.transaction() as session:
             ids = list({e.event_id for e in events})
             # Only an optimisation: the unique key still guards against a concurrent instance,
             # whose insert makes this commit fail and sends the batch down the one-by-one path.
-            done = set(session.scalars(select(self.inbox.c.event_id).where(
-                self.inbox.c.subscription == self.subscription, self.inbox.c.event_id.in_(ids))))
+            done = set(session.scalars(self._done, {"ids": ids}))
             fresh: list[IncomingEvent] = []
             for event in events:
                 if event.event_id in done:
@@ -120,13 +143,16 @@ class InboxProcessor:
             # same order); the outbox's hooks (marketing's webhook deliveries) run as each
             # handler emits them.
             emitted: list[dict] = []
-            for event in fresh:
-                with self.tracing.consuming(event, self.subscription) as traceparent:
-                    outcome.processed += self._handle(session, event, traceparent, emitted)
+            batch = getattr(self.handlers, "batch", None)
+            with batch(session) if batch is not None and fresh else nullcontext():
+                for event in fresh:
+                    with self.tracing.consuming(event, self.subscription) as traceparent:
+                        outcome.processed += self._handle(session, event, traceparent, emitted)
             if emitted:
                 self.outbox.write(session, emitted)
             outcome.ignored = len(fresh) - outcome.processed
-        return outcome
+            wrote = wrote_in(session)
+        return outcome, wrote
 
     def _process_single(self, event: IncomingEvent) -> str | None:
         # The span covers the commit, and the failure logged below carries the trace's ids.
@@ -141,6 +167,7 @@ class InboxProcessor:
                 except IntegrityError:
                     raise _AlreadyProcessed from None
                 handled = self._handle(session, event, traceparent)
+                wrote = wrote_in(session)
         except _AlreadyProcessed:
             self._count(Outcome(duplicates=1))
             return None
@@ -152,7 +179,8 @@ class InboxProcessor:
             mark_failed(str(error)[:300])
             return f"{type(error).__name__}: {error}"[:500]
         self._count(Outcome(processed=handled, ignored=1 - handled))
-        self.after_commit()
+        if wrote:
+            self.after_commit()
         return None
 
     def _handle(self, session: Session, event: IncomingEvent, traceparent: str | None,

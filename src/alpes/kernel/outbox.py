@@ -40,6 +40,12 @@ log = structlog.get_logger(__name__)
 
 PENDING = "pending"
 SENT = "sent"
+_WROTE_KEY = "alpes.outbox.wrote"  # session.info: this unit of work wrote outbox rows
+
+
+def wrote_in(session: Session) -> bool:
+    """Whether this session's unit of work wrote outbox rows (so the relay has work once it commits)."""
+    return bool(session.info.get(_WROTE_KEY))
 
 
 def outbox_table(metadata: MetaData) -> Table:
@@ -119,6 +125,7 @@ class Outbox:
         rows = self.rows(events, actor, traceparent)
         if rows:
             session.execute(self._insert, rows)
+            session.info[_WROTE_KEY] = True
             self.run_hooks(session, events)
 
     def run_hooks(self, session: Session, events: Sequence[OutgoingEvent]) -> None:
@@ -163,6 +170,7 @@ class Outbox:
         (`run_hooks`), in that transaction."""
         if rows:
             session.execute(self._insert, list(rows))
+            session.info[_WROTE_KEY] = True
 
     def pending_count(self, session: Session) -> int:
         return session.scalar(select(func.count()).select_from(self.table).where(self.table.c.status == PENDING)) or 0
