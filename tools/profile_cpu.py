@@ -1,15 +1,20 @@
 """CPU per item of the hottest paths, in-process, one thread, scratch SQLite (issue 11).
 
     .venv/bin/python tools/profile_cpu.py postbacks [--count 2000] [--profile]
+    .venv/bin/python tools/profile_cpu.py saga-answers [--count 5000] [--profile]
     .venv/bin/python tools/profile_cpu.py audit [--count 10000] [--profile]
     .venv/bin/python tools/profile_cpu.py commissions [--count 5000] [--caps] [--profile]
 
 `postbacks`: conversiones' `receive_postback` (the command behind POST /conversiones, no HTTP),
 each a new order id of a known campaign and affiliate: ConversionDetected + ConversionValidated,
-the saga's steps, the projections, the outbox. `audit`: `--count` conversiones events through
-auditoria's audit-consumer (InboxProcessor, batches of 200 as a ConsumerWorker hands them), then
-the EventoAuditado each produced through the compliance-consumer. Prints the thread's CPU
-milliseconds per item and SQL statements per item; `--profile` adds cProfile's top functions.
+the saga's steps, the projections, the outbox. `saga-answers`: marketing's ComisionRegistrada for
+each of `--count` such conversions through conversiones' conversiones-consumer (InboxProcessor,
+batches of 100 as a ConsumerWorker hands them): each saga completes. `audit`: `--count`
+conversiones events through auditoria's audit-consumer (InboxProcessor, batches of 200 as a
+ConsumerWorker hands them), then the EventoAuditado each produced through the compliance-consumer.
+Prints the thread's CPU milliseconds per item and SQL statements per item; `--profile` adds
+cProfile's top functions, timed in thread CPU time as the figures are (waits for fsync or locks
+do not show).
 `commissions`: marketing's consumers (the service as built, with its webhook hooks), fed what the
 platform hands them for each conversion, in batches of 100 conversions (200 messages, as a
 ConsumerWorker hands them): ConversionDetected + ConversionValidated to the marketing-consumer
@@ -53,7 +58,7 @@ def _statements(engine) -> list[int]:
 def _measure(label: str, count: int, run, statements: list[int], profile: bool, warmup: int = WARMUP) -> dict:
     for i in range(warmup):
         run(-1 - i)
-    profiler = cProfile.Profile() if profile else None
+    profiler = cProfile.Profile(time.thread_time) if profile else None  # CPU, not fsync waits
     before_sql = statements[0]
     started, wall = time.thread_time(), time.perf_counter()
     if profiler:
@@ -73,13 +78,12 @@ def _measure(label: str, count: int, run, statements: list[int], profile: bool, 
     return result
 
 
-def postbacks(count: int, profile: bool) -> None:
-    from alpes.conversiones import commands, records, reference
-    from alpes.kernel.codec import SchemaRegistry
+def _conversiones(scratch: str, registry):
+    """The conversiones service as built, on a scratch SQLite, knowing campaign k1 (active, no
+    owner), affiliate a1 (enabled) and a1's enrollment in k1."""
+    from alpes.conversiones import reference
     from alpes.kernel.messages import IncomingEvent
     from alpes.settings import Settings
-
-    registry = SchemaRegistry.from_directory()
 
     def incoming(event_type: str, payload: dict, version: int) -> IncomingEvent:
         data, _ = registry.encode(event_type, payload, version)
@@ -87,19 +91,27 @@ def postbacks(count: int, profile: bool) -> None:
                              version, payload.get("id", ""), payload["timestamp"], "c", "c",
                              registry.decode(event_type, data, version), data)
 
+    settings = Settings(data_dir=Path(scratch), broker_url="pulsar://127.0.0.1:1")
+    _app, runtime = import_module("alpes.conversiones.service").build(settings)
+    with runtime.db.transaction() as session:
+        reference.learn_campana(session, incoming("CampanaCreada", {
+            "id": "k1", "nombre": "n", "porcentaje_comision": Decimal("10"), "moneda": "EUR", "timestamp": NOW,
+            "landing_url": "https://shop.example.com/v", "fecha_inicio": NOW - timedelta(days=365),
+            "fecha_fin": NOW + timedelta(days=3650)}, 2))
+        reference.learn_afiliado(session, incoming("AfiliadoHabilitado", {"afiliado_id": "a1", "timestamp": NOW}, 2))
+        reference.learn_inscripcion(session, incoming("AfiliadoInscrito", {
+            "inscripcion_id": "i1", "campana_id": "k1", "afiliado_id": "a1", "link_code": "linkcodea1",
+            "timestamp": NOW}, 1))
+    return runtime
+
+
+def postbacks(count: int, profile: bool) -> None:
+    from alpes.conversiones import commands, records
+    from alpes.kernel.codec import SchemaRegistry
+
+    registry = SchemaRegistry.from_directory()
     with tempfile.TemporaryDirectory() as scratch:
-        settings = Settings(data_dir=Path(scratch), broker_url="pulsar://127.0.0.1:1")
-        _app, runtime = import_module("alpes.conversiones.service").build(settings)
-        with runtime.db.transaction() as session:
-            reference.learn_campana(session, incoming("CampanaCreada", {
-                "id": "k1", "nombre": "n", "porcentaje_comision": Decimal("10"), "moneda": "EUR", "timestamp": NOW,
-                "landing_url": "https://shop.example.com/v", "fecha_inicio": NOW - timedelta(days=365),
-                "fecha_fin": NOW + timedelta(days=3650)}, 2))
-            reference.learn_afiliado(session, incoming("AfiliadoHabilitado", {"afiliado_id": "a1", "timestamp": NOW},
-                                                       2))
-            reference.learn_inscripcion(session, incoming("AfiliadoInscrito", {
-                "inscripcion_id": "i1", "campana_id": "k1", "afiliado_id": "a1", "link_code": "linkcodea1",
-                "timestamp": NOW}, 1))
+        runtime = _conversiones(scratch, registry)
         store = records.event_store(registry)
         statements = _statements(runtime.db.engine)
         statuses: dict[str, int] = {}
@@ -114,6 +126,57 @@ def postbacks(count: int, profile: bool) -> None:
             statuses[status] = statuses.get(status, 0) + 1
         _measure("postback (receive_postback)", count, run, statements, profile)
         print("statuses:", statuses)
+        runtime.db.dispose()
+
+
+def saga_answers(count: int, profile: bool) -> None:
+    """Marketing's answer to each conversion (ComisionRegistrada) through conversiones'
+    conversiones-consumer, in batches of 100 as a ConsumerWorker hands them: the saga completes."""
+    from alpes.conversiones import commands, records, tables
+    from alpes.kernel.codec import SchemaRegistry
+    from alpes.kernel.inbox import InboxProcessor
+    from alpes.kernel.messages import IncomingEvent
+
+    batch = 100
+    registry = SchemaRegistry.from_directory()
+    batches = max(1, count // batch)
+    with tempfile.TemporaryDirectory() as scratch:
+        runtime = _conversiones(scratch, registry)
+        store = records.event_store(registry)
+        conversions = []
+        for i in range((batches + 5) * batch):  # each detected and validated: its saga waits on marketing
+            conversion_id, _created, status = commands.receive_postback(
+                runtime, store, affiliate_id="a1", campaign_id="k1", click_id=None, user_id=f"u{i}",
+                conversion_value=Decimal("80.00"), conversion_type="sale", currency="EUR", order_id=f"o{i}", ip=None,
+                customer_email=None, now=datetime.now(timezone.utc), grace=timedelta(minutes=5),
+                max_conversions_per_ip=5)
+            conversions.append(conversion_id)
+        specs = {(s.topic, s.subscription): s for s in runtime.consumer_specs}
+        consumer = InboxProcessor(runtime.db, runtime.inbox_table, runtime.outbox, "conversiones-consumer",
+                                  specs[("marketing.eventos", "conversiones-consumer")].handlers)
+        statements = _statements(runtime.db.engine)
+
+        def answers(i: int) -> list[IncomingEvent]:
+            start = (i + 5) * batch if i >= 0 else (-1 - i) * batch  # 5 warm-up batches first
+            events = []
+            for conversion_id in conversions[start:start + batch]:
+                payload = {"comision_id": f"k-{conversion_id}", "conversion_id": conversion_id, "afiliado_id": "a1",
+                           "campana_id": "k1", "monto": Decimal("8.00"), "moneda": "EUR", "limitado_por": None,
+                           "timestamp": NOW}
+                events.append(IncomingEvent("marketing.eventos", "conversiones-consumer", f"r-{conversion_id}",
+                                            "ComisionRegistrada", 1, conversion_id, NOW, conversion_id, conversion_id,
+                                            payload))
+            return events
+
+        def answer_batch(i: int) -> None:
+            verdicts = consumer.process(answers(i))
+            assert all(v is None for v in verdicts.values()), verdicts
+        _measure_batches("conversiones-consumer (note_commission_booked)", batches, batch, answer_batch, statements,
+                         profile)
+        with runtime.db.read() as session:
+            states = dict(session.execute(select(tables.sagas.c.estado, func.count())
+                                          .group_by(tables.sagas.c.estado)).all())
+        print("sagas:", states)
         runtime.db.dispose()
 
 
@@ -261,7 +324,7 @@ def commissions(count: int, profile: bool, caps: bool) -> None:
         batches = max(1, count // batch)
         for i in range(5):  # warm-up batches, not counted
             run(-1 - i)
-        profiler = cProfile.Profile() if profile else None
+        profiler = cProfile.Profile(time.thread_time) if profile else None  # CPU, not fsync waits
         if profiler:
             profiler.enable()
         for i in range(batches):
@@ -294,13 +357,15 @@ def _measure_batches(label, batches, batch, run, statements, profile):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("workload", choices=["postbacks", "audit", "commissions"])
+    parser.add_argument("workload", choices=["postbacks", "saga-answers", "audit", "commissions"])
     parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--caps", action="store_true", help="commissions: a campaign budget and a capped rule set")
     args = parser.parse_args()
     if args.workload == "postbacks":
         postbacks(args.count or 2000, args.profile)
+    elif args.workload == "saga-answers":
+        saga_answers(args.count or 5000, args.profile)
     elif args.workload == "commissions":
         commissions(args.count or 5000, args.profile, args.caps)
     else:
