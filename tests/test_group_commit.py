@@ -8,6 +8,7 @@ import threading
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select
+from sqlalchemy.exc import IntegrityError
 
 from alpes.kernel.db import Database
 
@@ -108,3 +109,26 @@ def test_a_transaction_nested_in_the_same_thread_is_part_of_the_outer_one(db):
             inner.execute(insert(items).values(name="inner"))
     with database.read() as session:
         assert sorted(session.scalars(select(items.c.name))) == ["inner", "outer"]
+
+
+def test_a_lone_unit_that_fails_takes_its_work_with_it_and_the_next_one_commits(db):
+    """A batch's first unit runs without a savepoint of its own: its failure, whether its own or the
+    database's, rolls the batch's transaction back, and the next unit begins another."""
+    database, path = db
+    with database.transaction() as session:
+        session.execute(insert(items).values(name="taken"))
+    with pytest.raises(RuntimeError):
+        with database.transaction() as session:
+            session.execute(insert(items).values(name="lost-1"))
+            raise RuntimeError("the unit fails")
+    with pytest.raises(IntegrityError):
+        with database.transaction() as session:
+            session.execute(insert(items).values(name="lost-2"))
+            session.execute(insert(items).values(name="taken"))
+    with database.transaction() as session:
+        session.execute(insert(items).values(name="kept"))
+        with database.transaction() as nested:  # nested in it: a savepoint of its own, as before
+            nested.execute(insert(items).values(name="kept-nested"))
+    assert not _committed(path, "lost-1") and not _committed(path, "lost-2")
+    assert _committed(path, "kept") and _committed(path, "kept-nested") and _committed(path, "taken")
+    assert (database.committer.units, database.committer.batches) == (2, 2)

@@ -1,16 +1,23 @@
 """CPU per item of the hottest paths, in-process, one thread, scratch SQLite (issue 11).
 
     .venv/bin/python tools/profile_cpu.py postbacks [--count 2000] [--profile]
+    .venv/bin/python tools/profile_cpu.py saga-answers [--count 5000] [--profile]
     .venv/bin/python tools/profile_cpu.py audit [--count 10000] [--batch 200] [--profile]
     .venv/bin/python tools/profile_cpu.py commissions [--count 5000] [--caps] [--profile]
+    .venv/bin/python tools/profile_cpu.py postbacks-http [--count 2000]
+    .venv/bin/python tools/profile_cpu.py clicks [--count 20000]
 
 `postbacks`: conversiones' `receive_postback` (the command behind POST /conversiones, no HTTP),
 each a new order id of a known campaign and affiliate: ConversionDetected + ConversionValidated,
-the saga's steps, the projections, the outbox. `audit`: `--count` conversiones events through
-auditoria's audit-consumer (InboxProcessor, batches of 200 as a ConsumerWorker hands them under a
-backlog; `--batch`: another size, such as the few events a batch holds when the consumers keep up),
-then the EventoAuditado each produced through the compliance-consumer. Prints the thread's CPU
-milliseconds per item and SQL statements per item; `--profile` adds cProfile's top functions.
+the saga's steps, the projections, the outbox. `saga-answers`: marketing's ComisionRegistrada for
+each of `--count` such conversions through conversiones' conversiones-consumer (InboxProcessor,
+batches of 100 as a ConsumerWorker hands them): each saga completes. `audit`: `--count`
+conversiones events through auditoria's audit-consumer (InboxProcessor, batches of 200 as a
+ConsumerWorker hands them under a backlog; `--batch`: another size, such as the few events a batch
+holds when the consumers keep up), then the EventoAuditado each produced through the
+compliance-consumer. Prints the thread's CPU milliseconds per item and SQL statements per item;
+`--profile` adds cProfile's top functions, timed in thread CPU time as the figures are (waits for
+fsync or locks do not show).
 `commissions`: marketing's consumers (the service as built, with its webhook hooks), fed what the
 platform hands them for each conversion, in batches of 100 conversions (200 messages, as a
 ConsumerWorker hands them): ConversionDetected + ConversionValidated to the marketing-consumer
@@ -57,7 +64,7 @@ def _measure(label: str, count: int, run, statements: list[int], profile: bool, 
     threads too (a sync route runs in the thread pool)."""
     for i in range(warmup):
         run(-1 - i)
-    profiler = cProfile.Profile() if profile else None
+    profiler = cProfile.Profile(time.thread_time) if profile else None  # CPU, not fsync waits
     before_sql = statements[0]
     started, wall = cpu_clock(), time.perf_counter()
     if profiler:
@@ -126,6 +133,55 @@ def postbacks(count: int, profile: bool) -> None:
             statuses[status] = statuses.get(status, 0) + 1
         _measure("postback (receive_postback)", count, run, statements, profile)
         print("statuses:", statuses)
+        runtime.db.dispose()
+
+
+def saga_answers(count: int, profile: bool) -> None:
+    """Marketing's answer to each conversion (ComisionRegistrada) through conversiones'
+    conversiones-consumer, in batches of 100 as a ConsumerWorker hands them: the saga completes."""
+    from alpes.conversiones import commands, records, tables
+    from alpes.kernel.inbox import InboxProcessor
+    from alpes.kernel.messages import IncomingEvent
+
+    batch = 100
+    batches = max(1, count // batch)
+    with tempfile.TemporaryDirectory() as scratch:
+        _app, runtime, registry = _conversiones_knowing_a_link(scratch)
+        store = records.event_store(registry)
+        conversions = []
+        for i in range((batches + 5) * batch):  # each detected and validated: its saga waits on marketing
+            conversion_id, _created, status = commands.receive_postback(
+                runtime, store, affiliate_id="a1", campaign_id="k1", click_id=None, user_id=f"u{i}",
+                conversion_value=Decimal("80.00"), conversion_type="sale", currency="EUR", order_id=f"o{i}", ip=None,
+                customer_email=None, now=datetime.now(timezone.utc), grace=timedelta(minutes=5),
+                max_conversions_per_ip=5)
+            conversions.append(conversion_id)
+        specs = {(s.topic, s.subscription): s for s in runtime.consumer_specs}
+        consumer = InboxProcessor(runtime.db, runtime.inbox_table, runtime.outbox, "conversiones-consumer",
+                                  specs[("marketing.eventos", "conversiones-consumer")].handlers)
+        statements = _statements(runtime.db.engine)
+
+        def answers(i: int) -> list[IncomingEvent]:
+            start = (i + 5) * batch if i >= 0 else (-1 - i) * batch  # 5 warm-up batches first
+            events = []
+            for conversion_id in conversions[start:start + batch]:
+                payload = {"comision_id": f"k-{conversion_id}", "conversion_id": conversion_id, "afiliado_id": "a1",
+                           "campana_id": "k1", "monto": Decimal("8.00"), "moneda": "EUR", "limitado_por": None,
+                           "timestamp": NOW}
+                events.append(IncomingEvent("marketing.eventos", "conversiones-consumer", f"r-{conversion_id}",
+                                            "ComisionRegistrada", 1, conversion_id, NOW, conversion_id, conversion_id,
+                                            payload))
+            return events
+
+        def answer_batch(i: int) -> None:
+            verdicts = consumer.process(answers(i))
+            assert all(v is None for v in verdicts.values()), verdicts
+        _measure_batches("conversiones-consumer (note_commission_booked)", batches, batch, answer_batch, statements,
+                         profile)
+        with runtime.db.read() as session:
+            states = dict(session.execute(select(tables.sagas.c.estado, func.count())
+                                          .group_by(tables.sagas.c.estado)).all())
+        print("sagas:", states)
         runtime.db.dispose()
 
 
@@ -272,7 +328,7 @@ def commissions(count: int, profile: bool, caps: bool) -> None:
         batches = max(1, count // batch)
         for i in range(5):  # warm-up batches, not counted
             run(-1 - i)
-        profiler = cProfile.Profile() if profile else None
+        profiler = cProfile.Profile(time.thread_time) if profile else None  # CPU, not fsync waits
         if profiler:
             profiler.enable()
         for i in range(batches):
@@ -408,7 +464,8 @@ def _measure_batches(label, batches, batch, run, statements, profile):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("workload", choices=["postbacks", "postbacks-http", "audit", "commissions", "clicks"])
+    parser.add_argument("workload", choices=["postbacks", "postbacks-http", "saga-answers", "audit", "commissions",
+                                             "clicks"])
     parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--caps", action="store_true", help="commissions: a campaign budget and a capped rule set")
@@ -420,6 +477,8 @@ def main() -> None:
         postbacks_http(args.count or 2000, args.profile)
     elif args.workload == "clicks":
         clicks(args.count or 20000, args.profile)
+    elif args.workload == "saga-answers":
+        saga_answers(args.count or 5000, args.profile)
     elif args.workload == "commissions":
         commissions(args.count or 5000, args.profile, args.caps)
     else:

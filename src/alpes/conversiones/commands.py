@@ -13,7 +13,7 @@ from sqlalchemy import bindparam, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from alpes.kernel.db import Database
+from alpes.kernel.db import Database, bulk_insert
 from alpes.kernel.access import Principal
 from alpes.kernel.errors import Conflict, NotAllowed, NotFound
 from alpes.kernel.eventstore import ConcurrencyConflict, EventStore
@@ -22,7 +22,7 @@ from alpes.kernel.outbox import Outbox
 from alpes.kernel.runtime import ServiceRuntime
 
 from . import domain, queries, tables, tracking
-from .reference import campaign_owner, reference
+from .reference import PostbackFacts, postback_facts, reference
 from .tenancy import EVERYTHING, Tenant, may_change, may_change_owned, tenant_of
 from .stream import commit_events, load_conversion
 
@@ -66,23 +66,32 @@ def receive_postback(runtime: ServiceRuntime, store: EventStore, *, affiliate_id
             attribution = tracking.attribution_of(session, clicks and clicks.click_ids, click_id, affiliate_id, campaign_id, now)
         affiliate_id, campaign_id, click_id = attribution.affiliate_id, attribution.campaign_id, attribution.click_id
     assert affiliate_id is not None and campaign_id is not None
-    with runtime.db.read() as session:  # a campaign's owner, once known, never changes
-        owner = campaign_owner(session, campaign_id)[1]
-    if not may_change_owned(EVERYTHING if caller is None else tenant_of(caller), owner):
-        raise NotAllowed("campaign_id" if click_id is None else "click_id",
-                         "the campaign is not one of yours: post conversions for your own campaigns")
-    scope = idempotency_scope(campaign_id, owner)
+    tenant = EVERYTHING if caller is None else tenant_of(caller)
+    email_sha256 = None if customer_email is None else domain.email_sha256(customer_email)
+    scope = None
     try:
         with runtime.unit_of_work(caller) as (session, emit):
+            # One read first: whose campaign it is (a campaign's owner, once known, never changes)
+            # and everything validation needs; a caller it is not for is refused before any write.
+            facts = postback_facts(
+                session, affiliate_id=affiliate_id, campaign_id=campaign_id, click_id=click_id, ip=ip,
+                customer_email_sha256=email_sha256, caller_key=caller_key, now=now,
+                max_conversions_per_ip=max_conversions_per_ip, max_conversions_per_caller=max_conversions_per_caller,
+                order_id=order_id)
+            if not may_change_owned(tenant, facts.owner):
+                raise NotAllowed("campaign_id" if click_id is None else "click_id",
+                                 "the campaign is not one of yours: post conversions for your own campaigns")
+            scope = idempotency_scope(campaign_id, facts.owner)
             conversion_id, created, events = record_conversion(
                 session, store, affiliate_id=affiliate_id, campaign_id=campaign_id, user_id=user_id,
                 conversion_value=conversion_value, conversion_type=conversion_type, currency=currency,
                 order_id=order_id, grace=grace, click_id=click_id, now=now, ip=ip, customer_email=customer_email,
                 max_conversions_per_ip=max_conversions_per_ip, fingerprint=fingerprint, key_field=key_field,
-                caller_key=caller_key, max_conversions_per_caller=max_conversions_per_caller, scope=scope)
+                caller_key=caller_key, max_conversions_per_caller=max_conversions_per_caller, scope=scope,
+                facts=facts)
             emit(events)
     except IntegrityError:
-        if order_id is None:
+        if order_id is None or scope is None:
             raise
         # A concurrent postback with the same order id committed first: its id when it had these
         # parameters, a conflict when it had others.
@@ -119,9 +128,6 @@ _k = tables.order_keys
 _ORDER_KEYS = select(_k.c.conversion_id, _k.c.fingerprint).where(
     _k.c.order_id == bindparam("order_id"), or_(_k.c.scope == bindparam("scope"),
                                                 _k.c.campaign_id == bindparam("campaign_id")))
-_NEW_ORDER_KEY = tables.order_keys.insert()
-_NEW_ATTRIBUTION = tables.click_attributions.insert()
-_NEW_SIGNALS = tables.conversion_signals.insert()
 
 
 def _same_postback(known: list, fingerprint: str | None, key_field: str, order_id: str) -> str:
@@ -139,40 +145,46 @@ def record_conversion(session: Session, store: EventStore, *, affiliate_id: str,
                       ip: str | None = None, customer_email: str | None = None,
                       max_conversions_per_ip: int = 5, fingerprint: str | None = None, key_field: str = "order_id",
                       caller_key: str | None = None, max_conversions_per_caller: int = 10_000,
-                      scope: str | None = None) -> tuple[str, bool, list[OutgoingEvent]]:
+                      scope: str | None = None,
+                      facts: PostbackFacts | None = None) -> tuple[str, bool, list[OutgoingEvent]]:
     """A postback. Returns (conversion id, created?, events). A known order id (in `scope`:
     idempotency_scope, per campaign by default) returns its conversion when `fingerprint`
     (domain.postback_fingerprint) matches the one stored with it, and raises IdempotencyConflict
     when it does not. `ip`, `customer_email` and `caller_key` are fraud signals: kept beside the
-    stream (the email only as its hash), never in events."""
+    stream (the email only as its hash), never in events. `facts`: what `postback_facts` read for
+    this postback in this transaction, at `now` (read here when not given)."""
     scope = scope or idempotency_scope(campaign_id, None)
-    if order_id is not None:
+    now = now or utcnow()
+    email_sha256 = None if customer_email is None else domain.email_sha256(customer_email)
+    if facts is None:
+        facts = postback_facts(session, affiliate_id=affiliate_id, campaign_id=campaign_id, click_id=click_id, ip=ip,
+                               customer_email_sha256=email_sha256, caller_key=caller_key, now=now,
+                               max_conversions_per_ip=max_conversions_per_ip,
+                               max_conversions_per_caller=max_conversions_per_caller, order_id=order_id)
+    # The facts tell a new order id (the usual case) in the scope they computed: nothing more to read.
+    if order_id is not None and (facts.order_key_taken or scope != idempotency_scope(campaign_id, facts.owner)):
         known = order_keys(session, scope, campaign_id, order_id)
         if known:
             return _same_postback(known, fingerprint, key_field, order_id), False, []
     conversion_id = new_id()
     if order_id is not None:
         # The durable idempotency key; a concurrent twin fails here and the caller re-reads.
-        session.execute(_NEW_ORDER_KEY, {"campaign_id": campaign_id, "order_id": order_id,
-                                         "conversion_id": conversion_id, "fingerprint": fingerprint, "scope": scope})
+        bulk_insert(session, tables.order_keys, [{"campaign_id": campaign_id, "order_id": order_id,
+                                                  "conversion_id": conversion_id, "fingerprint": fingerprint,
+                                                  "scope": scope}])
     if click_id is not None:
-        session.execute(_NEW_ATTRIBUTION, {"conversion_id": conversion_id, "click_id": click_id})
-    now = now or utcnow()
+        bulk_insert(session, tables.click_attributions, [{"conversion_id": conversion_id, "click_id": click_id}])
     if ip is not None or customer_email is not None or caller_key is not None:
-        session.execute(_NEW_SIGNALS, {
+        bulk_insert(session, tables.conversion_signals, [{
             "conversion_id": conversion_id, "campaign_id": campaign_id, "ip": None if ip is None else str(ip),
-            "detected_at": now, "caller_key": caller_key,
-            "customer_email_sha256": None if customer_email is None else domain.email_sha256(customer_email)})
+            "detected_at": now, "caller_key": caller_key, "customer_email_sha256": email_sha256}])
     detected = domain.Detected(conversion_id, affiliate_id, campaign_id, user_id, conversion_value, conversion_type,
                                order_id, currency, now)
-    # Decided before anything is appended (validation reads only the references and the signals
-    # stored above), so the detection and its verdict go to the stream in one append.
-    decision = domain.decide_validation(
-        domain.Conversion().apply(detected),
-        reference(session, affiliate_id, campaign_id, conversion_id, max_conversions_per_ip,
-                  max_conversions_per_caller), now, grace)
+    # Decided before anything is appended (validation reads only the references and the signals,
+    # read with the facts), so the detection and its verdict go to the stream in one append.
+    decision = domain.decide_validation(domain.Conversion().apply(detected), facts.reference, now, grace)
     events = commit_events(session, store, domain.Conversion(), [detected, *decision.events], conversion_id,
-                           click_id=click_id)
+                           click_id=click_id, fresh_stream=True)  # conversion_id: new_id() above
     return conversion_id, True, events
 
 

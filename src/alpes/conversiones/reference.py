@@ -4,9 +4,10 @@ of it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, exists, func, select, update
+from sqlalchemy import String, bindparam, exists, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent, utcnow
@@ -55,11 +56,45 @@ _ENROLLED_BY_IDS = select(
                    _ri.c.activa.is_(True)))
 
 
+# A new postback's reads in one round trip (postback_facts): the campaign (with its owner), the
+# affiliate and the click by outer joins to the postback's ids, so an unknown one reads as NULLs;
+# its link's enrollment (the stored click's link, else the one its signed id names), the
+# enrollments by ids, the velocity counts and whether its order id is taken, as subqueries.
+_k, _ok = tables.clicks, tables.order_keys
+# The order id's scope (commands.idempotency_scope) from the campaign row: its advertiser's, or the
+# campaign's own when it has none or is not known (NULL concatenates to NULL on every backend).
+_SCOPE = func.coalesce(literal("anunciante:", String) + _rc.c.anunciante_id,
+                       literal("campana:", String) + bindparam("campaign_id", type_=String))
+# Two EXISTS, not one with OR: each is one index's lookup (pk_order_keys, ix_order_keys_campaign_order).
+_ORDER_KEY_TAKEN = or_(
+    exists().where(_ok.c.scope == _SCOPE, _ok.c.order_id == bindparam("order_id")),
+    exists().where(_ok.c.campaign_id == bindparam("campaign_id"), _ok.c.order_id == bindparam("order_id")))
+_LINK_CODE = func.coalesce(_k.c.link_code, bindparam("signed_link_code", type_=String))
+# The postback's ids as a one-row table, which the campaign, affiliate and click are joined to.
+_POSTBACK = select(*(bindparam(name, type_=String).label(name)
+                     for name in ("campaign_id", "affiliate_id", "click_id"))).subquery("postback")
+_POSTBACK_FACTS = select(
+    _ra.c.estado.label("afiliado_estado"), _ra.c.email_sha256,
+    *_CAMPAIGN.selected_columns, _rc.c.anunciante_id,
+    _k.c.clicked_at, _LINK_CODE.label("link_code"),
+    select(_ri.c.activa).where(_ri.c.link_code == _LINK_CODE).scalar_subquery().label("enrolled_by_link"),
+    *(column.label(name) for column, name in zip(_ENROLLED_BY_IDS.selected_columns,
+                                                  ("anyone_enrolled", "affiliate_enrolled"))),
+    select(func.count()).select_from(_cs).where(*_WINDOW, _cs.c.ip == bindparam("ip"))
+    .scalar_subquery().label("same_ip"),
+    _SAME_CALLER.scalar_subquery().label("same_caller"),
+    _ORDER_KEY_TAKEN.label("order_key_taken"),
+).select_from(_POSTBACK.outerjoin(_rc, _rc.c.campana_id == _POSTBACK.c.campaign_id)
+              .outerjoin(_ra, _ra.c.afiliado_id == _POSTBACK.c.affiliate_id)
+              .outerjoin(_k, _k.c.id == _POSTBACK.c.click_id))
+
+
 def reference(session: Session, affiliate_id: str, campaign_id: str,
               conversion_id: str | None = None, max_conversions_per_ip: int = 5,
               max_conversions_per_caller: int = 10_000) -> domain.Reference:
+    """What deciding a stored conversion reads (the validation job's, for conversions left
+    detected); a new postback reads the same in one round trip: `postback_facts`."""
     affiliate = session.execute(_AFFILIATE, {"affiliate_id": affiliate_id}).first()
-    a = None if affiliate is None else affiliate.estado
     c = session.execute(_CAMPAIGN, {"campaign_id": campaign_id}).first()
     click = None
     if conversion_id is not None:
@@ -67,25 +102,75 @@ def reference(session: Session, affiliate_id: str, campaign_id: str,
         if click is not None and click.clicked_at is None:
             click = domain.click_of_stored_id(click.click_id)
     signals = None if conversion_id is None else session.execute(_SIGNALS, {"conversion_id": conversion_id}).first()
-    return domain.Reference(
-        affiliate_enabled=None if a is None else a == AFILIADO_HABILITADO,
-        campaign_active=None if c is None else c.estado == "activa",
-        campaign_currency=None if c is None else c.moneda,
-        affiliate_suspended=a == AFILIADO_SUSPENDIDO,
+    return _reference(
+        None if affiliate is None else affiliate.estado, None if affiliate is None else affiliate.email_sha256, c,
         affiliate_enrolled=_enrolled(session, affiliate_id, campaign_id, None if click is None else click.link_code),
         clicked_at=None if click is None else click.clicked_at,
-        attribution_window=None if c is None else timedelta(days=c.ventana_atribucion_dias),
-        campaign_starts_at=None if c is None else c.fecha_inicio,
-        campaign_ends_at=None if c is None else c.fecha_fin,
-        min_seconds_click_to_conversion=None if c is None else c.min_segundos_click_conversion,
-        max_conversion_value=None if c is None else c.valor_maximo_conversion,
-        affiliate_email_sha256=None if affiliate is None else affiliate.email_sha256,
         customer_email_sha256=None if signals is None else signals.customer_email_sha256,
         conversions_from_same_ip=None if signals is None else _conversions_from_same_ip(session, signals),
         max_conversions_per_ip=max_conversions_per_ip,
         conversions_from_same_caller=None if signals is None else _conversions_from_same_caller(
             session, signals, max_conversions_per_caller),
         max_conversions_per_caller=max_conversions_per_caller)
+
+
+def _reference(a: str | None, affiliate_email_sha256: str | None, c, **known) -> domain.Reference:
+    """The Reference of an affiliate's estado and email hash (None: not known), a campaign row (the
+    columns of _CAMPAIGN; None: not known) and the rest as read."""
+    return domain.Reference(
+        affiliate_enabled=None if a is None else a == AFILIADO_HABILITADO,
+        campaign_active=None if c is None else c.estado == "activa",
+        campaign_currency=None if c is None else c.moneda,
+        affiliate_suspended=a == AFILIADO_SUSPENDIDO,
+        attribution_window=None if c is None else timedelta(days=c.ventana_atribucion_dias),
+        campaign_starts_at=None if c is None else c.fecha_inicio,
+        campaign_ends_at=None if c is None else c.fecha_fin,
+        min_seconds_click_to_conversion=None if c is None else c.min_segundos_click_conversion,
+        max_conversion_value=None if c is None else c.valor_maximo_conversion,
+        affiliate_email_sha256=affiliate_email_sha256, **known)
+
+
+@dataclass(frozen=True)
+class PostbackFacts:
+    """What a new postback's transaction reads first: whose campaign it is (tenancy, the scope of its
+    order id) and what validating it needs."""
+
+    owner: str | None  # the advertiser that owns the campaign: None when operator-owned or unknown
+    reference: domain.Reference
+    # False: no key of its order id in its scope (idempotency_scope) nor its campaign (`order_keys`
+    # would find none); True: one may be (or `order_id` was not given to postback_facts).
+    order_key_taken: bool = True
+
+
+def postback_facts(session: Session, *, affiliate_id: str, campaign_id: str, click_id: str | None,
+                   ip: str | None, customer_email_sha256: str | None, caller_key: str | None, now: datetime,
+                   max_conversions_per_ip: int = 5, max_conversions_per_caller: int = 10_000,
+                   order_id: str | None = None) -> PostbackFacts:
+    """Everything `reference` would read for a postback detected at `now`, in one round trip, read
+    before its own rows are written (the caller passes what it is about to store: its click id
+    and signals). Its velocity counts are those of the conversions before it, plus itself: the same
+    figures `reference` counts after its signals are stored, as decided by the same rules."""
+    signed = None if click_id is None else domain.click_of_stored_id(click_id)
+    row = session.execute(_POSTBACK_FACTS, {
+        "affiliate_id": affiliate_id, "campaign_id": campaign_id, "click_id": click_id,
+        "signed_link_code": None if signed is None else signed.link_code,
+        "since": now - domain.IP_VELOCITY_WINDOW, "until": now, "ip": None if ip is None else str(ip),
+        "caller_key": caller_key, "limit": max_conversions_per_caller, "order_id": order_id}).one()
+    known = row.estado is not None  # NOT NULL in a stored campaign: NULL only from the outer join
+    clicked_at = row.clicked_at if row.clicked_at is not None else None if signed is None else signed.clicked_at
+    if row.link_code is not None:  # through a click: its link's enrollment must be active
+        enrolled = bool(row.enrolled_by_link)
+    else:
+        enrolled = None if not row.anyone_enrolled else bool(row.affiliate_enrolled)
+    return PostbackFacts(row.anunciante_id, _reference(
+        row.afiliado_estado, row.email_sha256, row if known else None,
+        affiliate_enrolled=enrolled, clicked_at=clicked_at, customer_email_sha256=customer_email_sha256,
+        conversions_from_same_ip=None if ip is None else row.same_ip + 1,
+        max_conversions_per_ip=max_conversions_per_ip,
+        # Counted up to `limit` before it: min(all with itself, limit + 1), as `reference` counts.
+        conversions_from_same_caller=None if caller_key is None else row.same_caller + 1,
+        max_conversions_per_caller=max_conversions_per_caller),
+        order_key_taken=order_id is None or bool(row.order_key_taken))
 
 
 def _window(signals) -> dict:

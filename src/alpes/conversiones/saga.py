@@ -35,6 +35,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
+from alpes.kernel.db import bulk_insert
 from alpes.kernel.eventstore import StoredEvent
 from alpes.kernel.messages import utcnow
 
@@ -142,19 +143,23 @@ def _set_statement(columns: tuple[str, ...]):
 
 
 # Built once (not per call: SQLAlchemy's statement building was a postback's hot spot).
-_NEW_SAGA = tables.sagas.insert()
 _NEW_STEP = tables.saga_pasos.insert()
 
 
 def _open(session: Session, saga_id: str, paso: str, now: datetime, detalle: str | None = None) -> None:
-    session.execute(_NEW_STEP, {"saga_id": saga_id, "paso": paso, "estado": WAITING, "started_at": now,
-                                "finished_at": None, "detalle": _cut(detalle)})
+    session.execute(_NEW_STEP, _step(saga_id, paso, WAITING, now, None, detalle))
 
 
 def _note(session: Session, saga_id: str, paso: str, estado: str, now: datetime, detalle: str | None = None) -> None:
     """A step that started and finished at once."""
-    session.execute(_NEW_STEP, {"saga_id": saga_id, "paso": paso, "estado": estado, "started_at": now,
-                                "finished_at": now, "detalle": _cut(detalle)})
+    session.execute(_NEW_STEP, _step(saga_id, paso, estado, now, now, detalle))
+
+
+def _step(saga_id: str, paso: str, estado: str, started_at: datetime, finished_at: datetime | None,
+          detalle: str | None) -> dict:
+    """A saga_pasos row (for _NEW_STEP, or several at once in their order with bulk_insert)."""
+    return {"saga_id": saga_id, "paso": paso, "estado": estado, "started_at": started_at,
+            "finished_at": finished_at, "detalle": _cut(detalle)}
 
 
 def finish(session: Session, saga_id: str, paso: str, estado: str, now: datetime, detalle: str | None = None) -> bool:
@@ -176,6 +181,14 @@ def has_step(session: Session, saga_id: str, paso: str, estado: str) -> bool:
         s.c.saga_id == saga_id, s.c.paso == paso, s.c.estado == estado)) > 0
 
 
+_FIRST_REQUEST = "attempt 1: ConversionValidated, waiting for marketing"
+
+
+def _detected(p: dict) -> str:
+    """The detection step's detalle, from ConversionDetected's payload."""
+    return f"ConversionDetected {p['conversion_value']} {p['currency']}"
+
+
 def _cut(detalle: str | None) -> str | None:
     return None if detalle is None else detalle[:500]
 
@@ -192,23 +205,26 @@ def record_events(session: Session, stored: Sequence[StoredEvent], now: datetime
         if event.event_type == "ConversionDetected" and following is not None \
                 and following.event_type == "ConversionValidated" and following.stream_id == saga_id:
             # Detected and validated in one append (a postback validated at once, the usual case):
-            # the rows the two steps below would leave, written directly (4 statements, not 8).
-            session.execute(_NEW_SAGA, {
+            # the rows the two steps below would leave, written directly (2 statements, not 8: the
+            # steps in one executemany, in their order).
+            bulk_insert(session, tables.sagas, [{
                 "saga_id": saga_id, "estado": RUNNING, "paso_actual": COMMISSION, "intentos": 1,
                 "esperando_desde": now, "reintentar_en": None, "resultado": None, "created_at": now,
-                "updated_at": now})
-            _note(session, saga_id, DETECTION, DONE, now, f"ConversionDetected {p['conversion_value']} {p['currency']}")
-            _note(session, saga_id, VALIDATION, DONE, now, "ConversionValidated")
-            _open(session, saga_id, COMMISSION, now, "attempt 1: ConversionValidated, waiting for marketing")
+                "updated_at": now}])
+            bulk_insert(session, tables.saga_pasos, [
+                _step(saga_id, DETECTION, DONE, now, now, _detected(p)),
+                _step(saga_id, VALIDATION, DONE, now, now, "ConversionValidated"),
+                _step(saga_id, COMMISSION, WAITING, now, None, _FIRST_REQUEST)])
             validated_at_once.add(following.event_id)
             continue
         if event.event_type == "ConversionDetected":
-            session.execute(_NEW_SAGA, {
+            bulk_insert(session, tables.sagas, [{
                 "saga_id": saga_id, "estado": RUNNING, "paso_actual": VALIDATION, "intentos": 0,
                 "esperando_desde": None, "reintentar_en": None, "resultado": None, "created_at": now,
-                "updated_at": now})
-            _note(session, saga_id, DETECTION, DONE, now, f"ConversionDetected {p['conversion_value']} {p['currency']}")
-            _open(session, saga_id, VALIDATION, now)
+                "updated_at": now}])
+            bulk_insert(session, tables.saga_pasos, [
+                _step(saga_id, DETECTION, DONE, now, now, _detected(p)),
+                _step(saga_id, VALIDATION, WAITING, now, None, None)])
             continue
         saga = load(session, saga_id, lock=True)
         if saga is None:
@@ -220,7 +236,7 @@ def record_events(session: Session, stored: Sequence[StoredEvent], now: datetime
             _set(session, saga_id, now, paso_actual=VALIDATION)
         elif event.event_type == "ConversionValidated":
             finish(session, saga_id, VALIDATION, DONE, now, "ConversionValidated")
-            _open(session, saga_id, COMMISSION, now, "attempt 1: ConversionValidated, waiting for marketing")
+            _open(session, saga_id, COMMISSION, now, _FIRST_REQUEST)
             _set(session, saga_id, now, paso_actual=COMMISSION, intentos=1, esperando_desde=now,
                  reintentar_en=None)  # None: the plain timeout from esperando_desde
         elif event.event_type == "ConversionRejected" and p.get("compensation"):
@@ -264,9 +280,13 @@ def record_stuck(session: Session, saga_id: str, attempts: int, policy: SagaPoli
 
 
 def stop_waiting(session: Session, saga_id: str, now: datetime, estado: str | None = None,
-                 resultado: str | None = None) -> None:
-    """No request waits any more; with `estado`, the saga ends there. A stuck step is closed."""
-    finish(session, saga_id, COMMISSION_STUCK, DONE, now, "an answer came: no longer stuck")
+                 resultado: str | None = None, stuck: bool = True) -> None:
+    """No request waits any more; with `estado`, the saga ends there. A stuck step is closed.
+    `stuck=False`: the saga's row, read under its lock, says it is not stuck, so no stuck step
+    waits (record_stuck opens one only with the stuck state, and nothing leaves that state
+    without closing it): not looked for."""
+    if stuck:
+        finish(session, saga_id, COMMISSION_STUCK, DONE, now, "an answer came: no longer stuck")
     values = {"esperando_desde": None, "reintentar_en": None}
     if estado is not None:
         values.update(estado=estado, resultado=resultado)

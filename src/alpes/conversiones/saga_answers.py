@@ -65,7 +65,8 @@ def note_commission_booked(session: Session, event: IncomingEvent) -> list[Outgo
         f", limitado_por {p['limitado_por']}" if p.get("limitado_por") else "")
     if saga.finish(session, row["saga_id"], saga.COMMISSION, saga.DONE, now, detalle):
         if row["estado"] in saga.WAITING_STATES:  # a stuck saga too: the answer was late, not missing
-            saga.stop_waiting(session, row["saga_id"], now, saga.COMPLETED, "commission_booked")
+            saga.stop_waiting(session, row["saga_id"], now, saga.COMPLETED, "commission_booked",
+                              stuck=row["estado"] == saga.STUCK)
         return []
     if row["estado"] == saga.COMPENSATED and not saga.has_step(session, row["saga_id"], saga.COMMISSION, saga.DONE):
         saga.note(session, row["saga_id"], saga.COMMISSION, saga.DONE, now, f"booked late: {detalle}")
@@ -86,7 +87,8 @@ def note_commission_denied(session: Session, event: IncomingEvent, store: EventS
         return compensate(session, store, conversion, saga.compensation_reason(p["razon"]), now)
     saga.finish(session, row["saga_id"], saga.COMMISSION_REVERSAL, saga.DONE, now,
                 "nothing to reverse: no commission was booked")
-    saga.stop_waiting(session, row["saga_id"], now, saga.COMPLETED, f"no_commission:{p['razon']}")
+    saga.stop_waiting(session, row["saga_id"], now, saga.COMPLETED, f"no_commission:{p['razon']}",
+                      stuck=False)  # its stuck step, if any, was closed above
     return []
 
 

@@ -263,25 +263,36 @@ def bulk_insert(session: Session, table: Table, rows: list[dict]) -> None:
     """INSERT many rows (all with the same keys) in one driver executemany, each value converted
     by its column's own type (what `session.execute(table.insert(), rows)` does, without
     SQLAlchemy's per-row parameter bookkeeping, which the replay's profile showed to cost more
-    than the driver's own work)."""
+    than the driver's own work). The statement is compiled once per table, keys and dialect, so a
+    single row costs less than the ordinary path too (a hot path's inserts, issue 11)."""
     if not rows:
         return
     connection = session.connection()
-    dialect = connection.dialect
-    compiled = table.insert().compile(dialect=dialect, column_keys=list(rows[0]))
-    if set(compiled.binds) != set(rows[0]):  # defaults to fill, or renamed parameters: the ordinary path
+    plan = _insert_plan(connection.dialect, table, tuple(rows[0]))
+    if plan is None:  # defaults to fill, or renamed parameters: the ordinary path
         session.execute(table.insert(), rows)
         return
+    sql, pairs, positional = plan
     # qmark/format drivers (pysqlite) take tuples in the statement's order, pyformat ones (pymysql) dicts.
-    names = list(compiled.positiontup) if dialect.positional else list(rows[0])
-    pairs = [(name, table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in names]
-    if dialect.positional:
+    if positional:
         values: list = [tuple(row[name] if process is None else process(row[name]) for name, process in pairs)
                         for row in rows]
     else:
         values = [{name: row[name] if process is None else process(row[name]) for name, process in pairs}
                   for row in rows]
-    connection.exec_driver_sql(str(compiled), values)
+    connection.exec_driver_sql(sql, values[0] if len(values) == 1 else values)
+
+
+@functools.lru_cache(maxsize=256)
+def _insert_plan(dialect, table: Table, keys: tuple[str, ...]):
+    """(SQL, [(parameter, its column type's bind processor)], positional?) of `table`'s INSERT of
+    `keys` on `dialect`; None when the compiled statement binds other parameters than `keys`."""
+    compiled = table.insert().compile(dialect=dialect, column_keys=list(keys))
+    if set(compiled.binds) != set(keys):
+        return None
+    names = list(compiled.positiontup) if dialect.positional else list(keys)
+    pairs = tuple((name, table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in names)
+    return str(compiled), pairs, dialect.positional
 
 
 def once_per_transaction(session: Session, key: str, read):

@@ -5,7 +5,8 @@ SQLite has one writer at a time and every commit with `synchronous=FULL` is an f
 more than a tracking click's own work). Left to SQLite, the threads of a process queue for the
 write lock by polling with the busy handler's growing sleeps (up to 100 ms each): a lock convoy.
 Here each unit of work takes its turn on a lock (handed over at once), runs inside a SAVEPOINT of
-the batch's transaction (so its failure rolls back its own work only), and leaves. The one that
+the batch's transaction (so its failure rolls back its own work only; the batch's first unit needs
+none, its failure rolls back the transaction that holds only its work), and leaves. The one that
 finds nobody waiting for a turn — or the batch older than `window` — commits the batch. Every
 member returns from `transaction()` only once its batch is committed (on disk): a 200 still means
 durable, and a kill -9 before the commit loses only work nobody was answered for.
@@ -64,11 +65,17 @@ class GroupCommitter:
         batch: _Batch | None = None
         try:
             batch = self._open()
-            session = Session(bind=self._connection, join_transaction_mode="create_savepoint",
-                              expire_on_commit=False)
+            # The batch's first unit needs no SAVEPOINT: nothing but its own work is in the
+            # transaction, so its failure rolls the whole transaction back (and the next unit
+            # begins another). A lone unit (a postback usually commits alone) saves the SAVEPOINT,
+            # the RELEASE and the Session's nested-transaction bookkeeping (issue 11).
+            first = batch.members == 0
+            session = Session(bind=self._connection, expire_on_commit=False,
+                              join_transaction_mode="rollback_only" if first else "create_savepoint")
             self._local.session = session
             try:
-                with session.begin():  # SAVEPOINT ... RELEASE, or ROLLBACK TO on an error
+                # SAVEPOINT ... RELEASE, or ROLLBACK TO on an error; the first: ROLLBACK on an error.
+                with session.begin():
                     yield session
             finally:
                 self._local.session = None
@@ -76,7 +83,8 @@ class GroupCommitter:
             batch.members += 1
             self.units += 1
         except BaseException:
-            # Its own work is rolled back; the batch goes on unless SQLite ended the transaction.
+            # Its own work is rolled back; the batch goes on unless its transaction ended (the
+            # first unit's rollback, or SQLite's own): then the next unit begins another.
             if batch is not None and self._connection is not None and not self._alive():
                 self._fail(batch, BatchFailed("the batch's transaction was ended by an error"))
             self._leave()

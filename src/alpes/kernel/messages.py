@@ -34,6 +34,9 @@ class OutgoingEvent:
     occurred_at: datetime = field(default_factory=utcnow)
     correlation_id: str | None = None
     causation_id: str | None = None
+    # (Avro bytes, writer version) of `payload`, when already encoded (an event-store append):
+    # written to the outbox as they are. None: the outbox encodes the payload.
+    encoded: tuple[bytes, int] | None = field(default=None, compare=False, repr=False)
 
     def caused_by(self, incoming: "IncomingEvent") -> "OutgoingEvent":
         """The same event, linked to the message that caused it (same correlation)."""
@@ -46,6 +49,7 @@ class OutgoingEvent:
             occurred_at=self.occurred_at,
             correlation_id=incoming.correlation_id,
             causation_id=incoming.event_id,
+            encoded=self.encoded,
         )
 
 

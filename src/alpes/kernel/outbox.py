@@ -32,7 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from .codec import SchemaRegistry
-from .db import Database, UtcDateTime
+from .db import Database, UtcDateTime, bulk_insert
 from .messages import OutgoingEvent, utcnow
 from .tracing import current_traceparent
 
@@ -111,7 +111,6 @@ class Outbox:
     def __init__(self, table: Table, registry: SchemaRegistry) -> None:
         self.table = table
         self.registry = registry
-        self._insert = table.insert()  # built once: not per add
         # `hook(session, events)` after each add, in the same transaction: what a context writes
         # because it emitted these events (marketing: its webhook deliveries) commits with them.
         self.on_add: list[Callable[[Session, Sequence[OutgoingEvent]], None]] = []
@@ -124,7 +123,7 @@ class Outbox:
         events = list(events)
         rows = self.rows(events, actor, traceparent)
         if rows:
-            session.execute(self._insert, rows)
+            bulk_insert(session, self.table, rows)
             session.info[_WROTE_KEY] = True
             self.run_hooks(session, events)
 
@@ -144,7 +143,7 @@ class Outbox:
         rows = []
         now = utcnow()
         for event in events:
-            payload, version = self.registry.encode(event.event_type, event.payload)
+            payload, version = event.encoded or self.registry.encode(event.event_type, event.payload)
             rows.append({
                 "event_id": event.event_id,
                 "topic": event.topic,
@@ -169,7 +168,7 @@ class Outbox:
         transaction whose handlers emitted them; their events' hooks are the caller's to run
         (`run_hooks`), in that transaction."""
         if rows:
-            session.execute(self._insert, list(rows))
+            bulk_insert(session, self.table, list(rows))
             session.info[_WROTE_KEY] = True
 
     def pending_count(self, session: Session) -> int:

@@ -1,0 +1,207 @@
+"""A new postback reads everything it needs in one round trip before it writes (issue 11):
+`reference.postback_facts` must decide exactly as `reference.reference` reading the same things
+after the postback's rows are stored (the validation job's read), on SQLite and MariaDB; its
+order-key hint never hides a key `commands.order_keys` finds; a new stream's projections are the
+rows event-by-event projection leaves; a fresh stream is appended without a savepoint but still
+refuses a taken version; the outbox writes the bytes the event store encoded."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from alpes.conversiones import commands, domain, projections, records, reference, tables
+from alpes.kernel.codec import SchemaRegistry
+from alpes.kernel.db import Database, migrate
+from alpes.kernel.eventstore import NewEvent
+from alpes.kernel.messages import OutgoingEvent
+
+REGISTRY = SchemaRegistry.from_directory()
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
+CLICK_IDS = domain.ClickIds([b"k" * 32])
+
+
+@pytest.fixture
+def db(db_url):
+    migrate(db_url, "alpes.conversiones:migrations")
+    database = Database(db_url)
+    with database.transaction() as session:
+        rc, ra, ri = tables.ref_campanas, tables.ref_afiliados, tables.ref_inscripciones
+        common = {"estado": "activa", "moneda": "EUR", "updated_at": NOW, "ventana_atribucion_dias": 30,
+                  "fecha_inicio": NOW - timedelta(days=10), "fecha_fin": NOW + timedelta(days=10),
+                  "anunciante_id": None, "min_segundos_click_conversion": None, "valor_maximo_conversion": None}
+        session.execute(rc.insert(), [
+            {**common, "campana_id": "kA", "anunciante_id": "A", "min_segundos_click_conversion": 30,
+             "valor_maximo_conversion": Decimal("500.00")},
+            {**common, "campana_id": "kA2", "anunciante_id": "A"},
+            {**common, "campana_id": "kOp", "estado": "pausada", "moneda": "USD"}])
+        session.execute(ra.insert(), [
+            {"afiliado_id": "a1", "estado": reference.AFILIADO_HABILITADO, "updated_at": NOW, "email_sha256": "e" * 64},
+            {"afiliado_id": "a2", "estado": reference.AFILIADO_SUSPENDIDO, "updated_at": NOW, "email_sha256": None}])
+        session.execute(ri.insert(), [
+            {"link_code": "linka1", "inscripcion_id": "i1", "afiliado_id": "a1", "campana_id": "kA", "activa": True,
+             "updated_at": NOW},
+            {"link_code": "linka2", "inscripcion_id": "i2", "afiliado_id": "a2", "campana_id": "kA", "activa": False,
+             "updated_at": NOW}])
+        session.execute(tables.clicks.insert(), [
+            {"id": "stored-click", "link_code": "linka2", "affiliate_id": "a2", "campaign_id": "kA",
+             "clicked_at": NOW - timedelta(hours=2)}])
+        # Earlier postbacks of the same IP and caller: two in the hour, one before it, one elsewhere.
+        session.execute(tables.conversion_signals.insert(), [
+            {"conversion_id": f"old{n}", "campaign_id": campaign, "ip": "203.0.113.7", "customer_email_sha256": None,
+             "detected_at": NOW - ago, "caller_key": "key:k1"}
+            for n, (campaign, ago) in enumerate([("kA", timedelta(minutes=5)), ("kA", timedelta(minutes=59)),
+                                                 ("kA", timedelta(minutes=61)), ("kA2", timedelta(minutes=1))])])
+    yield database
+    database.dispose()
+
+
+SIGNED_CLICK, _ = CLICK_IDS.new("linka1", NOW - timedelta(seconds=10))
+
+SCENARIOS = {
+    "by ids, enrolled, busy IP and caller": dict(affiliate_id="a1", campaign_id="kA", ip="203.0.113.7",
+                                                 caller_key="key:k1", email="Shop@Example.com"),
+    "caller counted up to its limit": dict(affiliate_id="a1", campaign_id="kA", ip=None, caller_key="key:k1",
+                                           max_caller=1),
+    "unknown affiliate and campaign": dict(affiliate_id="nobody", campaign_id="nowhere", ip="198.51.100.1"),
+    "suspended, not enrolled, no signals": dict(affiliate_id="a2", campaign_id="kA"),
+    "campaign nobody enrolled in": dict(affiliate_id="a1", campaign_id="kOp", caller_key="key:other"),
+    "stored click, its link inactive": dict(affiliate_id="a2", campaign_id="kA", click_id="stored-click"),
+    "signed click not stored": dict(affiliate_id="a1", campaign_id="kA", click_id=SIGNED_CLICK, ip="203.0.113.7"),
+    "uuid click not stored": dict(affiliate_id="a1", campaign_id="kA", click_id=str(uuid.uuid4())),
+}
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_the_facts_read_before_the_rows_decide_as_the_reference_read_after_them(db, name):
+    s = SCENARIOS[name]
+    email = s.get("email")
+    email_sha256 = None if email is None else domain.email_sha256(email)
+    ip, caller_key, max_caller = s.get("ip"), s.get("caller_key"), s.get("max_caller", 10_000)
+    conversion_id = str(uuid.uuid4())
+    with db.transaction() as session:
+        facts = reference.postback_facts(
+            session, affiliate_id=s["affiliate_id"], campaign_id=s["campaign_id"], click_id=s.get("click_id"),
+            ip=ip, customer_email_sha256=email_sha256, caller_key=caller_key, now=NOW,
+            max_conversions_per_ip=2, max_conversions_per_caller=max_caller)
+        # What record_conversion stores, then the validation job's read of it.
+        if s.get("click_id"):
+            session.execute(tables.click_attributions.insert().values(conversion_id=conversion_id,
+                                                                      click_id=s["click_id"]))
+        if ip or email or caller_key:
+            session.execute(tables.conversion_signals.insert().values(
+                conversion_id=conversion_id, campaign_id=s["campaign_id"], ip=ip, customer_email_sha256=email_sha256,
+                detected_at=NOW, caller_key=caller_key))
+        after = reference.reference(session, s["affiliate_id"], s["campaign_id"], conversion_id, 2, max_caller)
+    assert facts.reference == after
+    conversion = domain.Conversion().apply(domain.Detected(conversion_id, s["affiliate_id"], s["campaign_id"], "u",
+                                                           Decimal("80.00"), "sale", None, "EUR", NOW))
+    assert domain.decide_validation(conversion, facts.reference, NOW, timedelta(seconds=10)) == \
+        domain.decide_validation(conversion, after, NOW, timedelta(seconds=10))
+    assert facts.owner == {"kA": "A"}.get(s["campaign_id"])  # kOp: operator-owned; nowhere: unknown
+
+
+def test_the_velocity_counts_include_the_postback_itself(db):
+    with db.transaction() as session:
+        facts = reference.postback_facts(session, affiliate_id="a1", campaign_id="kA", click_id=None,
+                                         ip="203.0.113.7", customer_email_sha256=None, caller_key="key:k1", now=NOW)
+    # Two earlier ones in the hour for the campaign (not the one 61 minutes ago, not kA2's), and itself.
+    assert (facts.reference.conversions_from_same_ip, facts.reference.conversions_from_same_caller) == (3, 3)
+
+
+def test_the_order_key_hint_finds_every_key_order_keys_finds(db):
+    """A key of the advertiser's other campaign, one stored per campaign before its owner was
+    known, and another advertiser's key of the same order id (not this one's)."""
+    with db.transaction() as session:
+        session.execute(tables.order_keys.insert(), [
+            {"scope": "anunciante:A", "campaign_id": "kA2", "order_id": "o-other-campaign", "conversion_id": "c1",
+             "fingerprint": None},
+            {"scope": "campana:kA", "campaign_id": "kA", "order_id": "o-legacy", "conversion_id": "c2",
+             "fingerprint": None},
+            {"scope": "anunciante:B", "campaign_id": "kB", "order_id": "o-elsewhere", "conversion_id": "c3",
+             "fingerprint": None},
+            {"scope": "campana:nowhere", "campaign_id": "nowhere", "order_id": "o-unknown-campaign",
+             "conversion_id": "c4", "fingerprint": None}])
+    cases = [("kA", "o-other-campaign", True), ("kA", "o-legacy", True), ("kA", "o-elsewhere", False),
+             ("kA", "o-new", False), ("kOp", "o-other-campaign", False), ("nowhere", "o-unknown-campaign", True),
+             ("nowhere", "o-legacy", False)]
+    with db.transaction() as session:
+        for campaign_id, order_id, taken in cases:
+            facts = reference.postback_facts(session, affiliate_id="a1", campaign_id=campaign_id, click_id=None,
+                                             ip=None, customer_email_sha256=None, caller_key=None, now=NOW,
+                                             order_id=order_id)
+            scope = commands.idempotency_scope(campaign_id, facts.owner)
+            found = commands.order_keys(session, scope, campaign_id, order_id)
+            assert (facts.order_key_taken, bool(found)) == (taken, taken), (campaign_id, order_id)
+
+
+def test_a_new_streams_projections_are_those_of_its_events_one_by_one(db):
+    store = records.event_store(REGISTRY)
+    verdicts = {"validated": [domain.Validated(NOW)], "rejected": [domain.Rejected("campaign_outside_dates", NOW)],
+                "held": [domain.Held("ip_velocity", NOW)], "detected": []}
+    v, f = tables.conversiones_view, tables.conversion_figures
+    for kind, events in verdicts.items():
+        rows, figures = [], []
+        for way, affiliate in (("folded", f"{kind}-folded"), ("one by one", f"{kind}-each")):
+            conversion_id = str(uuid.uuid4())
+            detected = domain.Detected(conversion_id, affiliate, "kA", "u", Decimal("80.00"), "sale", "o", "EUR", NOW)
+            conversion = domain.Conversion()
+            new = []
+            for event in [detected, *events]:
+                new.append(records.to_record(conversion, event))
+                conversion.apply(event)
+            with db.transaction() as session:
+                stored = store.append(session, conversion_id, 0, new, conversion_id, fresh_stream=True)
+                if way == "folded":
+                    projections.project_new_stream(session, stored)
+                else:
+                    for item in stored:
+                        projections.project(session, item)
+            with db.read() as session:
+                row = dict(session.execute(select(v).where(v.c.id == conversion_id)).mappings().one())
+                rows.append({k: value for k, value in row.items() if k not in ("id", "affiliate_id")})
+                figure = dict(session.execute(select(f).where(f.c.affiliate_id == affiliate)).mappings().one())
+                figures.append({k: value for k, value in figure.items() if k != "affiliate_id"})
+        assert rows[0] == rows[1], kind
+        assert figures[0] == figures[1], kind
+
+
+def test_a_fresh_stream_still_refuses_a_taken_version(db):
+    store = records.event_store(REGISTRY)
+    event = NewEvent("ConversionValidated", {
+        "conversion_id": "s1", "affiliate_id": "a1", "campaign_id": "kA", "conversion_value": Decimal("1.00"),
+        "currency": "EUR", "conversion_type": "sale", "timestamp": NOW, "click_id": None, "converted_at": NOW}, NOW)
+    with db.transaction() as session:
+        store.append(session, "s1", 0, [event], "s1", fresh_stream=True)
+    with pytest.raises(IntegrityError):
+        with db.transaction() as session:
+            store.append(session, "s1", 0, [event], "s1", fresh_stream=True)
+    with pytest.raises(ValueError):
+        with db.transaction() as session:
+            store.append(session, "s1", 1, [event], "s1", fresh_stream=True)
+    with db.read() as session:
+        assert [e.version for e in store.load(session, "s1")] == [1]
+
+
+def test_the_outbox_writes_the_bytes_the_event_store_encoded(db):
+    from alpes.kernel.outbox import Outbox
+
+    store, outbox = records.event_store(REGISTRY), Outbox(tables.outbox, REGISTRY)
+    conversion_id = str(uuid.uuid4())
+    detected = domain.Detected(conversion_id, "a1", "kA", "u", Decimal("80.00"), "sale", "o", "EUR", NOW)
+    with db.transaction() as session:
+        [stored] = store.append(session, conversion_id, 0, [records.to_record(domain.Conversion(), detected)],
+                                conversion_id, fresh_stream=True)
+        assert stored.encoded == REGISTRY.encode(stored.event_type, stored.payload)[0]
+        outbox.add(session, [OutgoingEvent(records.TOPIC, stored.event_type, conversion_id, stored.payload,
+                                           encoded=(stored.encoded, stored.schema_version))])
+    with db.read() as session:
+        row = session.execute(select(tables.outbox.c.payload, tables.outbox.c.schema_version)).one()
+        written = session.execute(select(tables.event_store.c.payload)).scalar_one()
+    assert (row.payload, row.schema_version) == (written, stored.schema_version)
+    assert REGISTRY.decode(stored.event_type, row.payload, row.schema_version) == stored.payload
