@@ -124,7 +124,7 @@ def include_routes(runtime: ServiceRuntime, store: EventStore, grace: timedelta,
     router = APIRouter(tags=["conversiones"])
 
     @router.get("/r/{link_code}", tags=["clicks"], status_code=302, response_class=RedirectResponse)
-    async def redirect(link_code: str, request: Request, caller: Caller) -> RedirectResponse:
+    async def redirect(link_code: str, request: Request, caller: Caller) -> Response:
         """A tracking link: record the click, redirect to the campaign's landing URL with `alpes_click_id`,
         and set (or renew) the visitor's `alpes_vid` cookie, which ties its clicks together for attribution.
         The cookie is signed (an unsigned or forged one is ignored: a new visitor), HttpOnly,

@@ -392,10 +392,10 @@ class ClickIds:
         parsed = _parse_click_id(click_id)
         if parsed is None:
             return None
-        link_code, body, mac = parsed
-        if not any(hmac.compare_digest(mac, self._mac(key, link_code, body)) for key in self._keys):
+        click, body, mac = parsed
+        if not any(hmac.compare_digest(mac, self._mac(key, click.link_code, body)) for key in self._keys):
             return None
-        return SignedClick(link_code, _from_millis(int.from_bytes(body[:6], "big")))
+        return click
 
     @staticmethod
     def _mac(key: bytes, link_code: str, body: bytes) -> bytes:
@@ -406,12 +406,15 @@ _LINK_CODE = re.compile(r"[A-Za-z0-9_-]{1,%d}" % ClickIds.MAX_LINK_CODE)
 _CLICK_ID = re.compile(r"([A-Za-z0-9_-]{1,%d})\.([A-Za-z0-9_-]{24})" % ClickIds.MAX_LINK_CODE)
 
 
-def _parse_click_id(click_id: str) -> tuple[str, bytes, bytes] | None:
+def _parse_click_id(click_id: str) -> tuple[SignedClick, bytes, bytes] | None:
+    """(what the id says, the bytes its HMAC covers besides the link code, its HMAC); None for
+    what is not a click token (a uuid click id, or anything else)."""
     match = _CLICK_ID.fullmatch(click_id or "")
     if match is None:
         return None
     raw = base64.urlsafe_b64decode(match.group(2))
-    return match.group(1), raw[:11], raw[11:]
+    body = raw[:11]
+    return SignedClick(match.group(1), _from_millis(int.from_bytes(body[:6], "big"))), body, raw[11:]
 
 
 def click_of_stored_id(click_id: str) -> SignedClick | None:
@@ -419,9 +422,7 @@ def click_of_stored_id(click_id: str) -> SignedClick | None:
     postback naming it was attributed, so it is not checked again); None for a uuid click id
     (clicks recorded before ids were tokens), whose row says it."""
     parsed = _parse_click_id(click_id)
-    if parsed is None:
-        return None
-    return SignedClick(parsed[0], _from_millis(int.from_bytes(parsed[1][:6], "big")))
+    return None if parsed is None else parsed[0]
 
 
 def _from_millis(millis: int) -> datetime:

@@ -32,7 +32,6 @@ _i, _c = tables.ref_inscripciones, tables.ref_campanas
 _LINK = select(_i.c.afiliado_id, _i.c.campana_id, _i.c.activa, _c.c.estado, _c.c.landing_url) \
     .join(_c, _c.c.campana_id == _i.c.campana_id, isouter=True).where(_i.c.link_code == bindparam("link_code"))
 _LINK_IDS = select(_i.c.afiliado_id, _i.c.campana_id).where(_i.c.link_code == bindparam("link_code"))
-_INSERT_CLICK = tables.clicks.insert()
 _STORED_CLICKS = select(tables.clicks.c.id).where(tables.clicks.c.id.in_(bindparam("ids", expanding=True)))
 
 # How long the redirect trusts what it read of a link: a link suspended, or a campaign paused, stops
@@ -251,8 +250,7 @@ class ClickRecorder:
         """The service stops: from now on clicks are written as they come; the waiting ones now."""
         with self._lock:
             self._closed = True
-        while self.pending():
-            self.flush(force=True)
+        self.write_waiting()
 
     def pending(self) -> int:
         with self._lock:
@@ -330,7 +328,8 @@ def campaign_of_click(session: Session, click_id: str) -> str | None:
     checked here: attribution checks the id's signature)."""
     campaign_id = session.scalar(select(tables.clicks.c.campaign_id).where(tables.clicks.c.id == click_id))
     if campaign_id is None and (named := domain.click_of_stored_id(click_id)) is not None:
-        campaign_id = session.scalar(select(_i.c.campana_id).where(_i.c.link_code == named.link_code))
+        link = session.execute(_LINK_IDS, {"link_code": named.link_code}).first()
+        campaign_id = None if link is None else link.campana_id
     return campaign_id
 
 
