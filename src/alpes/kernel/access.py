@@ -270,10 +270,9 @@ class Gate:
         key = key.strip()
         fingerprint = digest(key)
         now = time.monotonic()
-        with self._lock:
-            cached = self._verified.get(fingerprint)
-        if cached is not None and now - cached[0] < self.cache_seconds:
-            return cached[1]
+        cached = self._fresh(fingerprint, now)
+        if cached is not None:
+            return cached
         with self.db.transaction() as session:
             principal = self.keyring.verify(session, key, self.clock())
         with self._lock:
@@ -289,9 +288,13 @@ class Gate:
         scheme, _, key = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             return None
+        return self._fresh(digest(key.strip()), time.monotonic())
+
+    def _fresh(self, fingerprint: str, now: float) -> Principal | None:
+        """The principal of the key with this digest, verified less than `cache_seconds` before `now`."""
         with self._lock:
-            cached = self._verified.get(digest(key.strip()))
-        if cached is None or time.monotonic() - cached[0] >= self.cache_seconds:
+            cached = self._verified.get(fingerprint)
+        if cached is None or now - cached[0] >= self.cache_seconds:
             return None
         return cached[1]
 
