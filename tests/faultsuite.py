@@ -42,7 +42,7 @@ HOLDABLE = ("afiliados", "marketing", "auditoria")  # conversiones takes the loa
 # A type each topic really carries: the undecodable poison claims it, so only the bytes are wrong.
 TOPIC_TYPE = {"afiliados.eventos": "AfiliadoRegistrado", "conversiones.eventos": "ConversionDetected",
               "marketing.eventos": "CampanaCreada", "comisiones.eventos": "ComisionCalculada",
-              "auditoria.eventos": "EventoAuditado", "sistema.eventos": "ServicioIniciado"}
+              "auditoria.eventos": "EventosAuditados", "sistema.eventos": "ServicioIniciado"}
 VELOCITY_LIMIT = 5  # ALPES_MAX_CONVERSIONS_PER_IP for this run
 BURST = 8  # postbacks from one IP in a velocity burst: the last BURST - VELOCITY_LIMIT are held
 # `alpes up --broker pulsar`'s first run resolves Apache Pulsar's jars with Maven (README).

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from typer.testing import CliRunner
 
 from alpes.auditoria import handlers, tables
@@ -73,10 +73,11 @@ def test_a_suspension_becomes_a_security_finding_with_its_reason(audited):
                                payload={"id": "a-1", "motivo": "fraude de clics", "timestamp": when})
     with db.transaction() as session:
         [announced] = handlers.audit_event(session, suspension)
+        assert announced.event_type == "EventosAuditados" and len(announced.payload["records"]) == 1
         notice = IncomingEvent(topic="auditoria.eventos", subscription="security-consumer", event_id="n-1",
-                               event_type="EventoAuditado", schema_version=1, key="a-1", occurred_at=when,
+                               event_type="EventosAuditados", schema_version=1, key="a-1", occurred_at=when,
                                correlation_id="s-1", causation_id="s-1", payload=announced.payload)
-        handlers.flag_security_event(session, notice)
+        handlers.flag_security_events(session, notice)
     with db.read() as session:
         findings = session.execute(tables.security_findings.select()).mappings().all()
     assert [(f["event_type"], f["aggregate_id"], f["motivo"]) for f in findings] == [
@@ -107,9 +108,10 @@ def _processors(db):
 
 
 def test_batches_chain_every_record_once_announce_each_in_order_and_verify(db_url):
-    """Batches (with a redelivered event) through audit-consumer, then every EventoAuditado through
+    """Batches (with a redelivered event) through audit-consumer, then every EventosAuditados through
     compliance-consumer: one record per event, consecutive and intact, each conversion's first
-    campaign learnt once, the announcements in the outbox in seq order, every link verified."""
+    campaign learnt once, one announcement per batch naming its records in seq order, every link
+    verified."""
     migrate(db_url, "alpes.auditoria:migrations")
     db = Database(db_url)
     audit, compliance = _processors(db)
@@ -121,18 +123,23 @@ def test_batches_chain_every_record_once_announce_each_in_order_and_verify(db_ur
     with db.read() as session:
         assert handlers.verify_audit_chain(session) == (61, None)
         learnt = session.execute(tables.conversiones_auditadas.select()).all()
-        announced = session.execute(select(tables.outbox.c.event_id, tables.outbox.c.payload)
+        announced = session.execute(select(tables.outbox.c.event_id, tables.outbox.c.payload,
+                                           tables.outbox.c.correlation_id, tables.outbox.c.causation_id)
                                     .order_by(tables.outbox.c.id)).all()
     assert sorted(learnt) == [(f"cv-{n}", "k1") for n in range(7)]  # the first campaign named stays
+    # Each announcement continues its batch's first event (29 was a redelivery: 30 came first).
+    assert [(r.correlation_id, r.causation_id) for r in announced] == [
+        ("cv-0", "cv-e-0"), ("cv-2", "cv-e-30"), ("cv-4", "cv-e-60")]
     registry = SchemaRegistry.from_directory()
     notices = []
     for row in announced:
-        payload = registry.decode("EventoAuditado", row.payload, 1)
-        notices.append(IncomingEvent("auditoria.eventos", "compliance-consumer", row.event_id, "EventoAuditado", 1,
-                                     payload["aggregate_id"], payload["timestamp"], "c", "c", payload))
-    assert [n.payload["seq"] for n in notices] == list(range(1, 62))
-    for start in range(0, 61, 25):
-        assert set(compliance.process(notices[start:start + 25]).values()) == {None}
+        payload = registry.decode("EventosAuditados", row.payload, 1)
+        notices.append(IncomingEvent("auditoria.eventos", "compliance-consumer", row.event_id, "EventosAuditados", 1,
+                                     str(payload["first_seq"]), payload["timestamp"], "c", "c", payload))
+    assert [(n.payload["first_seq"], n.payload["last_seq"]) for n in notices] == [(1, 30), (31, 60), (61, 61)]
+    assert [r["seq"] for n in notices for r in n.payload["records"]] == list(range(1, 62))
+    assert set(compliance.process(notices[:2]).values()) == {None}
+    assert set(compliance.process(notices[2:]).values()) == {None}
     with db.read() as session:
         state = session.execute(select(tables.compliance_state)).mappings().one()
     assert (state["verified"], state["highest_seq"], state["broken_seq"]) == (61, 61, None)
@@ -205,10 +212,9 @@ def _stored(db) -> dict:
         records = [{k: v for k, v in row.items() if k != "recorded_at"}
                    for row in session.execute(select(log).order_by(log.c.seq)).mappings()]
         registry = SchemaRegistry.from_directory()
-        announced = [{k: v for k, v in registry.decode(r.event_type, r.payload, r.schema_version).items()
-                      if k != "timestamp"}
-                     for r in session.execute(select(tables.outbox).order_by(tables.outbox.c.id))]
-        return {"records": records, "announced": announced,
+        announcements = [registry.decode(r.event_type, r.payload, r.schema_version)
+                         for r in session.execute(select(tables.outbox).order_by(tables.outbox.c.id))]
+        return {"records": records, "announced": [r for a in announcements for r in a["records"]],
                 "head": tuple(session.execute(select(tables.audit_head.c.seq, tables.audit_head.c.hash)).one()),
                 "conversions": sorted(session.execute(select(tables.conversiones_auditadas)).all()),
                 "campaigns": sorted(session.execute(select(tables.campanas_auditadas)).all()),
@@ -219,7 +225,7 @@ def _stored(db) -> dict:
 def test_a_batch_chains_exactly_as_one_event_at_a_time(db_url, tmp_path):
     """The same events through the audit-consumer as batches (here on SQLite or MariaDB) and one
     at a time (SQLite): the same records, hashes, owners, head, learnt campaigns and keys, and the
-    same announcements in the same order."""
+    same records announced in the same order (one EventosAuditados per batch, or per event)."""
     migrate(db_url, "alpes.auditoria:migrations")
     batched = Database(db_url)
     single_url = f"sqlite:///{tmp_path / 'one-by-one.db'}"
@@ -230,6 +236,7 @@ def test_a_batch_chains_exactly_as_one_event_at_a_time(db_url, tmp_path):
     assert set(_audit_in(single, events, one_by_one=True).values()) == {None}
     got, expected = _stored(batched), _stored(single)
     assert got == expected
+    assert (_announcements(batched), _announcements(single)) == (2, 16)  # a batch per topic; one per event
     assert got["verified"] == (16, None) and got["head"][0] == 16
     assert [r["seq"] for r in got["records"]] == [a["seq"] for a in got["announced"]] == list(range(1, 17))
     assert got["conversions"] == [(f"cv-{n}", "k1") for n in range(7)]  # the first campaign named
@@ -301,14 +308,27 @@ def test_an_audit_in_a_savepoint_of_a_batch_is_refused_so_the_chain_cannot_fork(
     _assert_chain_of_first_and_third(db)
 
 
-def _notices(db) -> list[IncomingEvent]:
-    registry = SchemaRegistry.from_directory()
+def _announcements(db) -> int:
     with db.read() as session:
-        rows = session.execute(select(tables.outbox.c.event_id, tables.outbox.c.payload)
-                               .order_by(tables.outbox.c.id)).all()
-    return [IncomingEvent("auditoria.eventos", "compliance-consumer", r.event_id, "EventoAuditado", 1, "k",
-                          datetime(2026, 11, 28, tzinfo=timezone.utc), "c", "c",
-                          registry.decode("EventoAuditado", r.payload, 1)) for r in rows]
+        return session.scalar(select(func.count()).select_from(tables.outbox))
+
+
+def _notices(db, event_type: str = "EventosAuditados") -> list[IncomingEvent]:
+    """An announcement per record stored (here each in its own notice, to be reordered): as
+    EventosAuditados naming one record, or as the retired EventoAuditado a backlog may still hold."""
+    registry = SchemaRegistry.from_directory()
+    when = datetime(2026, 11, 28, tzinfo=timezone.utc)
+    with db.read() as session:
+        rows = session.execute(select(tables.outbox.c.payload).order_by(tables.outbox.c.id)).all()
+    records = [r for row in rows for r in registry.decode("EventosAuditados", row.payload, 1)["records"]]
+    return [IncomingEvent("auditoria.eventos", "compliance-consumer", f"n-{r['seq']}", event_type, 1, "k", when, "c", "c",
+                          {"first_seq": r["seq"], "last_seq": r["seq"], "records": [r], "timestamp": when}
+                          if event_type == "EventosAuditados" else {**r, "timestamp": when})
+            for r in records]
+
+
+def _record_of(notice: IncomingEvent) -> dict:
+    return handlers.announced_records(notice)[0]
 
 
 def _compliance_state(db) -> tuple:
@@ -319,17 +339,20 @@ def _compliance_state(db) -> tuple:
 
 
 @pytest.mark.parametrize("one_by_one", [False, True])
-def test_compliance_finds_the_first_broken_link_in_a_batch_as_one_by_one(db_url, one_by_one):
+@pytest.mark.parametrize("event_type", ["EventosAuditados", "EventoAuditado"])
+def test_compliance_finds_the_first_broken_link_in_a_batch_as_one_by_one(db_url, one_by_one, event_type):
     """150 records; record 7 edited and the announcement of 120 altered. The announcements of
     seq 150 down to 110, then 1-10 come in one batch (two runs of records read), then the rest:
-    the first break met (120) is the one recorded, with one alert, and every link is counted."""
+    the first break met (120) is the one recorded, with one alert, and every link is counted.
+    Also with the retired EventoAuditado (one record each), as a backlog may still hold it."""
     migrate(db_url, "alpes.auditoria:migrations")
     db = Database(db_url)
     assert set(_audit_in(db, [_event(n) for n in range(1, 151)], one_by_one=False).values()) == {None}
+    assert _announcements(db) == 1  # one batch: one EventosAuditados naming its 150 records
     with db.transaction() as session:
         session.execute(update(tables.audit_log).where(tables.audit_log.c.seq == 7).values(payload_json='{"id":"x"}'))
-    notices = _notices(db)
-    notices[119].payload["record_hash"] = "f" * 64
+    notices = _notices(db, event_type)
+    _record_of(notices[119])["record_hash"] = "f" * 64
     first = notices[109:150][::-1] + notices[0:10]
     rest = notices[10:109]
     _, compliance = _processors(db)
@@ -384,3 +407,21 @@ def test_two_instances_appending_batches_at_once_never_fork_the_chain(db_url):
     assert sorted(a["seq"] for a in stored["announced"]) == list(range(1, 401))
     for db in instances:
         db.dispose()
+
+
+def test_a_batch_larger_than_an_announcement_holds_is_announced_in_parts(db_url):
+    migrate(db_url, "alpes.auditoria:migrations")
+    db = Database(db_url)
+    count = handlers.ANNOUNCED_PER_EVENT + 1
+    assert set(_audit_in(db, [_event(n) for n in range(1, count + 1)], one_by_one=False).values()) == {None}
+    registry = SchemaRegistry.from_directory()
+    with db.read() as session:
+        parts = [registry.decode("EventosAuditados", p, 1) for p in
+                 session.scalars(select(tables.outbox.c.payload).order_by(tables.outbox.c.id))]
+    assert [(p["first_seq"], p["last_seq"], len(p["records"])) for p in parts] == [
+        (1, count - 1, count - 1), (count, count, 1)]
+    _, compliance = _processors(db)
+    notices = _notices(db)  # each record in its own notice
+    assert set(compliance.process(notices).values()) == {None}
+    assert _compliance_state(db) == (count, count, None, None, [])
+    db.dispose()

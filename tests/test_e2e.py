@@ -166,11 +166,12 @@ def test_the_whole_flow_through_four_services(platform: Platform):
     finally:
         engine.dispose()
     assert stored == "validated"
-    # The brand's trace went through the broker (a signed property) into what marketing and
-    # auditoria emitted on handling the postback's events.
+    # The brand's trace went through the broker (a signed property) into what marketing emitted on
+    # handling the postback's events. (Auditoria announces a batch of records in one event, which
+    # continues the trace of the batch's first event, maybe another request's: tests/test_traces.py
+    # shows its consumer spans in the brand's trace.)
     for name, emitted in (("conversiones", {"ConversionDetected", "ConversionValidated"}),
-                          ("marketing", {"ComisionCalculada", "ComisionRegistrada"}),
-                          ("auditoria", {"EventoAuditado"})):
+                          ("marketing", {"ComisionCalculada", "ComisionRegistrada"})):
         engine = create_engine(platform.db_url(name))
         try:
             with engine.connect() as connection:

@@ -14,8 +14,8 @@ each of `--count` such conversions through conversiones' conversiones-consumer (
 batches of 100 as a ConsumerWorker hands them): each saga completes. `audit`: `--count`
 conversiones events through auditoria's audit-consumer (InboxProcessor, batches of 200 as a
 ConsumerWorker hands them under a backlog; `--batch`: another size, such as the few events a batch
-holds when the consumers keep up), then the EventoAuditado each produced through the
-compliance-consumer. Prints the thread's CPU milliseconds per item and SQL statements per item;
+holds when the consumers keep up), then the EventosAuditados each batch produced (naming its
+records) through the compliance-consumer. Prints the thread's CPU milliseconds per item and SQL statements per item;
 `--profile` adds cProfile's top functions, timed in thread CPU time as the figures are (waits for
 fsync or locks do not show).
 `commissions`: marketing's consumers (the service as built, with its webhook hooks), fed what the
@@ -223,19 +223,18 @@ def audit(count: int, profile: bool, batch: int = 200) -> None:
 
         batches = max(1, count // batch)
         _measure_batches("audit-consumer (audit_event)", batches, batch, audit_batch, statements, profile)
-        with db.read() as session:
-            log = session.execute(select(tables.audit_log.c.seq, tables.audit_log.c.hash,
-                                         tables.audit_log.c.event_id).order_by(tables.audit_log.c.seq)).all()
-        notices = [IncomingEvent("auditoria.eventos", "compliance-consumer", f"n-{row.seq}", "EventoAuditado", 1,
-                                 "k", NOW, "c", "c",
-                                 {"seq": row.seq, "event_id": row.event_id, "record_hash": row.hash})
-                   for row in log]
+        with db.read() as session:  # one EventosAuditados per audit batch, naming its records
+            announced = session.execute(select(tables.outbox.c.event_id, tables.outbox.c.payload)
+                                        .order_by(tables.outbox.c.id)).all()
+        notices = [IncomingEvent("auditoria.eventos", "compliance-consumer", row.event_id, "EventosAuditados", 1,
+                                 "k", NOW, "c", "c", registry.decode("EventosAuditados", row.payload, 1))
+                   for row in announced]
 
-        def verify_batch(i: int) -> None:
-            start = (i + 5) * batch if i >= 0 else (-1 - i) * batch  # 5 warm-up batches first
-            verdicts = compliance.process(notices[start:start + batch])
+        def verify_batch(i: int) -> None:  # a consumer batch: one announcement of `batch` records
+            index = i + 5 if i >= 0 else -1 - i  # 5 warm-up batches first
+            verdicts = compliance.process(notices[index:index + 1])
             assert all(v is None for v in verdicts.values()), verdicts
-        _measure_batches("compliance-consumer (verify_audited_link)", min(batches, len(notices) // batch - 5),
+        _measure_batches("compliance-consumer (verify_audited_links)", min(batches, len(notices) - 5),
                          batch, verify_batch, statements, profile)
         with db.read() as session:
             state = session.execute(select(tables.compliance_state)).mappings().one()

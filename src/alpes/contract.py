@@ -126,7 +126,8 @@ EVENT_TOPICS: dict[str, str] = {
     "PagoCreado": "comisiones.eventos",
     "PagoRealizado": "comisiones.eventos",
     # auditoria
-    "EventoAuditado": "auditoria.eventos",
+    "EventoAuditado": "auditoria.eventos",  # retired (RETIRED_EVENTS)
+    "EventosAuditados": "auditoria.eventos",
     # sistema.eventos: see SYSTEM_EVENT_PUBLISHERS
     "ServicioIniciado": "sistema.eventos",
     "ServicioDetenido": "sistema.eventos",
@@ -151,6 +152,7 @@ SYSTEM_EVENT_PUBLISHERS: dict[str, tuple[str, ...]] = {
 # backlog or retained on the topic), and their schemas stay to decode them.
 RETIRED_EVENTS: frozenset[str] = frozenset({
     "ClickRecorded",  # one event per click; now ClicksRecorded, one per batch of a link's clicks (issue 11)
+    "EventoAuditado",  # one event per audit record; now EventosAuditados, one per batch of records (issue 11)
 })
 
 

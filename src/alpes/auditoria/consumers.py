@@ -36,9 +36,12 @@ def consumer_specs() -> list[ConsumerSpec]:
                                                                else None))
              for topic in BUSINESS_TOPICS]
     return audit + [
-        ConsumerSpec("auditoria.eventos", "security-consumer", {"EventoAuditado": handlers.flag_security_event}),
+        # EventoAuditado (one record each) is retired: still read from a backlog.
+        ConsumerSpec("auditoria.eventos", "security-consumer", {
+            "EventosAuditados": handlers.flag_security_events, "EventoAuditado": handlers.flag_security_events}),
         ConsumerSpec("auditoria.eventos", "compliance-consumer",
-                     Handlers({"EventoAuditado": handlers.verify_audited_link}, batch=handlers.compliance_batch)),
+                     Handlers({"EventosAuditados": handlers.verify_audited_links,
+                               "EventoAuditado": handlers.verify_audited_links}, batch=handlers.compliance_batch)),
         ConsumerSpec("sistema.eventos", "monitoring-consumer", {
             "ServicioIniciado": handlers.track_service, "ServicioDetenido": handlers.track_service,
             "ServicioDegradado": handlers.track_service, "ServicioRecuperado": handlers.track_service,

@@ -69,10 +69,28 @@ def _locked_head(session: Session) -> dict:
     return _read_once(session, _HEAD_KEY, read)
 
 
+# One announcement carries at most this many records (a consumer's batch is 200 by default).
+ANNOUNCED_PER_EVENT = 500
+
+
+def announcement(records: list[dict]) -> OutgoingEvent:
+    """EventosAuditados: records appended together, in seq order. Keyed by its first seq, so
+    announcements spread over the topic's partitions; their checks do not depend on their order."""
+    return OutgoingEvent(TOPIC, "EventosAuditados", str(records[0]["seq"]), {
+        "first_seq": records[0]["seq"], "last_seq": records[-1]["seq"], "records": records,
+        "timestamp": utcnow()})
+
+
+def announced_records(event: IncomingEvent) -> list[dict]:
+    """The records an announcement names: EventosAuditados' list, or the one a retired
+    EventoAuditado (one per record) named."""
+    return event.payload["records"] if event.event_type == "EventosAuditados" else [event.payload]
+
+
 def audit_event(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
-    """Append the event's record to the chain; announce it (EventoAuditado). Inside `audit_batch`
-    (a consumer's batch) the record, the head's move and the conversion's campaign are kept for
-    one write at the batch's end; otherwise written now."""
+    """Append the event's record to the chain and announce it. Inside `audit_batch` (a consumer's
+    batch) the record, the head's move, the conversion's campaign and the announcement are kept
+    for the batch's end (one write, one EventosAuditados); otherwise written and announced now."""
     pending = _pending_appends(session)
     head = pending.head if pending is not None and pending.head is not None else _locked_head(session)
     record = domain.AuditRecord(
@@ -92,20 +110,21 @@ def audit_event(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
         "campana_id": owners.campana_id, "conversion_id": owners.conversion_id,
         "anunciante_id": owners.anunciante_id}
     learnt = owners.conversion_id and owners.campana_id
-    if pending is None:
-        session.execute(_APPEND, row)
-        session.execute(_MOVE_HEAD, {"new_seq": record.seq, "new_hash": digest})
-        if learnt:
-            _learn_conversions(session, {owners.conversion_id: owners.campana_id})
-    else:
+    announced = {"seq": record.seq, "event_id": record.event_id, "event_type": record.event_type,
+                 "topic": record.topic, "aggregate_id": record.aggregate_id, "record_hash": digest}
+    head["seq"], head["hash"] = record.seq, digest
+    if pending is not None:
         pending.rows.append(row)
         pending.head = head
+        pending.announced.append(announced)
         if learnt:
             pending.conversions.setdefault(owners.conversion_id, owners.campana_id)
-    head["seq"], head["hash"] = record.seq, digest
-    return [OutgoingEvent(TOPIC, "EventoAuditado", record.aggregate_id, {
-        "seq": record.seq, "event_id": record.event_id, "event_type": record.event_type, "topic": record.topic,
-        "aggregate_id": record.aggregate_id, "record_hash": digest, "timestamp": now})]
+        return []
+    session.execute(_APPEND, row)
+    session.execute(_MOVE_HEAD, {"new_seq": record.seq, "new_hash": digest})
+    if learnt:
+        _learn_conversions(session, {owners.conversion_id: owners.campana_id})
+    return [announcement([announced])]
 
 
 @dataclass
@@ -116,6 +135,7 @@ class _Appends:
     head: dict | None = None  # the kept chain head (_locked_head), moved by each record
     rows: list[dict] = field(default_factory=list)
     conversions: dict[str, str] = field(default_factory=dict)  # conversion -> first campaign named
+    announced: list[dict] = field(default_factory=list)  # EventosAuditados' records, in seq order
 
 
 _APPENDS_KEY = "auditoria.pending_appends"
@@ -133,20 +153,24 @@ def _pending_appends(session: Session) -> _Appends | None:
 
 
 @contextmanager
-def audit_batch(session: Session) -> Iterator[None]:
+def audit_batch(session: Session) -> Iterator[list[OutgoingEvent]]:
     """The audit-consumer's batch scope (kernel.inbox.Handlers): its records computed in memory,
     the chain head locked and read once, then written in one statement, the head moved once and
-    the conversions' campaigns learnt in one statement, all in the batch's transaction. On an
-    error nothing kept is written (the transaction is rolled back, the head's copy dropped)."""
+    the conversions' campaigns learnt in one statement, all in the batch's transaction, and the
+    records announced in one EventosAuditados (per ANNOUNCED_PER_EVENT) put in the list it yields.
+    On an error nothing kept is written (the transaction is rolled back, the head's copy dropped)."""
     pending = session.info[_APPENDS_KEY] = _Appends(session.get_transaction())
+    at_end: list[OutgoingEvent] = []
     try:
-        yield
+        yield at_end
         del session.info[_APPENDS_KEY]
         if pending.rows:
             session.execute(_APPEND, pending.rows)
             session.execute(_MOVE_HEAD, {"new_seq": pending.head["seq"], "new_hash": pending.head["hash"]})
         if pending.conversions:
             _learn_conversions(session, pending.conversions)
+        at_end.extend(announcement(pending.announced[i:i + ANNOUNCED_PER_EVENT])
+                      for i in range(0, len(pending.announced), ANNOUNCED_PER_EVENT))
     except BaseException:
         session.info.pop(_HEAD_KEY, None)  # moved past its row: read again if ever needed
         raise
@@ -201,19 +225,20 @@ def visible_records(principal: Principal):
 
 
 # -- security-consumer on auditoria.eventos ------------------------------------------------------
-def flag_security_event(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
-    p = event.payload
-    field = domain.SECURITY_RELEVANT.get(p["event_type"])
-    if field is None:
-        return []
-    row = session.execute(select(tables.audit_log.c.payload_json).where(tables.audit_log.c.seq == p["seq"])).first()
-    motivo = "unknown"
-    if row is not None:
-        value = json.loads(row.payload_json).get(field)
-        motivo = ",".join(value) if isinstance(value, list) else str(value)
-    session.execute(tables.security_findings.insert().values(
-        audit_seq=p["seq"], event_type=p["event_type"], aggregate_id=p["aggregate_id"], motivo=motivo[:500],
-        detected_at=utcnow()))
+def flag_security_events(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """A finding, with its reason, for each announced record of a security-relevant type."""
+    for p in announced_records(event):
+        field = domain.SECURITY_RELEVANT.get(p["event_type"])
+        if field is None:
+            continue
+        row = session.execute(select(tables.audit_log.c.payload_json).where(tables.audit_log.c.seq == p["seq"])).first()
+        motivo = "unknown"
+        if row is not None:
+            value = json.loads(row.payload_json).get(field)
+            motivo = ",".join(value) if isinstance(value, list) else str(value)
+        session.execute(tables.security_findings.insert().values(
+            audit_seq=p["seq"], event_type=p["event_type"], aggregate_id=p["aggregate_id"], motivo=motivo[:500],
+            detected_at=utcnow()))
     return []
 
 
@@ -236,18 +261,17 @@ def _locked_compliance(session: Session) -> dict:
                       lambda session: dict(session.execute(_COMPLIANCE_LOCKED).mappings().one()))
 
 
-def verify_audited_link(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
-    """Re-verify the link the announced record makes with its predecessor, independently of the writer.
-    Inside `compliance_batch` (a consumer's batch) the check waits for the batch's end, where the
-    batch's records are read together."""
+def verify_audited_links(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
+    """Re-verify the link each announced record makes with its predecessor, independently of the
+    writer. Inside `compliance_batch` (a consumer's batch) the checks wait for the batch's end,
+    where the batch's records are read together."""
+    announced = [(event.event_id, record) for record in announced_records(event)]
     pending = session.info.get(_PENDING_LINKS_KEY)
     if pending is not None and session.get_nested_transaction() is None:
-        pending.append(event)
+        pending.extend(announced)
         return []
     # One by one (and in a savepoint, whose rollback must take its count back): checked now.
-    seq = event.payload["seq"]
-    rows = session.execute(_LINK, {"previous": seq - 1, "seq": seq}).mappings().all()
-    _count_verified(session, [event], {r["seq"]: r for r in rows})
+    _count_verified(session, announced, _links_of(session, announced))
     return []
 
 
@@ -256,15 +280,20 @@ def compliance_batch(session: Session) -> Iterator[None]:
     """The compliance-consumer's batch scope (kernel.inbox.Handlers): the announced records and
     their predecessors read in one query per run of seq numbers, each link checked in the
     batch's order as one by one, the state moved once."""
-    pending: list[IncomingEvent] = []
+    pending: list[tuple[str, dict]] = []
     session.info[_PENDING_LINKS_KEY] = pending
     try:
         yield
     finally:
         session.info.pop(_PENDING_LINKS_KEY, None)
-    if not pending:
-        return
-    wanted = sorted({s for e in pending for s in (e.payload["seq"] - 1, e.payload["seq"]) if s >= 1})
+    if pending:
+        _count_verified(session, pending, _links_of(session, pending))
+
+
+def _links_of(session: Session, announced: list[tuple[str, dict]]) -> dict:
+    """The announced records and their predecessors by seq, read in one query per run of nearby
+    seq numbers."""
+    wanted = sorted({s for _, r in announced for s in (r["seq"] - 1, r["seq"]) if s >= 1})
     by_seq: dict = {}
     start = 0
     for i in range(1, len(wanted) + 1):
@@ -272,7 +301,7 @@ def compliance_batch(session: Session) -> Iterator[None]:
             for row in session.execute(_LINK, {"previous": wanted[start], "seq": wanted[i - 1]}).mappings():
                 by_seq[row["seq"]] = row
             start = i
-    _count_verified(session, pending, by_seq)
+    return by_seq
 
 
 def _link_problem(seq: int, announced_hash: str, by_seq: dict) -> str | None:
@@ -289,20 +318,21 @@ def _link_problem(seq: int, announced_hash: str, by_seq: dict) -> str | None:
     return None
 
 
-def _count_verified(session: Session, events: list[IncomingEvent], by_seq: dict) -> None:
-    """Check each announced link (records by seq in `by_seq`) in order; count them in the state, the
-    first break found recorded there and raised as an alert."""
+def _count_verified(session: Session, announced: list[tuple[str, dict]], by_seq: dict) -> None:
+    """Check each announced link ((announcement's event id, record) pairs; records by seq in
+    `by_seq`) in order; count them in the state, the first break found recorded there and raised
+    as an alert."""
     state = _locked_compliance(session)
     moved = dict(state)  # the kept copy moves once the row has
-    for event in events:
-        seq = event.payload["seq"]
-        problem = _link_problem(seq, event.payload["record_hash"], by_seq)
+    for event_id, record in announced:
+        seq = record["seq"]
+        problem = _link_problem(seq, record["record_hash"], by_seq)
         moved["verified"] += 1
         moved["highest_seq"] = max(moved["highest_seq"], seq)
         if problem and moved["broken_seq"] is None:
             moved["broken_seq"], moved["problem"] = seq, problem
             session.execute(tables.alertas.insert().values(
-                event_id=event.event_id, servicio="auditoria", tipo="cadena_rota",
+                event_id=event_id, servicio="auditoria", tipo="cadena_rota",
                 mensaje=f"audit record {seq}: {problem}", creada_en=utcnow()))
     moved["updated_at"] = utcnow()
     session.execute(_MOVE_COMPLIANCE, {"new_verified": moved["verified"], "new_highest_seq": moved["highest_seq"],

@@ -10,7 +10,8 @@ handler emits carry that span's `traceparent`.
 
 A subscription's handlers may come as `Handlers` with a `batch` scope: entered around a batch's
 handlers, inside its transaction, so they can leave their writes for one statement at its end
-(auditoria's chain). The one-by-one retry runs without it: each handler then writes as it goes.
+(auditoria's chain), and their announcements for one event at its end (the list the scope yields).
+The one-by-one retry runs without it: each handler then writes and announces as it goes.
 """
 
 from __future__ import annotations
@@ -37,15 +38,16 @@ from .tracing import Tracing, mark_failed
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[Session, IncomingEvent], Sequence[OutgoingEvent] | None]
-BatchScope = Callable[[Session], AbstractContextManager[None]]
+BatchScope = Callable[[Session], AbstractContextManager[list[OutgoingEvent] | None]]
 
 
 class Handlers(dict):
     """A subscription's handlers by event type, and its optional `batch` scope: `batch(session)` is
     entered before a batch's first handler runs and left after its last, in the batch's
-    transaction and before its outbox write. Left normally, it writes what the handlers left it;
-    left by an error, it drops it (the transaction is rolled back and the batch retried one by
-    one, without the scope)."""
+    transaction and before its outbox write. Left normally, it writes what the handlers left it,
+    and the events it put in the list it yielded (if it yields one) go to the outbox after the
+    handlers' own, continuing the batch's first event's trace and correlation; left by an error, it drops it (the transaction is rolled back and the batch
+    retried one by one, without the scope)."""
 
     def __init__(self, handlers: Mapping[str, Handler] | None = None, *, batch: BatchScope | None = None) -> None:
         super().__init__(handlers or {})
@@ -144,10 +146,18 @@ class InboxProcessor:
             # handler emits them.
             emitted: list[dict] = []
             batch = getattr(self.handlers, "batch", None)
-            with batch(session) if batch is not None and fresh else nullcontext():
+            first_traceparent = None
+            with batch(session) if batch is not None and fresh else nullcontext() as at_end:
                 for event in fresh:
                     with self.tracing.consuming(event, self.subscription) as traceparent:
                         outcome.processed += self._handle(session, event, traceparent, emitted)
+                    first_traceparent = first_traceparent or traceparent
+            if at_end:
+                # The batch's own events: the whole batch caused them; they continue the first
+                # event's trace and correlation (one parent, as a message has).
+                at_end = [e.caused_by(fresh[0]) for e in at_end]
+                emitted.extend(self.outbox.rows(at_end, traceparent=first_traceparent))
+                self.outbox.run_hooks(session, at_end)
             if emitted:
                 self.outbox.write(session, emitted)
             outcome.ignored = len(fresh) - outcome.processed
