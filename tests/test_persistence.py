@@ -32,6 +32,7 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy import event as sa_event
 from sqlalchemy.exc import StatementError
 
 from alpes.kernel.codec import SchemaRegistry
@@ -589,15 +590,24 @@ def test_inbox_wakes_the_relay_only_after_a_commit_that_wrote_the_outbox(schema)
     assert wakes == [1, 2]
 
 
-def test_inbox_unknown_event_type_is_recorded_and_ignored(schema):
+def test_inbox_an_event_type_no_handler_takes_is_acknowledged_without_a_trace(schema):
+    """No handler: nothing to do once, so no inbox row and no transaction; the events around it in
+    its batch are handled as usual."""
     p = processor(schema, "marketing-consumer")
-    other = IncomingEvent(topic="afiliados.eventos", subscription="x", event_id=new_id(), event_type="AfiliadoRechazado",
-                          schema_version=1, key="k", occurred_at=utcnow(), correlation_id=new_id(),
-                          causation_id=new_id(), payload={})
-    assert p.process([other]) == {other.event_id: None}
-    assert inbox_ids(schema, "marketing-consumer") == [other.event_id]
-    assert effect_counts(schema) == {}
-    assert p.totals.ignored == 1
+
+    def other() -> IncomingEvent:
+        return IncomingEvent(topic="afiliados.eventos", subscription="x", event_id=new_id(),
+                             event_type="AfiliadoRechazado", schema_version=1, key="k", occurred_at=utcnow(),
+                             correlation_id=new_id(), causation_id=new_id(), payload={})
+    first = other()
+    statements = []
+    sa_event.listen(schema.db.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+    assert p.process([first]) == {first.event_id: None}
+    assert statements == [] and inbox_ids(schema, "marketing-consumer") == []
+    handled, second = incoming(), other()
+    assert p.process([first, handled, second]) == {first.event_id: None, handled.event_id: None, second.event_id: None}
+    assert inbox_ids(schema, "marketing-consumer") == [handled.event_id]
+    assert (p.totals.ignored, p.totals.processed) == (3, 1)
 
 
 def deliver_until_done(p: InboxProcessor, batch: list[IncomingEvent], rounds: int = 20) -> int:

@@ -102,6 +102,12 @@ class InboxProcessor:
         """Handle a batch; returns event_id -> None (done, ack it) or the error (nack it)."""
         if not events:
             return {}
+        acted = [e for e in events if self.handlers.get(e.event_type) is not None]
+        if len(acted) < len(events):
+            # An event this subscription does not act on has no effect to make once: it is
+            # acknowledged without a transaction or an inbox row (it would change nothing).
+            self._count(Outcome(ignored=len(events) - len(acted)))
+            return {e.event_id: None for e in events} | self.process(acted)
         if len(events) > 1:
             try:
                 outcome, wrote = self._process_batch(events)
@@ -199,7 +205,7 @@ class InboxProcessor:
         the caller to write before its commit."""
         handler = self.handlers.get(event.event_type)
         if handler is None:
-            return 0  # an event this subscription does not act on: recorded, acknowledged
+            return 0  # a type handled by no one (process() leaves these out)
         emitted = [e.caused_by(event) for e in handler(session, event) or ()]
         if emitted_rows is None:
             self.outbox.add(session, emitted, traceparent=traceparent)
