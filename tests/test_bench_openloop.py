@@ -11,7 +11,15 @@ from contextlib import contextmanager
 import pytest
 
 from alpes.bench.measure import cpu_seconds, cpu_seconds_from_stat
-from alpes.bench.openloop import Outcome, Request, intended_times, latencies_from_intended, run_at_rate, summarize
+from alpes.bench.openloop import (
+    Outcome,
+    Request,
+    intended_times,
+    latencies_from_intended,
+    run_at_rate,
+    run_count,
+    summarize,
+)
 
 
 def test_the_schedule_is_one_request_every_1_over_rate_seconds_for_the_duration():
@@ -75,10 +83,12 @@ def test_cpu_seconds_are_read_after_the_parenthesised_command_name():
 
 
 @contextmanager
-def _scratch_server(seen: list[bytes], close_after_answer: bool = False):
+def _scratch_server(seen: list[bytes], close_after_answer: bool = False, answer_after: float = 0.0,
+                    in_flight: list[int] | None = None):
     """A real socket: an HTTP/1.1 server answering alternately with Content-Length and chunked;
     `close_after_answer`: it closes each connection once it answered, without saying so (as a
-    keep-alive timeout firing just as the client reuses the connection). Yields its port."""
+    keep-alive timeout firing just as the client reuses the connection); `answer_after`: seconds
+    it takes to answer, `in_flight`: [now, most] requests it held at once. Yields its port."""
     ready = threading.Event()
     address: list[int] = []
     stop: list[asyncio.AbstractEventLoop] = []
@@ -93,6 +103,12 @@ def _scratch_server(seen: list[bytes], close_after_answer: bool = False):
                         length = int(line.split(b":")[1])
                 body = await reader.readexactly(length)
                 seen.append(head.split(b"\r\n")[0] + b" " + body)
+                if in_flight is not None:
+                    in_flight[0] += 1
+                    in_flight[1] = max(in_flight)
+                await asyncio.sleep(answer_after)
+                if in_flight is not None:
+                    in_flight[0] -= 1
                 if len(seen) % 2:
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                 else:
@@ -155,3 +171,20 @@ def test_a_kept_alive_connection_the_server_closed_is_not_an_error_the_request_g
         figures = run_at_rate(f"http://127.0.0.1:{port}", 50, 0.4, lambda i: Request("GET", f"/r/{i}", (), b""))
     assert [o.error for o in figures.outcomes] == [None] * 20
     assert sorted(seen) == sorted(b"GET /r/%d HTTP/1.1 " % i for i in range(20))  # each sent once, answered once
+
+
+def test_a_counted_run_keeps_at_most_its_concurrency_in_flight_and_times_each_from_its_send():
+    """The end-to-end run's sender: as fast as answered, never more than `concurrency` at once;
+    each request's send time is when it got a connection, not when it was queued."""
+    seen: list[bytes] = []
+    in_flight = [0, 0]
+    with _scratch_server(seen, answer_after=0.02, in_flight=in_flight) as port:
+        figures = run_count(f"http://127.0.0.1:{port}", 30, lambda i: Request("POST", f"/p/{i}", (), b"%d" % i),
+                            concurrency=3)
+    assert sorted(seen) == sorted(b"POST /p/%d HTTP/1.1 %d" % (i, i) for i in range(30))
+    assert in_flight == [0, 3]
+    assert all(o.error is None and o.status in (200, 302) for o in figures.outcomes)
+    # 30 answers of 20 ms, 3 at a time: 10 rounds. Each waited for a free connection, then ~20 ms.
+    waits = sorted(o.sent_at - o.intended_at for o in figures.outcomes)
+    assert waits[-1] >= 0.15
+    assert all(0.019 <= o.answered_at - o.sent_at < 0.5 for o in figures.outcomes)

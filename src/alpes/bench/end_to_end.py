@@ -62,8 +62,8 @@ def bench_end_to_end(platform_: Platform, setup: dict, conversions: int, rate: i
     watcher: AuditWatcher | None = None
     result: dict = {
         "method": {
-            "postbacks": f"POST /conversiones over HTTP from {HTTP_WORKERS} threads (keep-alive), one order_id each, "
-                         "with the brand's key, "
+            "postbacks": f"POST /conversiones over HTTP on {HTTP_WORKERS} keep-alive connections (one asyncio "
+                         "loop), one order_id each, with the brand's key, "
                          + (f"paced open-loop at {rate}/s" if rate > 0 else "as fast as the service answers"),
             "latency": ("end-to-end latency = moment the conversion's ComisionCalculada record was first seen by "
                         f"polling GET /auditoria/eventos every {int(AUDIT_POLL_SECONDS * 1000)} ms minus the moment "
@@ -84,6 +84,7 @@ def bench_end_to_end(platform_: Platform, setup: dict, conversions: int, rate: i
         watcher.start()
         say(f"e2e: sending {conversions} postbacks" + (f" at {rate}/s" if rate > 0 else ""))
         meter = CpuMeter(platform_pids(platform_)).start()
+        generator_cpu = time.process_time()  # this process: the sending threads and the audit watcher
         sends = send_postbacks(platform_.urls["conversiones"], setup["affiliate_id"], setup["campaign_id"],
                                conversions, rate, uuid.uuid4().hex[:8], headers=setup["brand_headers"])
         accepted = [s for s in sends if s.conversion_id]
@@ -109,6 +110,7 @@ def bench_end_to_end(platform_: Platform, setup: dict, conversions: int, rate: i
                 last_report = now
             time.sleep(0.1)
         meter.stop()
+        generator_cpu = time.process_time() - generator_cpu
         watcher.stop()
         say(f"e2e: {len(wanted & watcher.first_seen.keys())}/{len(wanted)} commissions audited")
 
@@ -160,6 +162,13 @@ def bench_end_to_end(platform_: Platform, setup: dict, conversions: int, rate: i
         result["audit_polling"] = {
             "polls": watcher.polls, "errors": watcher.errors,
             "mean_poll_request_ms": round(1000 * watcher.poll_seconds / watcher.polls, 1) if watcher.polls else None,
+        }
+        # The load's own cost, on the same cores: the machine's share it took from the platform.
+        result["generator"] = {
+            "cpu_seconds": round(generator_cpu, 2),
+            "cpu_share_of_one_core": round(generator_cpu / e2e_seconds, 3) if e2e_seconds else None,
+            "what": f"this process from the first postback to the last commission audited: the client of {HTTP_WORKERS} "
+                    "connections and the audit watcher",
         }
         result["cpu_seconds"] = meter.spent
         result["cpu_seconds_per_1000_conversions"] = meter.per_thousand(len(audited))

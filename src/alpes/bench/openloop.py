@@ -40,6 +40,7 @@ class Request:
 class Outcome:
     intended_at: float  # the schedule's send time (perf_counter)
     started_at: float = 0.0  # when the generator got to it (its own lag: started - intended)
+    sent_at: float = 0.0  # when it got a connection and was written (after waiting for a free one)
     answered_at: float = 0.0
     status: int | None = None
     body: bytes = b""
@@ -172,6 +173,7 @@ async def _run(host: str, port: int, schedule: list[float], make: Callable[[int]
         outcome.started_at = time.perf_counter()
         raw = _raw(make(i), host_header)
         async with slots:  # more in flight than connections: they queue here, and it counts
+            outcome.sent_at = time.perf_counter()
             connection = idle.pop() if idle else None
             try:
                 if connection is not None:
@@ -223,6 +225,20 @@ def run_at_rate(base_url: str, rate: float, duration: float, make: Callable[[int
                 max_connections: int = 256, timeout: float = 30.0) -> RunFigures:
     """Send make(i) at `rate`/s for `duration` s to `base_url` (http://host:port), open loop, on
     a thread of its own (its CPU is that thread's alone)."""
+    return _run_schedule(base_url, lambda start: intended_times(start, rate, duration), make, max_connections, timeout)
+
+
+def run_count(base_url: str, count: int, make: Callable[[int], Request], *, concurrency: int,
+              rate: float = 0.0, timeout: float = 60.0) -> RunFigures:
+    """Send make(i) for i < count with at most `concurrency` in flight: as fast as the service
+    answers (rate 0: a closed loop, each connection sending its next request when answered), or
+    due at start + i/rate (late ones as soon as a connection is free)."""
+    return _run_schedule(base_url, lambda start: [start + (i / rate if rate > 0 else 0.0) for i in range(count)],
+                         make, concurrency, timeout)
+
+
+def _run_schedule(base_url: str, schedule_from: Callable[[float], list[float]], make: Callable[[int], Request],
+                  max_connections: int, timeout: float) -> RunFigures:
     address = base_url.split("://", 1)[1].rstrip("/")
     host, _, port = address.partition(":")
     result: dict = {}
@@ -230,7 +246,7 @@ def run_at_rate(base_url: str, rate: float, duration: float, make: Callable[[int
     def loop_thread() -> None:
         cpu_before = time.thread_time()
         start = time.perf_counter() + 0.1
-        schedule = intended_times(start, rate, duration)
+        schedule = schedule_from(start)
         try:
             result["outcomes"] = asyncio.run(_run(host, int(port or 80), schedule, make, max_connections, timeout))
         except BaseException as error:  # re-raised on the caller's thread
