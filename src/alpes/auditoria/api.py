@@ -5,6 +5,7 @@ import json
 from fastapi import APIRouter, FastAPI, Query
 from sqlalchemy import func, select
 
+from alpes.kernel.access import OPERATOR
 from alpes.kernel.db import where_equal
 from alpes.kernel.errors import RuleViolated
 from alpes.kernel.http import MAX_SEQ, IsoDatetime
@@ -45,7 +46,10 @@ def include_routes(runtime: ServiceRuntime):
             query = query.where(log.c.occurred_at <= hasta)
         with runtime.db.read() as session:
             rows = session.execute(query).mappings().all()
-            total = session.scalar(select(func.count()).select_from(log).where(visible))
+            if caller.role == OPERATOR:  # every record: the chain's seq numbers are 1..head, no gaps
+                total = session.scalar(select(tables.audit_head.c.seq).where(tables.audit_head.c.id == 1)) or 0
+            else:
+                total = session.scalar(select(func.count()).select_from(log).where(visible))
         return {"total": total, "eventos": [{
             "seq": r["seq"], "event_id": r["event_id"], "topic": r["topic"], "event_type": r["event_type"],
             "schema_version": r["schema_version"], "aggregate_id": r["aggregate_id"],
