@@ -30,7 +30,7 @@ ALPES_TRUSTED_PROXIES     comma-separated addresses/CIDRs of reverse proxies who
                           are believed; default none (the headers are ignored)
 ALPES_MAX_BODY_BYTES      largest request body a service reads (larger: 413); default 65536
 ALPES_BROKER_WATCHDOG_SECONDS  how often `alpes up` checks that the embedded broker answers; default 10
-ALPES_BROKER_STALL_SECONDS  how long messages may wait with none handed out before it restarts it; default 60
+ALPES_BROKER_STALL_SECONDS  how long messages may wait with none handed out before it restarts it; default 20
 ALPES_EVENT_SIGNING_KEYS  comma-separated hex secrets (32+ bytes each) that sign every message the
                           services publish; the first signs, all verify. Unset: one key kept in
                           the data directory (event-signing.key), for one machine only
@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     # `alpes up` probes the embedded broker this often; after 3 unanswered probes in a row it restarts it.
     broker_watchdog_seconds: float = Field(10.0, gt=0)
     # ... and restarts it when a subscription's messages wait with nothing dispatched for this long.
-    broker_stall_seconds: float = Field(60.0, gt=0)
+    broker_stall_seconds: float = Field(20.0, gt=0)
     pulsar_admin_url: str | None = None
     pulsar_tenant: str = "public"
     pulsar_namespace: str = "default"
