@@ -4,8 +4,8 @@
     .venv/bin/python tools/profile_cpu.py saga-answers [--count 5000] [--profile]
     .venv/bin/python tools/profile_cpu.py audit [--count 10000] [--batch 200] [--profile]
     .venv/bin/python tools/profile_cpu.py commissions [--count 5000] [--caps] [--profile]
-    .venv/bin/python tools/profile_cpu.py postbacks-http [--count 2000]
-    .venv/bin/python tools/profile_cpu.py clicks [--count 20000]
+    .venv/bin/python tools/profile_cpu.py postbacks-http [--count 2000] [--inline] [--profile [--profile-out F]]
+    .venv/bin/python tools/profile_cpu.py clicks [--count 20000] [--inline] [--profile [--profile-out F]]
 
 `postbacks`: conversiones' `receive_postback` (the command behind POST /conversiones, no HTTP),
 each a new order id of a known campaign and affiliate: ConversionDetected + ConversionValidated,
@@ -27,6 +27,12 @@ and in all: CPU milliseconds and SQL statements per conversion. `--caps`: the ca
 and a rule version with a monthly per-affiliate cap (more reads per commission; the bench's has neither).
 All its conversions are one affiliate's in one campaign: each commission counts that affiliate's
 commissions of the month, so the figures grow somewhat with `--count`; compare runs of one count.
+`postbacks-http` and `clicks` drive the app as served, as ASGI without a socket (_asgi_caller),
+and count the process's CPU (the event loop's thread, the thread pool's, the caller's). Their
+`--profile` profiles the event loop's thread with what the app hands to the thread pool run
+inline there, so one profile holds the whole request (middleware, routing, access, validation,
+route, command, answer); `--inline` measures that way without the profiler: the difference with a
+plain run is the hop to the thread pool. `--profile-out F` also writes the profile for pstats.
 The first 50 postbacks, and the first 5 batches of the other workloads, warm caches and are not
 counted. Nothing here is used by the platform.
 """
@@ -46,6 +52,7 @@ from pathlib import Path
 from sqlalchemy import event as sa_event, func, select
 
 WARMUP = 50
+PROFILE_OUT: str | None = None  # --profile-out
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
 
 
@@ -59,20 +66,22 @@ def _statements(engine) -> list[int]:
 
 
 def _measure(label: str, count: int, run, statements: list[int], profile: bool, warmup: int = WARMUP,
-             cpu_clock=time.thread_time) -> dict:
+             cpu_clock=time.thread_time, profiling=None) -> dict:
     """`cpu_clock`: this thread's CPU by default; time.process_time when the work runs in other
-    threads too (a sync route runs in the thread pool)."""
+    threads too (a sync route runs in the thread pool). `profiling`: (enable, disable) of the
+    profiler in the thread that does the work (the ASGI modes': _asgi_caller), instead of this one."""
     for i in range(warmup):
         run(-1 - i)
     profiler = cProfile.Profile(time.thread_time) if profile else None  # CPU, not fsync waits
+    enable, disable = profiling or (cProfile.Profile.enable, cProfile.Profile.disable)
     before_sql = statements[0]
     started, wall = cpu_clock(), time.perf_counter()
     if profiler:
-        profiler.enable()
+        enable(profiler)
     for i in range(count):
         run(i)
     if profiler:
-        profiler.disable()
+        disable(profiler)
     cpu, wall = cpu_clock() - started, time.perf_counter() - wall
     result = {"what": label, "items": count, "cpu_ms_per_item": round(cpu * 1000 / count, 3),
               "wall_ms_per_item": round(wall * 1000 / count, 3),
@@ -81,6 +90,8 @@ def _measure(label: str, count: int, run, statements: list[int], profile: bool, 
     if profiler:
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(35)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        if PROFILE_OUT:
+            profiler.dump_stats(PROFILE_OUT)  # for pstats or snakeviz: callers, callees
     return result
 
 
@@ -352,7 +363,7 @@ def commissions(count: int, profile: bool, caps: bool) -> None:
         runtime.db.dispose()
 
 
-def clicks(count: int, profile: bool) -> None:
+def clicks(count: int, profile: bool, inline: bool = False) -> None:
     """GET /r/{code} through the conversiones app as served (every middleware, the access rules,
     the route), called as ASGI without a socket (_asgi_caller), as new visitors; the service as when
     running, so clicks wait in memory, and their batches (75 clicks, the ~75 ms of waiting at
@@ -364,7 +375,7 @@ def clicks(count: int, profile: bool) -> None:
         [job] = [j for j in runtime.jobs if j.name == "record-clicks"]
         recorder = job.run.__self__
         statements = _statements(runtime.db.engine)
-        call = _asgi_caller(app)
+        call = _asgi_caller(app, inline)
         headers = [(b"user-agent", b"Mozilla/5.0 (bench)"), (b"referer", b"https://blog.example.org/post")]
         statuses: dict[int, int] = {}
 
@@ -374,19 +385,27 @@ def clicks(count: int, profile: bool) -> None:
             if i % 75 == 74:
                 recorder.flush(force=True)
         _measure("click (GET /r/{code}, ASGI in-process, batches written)", count, run, statements, profile,
-                 cpu_clock=time.process_time)
+                 cpu_clock=time.process_time, profiling=call.profiling)
         recorder.flush(force=True)
         print("statuses:", statuses)
         runtime.db.dispose()
 
 
-def _asgi_caller(app):
+def _asgi_caller(app, inline: bool = False):
     """Call `app` as ASGI without a socket: (method, path, headers, body) -> status. Its event loop
     runs in a thread of its own under one long-lived task, as under uvicorn (anyio keeps its
     thread-pool workers while that root task lives; one run_until_complete per request would start
-    a new worker thread for every request). Measure with time.process_time."""
+    a new worker thread for every request). Measure with time.process_time.
+
+    `call.profiling` is the (enable, disable) pair _measure takes: the profiler runs in the loop's
+    thread, and while it does, what the app would hand to the thread pool runs inline on the loop
+    (anyio.to_thread.run_sync replaced), so one profile holds the whole request: the server side
+    as served, the route, the command. The hop itself is then missing from the profile: `inline`
+    runs so without profiling, to measure it by difference."""
     import asyncio
     import threading
+
+    import anyio.to_thread
 
     loop = asyncio.new_event_loop()
     started = threading.Event()
@@ -412,10 +431,31 @@ def _asgi_caller(app):
                 status.append(message["status"])
         asyncio.run_coroutine_threadsafe(app(scope, receive, send), loop).result()
         return status[0]
+
+    pooled = anyio.to_thread.run_sync
+
+    async def on_loop(func, *args, **_options):
+        return func(*args)
+
+    def in_loop(action) -> None:
+        async def act() -> None:
+            action()
+        asyncio.run_coroutine_threadsafe(act(), loop).result()
+
+    def enable(profiler: cProfile.Profile) -> None:
+        anyio.to_thread.run_sync = on_loop
+        in_loop(profiler.enable)
+
+    def disable(profiler: cProfile.Profile) -> None:
+        in_loop(profiler.disable)
+        anyio.to_thread.run_sync = on_loop if inline else pooled
+    if inline:  # --inline: the whole run without the thread pool
+        anyio.to_thread.run_sync = on_loop
+    call.profiling = (enable, disable)
     return call
 
 
-def postbacks_http(count: int, profile: bool) -> None:
+def postbacks_http(count: int, profile: bool, inline: bool = False) -> None:
     """POST /conversiones through the conversiones app as served (every middleware, an operator's
     API key, the body's strict model, the route, the command), as ASGI without a socket
     (_asgi_caller): what the `postbacks` mode measures plus the HTTP layer. The process's CPU."""
@@ -437,7 +477,7 @@ def postbacks_http(count: int, profile: bool) -> None:
                 key.key_id, {"key_id": key.key_id, "digest": key.digest, "rol": "operator", "anunciante_id": None,
                              "afiliado_id": None, "scopes": sorted(ALL_SCOPES),
                              "nombre": None, "expira_en": None, "timestamp": now}))
-        call = _asgi_caller(app)
+        call = _asgi_caller(app, inline)
         headers = [(b"authorization", f"Bearer {key.key}".encode()), (b"content-type", b"application/json")]
         statements = _statements(runtime.db.engine)
         statuses: dict[int, int] = {}
@@ -450,7 +490,7 @@ def postbacks_http(count: int, profile: bool) -> None:
             status = call("POST", "/conversiones", headers + [(b"content-length", str(len(body)).encode())], body)
             statuses[status] = statuses.get(status, 0) + 1
         _measure("postback (POST /conversiones, ASGI in-process)", count, run, statements, profile,
-                 cpu_clock=time.process_time)
+                 cpu_clock=time.process_time, profiling=call.profiling)
         print("statuses:", statuses)
         runtime.db.dispose()
 
@@ -467,15 +507,20 @@ def main() -> None:
                                              "clicks"])
     parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--inline", action="store_true",
+                        help="postbacks-http, clicks: what the app hands to the thread pool runs on the loop")
+    parser.add_argument("--profile-out", help="with --profile: also write the profile (pstats format) to this file")
     parser.add_argument("--caps", action="store_true", help="commissions: a campaign budget and a capped rule set")
     parser.add_argument("--batch", type=int, default=200, help="audit: events per consumer batch")
     args = parser.parse_args()
+    global PROFILE_OUT
+    PROFILE_OUT = args.profile_out
     if args.workload == "postbacks":
         postbacks(args.count or 2000, args.profile)
     elif args.workload == "postbacks-http":
-        postbacks_http(args.count or 2000, args.profile)
+        postbacks_http(args.count or 2000, args.profile, args.inline)
     elif args.workload == "clicks":
-        clicks(args.count or 20000, args.profile)
+        clicks(args.count or 20000, args.profile, args.inline)
     elif args.workload == "saga-answers":
         saga_answers(args.count or 5000, args.profile)
     elif args.workload == "commissions":

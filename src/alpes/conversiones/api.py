@@ -19,6 +19,7 @@ from alpes.kernel.access import LOCAL_OPERATOR, Principal
 from alpes.kernel.eventstore import EventStore
 from alpes.kernel.http import MAX_OFFSET, Identifier, PlainText, client_address
 from alpes.kernel.http_access import Caller
+from alpes.kernel.lean_route import LeanRoute
 from alpes.kernel.messages import utcnow
 from alpes.kernel.money import Amount, Currency, check_places
 from alpes.kernel.runtime import ServiceRuntime
@@ -121,7 +122,8 @@ def include_routes(runtime: ServiceRuntime, store: EventStore, grace: timedelta,
     """`clock` stamps clicks and conversions; tests inject one to place them in time. `visitors`
     signs and reads the visitor cookie (keys derived from the event-signing keys); `clicks` records
     the tracking links' clicks and verifies their ids."""
-    router = APIRouter(tags=["conversiones"])
+    # LeanRoute: POST /conversiones (postbacks) and GET /r/{code} (clicks) are the hottest routes.
+    router = APIRouter(tags=["conversiones"], route_class=LeanRoute)
 
     @router.get("/r/{link_code}", tags=["clicks"], status_code=302, response_class=RedirectResponse)
     async def redirect(link_code: str, request: Request, caller: Caller) -> Response:
@@ -248,7 +250,7 @@ def include_routes(runtime: ServiceRuntime, store: EventStore, grace: timedelta,
 def with_saga_routes(include: Callable[[FastAPI], None], runtime: ServiceRuntime,
                      policy: saga.SagaPolicy) -> Callable[[FastAPI], None]:
     """`include` plus GET /sagas and GET /sagas/{correlation_id}."""
-    router = APIRouter(tags=["sagas"])
+    router = APIRouter(tags=["sagas"], route_class=LeanRoute)
 
     @router.get("/sagas")
     def sagas(caller: Caller, estado: Literal["running", "stuck", "completed", "compensated"] | None = None,

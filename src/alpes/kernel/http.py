@@ -1,6 +1,6 @@
-"""HTTP mechanics shared by the services: app factory with lifespan, /health, error shape,
-request limits (body size, content type), a server span per request (kernel/tracing.py) and the
-validators of text and dates from outside."""
+"""HTTP mechanics shared by the services: app factory with lifespan, /health, error shape, the
+one middleware layer in front of every app (`Edge`: proxy headers, a server span per request,
+the latency metric, request limits) and the validators of text and dates from outside."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import gc
 import json
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import date, datetime
@@ -17,7 +18,9 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 from pydantic import AfterValidator, AwareDatetime, BeforeValidator, StringConstraints
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException
@@ -26,10 +29,13 @@ from starlette.requests import ClientDisconnect
 from .access import Forbidden, RateLimited, Unauthenticated
 from .errors import Conflict, DomainError, NotAllowed, NotFound, RuleViolated
 from .http_access import AccessControl, current_principal
-from .metrics import RequestMetrics
-from .proxies import IPAddress, IPNetwork, parse_ip, parse_networks, resolve
+from .lean_route import PARSED_BODY
+from .metrics import METHODS
+from .proxies import IPAddress, IPNetwork, client_ip, parse_networks, resolve
 from .runtime import ServiceRuntime
-from .tracing import TraceRequests
+from .tracing import UNTRACED_PATHS, Tracing
+
+_PROPAGATOR = TraceContextTextMapPropagator()
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 
@@ -47,8 +53,8 @@ _ERROR_REF = {"$ref": "#/components/schemas/Error"}
 
 
 
-# Traces and metrics are ours (TraceRequests with the service's own TracerProvider, RequestMetrics
-# for Prometheus): FastAPI's built-in OpenTelemetry stays off, instead of checking the global
+# Traces and metrics are ours (Edge: spans from the service's own TracerProvider, latency for
+# Prometheus): FastAPI's built-in OpenTelemetry stays off, instead of checking the global
 # providers on every request (~3 % of a postback's CPU, issue 11).
 NO_NATIVE_TELEMETRY = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
 
@@ -148,16 +154,9 @@ def create_app(title: str, runtime: ServiceRuntime, include: Callable[[FastAPI],
     if access is not None:
         access.check_coverage(app)
     app.openapi = lambda: _openapi(app)
-    # A body too large or not JSON is refused before anything reads it.
-    app.add_middleware(RequestLimits, max_body_bytes=max_body_bytes)
-    # Latency by route template; outside RequestLimits (its refusals count too), inside ProxyHeaders
-    # (which copies the scope: the router's scope["route"] would not reach a middleware outside it).
-    app.add_middleware(RequestMetrics, histogram=runtime.metrics.http_seconds)
-    # Each request in a server span continuing the caller's `traceparent`; inside ProxyHeaders for
-    # the same reason (its name is the route template), outside the rest so refusals are traced too.
-    app.add_middleware(TraceRequests, tracing=runtime.tracing)
-    # Outermost: the client's address and scheme, from forwarding headers only behind our proxies.
-    app.add_middleware(ProxyHeaders, trusted=parse_networks(trusted_proxies))
+    # Proxy headers, the server span, the latency metric and the request limits: one layer.
+    app.add_middleware(Edge, trusted=parse_networks(trusted_proxies), tracing=runtime.tracing,
+                       histogram=runtime.metrics.http_seconds, max_body_bytes=max_body_bytes)
     return app
 
 
@@ -178,14 +177,6 @@ def _unparsable(error: BaseException) -> str | None:
     if isinstance(error, ValueError) and not isinstance(error, json.JSONDecodeError):
         # Python refuses integers of more than sys.get_int_max_str_digits() digits (DoS guard).
         return f"a JSON number with more than {sys.get_int_max_str_digits()} digits"
-    return None
-
-
-def _json_problem(body: bytes) -> str | None:
-    try:
-        json.loads(body)
-    except (RecursionError, ValueError) as error:
-        return _unparsable(error)
     return None
 
 
@@ -277,18 +268,86 @@ def replaying(body: bytes, receive):
     return replay
 
 
-class RequestLimits:
-    """ASGI middleware: a request body larger than `max_body_bytes` gets 413 and one with a body
-    that is not JSON gets 415, both before the app reads a byte of it (a body is read whole only
-    up to the limit, whatever Content-Length claims); one that is not UTF-8, or JSON nested too
-    deep or with a number too long to read, gets 422 naming `body`."""
+class Edge:
+    """ASGI middleware, the one layer in front of every service's app. In this order, for each
+    HTTP request (they were four nested layers, each wrapping `send` or decoding the headers
+    again: a sixth of the HTTP edge's CPU on a postback, issue 11):
 
-    def __init__(self, app, max_body_bytes: int) -> None:
+    1. proxy headers: `scope["client"]` and `scope["scheme"]` from X-Forwarded-For/-Proto only when
+       the TCP peer is a trusted proxy (`forwarded`, as ProxyHeaders; a websocket too);
+    2. a server span (kernel/tracing.py's Tracing), the child of the request's `traceparent`, named
+       `<method> <route template>` once the router matched one (never a raw path); none for
+       UNTRACED_PATHS (probes and scrapes); status 500 when the app raised before answering;
+    3. the latency histogram by route template (scope["route"], set by the router; "unmatched" when
+       none matched or the request was refused below), method ("other" when unknown) and status;
+    4. request limits: a state change a browser could have been tricked into (cross-site, CSRF) is
+       refused; a body larger than `max_body_bytes` gets 413 and one that is not JSON 415, both
+       before the app reads a byte of it (read whole only up to the limit, whatever Content-Length
+       claims); one not UTF-8, or JSON nested too deep or with a number too long to read, 422 naming
+       `body`. The JSON parsed for that check is handed on (lean_route.PARSED_BODY), not parsed again.
+
+    Refusals of 4. are traced and counted like any answer."""
+
+    def __init__(self, app, *, trusted: tuple[IPNetwork, ...], tracing: Tracing, histogram: Histogram,
+                 max_body_bytes: int) -> None:
         self.app = app
+        self.trusted = trusted
+        self.tracing = tracing
+        self.histogram = histogram
         self.max_body_bytes = max_body_bytes
+        # (route, method, status) -> the histogram child's observe: prometheus_client's labels()
+        # takes a lock and checks its labels on every call. Bounded as the labels are.
+        self._observers: dict[tuple[str, str, int], Callable[[float], None]] = {}
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if scope["type"] != "http":
+            if scope["type"] == "websocket" and self.trusted:
+                scope = forwarded(scope, self.trusted)
+            await self.app(scope, receive, send)
+            return
+        if self.trusted:
+            scope = forwarded(scope, self.trusted)
+        method = scope["method"]
+        status = 500
+
+        async def sending(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        started = time.perf_counter()
+        try:
+            if scope["path"] in UNTRACED_PATHS:
+                await self._limited(scope, receive, sending)
+                return
+            carrier = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
+                       if k.lower() in (b"traceparent", b"tracestate")}
+            with self.tracing.span(method, _PROPAGATOR.extract(carrier), SpanKind.SERVER,
+                                   {"http.request.method": method}) as span:
+                try:
+                    await self._limited(scope, receive, sending)
+                finally:
+                    route = getattr(scope.get("route"), "path", None)
+                    if route is not None:
+                        span.update_name(f"{method} {route}")
+                        span.set_attribute("http.route", route)
+                    span.set_attribute("http.response.status_code", status)
+                    if status >= 500:
+                        span.set_status(Status(StatusCode.ERROR))
+        finally:
+            self._observe(scope, method, status, time.perf_counter() - started)
+
+    def _observe(self, scope, method: str, status: int, seconds: float) -> None:
+        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        key = (route, method if method in METHODS else "other", status)  # never a caller's made-up method
+        observe = self._observers.get(key)
+        if observe is None:
+            observe = self._observers[key] = self.histogram.labels(key[0], key[1], str(status)).observe
+        observe(seconds)
+
+    async def _limited(self, scope, receive, send) -> None:
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -304,7 +363,8 @@ class RequestLimits:
         except ClientDisconnect:
             return
         if body is None:
-            await self._too_large(scope, receive, send)
+            await error_response(413, "body", f"request body larger than {self.max_body_bytes} bytes "
+                                              "(ALPES_MAX_BODY_BYTES)")(scope, receive, send)
             return
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
         if body and not (media_type == "application/json" or media_type.endswith("+json")):
@@ -316,18 +376,35 @@ class RequestLimits:
         except UnicodeDecodeError as error:
             await error_response(422, "body", f"not valid UTF-8 (byte {error.start})")(scope, receive, send)
             return
-        # JSON that is well formed but cannot be held (nested thousands deep, a number of thousands
-        # of digits): 422 naming the body, before any route parses it. Broken JSON goes on to the
-        # route, which names the position.
-        problem = _json_problem(body) if body else None
-        if problem is not None:
-            await error_response(422, "body", problem)(scope, receive, send)
-            return
+        if body:
+            # JSON that is well formed but cannot be held (nested thousands deep, a number of
+            # thousands of digits): 422 naming the body, before any route parses it. Broken JSON
+            # goes on to the route, which names the position.
+            try:
+                scope[PARSED_BODY] = json.loads(body)
+            except (RecursionError, ValueError) as error:
+                problem = _unparsable(error)
+                if problem is not None:
+                    await error_response(422, "body", problem)(scope, receive, send)
+                    return
         await self.app(scope, replaying(body, receive), send)
 
-    async def _too_large(self, scope, receive, send) -> None:
-        await error_response(413, "body", f"request body larger than {self.max_body_bytes} bytes (ALPES_MAX_BODY_BYTES)")(
-            scope, receive, send)
+
+def forwarded(scope, trusted: tuple[IPNetwork, ...]):
+    """`scope` with the client's address and scheme as forwarded by a trusted proxy (a copy), or
+    itself when the peer is not one of `trusted` or sent no forwarding headers (kernel/proxies.py)."""
+    peer = scope.get("client")
+    headers = [(k, v) for k, v in scope["headers"] if k in (b"x-forwarded-for", b"x-forwarded-proto")]
+    if peer and headers:
+        forwarded_for = ", ".join(v.decode("latin-1") for k, v in headers if k == b"x-forwarded-for")
+        proto = next((v.decode("latin-1") for k, v in headers if k == b"x-forwarded-proto"), None)
+        client, scheme = resolve(peer[0], forwarded_for or None, proto, trusted)
+        scope = dict(scope)
+        if client is not None and forwarded_for:
+            scope["client"] = (str(client), 0)
+        if scheme is not None and scope["type"] == "http":
+            scope["scheme"] = scheme
+    return scope
 
 
 class ProxyHeaders:
@@ -343,24 +420,15 @@ class ProxyHeaders:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] in ("http", "websocket") and self.trusted:
-            peer = scope.get("client")
-            headers = [(k, v) for k, v in scope["headers"] if k in (b"x-forwarded-for", b"x-forwarded-proto")]
-            if peer and headers:
-                forwarded_for = ", ".join(v.decode("latin-1") for k, v in headers if k == b"x-forwarded-for")
-                proto = next((v.decode("latin-1") for k, v in headers if k == b"x-forwarded-proto"), None)
-                client, scheme = resolve(peer[0], forwarded_for or None, proto, self.trusted)
-                scope = dict(scope)
-                if client is not None and forwarded_for:
-                    scope["client"] = (str(client), 0)
-                if scheme is not None and scope["type"] == "http":
-                    scope["scheme"] = scheme
+            scope = forwarded(scope, self.trusted)
         await self.app(scope, receive, send)
 
 
 def client_address(request: Request) -> IPAddress | None:
     """The caller's address as ProxyHeaders resolved it, parsed (None when the socket has none,
     e.g. a unix socket or the test client)."""
-    return parse_ip(request.client.host) if request.client else None
+    client = request.scope.get("client")
+    return client_ip(client[0]) if client else None
 
 
 # The content types a browser sends cross-site without asking first (no CORS preflight): an HTML

@@ -18,7 +18,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 
 from .access import ANONYMOUS, Forbidden, Gate, Principal, Rule
-from .proxies import parse_ip
+from .proxies import client_ip
 
 SIGNATURE_HEADER = "alpes-signature"
 # A signed request's verifier: (raw body, the header's value) -> the advertiser it proves, or raises
@@ -71,9 +71,10 @@ def _access(request: Request) -> AccessControl:
 async def current_principal(request: Request) -> Principal:
     """The app-wide dependency (cached per request, so a route's `caller: Caller` is the same one)."""
     access = _access(request)
-    route = request.scope.get("route")
-    rule = access.rule_for(request.method, route.path)
-    address = request.client.host if request.client else None
+    scope = request.scope
+    rule = access.rule_for(scope["method"], scope["route"].path)
+    client = scope.get("client")
+    address = client[0] if client else None
     signature = request.headers.get(SIGNATURE_HEADER)
     authorization = request.headers.get("authorization")
     signed = signature is not None and authorization is None and rule.signed and access.signed_requests is not None
@@ -108,7 +109,7 @@ def _admit(access: AccessControl, rule: Rule, address: str | None, signature: st
         subjects = access.limit_subjects.get(rule.limit, ("ip",))
         if "key" in subjects and principal.role != ANONYMOUS:
             access.limits(f"{rule.limit}:key", principal.id)
-        if "ip" in subjects and address is not None and parse_ip(address) is not None:
+        if "ip" in subjects and address is not None and client_ip(address) is not None:
             access.limits(f"{rule.limit}:ip", address)
     return principal
 

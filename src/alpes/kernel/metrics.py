@@ -4,7 +4,7 @@ Each ServiceRuntime owns one `Metrics` with its own CollectorRegistry (never pro
 global one), so nothing is registered at import time and several services in one process (tests)
 do not mix. Three kinds of figures:
 
-- observed as they happen: HTTP request latency by route template (`RequestMetrics`), consumer
+- observed as they happen: HTTP request latency by route template (kernel/http.py's `Edge`), consumer
   batch processing time, outbox publish latency and events published by type (the relay calls
   `published`);
 - read at scrape time from what the runtime already counts (`_RuntimeCollector`): consumer
@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# The methods a request's latency is labelled with (kernel/http.py's Edge); any other: "other".
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # A scrape-time gauge: label values -> value, read when Prometheus asks.
 GaugeReader = Callable[[], Mapping[tuple[str, ...], float]]
 
@@ -192,33 +193,3 @@ class _RuntimeCollector:
             if answer.get("backlog") is not None:
                 family.add_metric([topic, subscription], answer["backlog"])
         return family
-
-
-class RequestMetrics:
-    """ASGI middleware: each request's latency by the matched route's template (scope["route"],
-    set by the router; "unmatched" when none matched or the request was refused before routing),
-    method (unknown ones: "other") and status (500 when the app raised before answering)."""
-
-    def __init__(self, app, histogram: Histogram) -> None:
-        self.app = app
-        self.histogram = histogram
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500
-
-        async def sending(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        started = time.perf_counter()
-        try:
-            await self.app(scope, receive, sending)
-        finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            method = scope["method"] if scope["method"] in _METHODS else "other"
-            self.histogram.labels(route, method, str(status)).observe(time.perf_counter() - started)

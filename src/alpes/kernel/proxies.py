@@ -10,6 +10,7 @@ written by whoever called it and may be anything. Every address handed on is a p
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -57,6 +58,12 @@ def parse_ip(text: str | None) -> IPAddress | None:
             return None  # a zone index (fe80::1%eth0) is not an address of the internet
         return address
     return None
+
+
+# The address a request came from, parsed once while it is among the recent ones: each request asks
+# two or three times (rate limits, the click, velocity), and a client's requests repeat it. Safe to
+# share: an address object is immutable.
+client_ip = functools.lru_cache(maxsize=4096)(parse_ip)
 
 
 def is_trusted(address: IPAddress | None, trusted: tuple[IPNetwork, ...]) -> bool:

@@ -4,7 +4,7 @@ One `Tracing` per service process, built by the composition root (never at impor
 TracerProvider is set, so several services in one process, as in tests, keep their own
 `service.name`). What travels:
 
-- an HTTP request runs in a server span (`TraceRequests`), the child of the request's
+- an HTTP request runs in a server span (kernel/http.py's `Edge`), the child of the request's
   `traceparent` header when it has one, named by the route template;
 - every event written to the outbox while a span is current carries that span's `traceparent`
   (kernel/outbox.py; a column of the outbox, a message property on the broker, signed);
@@ -172,40 +172,3 @@ def _random_id(bits: int) -> int:
     while not value:  # zero is the invalid id
         value = random.getrandbits(bits)
     return value
-
-
-class TraceRequests:
-    """ASGI middleware: each HTTP request in a server span, continuing the caller's `traceparent`,
-    named `<method> <route template>` once the router matched one (never a raw path)."""
-
-    def __init__(self, app, tracing: Tracing) -> None:
-        self.app = app
-        self.tracing = tracing
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] in UNTRACED_PATHS:
-            await self.app(scope, receive, send)
-            return
-        carrier = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
-                   if k.lower() in (b"traceparent", b"tracestate")}
-        method = scope["method"]
-        status = 500
-
-        async def sending(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        with self.tracing.span(method, _PROPAGATOR.extract(carrier), SpanKind.SERVER,
-                               {"http.request.method": method}) as span:
-            try:
-                await self.app(scope, receive, sending)
-            finally:
-                route = getattr(scope.get("route"), "path", None)
-                if route is not None:
-                    span.update_name(f"{method} {route}")
-                    span.set_attribute("http.route", route)
-                span.set_attribute("http.response.status_code", status)
-                if status >= 500:
-                    span.set_status(Status(StatusCode.ERROR))
