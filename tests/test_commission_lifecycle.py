@@ -5,6 +5,7 @@ when the money had already gone out. Refunds in conversiones; earnings by state 
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -656,3 +657,19 @@ def test_racing_payout_runs_put_each_commission_in_exactly_one_payout(db_url, re
         assert {c["pago_id"] for c in comisiones} == {p["id"] for p in pagos}
     finally:
         db.dispose()
+
+
+def test_a_payout_this_service_has_no_lines_of_books_nothing_in_the_ledger(tmp_path):
+    """PagoRealizado naming a payout with no lines here (a fuzzed or foreign one): no ledger line,
+    not even one of defaults, and no empty executemany (SQLAlchemy deprecates it)."""
+    url = f"sqlite:///{tmp_path / 'marketing.db'}"
+    migrate(url, "alpes.marketing:migrations")
+    db = Database(url)
+    paid = _incoming("comisiones.eventos", "PagoRealizado", "p-1", {
+        "id": "p-1", "afiliado_id": "a-1", "monto": Decimal("0.00"), "moneda": "EUR", "timestamp": NOW})
+    with warnings.catch_warnings(), db.transaction() as session:
+        warnings.simplefilter("error")  # an empty executemany warns (and will raise)
+        assert payouts.book_payout(session, paid) == []
+    with db.read() as session:
+        assert session.execute(select(marketing_tables.ledger_pagos)).all() == []
+    db.dispose()

@@ -225,6 +225,8 @@ def book_payout(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
     rows = session.execute(select(lineas.c.tipo, lineas.c.referencia_id, lineas.c.monto, a.c.comision_id)
                            .join(a, a.c.id == lineas.c.referencia_id, isouter=True)
                            .where(lineas.c.pago_id == p["id"]).order_by(lineas.c.linea)).all()
+    if not rows:  # a payout this service has no lines of: nothing to book (an empty executemany
+        return []  # would insert one row of defaults, or fail, and SQLAlchemy deprecates it)
     session.execute(tables.ledger_pagos.insert(), [{
         "afiliado_id": p["afiliado_id"], "moneda": p["moneda"], "monto": -row.monto, "registrado_en": now,
         **({"comision_id": row.referencia_id, "tipo": "pago"} if row.tipo == "comision" else
