@@ -19,7 +19,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 from pydantic import AfterValidator, AwareDatetime, BeforeValidator, StringConstraints
 from sqlalchemy.exc import OperationalError
@@ -33,9 +32,7 @@ from .lean_route import PARSED_BODY
 from .metrics import METHODS
 from .proxies import IPAddress, IPNetwork, client_ip, parse_networks, resolve
 from .runtime import ServiceRuntime
-from .tracing import UNTRACED_PATHS, Tracing
-
-_PROPAGATOR = TraceContextTextMapPropagator()
+from .tracing import UNTRACED_PATHS, Tracing, request_parent
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 
@@ -321,9 +318,7 @@ class Edge:
             if scope["path"] in UNTRACED_PATHS:
                 await self._limited(scope, receive, sending)
                 return
-            carrier = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
-                       if k.lower() in (b"traceparent", b"tracestate")}
-            with self.tracing.span(method, _PROPAGATOR.extract(carrier), SpanKind.SERVER,
+            with self.tracing.span(method, request_parent(scope["headers"]), SpanKind.SERVER,
                                    {"http.request.method": method}) as span:
                 try:
                     await self._limited(scope, receive, sending)

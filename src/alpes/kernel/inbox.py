@@ -46,8 +46,9 @@ class Handlers(dict):
     entered before a batch's first handler runs and left after its last, in the batch's
     transaction and before its outbox write. Left normally, it writes what the handlers left it,
     and the events it put in the list it yielded (if it yields one) go to the outbox after the
-    handlers' own, continuing the batch's first event's trace and correlation; left by an error, it drops it (the transaction is rolled back and the batch
-    retried one by one, without the scope)."""
+    handlers' own, continuing the batch's first event's trace and correlation; left by an error,
+    it drops it (the transaction is rolled back and the batch retried one by one, without the
+    scope)."""
 
     def __init__(self, handlers: Mapping[str, Handler] | None = None, *, batch: BatchScope | None = None) -> None:
         super().__init__(handlers or {})

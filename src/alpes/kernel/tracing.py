@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import random
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -119,6 +119,14 @@ class Tracing:
                 yield traceparent_of(span)
         finally:
             _CORRELATION_ID.reset(correlation)
+
+
+def request_parent(headers: Sequence[tuple[bytes, bytes]]) -> Context:
+    """The context a server span of this request descends from: the caller's `traceparent` and
+    `tracestate` headers (ASGI raw headers), or none (a new trace)."""
+    carrier = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in headers
+               if k.lower() in (b"traceparent", b"tracestate")}
+    return _PROPAGATOR.extract(carrier)
 
 
 def message_parent(traceparent: str | None, correlation_id: str, event_id: str) -> Context:
