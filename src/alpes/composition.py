@@ -11,6 +11,7 @@ The runtime opens its broker clients when it starts; nothing connects at import 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from fastapi import FastAPI
 from sqlalchemy import Table
@@ -41,10 +42,12 @@ def compose(name: str, settings: Settings, *, outbox: Table, inbox: Table, keys:
     """`registry`: the service's schema registry when its own root needs it before the runtime
     exists (for an event store its consumers use); built here otherwise. `keys`: the service's copy
     of the API keys. `signed_requests`: the verifier of advertisers' signed requests, if any route takes them."""
-    declared = {(s.topic, s.name) for s in subscriptions_of(name)}
+    declared = {(s.topic, s.name): s for s in subscriptions_of(name)}
     wired = {(c.topic, c.subscription) for c in consumers}
-    if declared != wired:
+    if set(declared) != wired:
         raise RuntimeError(f"{name}: consumers {sorted(wired)} differ from the contract's {sorted(declared)}")
+    # How long each waits to fill a batch is the contract's, declared beside the subscription.
+    consumers = [replace(c, batch_wait_ms=declared[c.topic, c.subscription].batch_wait_ms) for c in consumers]
     url = settings.db_url(name)
     migrate(url, f"alpes.{name}:migrations")
     quirks = embedded_broker_quirks(settings)

@@ -36,26 +36,44 @@ class Subscription:
     name: str
     service: str
     purpose: str
+    # How long its consumer waits to fill a batch (the client's batch-receive timeout) when fewer
+    # than a batch's worth of messages wait. Each batch is a transaction and a commit, so below
+    # saturation a longer wait costs fewer of them; under a backlog batches are full either way.
+    # CHAIN_MS on the chain from a postback to its audited commission (and for references, alerts,
+    # affiliates' status), READ_MODEL_MS for read models, re-checks and the audit of other events.
+    batch_wait_ms: int = 20  # CHAIN_MS
 
+
+CHAIN_MS = 20
+READ_MODEL_MS = 100
 
 SUBSCRIPTIONS: tuple[Subscription, ...] = (
     # The table of the architecture contract.
-    Subscription("afiliados.eventos", "audit-consumer", "auditoria", "append to the hash-chained audit log"),
+    Subscription("afiliados.eventos", "audit-consumer", "auditoria", "append to the hash-chained audit log",
+                 READ_MODEL_MS),
     Subscription("afiliados.eventos", "marketing-consumer", "marketing", "enable/disable affiliates for programs"),
-    Subscription("conversiones.eventos", "analytics-consumer", "marketing", "conversion analytics per campaign/affiliate/day"),
+    Subscription("conversiones.eventos", "analytics-consumer", "marketing", "conversion analytics per campaign/affiliate/day",
+                 READ_MODEL_MS),
     Subscription("conversiones.eventos", "marketing-consumer", "marketing", "compute the commission of validated conversions"),
     Subscription("marketing.eventos", "afiliados-consumer", "afiliados", "catalogue of programs affiliates may join"),
     Subscription("marketing.eventos", "conversiones-consumer", "conversiones", "affiliate/campaign state used to validate conversions"),
-    Subscription("comisiones.eventos", "reporting-consumer", "marketing", "commission reporting per campaign/affiliate/day"),
-    Subscription("comisiones.eventos", "afiliados-consumer", "afiliados", "affiliate earnings"),
-    Subscription("comisiones.eventos", "payment-consumer", "marketing", "payment ledger entries"),
-    Subscription("auditoria.eventos", "security-consumer", "auditoria", "security findings from audited events"),
-    Subscription("auditoria.eventos", "compliance-consumer", "auditoria", "incremental verification of the hash chain"),
+    Subscription("comisiones.eventos", "reporting-consumer", "marketing", "commission reporting per campaign/affiliate/day",
+                 READ_MODEL_MS),
+    Subscription("comisiones.eventos", "afiliados-consumer", "afiliados", "affiliate earnings",
+                 READ_MODEL_MS),
+    Subscription("comisiones.eventos", "payment-consumer", "marketing", "payment ledger entries",
+                 READ_MODEL_MS),
+    Subscription("auditoria.eventos", "security-consumer", "auditoria", "security findings from audited events",
+                 READ_MODEL_MS),
+    Subscription("auditoria.eventos", "compliance-consumer", "auditoria", "incremental verification of the hash chain",
+                 READ_MODEL_MS),
     Subscription("sistema.eventos", "monitoring-consumer", "auditoria", "status of every service instance"),
     Subscription("sistema.eventos", "alerting-consumer", "auditoria", "alerts on degraded services, dead letters and stuck sagas"),
     # The audit service reads every business topic, not only afiliados.eventos.
-    Subscription("conversiones.eventos", "audit-consumer", "auditoria", "append to the hash-chained audit log"),
-    Subscription("marketing.eventos", "audit-consumer", "auditoria", "append to the hash-chained audit log"),
+    Subscription("conversiones.eventos", "audit-consumer", "auditoria", "append to the hash-chained audit log",
+                 READ_MODEL_MS),
+    Subscription("marketing.eventos", "audit-consumer", "auditoria", "append to the hash-chained audit log",
+                 READ_MODEL_MS),
     Subscription("comisiones.eventos", "audit-consumer", "auditoria", "append to the hash-chained audit log"),
 )
 

@@ -151,7 +151,7 @@ class PulsarBroker:
 
     # -- consuming -------------------------------------------------------------------------
     def subscribe(self, topic: str, subscription: str, *, consumer_name: str, batch_size: int = 200,
-                  dead_letter_after: int | None = None) -> pulsar.Consumer:
+                  dead_letter_after: int | None = None, batch_wait_ms: int = 20) -> pulsar.Consumer:
         """`dead_letter_after`: the client's DeadLetterPolicy: a message negatively acknowledged on
         its delivery number `dead_letter_after` + 1 is stored in the subscription's dead-letter
         topic and acknowledged by the client (kernel/consumer.py uses it for undecodable messages)."""
@@ -168,7 +168,8 @@ class PulsarBroker:
             consumer_name=consumer_name,
             initial_position=pulsar.InitialPosition.Earliest,
             receiver_queue_size=1000,
-            batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(batch_size, 4 * 1024 * 1024, 20),
+            # batch_receive returns once `batch_size` messages wait, or after `batch_wait_ms`.
+            batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(batch_size, 4 * 1024 * 1024, batch_wait_ms),
             **options,
         )
 

@@ -85,7 +85,8 @@ class ConsumerWorker:
                  process: Callable[[list[IncomingEvent]], dict[str, str | None]], *, consumer_name: str,
                  max_redeliveries: int = 5, on_dead_letter: Callable[[IncomingEvent | None, dict, str], None] | None = None,
                  batch_size: int = 200, retry_delay_seconds: float = 0.5, max_retry_delay_seconds: float = 8.0,
-                 signer: EventSigner | None = None, poison_by_nack: int | None = None) -> None:
+                 signer: EventSigner | None = None, poison_by_nack: int | None = None,
+                 batch_wait_ms: int = 20) -> None:
         self.broker = broker
         # None: this worker stores an undecodable message in the dead-letter topic itself (the
         # embedded broker ignores nacks). N (Apache Pulsar): it negatively acknowledges it and the
@@ -100,6 +101,7 @@ class ConsumerWorker:
         self.max_redeliveries = max_redeliveries
         self.on_dead_letter = on_dead_letter or (lambda *_: None)
         self.batch_size = batch_size
+        self.batch_wait_ms = batch_wait_ms
         self.retry_delay_seconds = retry_delay_seconds
         self.max_retry_delay_seconds = max_retry_delay_seconds
         self.state = ConsumerState(topic, subscription)
@@ -137,13 +139,14 @@ class ConsumerWorker:
                 try:
                     self._consumer = self.broker.subscribe(self.topic, self.subscription,
                                                            consumer_name=self.consumer_name, batch_size=self.batch_size,
+                                                           batch_wait_ms=self.batch_wait_ms,
                                                            dead_letter_after=self.poison_by_nack)
                 except Exception as error:
                     self.state.last_error = f"subscribe: {error}"
                     self._stop.wait(1.0)
                     continue
             try:
-                messages = self._consumer.batch_receive()  # returns within the policy's 20 ms
+                messages = self._consumer.batch_receive()  # returns within the policy's batch_wait_ms
             except Exception as error:
                 self.state.last_error = f"receive: {error}"
                 self._stop.wait(0.5)

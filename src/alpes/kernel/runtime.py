@@ -46,6 +46,8 @@ class ConsumerSpec:
     topic: str
     subscription: str
     handlers: dict[str, Handler]
+    # How long the consumer waits to fill a batch (ms); the composition root sets the contract's.
+    batch_wait_ms: int = 20
 
 
 @dataclass
@@ -154,7 +156,7 @@ class ServiceRuntime:
                 self.metrics.timed(spec.topic, spec.subscription, processor.process),
                 consumer_name=f"{self.instance}-{spec.topic}-{spec.subscription}",
                 max_redeliveries=self.max_redeliveries, batch_size=self.consumer_batch_size,
-                on_dead_letter=self._dead_letter_notice(spec), signer=self.signer,
+                batch_wait_ms=spec.batch_wait_ms, on_dead_letter=self._dead_letter_notice(spec), signer=self.signer,
                 # Undecodable messages: Apache Pulsar's nack + the client's DeadLetterPolicy; the
                 # embedded broker ignores nacks, so there the worker stores them itself.
                 poison_by_nack=None if self.quirks is not None else POISON_REDELIVERIES)
