@@ -30,6 +30,11 @@ TOPICS: dict[str, int] = {
 BUSINESS_TOPICS = ("afiliados.eventos", "conversiones.eventos", "marketing.eventos", "comisiones.eventos")
 
 
+# How long a subscription's consumer waits to fill a batch (Subscription.batch_wait_ms).
+CHAIN_MS = 20
+READ_MODEL_MS = 100
+
+
 @dataclass(frozen=True)
 class Subscription:
     topic: str
@@ -41,11 +46,8 @@ class Subscription:
     # saturation a longer wait costs fewer of them; under a backlog batches are full either way.
     # CHAIN_MS on the chain from a postback to its audited commission (and for references, alerts,
     # affiliates' status), READ_MODEL_MS for read models, re-checks and the audit of other events.
-    batch_wait_ms: int = 20  # CHAIN_MS
+    batch_wait_ms: int = CHAIN_MS
 
-
-CHAIN_MS = 20
-READ_MODEL_MS = 100
 
 SUBSCRIPTIONS: tuple[Subscription, ...] = (
     # The table of the architecture contract.

@@ -25,6 +25,8 @@ log = structlog.get_logger(__name__)
 # the one whose acknowledgements hold (README, "The embedded broker"); on Apache Pulsar every
 # subscription needs per-key order only and every service may run several instances (README,
 # "Real Apache Pulsar").
+# A consumer's batch-receive timeout (ms) unless it is given one (the contract gives each subscription its own).
+BATCH_WAIT_MS = 20
 SUBSCRIPTION_TYPES = {"failover": pulsar.ConsumerType.Failover, "key_shared": pulsar.ConsumerType.KeyShared}
 
 
@@ -151,7 +153,7 @@ class PulsarBroker:
 
     # -- consuming -------------------------------------------------------------------------
     def subscribe(self, topic: str, subscription: str, *, consumer_name: str, batch_size: int = 200,
-                  dead_letter_after: int | None = None, batch_wait_ms: int = 20) -> pulsar.Consumer:
+                  dead_letter_after: int | None = None, batch_wait_ms: int = BATCH_WAIT_MS) -> pulsar.Consumer:
         """`dead_letter_after`: the client's DeadLetterPolicy: a message negatively acknowledged on
         its delivery number `dead_letter_after` + 1 is stored in the subscription's dead-letter
         topic and acknowledged by the client (kernel/consumer.py uses it for undecodable messages)."""

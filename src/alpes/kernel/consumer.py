@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pulsar
 import structlog
 
-from .broker import PulsarBroker
+from .broker import BATCH_WAIT_MS, PulsarBroker
 from .codec import SchemaRegistry
 from .messages import IncomingEvent, TransientFailure, UndecodableMessage, decode_message
 from .signing import EventSigner
@@ -86,7 +86,7 @@ class ConsumerWorker:
                  max_redeliveries: int = 5, on_dead_letter: Callable[[IncomingEvent | None, dict, str], None] | None = None,
                  batch_size: int = 200, retry_delay_seconds: float = 0.5, max_retry_delay_seconds: float = 8.0,
                  signer: EventSigner | None = None, poison_by_nack: int | None = None,
-                 batch_wait_ms: int = 20) -> None:
+                 batch_wait_ms: int = BATCH_WAIT_MS) -> None:
         self.broker = broker
         # None: this worker stores an undecodable message in the dead-letter topic itself (the
         # embedded broker ignores nacks). N (Apache Pulsar): it negatively acknowledges it and the

@@ -22,7 +22,7 @@ from sqlalchemy import Table
 from sqlalchemy.orm import Session
 
 from .backlog import BacklogProbe
-from .broker import PulsarBroker
+from .broker import BATCH_WAIT_MS, PulsarBroker
 from .codec import SchemaRegistry
 from .consumer import POISON_REDELIVERIES, ConsumerWorker
 from .db import Database
@@ -47,7 +47,7 @@ class ConsumerSpec:
     subscription: str
     handlers: dict[str, Handler]
     # How long the consumer waits to fill a batch (ms); the composition root sets the contract's.
-    batch_wait_ms: int = 20
+    batch_wait_ms: int = BATCH_WAIT_MS
 
 
 @dataclass
