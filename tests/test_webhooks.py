@@ -6,10 +6,12 @@ The whole platform (HTTP routes, kill -9) is in test_webhooks_faults.py."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+import httpx
 import pytest
 from sqlalchemy import select
 from webhook_receiver import Receiver, verify_alpes_signature
@@ -651,3 +653,23 @@ def test_whether_any_endpoint_exists_is_asked_again_in_each_transaction_and_afte
         outbox.add(session, [third])
     with db.read() as session:
         assert session.execute(select(e.c.webhook_id, e.c.event_id)).all() == [(second, third.event_id)]
+
+
+def test_the_test_receiver_keeps_a_request_cut_short_by_its_senders_death_apart():
+    """A sender killed between its headers and its body (the kill -9 suite does it) leaves a short
+    request: the receiver records it as truncated, plays no fault on it and counts it as no delivery."""
+    receiver = Receiver().start()
+    try:
+        with socket.create_connection(("127.0.0.1", receiver.port)) as cut:
+            cut.sendall(b"POST /A HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 317\r\n\r\n{\"id\"")
+        deadline = time.monotonic() + 5
+        while not receiver.requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [(r.path, r.body, r.answered) for r in receiver.requests] == [("/A", b'{"id"', "truncated")]
+        assert receiver.whole("/A") == [] and receiver.delivered("/A") == []
+        # The path's first whole request still meets the first fault.
+        assert httpx.post(receiver.url("/A"), json={"id": "1"}).status_code == 500
+        assert [r.answered for r in receiver.whole("/A")] == ["500"]
+    finally:
+        receiver.stop()
