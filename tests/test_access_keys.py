@@ -72,7 +72,7 @@ def test_verification_learns_keys_and_refuses_unknown_altered_expired_and_revoke
                                                   revoked.key_id, NOW, "c", "c",
                                                   {"key_id": revoked.key_id, "timestamp": NOW}))
         assert keys.any_key(session) is True
-    with db.transaction() as session:
+    with db.read() as session:  # a read: verification writes nothing
         principal = keys.verify(session, good.key, NOW)
         assert (principal.role, principal.anunciante_id, principal.scopes) == (
             ADVERTISER, "adv-1", frozenset({"conversiones:write"}))
@@ -82,9 +82,16 @@ def test_verification_learns_keys_and_refuses_unknown_altered_expired_and_revoke
                             (good.key[:-1] + ("a" if good.key[-1] != "a" else "b"), "unknown")):
             with pytest.raises(Unauthenticated, match=reason):
                 keys.verify(session, key, NOW + timedelta(hours=2))
-    with db.read() as session:
-        used = session.execute(select(keys.table.c.usada_en).where(keys.table.c.key_id == good.key_id)).scalar_one()
-        assert used == NOW
+    def used() -> datetime | None:
+        with db.read() as session:
+            return session.execute(select(keys.table.c.usada_en).where(keys.table.c.key_id == good.key_id)).scalar_one()
+    assert used() is None
+    # The last use is written, then not again within LAST_USED_RESOLUTION.
+    for at, expected in ((NOW, NOW), (NOW + timedelta(seconds=59), NOW), (NOW + timedelta(seconds=60),
+                                                                           NOW + timedelta(seconds=60))):
+        with db.transaction() as session:
+            keys.note_used(session, good.key_id, at)
+        assert used() == expected
 
 
 def test_a_revocation_that_arrives_first_still_refuses_the_key(ring):
@@ -132,3 +139,44 @@ def test_a_key_is_remembered_without_a_lookup_only_while_its_verification_is_fre
     assert gate.remembered(header) is None
     with pytest.raises(Unauthenticated, match="revoked"):
         gate.authenticate(header)
+
+
+def test_a_slow_verification_is_remembered_from_when_it_ended_and_the_last_use_written_once_a_minute(ring,
+                                                                                                     monkeypatch):
+    """Under load a verification may wait; remembered from when it began, it would be stale on
+    arrival and every request would verify again. The last use is written once a minute per key
+    and process, not at each verification."""
+    import time
+
+    from alpes.kernel.access import Gate
+
+    db, keys = ring
+    good = generate_key(ADVERTISER)
+    with db.transaction() as session:
+        keys.learn_issued(session, _issued(good, ADVERTISER, anunciante_id="adv-1"))
+    clock, wall = [1000.0], [NOW]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    gate = Gate(db, keys, protected_local=False, clock=lambda: wall[0])
+    verify = keys.verify
+
+    def slow_verify(session, key, now):
+        clock[0] += 3 * gate.cache_seconds  # waited for a connection, a lock, a busy disk
+        return verify(session, key, now)
+    monkeypatch.setattr(keys, "verify", slow_verify)
+    header = f"Bearer {good.key}"
+    principal = gate.authenticate(header)
+    assert gate.remembered(header) == principal
+
+    def used():
+        with db.read() as session:
+            return session.execute(select(keys.table.c.usada_en).where(keys.table.c.key_id == good.key_id)).scalar_one()
+    assert used() == NOW
+    # Verified again after the cache time, 30 s later: the last use is not written again.
+    wall[0] = NOW + timedelta(seconds=30)
+    clock[0] += gate.cache_seconds
+    assert gate.remembered(header) is None and gate.authenticate(header) == principal
+    assert used() == NOW
+    # A minute after the last write, it is.
+    wall[0], clock[0] = NOW + timedelta(seconds=61), clock[0] + 61
+    gate.authenticate(header)
+    assert used() == NOW + timedelta(seconds=61)

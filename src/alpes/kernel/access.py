@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import Column, MetaData, String, Table, func, insert, select, update
+from sqlalchemy import Column, MetaData, String, Table, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -189,10 +189,15 @@ class KeyRing:
             raise Unauthenticated("revoked API key")
         if row["expira_en"] is not None and row["expira_en"] <= now:
             raise Unauthenticated("expired API key")
-        if row["usada_en"] is None or now - row["usada_en"] >= LAST_USED_RESOLUTION:
-            session.execute(update(self.table).where(self.table.c.key_id == row["key_id"]).values(usada_en=now))
         return Principal(row["key_id"], row["rol"], row["anunciante_id"], row["afiliado_id"],
                          frozenset(filter(None, row["scopes"].split(","))))
+
+    def note_used(self, session: Session, key_id: str, now: datetime) -> None:
+        """Write the key's last use unless it was written in the last LAST_USED_RESOLUTION."""
+        t = self.table
+        session.execute(update(t).where(t.c.key_id == key_id, or_(t.c.usada_en.is_(None),
+                                                                   t.c.usada_en <= now - LAST_USED_RESOLUTION))
+                        .values(usada_en=now))
 
     def any_key(self, session: Session) -> bool:
         """Protected local mode ends with the first key known to this service, revoked or not."""
@@ -230,6 +235,9 @@ class KeyRing:
         return []
 
 
+_NOTE_EVERY_S = LAST_USED_RESOLUTION.total_seconds()
+
+
 class Gate:
     """Who is calling, from the Authorization header, checked against this service's keys.
 
@@ -246,6 +254,7 @@ class Gate:
         self.clock = clock
         self.cache_seconds = cache_seconds
         self._verified: dict[str, tuple[float, Principal]] = {}
+        self._noted: dict[str, float] = {}  # key id: when this process last wrote its last use
         self._lock = threading.Lock()
         self._keys_exist = False
         self._keys_checked_at = 0.0
@@ -269,16 +278,25 @@ class Gate:
             raise Unauthenticated("the Authorization header must be `Bearer <key>`")
         key = key.strip()
         fingerprint = digest(key)
-        now = time.monotonic()
-        cached = self._fresh(fingerprint, now)
+        cached = self._fresh(fingerprint, time.monotonic())
         if cached is not None:
             return cached
-        with self.db.transaction() as session:
+        # A read, and remembered from when it ended: a verification that waited seconds for the
+        # write turn under load was stale on arrival, so every request verified again (issue 11).
+        with self.db.read() as session:
             principal = self.keyring.verify(session, key, self.clock())
+        now = time.monotonic()
         with self._lock:
             if len(self._verified) > 10_000:
                 self._verified.clear()
+                self._noted.clear()
             self._verified[fingerprint] = (now, principal)
+            due = now - self._noted.get(principal.id, -_NOTE_EVERY_S) >= _NOTE_EVERY_S
+            if due:
+                self._noted[principal.id] = now
+        if due:  # the last use, written once a minute per key and process: the only write here
+            with self.db.transaction() as session:
+                self.keyring.note_used(session, principal.id, self.clock())
         return principal
 
     def remembered(self, authorization: str | None) -> Principal | None:
