@@ -6,7 +6,14 @@
     .venv/bin/python tools/profile_cpu.py commissions [--count 5000] [--caps] [--profile]
     .venv/bin/python tools/profile_cpu.py postbacks-http [--count 2000] [--inline] [--profile [--profile-out F]]
     .venv/bin/python tools/profile_cpu.py clicks [--count 20000] [--inline] [--profile [--profile-out F]]
+    .venv/bin/python tools/profile_cpu.py postbacks-threads [--count 3000] [--threads 32] [--busy 1] [--switch-interval S]
 
+`postbacks-threads`: the same postbacks from `--threads` threads at once (as the thread pool
+runs them; they share the group-commit turn), beside `--busy` threads that only run Python (as
+the event loop, the relay and the consumers do between their waits); prints postbacks per
+second, process CPU per postback, units per commit and the latency percentiles. Each SQL
+statement lets the GIL go, and the turn's holder then waits for it behind the busy threads.
+`--switch-interval`: the interpreter's (sys.setswitchinterval; 0.005 by default).
 `postbacks`: conversiones' `receive_postback` (the command behind POST /conversiones, no HTTP),
 each a new order id of a known campaign and affiliate: ConversionDetected + ConversionValidated,
 the saga's steps, the projections, the outbox. `saga-answers`: marketing's ComisionRegistrada for
@@ -144,6 +151,64 @@ def postbacks(count: int, profile: bool) -> None:
             statuses[status] = statuses.get(status, 0) + 1
         _measure("postback (receive_postback)", count, run, statements, profile)
         print("statuses:", statuses)
+        runtime.db.dispose()
+
+
+def postbacks_threads(count: int, threads: int, busy: int, switch_interval: float | None) -> None:
+    import sys
+    import threading
+
+    from alpes.conversiones import commands, records
+
+    if switch_interval is not None:
+        sys.setswitchinterval(switch_interval)
+    with tempfile.TemporaryDirectory() as scratch:
+        _app, runtime, registry = _conversiones_knowing_a_link(scratch)
+        store = records.event_store(registry)
+
+        def run(i: int) -> None:
+            commands.receive_postback(
+                runtime, store, affiliate_id="a1", campaign_id="k1", click_id=None, user_id=f"u{i}",
+                conversion_value=Decimal("80.00"), conversion_type="sale", currency="EUR", order_id=f"o{i}",
+                ip=f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}", customer_email=f"c{i}@example.com",
+                now=datetime.now(timezone.utc), grace=timedelta(minutes=5), max_conversions_per_ip=5,
+                caller_key=f"key:{i % 7}", max_conversions_per_caller=10**9)
+        for i in range(WARMUP):
+            run(-1 - i)
+        committer = runtime.db.committer
+        batches, units = committer.batches, committer.units
+        latencies: list[float] = []
+        stop = threading.Event()
+
+        def spin() -> None:
+            while not stop.is_set():
+                sum(range(1000))
+
+        def post(first: int) -> None:
+            for i in range(first, count, threads):
+                started = time.perf_counter()
+                run(i)
+                latencies.append(time.perf_counter() - started)
+        spinners = [threading.Thread(target=spin, daemon=True) for _ in range(busy)]
+        workers = [threading.Thread(target=post, args=(k,)) for k in range(threads)]
+        for thread in spinners:
+            thread.start()
+        cpu, wall = time.process_time(), time.perf_counter()
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join()
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        stop.set()
+        latencies.sort()
+        print({"what": "postbacks (receive_postback) from threads", "threads": threads, "busy_threads": busy,
+               "switch_interval_s": sys.getswitchinterval(), "items": count,
+               "postbacks_per_s": round(count / wall, 1),
+               # The busy threads' CPU is in it: compare runs with the same --busy.
+               "process_cpu_ms_per_item": round(cpu * 1000 / count, 3),
+               "units_per_commit": round((committer.units - units) / max(1, committer.batches - batches), 2),
+               "latency_ms": {"p50": round(latencies[len(latencies) // 2] * 1000, 1),
+                              "p99": round(latencies[int(len(latencies) * 0.99)] * 1000, 1)}})
         runtime.db.dispose()
 
 
@@ -503,7 +568,7 @@ def _measure_batches(label, batches, batch, run, statements, profile):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("workload", choices=["postbacks", "postbacks-http", "saga-answers", "audit", "commissions",
+    parser.add_argument("workload", choices=["postbacks", "postbacks-threads", "postbacks-http", "saga-answers", "audit", "commissions",
                                              "clicks"])
     parser.add_argument("--count", type=int, default=0)
     parser.add_argument("--profile", action="store_true")
@@ -512,11 +577,17 @@ def main() -> None:
     parser.add_argument("--profile-out", help="with --profile: also write the profile (pstats format) to this file")
     parser.add_argument("--caps", action="store_true", help="commissions: a campaign budget and a capped rule set")
     parser.add_argument("--batch", type=int, default=200, help="audit: events per consumer batch")
+    parser.add_argument("--threads", type=int, default=32, help="postbacks-threads: threads posting at once")
+    parser.add_argument("--busy", type=int, default=0, help="postbacks-threads: threads that only run Python")
+    parser.add_argument("--switch-interval", type=float, default=None,
+                        help="postbacks-threads: sys.setswitchinterval, in seconds")
     args = parser.parse_args()
     global PROFILE_OUT
     PROFILE_OUT = args.profile_out
     if args.workload == "postbacks":
         postbacks(args.count or 2000, args.profile)
+    elif args.workload == "postbacks-threads":
+        postbacks_threads(args.count or 3000, args.threads, args.busy, args.switch_interval)
     elif args.workload == "postbacks-http":
         postbacks_http(args.count or 2000, args.profile, args.inline)
     elif args.workload == "clicks":
