@@ -202,7 +202,7 @@ def postbacks_threads(count: int, threads: int, busy: int, switch_interval: floa
         stop.set()
         latencies.sort()
         print({"what": "postbacks (receive_postback) from threads", "threads": threads, "busy_threads": busy,
-               "switch_interval_s": sys.getswitchinterval(), "items": count,
+               "switch_interval_s": round(sys.getswitchinterval(), 6), "items": count,
                "postbacks_per_s": round(count / wall, 1),
                # The busy threads' CPU is in it: compare runs with the same --busy.
                "process_cpu_ms_per_item": round(cpu * 1000 / count, 3),
