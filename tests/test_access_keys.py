@@ -180,3 +180,14 @@ def test_a_slow_verification_is_remembered_from_when_it_ended_and_the_last_use_w
     wall[0], clock[0] = NOW + timedelta(seconds=61), clock[0] + 61
     gate.authenticate(header)
     assert used() == NOW + timedelta(seconds=61)
+    # A last use that cannot be written refuses nobody; it is written at a later verification.
+    def broken(*_args):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(keys, "note_used", broken)
+    wall[0], clock[0] = NOW + timedelta(seconds=200), clock[0] + 200
+    assert gate.authenticate(header) == principal
+    monkeypatch.undo()
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    clock[0] += 2 * gate.cache_seconds
+    gate.authenticate(header)
+    assert used() == NOW + timedelta(seconds=200)

@@ -21,12 +21,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+import structlog
 from sqlalchemy import Column, MetaData, String, Table, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .db import Database, UtcDateTime
 from .messages import IncomingEvent, OutgoingEvent, utcnow
+
+log = structlog.get_logger(__name__)
 
 OPERATOR, ADVERTISER, AFFILIATE, SYSTEM, ANONYMOUS = "operator", "advertiser", "affiliate", "system", "anonymous"
 ROLES = (OPERATOR, ADVERTISER, AFFILIATE)
@@ -295,8 +298,13 @@ class Gate:
             if due:
                 self._noted[principal.id] = now
         if due:  # the last use, written once a minute per key and process: the only write here
-            with self.db.transaction() as session:
-                self.keyring.note_used(session, principal.id, self.clock())
+            try:
+                with self.db.transaction() as session:
+                    self.keyring.note_used(session, principal.id, self.clock())
+            except Exception as error:  # informational: never why a verified caller is refused
+                log.warning("last use of an API key not written", key_id=principal.id, error=str(error)[:200])
+                with self._lock:
+                    self._noted.pop(principal.id, None)  # written at its next verification
         return principal
 
     def remembered(self, authorization: str | None) -> Principal | None:
