@@ -132,6 +132,20 @@ def _conversiones_knowing_a_link(scratch: str, **settings):
     return app, runtime, registry
 
 
+def _new_postback(runtime, store, i: int) -> str:
+    """`receive_postback` of a new order id `o<i>` for campaign k1 and affiliate a1, with an IP, an
+    email and a caller key (velocity never trips); returns the conversion's status."""
+    from alpes.conversiones import commands
+
+    _id, _created, status = commands.receive_postback(
+        runtime, store, affiliate_id="a1", campaign_id="k1", click_id=None, user_id=f"u{i}",
+        conversion_value=Decimal("80.00"), conversion_type="sale", currency="EUR", order_id=f"o{i}",
+        ip=f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}", customer_email=f"c{i}@example.com",
+        now=datetime.now(timezone.utc), grace=timedelta(minutes=5), max_conversions_per_ip=5,
+        caller_key=f"key:{i % 7}", max_conversions_per_caller=10**9)
+    return status
+
+
 def postbacks(count: int, profile: bool) -> None:
     from alpes.conversiones import commands, records
 
@@ -142,12 +156,7 @@ def postbacks(count: int, profile: bool) -> None:
         statuses: dict[str, int] = {}
 
         def run(i: int) -> None:
-            _id, _created, status = commands.receive_postback(
-                runtime, store, affiliate_id="a1", campaign_id="k1", click_id=None, user_id=f"u{i}",
-                conversion_value=Decimal("80.00"), conversion_type="sale", currency="EUR", order_id=f"o{i}",
-                ip=f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}", customer_email=f"c{i}@example.com",
-                now=datetime.now(timezone.utc), grace=timedelta(minutes=5), max_conversions_per_ip=5,
-                caller_key=f"key:{i % 7}", max_conversions_per_caller=10**9)
+            status = _new_postback(runtime, store, i)
             statuses[status] = statuses.get(status, 0) + 1
         _measure("postback (receive_postback)", count, run, statements, profile)
         print("statuses:", statuses)
@@ -158,7 +167,8 @@ def postbacks_threads(count: int, threads: int, busy: int, switch_interval: floa
     import sys
     import threading
 
-    from alpes.conversiones import commands, records
+    from alpes.bench.measure import latency_summary_ms
+    from alpes.conversiones import records
 
     if switch_interval is not None:
         sys.setswitchinterval(switch_interval)
@@ -166,15 +176,8 @@ def postbacks_threads(count: int, threads: int, busy: int, switch_interval: floa
         _app, runtime, registry = _conversiones_knowing_a_link(scratch)
         store = records.event_store(registry)
 
-        def run(i: int) -> None:
-            commands.receive_postback(
-                runtime, store, affiliate_id="a1", campaign_id="k1", click_id=None, user_id=f"u{i}",
-                conversion_value=Decimal("80.00"), conversion_type="sale", currency="EUR", order_id=f"o{i}",
-                ip=f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}", customer_email=f"c{i}@example.com",
-                now=datetime.now(timezone.utc), grace=timedelta(minutes=5), max_conversions_per_ip=5,
-                caller_key=f"key:{i % 7}", max_conversions_per_caller=10**9)
         for i in range(WARMUP):
-            run(-1 - i)
+            _new_postback(runtime, store, -1 - i)
         committer = runtime.db.committer
         batches, units = committer.batches, committer.units
         latencies: list[float] = []
@@ -187,7 +190,7 @@ def postbacks_threads(count: int, threads: int, busy: int, switch_interval: floa
         def post(first: int) -> None:
             for i in range(first, count, threads):
                 started = time.perf_counter()
-                run(i)
+                _new_postback(runtime, store, i)
                 latencies.append(time.perf_counter() - started)
         spinners = [threading.Thread(target=spin, daemon=True) for _ in range(busy)]
         workers = [threading.Thread(target=post, args=(k,)) for k in range(threads)]
@@ -200,15 +203,13 @@ def postbacks_threads(count: int, threads: int, busy: int, switch_interval: floa
             thread.join()
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         stop.set()
-        latencies.sort()
         print({"what": "postbacks (receive_postback) from threads", "threads": threads, "busy_threads": busy,
                "switch_interval_s": round(sys.getswitchinterval(), 6), "items": count,
                "postbacks_per_s": round(count / wall, 1),
                # The busy threads' CPU is in it: compare runs with the same --busy.
                "process_cpu_ms_per_item": round(cpu * 1000 / count, 3),
                "units_per_commit": round((committer.units - units) / max(1, committer.batches - batches), 2),
-               "latency_ms": {"p50": round(latencies[len(latencies) // 2] * 1000, 1),
-                              "p99": round(latencies[int(len(latencies) * 0.99)] * 1000, 1)}})
+               "latency_ms": latency_summary_ms(latencies)})
         runtime.db.dispose()
 
 
