@@ -83,8 +83,7 @@ def test_verification_learns_keys_and_refuses_unknown_altered_expired_and_revoke
             with pytest.raises(Unauthenticated, match=reason):
                 keys.verify(session, key, NOW + timedelta(hours=2))
     def used() -> datetime | None:
-        with db.read() as session:
-            return session.execute(select(keys.table.c.usada_en).where(keys.table.c.key_id == good.key_id)).scalar_one()
+        return _last_used(db, keys, good.key_id)
     assert used() is None
     # The last use is written, then not again within LAST_USED_RESOLUTION.
     for at, expected in ((NOW, NOW), (NOW + timedelta(seconds=59), NOW), (NOW + timedelta(seconds=60),
@@ -92,6 +91,11 @@ def test_verification_learns_keys_and_refuses_unknown_altered_expired_and_revoke
         with db.transaction() as session:
             keys.note_used(session, good.key_id, at)
         assert used() == expected
+
+
+def _last_used(db, keys, key_id: str) -> datetime | None:
+    with db.read() as session:
+        return session.execute(select(keys.table.c.usada_en).where(keys.table.c.key_id == key_id)).scalar_one()
 
 
 def test_a_revocation_that_arrives_first_still_refuses_the_key(ring):
@@ -167,9 +171,8 @@ def test_a_slow_verification_is_remembered_from_when_it_ended_and_the_last_use_w
     principal = gate.authenticate(header)
     assert gate.remembered(header) == principal
 
-    def used():
-        with db.read() as session:
-            return session.execute(select(keys.table.c.usada_en).where(keys.table.c.key_id == good.key_id)).scalar_one()
+    def used() -> datetime | None:
+        return _last_used(db, keys, good.key_id)
     assert used() == NOW
     # Verified again after the cache time, 30 s later: the last use is not written again.
     wall[0] = NOW + timedelta(seconds=30)
