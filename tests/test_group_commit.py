@@ -1,16 +1,20 @@
 """Group commit on SQLite (kernel/group_commit.py): concurrent units of work share commits, each
-returns only once its work is committed, and one that fails takes only its own work with it."""
+returns only once its work is committed, and one that fails takes only its own work with it. Units
+that defer their writes have them written at their group's commit, one statement per table, and see
+the group's rows not written yet through pending_rows."""
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+from decimal import Decimal
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select
+from sqlalchemy import Column, Integer, MetaData, String, Table, event, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from alpes.kernel.db import Database
+from alpes.kernel.db import Database, ScaledDecimal, bulk_insert, pending_rows, stop_deferring, upsert_add
+from commit_groups import in_one_commit_group
 
 metadata = MetaData()
 items = Table("items", metadata, Column("id", Integer, primary_key=True), Column("name", String(40), unique=True))
@@ -132,3 +136,106 @@ def test_a_lone_unit_that_fails_takes_its_work_with_it_and_the_next_one_commits(
     assert not _committed(path, "lost-1") and not _committed(path, "lost-2")
     assert _committed(path, "kept") and _committed(path, "kept-nested") and _committed(path, "taken")
     assert (database.committer.units, database.committer.batches) == (2, 2)
+
+
+# -- deferred writes: a commit group's inserts and additions in one statement per table ----------
+counters = Table("counters", metadata, Column("name", String(40), primary_key=True), Column("hits", Integer))
+amounts = Table("amounts", metadata, Column("id", Integer, primary_key=True), Column("amount", ScaledDecimal(2)))
+
+
+def _statements(database: Database, seen: list[str]) -> None:
+    event.listen(database.engine, "before_cursor_execute",
+                 lambda _c, _cursor, statement, parameters, _x, _many: seen.append((statement, parameters)))
+
+
+def _deferring_unit(database: Database, name: str, fail: bool = False):
+    def unit() -> tuple[list[str], bool]:
+        with database.transaction(defer_writes=True) as session:
+            before = sorted(row["name"] for row in pending_rows(session, items))
+            bulk_insert(session, items, [{"id": None, "name": name}])
+            upsert_add(session, counters, {"name": "units"}, {"hits": 1})
+            # Deferred: not in the table yet, for itself either; counted by pending_rows.
+            written = session.scalar(select(func.count()).select_from(items).where(items.c.name == name))
+            assert name in [row["name"] for row in pending_rows(session, items)]
+            if fail:
+                raise RuntimeError("this unit fails after deferring its writes")
+        return before, written == 1
+    return unit
+
+
+def test_a_commit_groups_deferred_writes_are_one_statement_per_table_and_drop_a_failed_units(db):
+    database, path = db
+    seen: list = []
+    _statements(database, seen)
+    names = ["d0", "d1", "d2", "failed", "d3"]
+    results = in_one_commit_group(
+        database, [_deferring_unit(database, name, fail=name == "failed") for name in names])
+    assert isinstance(results[3], RuntimeError)
+    kept = [results[i] for i in (0, 1, 2, 4)]
+    # Each unit saw the rows of the units before it in the group, none of its own yet, and
+    # never the failed unit's.
+    assert sorted(len(before) for before, _ in kept) == [0, 1, 2, 3]
+    assert all(not written and "failed" not in before for before, written in kept)
+    seen_before = sorted((before for before, _ in kept), key=len)
+    assert all(set(a) < set(b) for a, b in zip(seen_before, seen_before[1:]))
+    for name in names:
+        assert _committed(path, name) == (name != "failed")
+    with database.read() as session:
+        assert session.scalar(select(counters.c.hits).where(counters.c.name == "units")) == 4
+    inserts = [(statement, parameters) for statement, parameters in seen if statement.startswith("INSERT INTO items")]
+    assert len(inserts) == 1 and len(inserts[0][1]) == 8  # four rows of two values, one statement
+    assert len([s for s, _ in seen if s.startswith("INSERT INTO counters")]) == 1  # the four additions summed
+
+
+def test_a_commit_group_of_many_writes_each_row_once(db):
+    database, path = db
+    units = [_deferring_unit(database, f"m{i}") for i in range(100)]
+    results = in_one_commit_group(database, units)
+    assert not [r for r in results if isinstance(r, Exception)]
+    with database.read() as session:
+        assert sorted(session.scalars(select(items.c.name))) == sorted(f"m{i}" for i in range(100))
+        assert session.scalar(select(counters.c.hits)) == 100
+
+
+def test_a_value_the_column_refuses_fails_the_unit_that_gave_it_not_its_group(db):
+    database, path = db
+
+    def bad() -> None:
+        with database.transaction(defer_writes=True) as session:
+            bulk_insert(session, amounts, [{"id": 1, "amount": Decimal("1.005")}])
+
+    results = in_one_commit_group(database, [bad, _deferring_unit(database, "fine")])
+    assert isinstance(results[0], ValueError) and "decimal places" in str(results[0])
+    assert results[1] == ([], False) and _committed(path, "fine")
+
+
+def test_a_unit_that_stops_deferring_reads_what_it_wrote_and_writes_at_once_after(db):
+    database, path = db
+    with database.transaction(defer_writes=True) as session:
+        bulk_insert(session, items, [{"id": None, "name": "early"}])
+        assert not session.scalar(select(func.count()).select_from(items))
+        stop_deferring(session)
+        assert session.scalars(select(items.c.name)).all() == ["early"]
+        bulk_insert(session, items, [{"id": None, "name": "late"}])
+        assert pending_rows(session, items) == []
+        assert sorted(session.scalars(select(items.c.name))) == ["early", "late"]
+    assert _committed(path, "early") and _committed(path, "late")
+
+
+def test_deferring_on_any_database_writes_each_row_once(db_url):
+    """Elsewhere than SQLite a unit's writes run at once (each unit is its own transaction, which
+    the database group-commits itself): in the table or pending, never both, committed once."""
+    database = Database(db_url)
+    metadata.create_all(database.engine)
+    try:
+        with database.transaction(defer_writes=True) as session:
+            bulk_insert(session, items, [{"id": None, "name": "once"}])
+            upsert_add(session, counters, {"name": "once"}, {"hits": 2})
+            stored = session.scalar(select(func.count()).select_from(items))
+            assert stored + len(pending_rows(session, items)) == 1
+        with database.read() as session:
+            assert session.scalars(select(items.c.name)).all() == ["once"]
+            assert session.scalar(select(counters.c.hits)) == 2
+    finally:
+        metadata.drop_all(database.engine)
+        database.dispose()

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from alpes.conversiones import commands, domain, projections, records, reference, tables
@@ -20,6 +20,7 @@ from alpes.kernel.codec import SchemaRegistry
 from alpes.kernel.db import Database, migrate
 from alpes.kernel.eventstore import NewEvent
 from alpes.kernel.messages import OutgoingEvent
+from commit_groups import in_one_commit_group
 
 REGISTRY = SchemaRegistry.from_directory()
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=timezone.utc)
@@ -205,3 +206,74 @@ def test_the_outbox_writes_the_bytes_the_event_store_encoded(db):
         written = session.execute(select(tables.event_store.c.payload)).scalar_one()
     assert (row.payload, row.schema_version) == (written, stored.schema_version)
     assert REGISTRY.decode(stored.event_type, row.payload, row.schema_version) == stored.payload
+
+
+# -- postbacks of one commit group (SQLite): their rows are written at its commit ----------------
+def _postback(db, store, *, order_id: str | None, ip: str | None, value: str = "80.00", max_per_ip: int = 5):
+    """A postback's transaction as receive_postback runs it (writes deferred to the commit group)."""
+    def unit():
+        with db.transaction(defer_writes=True) as session:
+            conversion_id, created, events = commands.record_conversion(
+                session, store, affiliate_id="a1", campaign_id="kA", user_id="u", conversion_value=Decimal(value),
+                conversion_type="sale", currency="EUR", order_id=order_id, grace=timedelta(seconds=10),
+                now=NOW, ip=ip, max_conversions_per_ip=max_per_ip, scope="anunciante:A",
+                fingerprint=domain.postback_fingerprint(
+                    affiliate_id="a1", campaign_id="kA", click_id=None, user_id="u", conversion_value=Decimal(value),
+                    currency="EUR", conversion_type="sale", ip=ip, customer_email=None))
+        return conversion_id, created, [e.event_type for e in events]
+    return unit
+
+
+def _one_group(db, units):
+    if db.committer is None:
+        pytest.skip("commit groups are SQLite's; elsewhere each postback is a transaction of its own")
+    return in_one_commit_group(db, units)
+
+
+def test_postbacks_of_one_commit_group_count_each_other_for_ip_velocity(db):
+    store = records.event_store(REGISTRY)
+    results = _one_group(db, [_postback(db, store, order_id=f"v{i}", ip="198.51.100.9", max_per_ip=2)
+                              for i in range(3)])
+    verdicts = sorted(events[-1] for _, _, events in results)
+    # Two validated; the third from the same IP within the hour is held, as one after the other.
+    assert verdicts == ["ConversionHeld", "ConversionValidated", "ConversionValidated"]
+    [held] = [conversion_id for conversion_id, _, events in results if events[-1] == "ConversionHeld"]
+    with db.read() as session:
+        assert session.scalar(select(tables.conversiones_view.c.status).where(
+            tables.conversiones_view.c.id == held)) == domain.HELD
+        steps = session.execute(select(tables.saga_pasos.c.detalle).where(
+            tables.saga_pasos.c.saga_id == held)).scalars().all()
+        assert any(step and step.startswith("on hold for review") for step in steps), steps
+        assert session.scalar(select(func.count()).select_from(tables.conversion_signals)
+                              .where(tables.conversion_signals.c.ip == "198.51.100.9")) == 3
+
+
+def test_a_repeated_order_id_in_one_commit_group_is_one_conversion_and_other_parameters_conflict(db):
+    store = records.event_store(REGISTRY)
+    results = _one_group(db, [_postback(db, store, order_id="twice", ip=None) for _ in range(2)]
+                         + [_postback(db, store, order_id="twice", ip=None, value="81.00")])
+    # Whichever comes first in the group is created; the one with its parameters repeats it, the
+    # one with others conflicts (the first two share theirs, the third differs).
+    [first] = [i for i, result in enumerate(results) if not isinstance(result, Exception) and result[1]]
+    for i, result in enumerate(results):
+        if i != first and (i < 2) == (first < 2):
+            assert result == (results[first][0], False, [])
+        elif i != first:
+            assert isinstance(result, commands.IdempotencyConflict), result
+    with db.read() as session:
+        assert session.scalar(select(func.count()).select_from(tables.order_keys)
+                              .where(tables.order_keys.c.order_id == "twice")) == 1
+        assert session.scalar(select(func.count()).select_from(tables.conversiones_view)
+                              .where(tables.conversiones_view.c.order_id == "twice")) == 1
+
+
+def test_a_postback_held_at_once_logs_its_saga_step_with_its_writes_deferred(db):
+    """Held at once: the saga's step is updated in the postback's transaction, which reads the saga
+    it deferred (stop_deferring), on every database."""
+    store = records.event_store(REGISTRY)
+    conversion_id, created, events = _postback(db, store, order_id="held", ip="203.0.113.7", max_per_ip=2)()
+    assert created and events[-1] == "ConversionHeld"
+    with db.read() as session:
+        steps = session.execute(select(tables.saga_pasos.c.detalle).where(
+            tables.saga_pasos.c.saga_id == conversion_id)).scalars().all()
+    assert any(step and step.startswith("on hold for review") for step in steps), steps

@@ -13,7 +13,7 @@ from sqlalchemy import bindparam, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from alpes.kernel.db import Database, bulk_insert
+from alpes.kernel.db import Database, bulk_insert, pending_rows
 from alpes.kernel.access import Principal
 from alpes.kernel.errors import Conflict, NotAllowed, NotFound
 from alpes.kernel.eventstore import ConcurrencyConflict, EventStore
@@ -70,7 +70,9 @@ def receive_postback(runtime: ServiceRuntime, store: EventStore, *, affiliate_id
     email_sha256 = None if customer_email is None else domain.email_sha256(customer_email)
     scope = None
     try:
-        with runtime.unit_of_work(caller) as (session, emit):
+        # Its inserts are written with its commit group's, one statement per table (group_commit.py):
+        # what it reads of other postbacks (order keys, velocity) counts the group's rows not written yet.
+        with runtime.unit_of_work(caller, defer_writes=True) as (session, emit):
             # One read first: whose campaign it is (a campaign's owner, once known, never changes)
             # and everything validation needs; a caller it is not for is refused before any write.
             facts = postback_facts(
@@ -117,10 +119,14 @@ def idempotency_scope(campaign_id: str, anunciante_id: str | None) -> str:
     return f"anunciante:{anunciante_id}" if anunciante_id is not None else f"campana:{campaign_id}"
 
 
-def order_keys(session: Session, scope: str, campaign_id: str, order_id: str) -> list:
-    """The (conversion_id, fingerprint) rows the order id already names in the scope, or for the
-    campaign (a key stored under an earlier scope: per campaign, before its owner was known)."""
-    return session.execute(_ORDER_KEYS, {"order_id": order_id, "scope": scope, "campaign_id": campaign_id}).all()
+def order_keys(session: Session, scope: str, campaign_id: str, order_id: str) -> list[tuple[str, str | None]]:
+    """The (conversion_id, fingerprint) the order id already names in the scope, or for the
+    campaign (a key stored under an earlier scope: per campaign, before its owner was known): in
+    the table, and among the keys of the transaction's commit group not written yet."""
+    stored = session.execute(_ORDER_KEYS, {"order_id": order_id, "scope": scope, "campaign_id": campaign_id}).all()
+    return [*((row.conversion_id, row.fingerprint) for row in stored),
+            *((row["conversion_id"], row["fingerprint"]) for row in pending_rows(session, tables.order_keys)
+              if row["order_id"] == order_id and (row["scope"] == scope or row["campaign_id"] == campaign_id))]
 
 
 # Built once, values bound at execution (a postback's statements, see reference.py).
@@ -130,12 +136,12 @@ _ORDER_KEYS = select(_k.c.conversion_id, _k.c.fingerprint).where(
                                                 _k.c.campaign_id == bindparam("campaign_id")))
 
 
-def _same_postback(known: list, fingerprint: str | None, key_field: str, order_id: str) -> str:
+def _same_postback(known: list[tuple[str, str | None]], fingerprint: str | None, key_field: str, order_id: str) -> str:
     """The known conversion's id when the postback repeats it; IdempotencyConflict otherwise.
     Keys stored before fingerprints existed (NULL) cannot be compared: taken as repeats, as then."""
-    for row in known:
-        if fingerprint is None or row.fingerprint is None or row.fingerprint == fingerprint:
-            return row.conversion_id
+    for conversion_id, stored in known:
+        if fingerprint is None or stored is None or stored == fingerprint:
+            return conversion_id
     raise IdempotencyConflict(key_field, order_id)
 
 

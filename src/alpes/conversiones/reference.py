@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import String, bindparam, exists, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
+from alpes.kernel.db import pending_rows
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent, utcnow
 
 from . import domain, tables
@@ -151,11 +152,21 @@ def postback_facts(session: Session, *, affiliate_id: str, campaign_id: str, cli
     and signals). Its velocity counts are those of the conversions before it, plus itself: the same
     figures `reference` counts after its signals are stored, as decided by the same rules."""
     signed = None if click_id is None else domain.click_of_stored_id(click_id)
+    since, ip = now - domain.IP_VELOCITY_WINDOW, None if ip is None else str(ip)
     row = session.execute(_POSTBACK_FACTS, {
         "affiliate_id": affiliate_id, "campaign_id": campaign_id, "click_id": click_id,
         "signed_link_code": None if signed is None else signed.link_code,
-        "since": now - domain.IP_VELOCITY_WINDOW, "until": now, "ip": None if ip is None else str(ip),
+        "since": since, "until": now, "ip": ip,
         "caller_key": caller_key, "limit": max_conversions_per_caller, "order_id": order_id}).one()
+    same_ip, same_caller, order_key_taken = row.same_ip, row.same_caller, bool(row.order_key_taken)
+    # The postbacks committed with this one whose rows are not written yet count as if they were.
+    for other in pending_rows(session, _cs):
+        if other["campaign_id"] == campaign_id and since < other["detected_at"] <= now:
+            same_ip += ip is not None and other["ip"] == ip
+            same_caller += caller_key is not None and other["caller_key"] == caller_key
+    same_caller = min(same_caller, max_conversions_per_caller)  # the read counts up to the limit
+    if order_id is not None and not order_key_taken:  # a hint: the same order id anywhere may be it
+        order_key_taken = any(other["order_id"] == order_id for other in pending_rows(session, tables.order_keys))
     known = row.estado is not None  # NOT NULL in a stored campaign: NULL only from the outer join
     clicked_at = row.clicked_at if row.clicked_at is not None else None if signed is None else signed.clicked_at
     if row.link_code is not None:  # through a click: its link's enrollment must be active
@@ -165,12 +176,12 @@ def postback_facts(session: Session, *, affiliate_id: str, campaign_id: str, cli
     return PostbackFacts(row.anunciante_id, _reference(
         row.afiliado_estado, row.email_sha256, row if known else None,
         affiliate_enrolled=enrolled, clicked_at=clicked_at, customer_email_sha256=customer_email_sha256,
-        conversions_from_same_ip=None if ip is None else row.same_ip + 1,
+        conversions_from_same_ip=None if ip is None else same_ip + 1,
         max_conversions_per_ip=max_conversions_per_ip,
         # Counted up to `limit` before it: min(all with itself, limit + 1), as `reference` counts.
-        conversions_from_same_caller=None if caller_key is None else row.same_caller + 1,
+        conversions_from_same_caller=None if caller_key is None else same_caller + 1,
         max_conversions_per_caller=max_conversions_per_caller),
-        order_key_taken=order_id is None or bool(row.order_key_taken))
+        order_key_taken=order_id is None or order_key_taken)
 
 
 def _window(signals) -> dict:

@@ -35,7 +35,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
-from alpes.kernel.db import bulk_insert
+from alpes.kernel.db import bulk_insert, stop_deferring
 from alpes.kernel.eventstore import StoredEvent
 from alpes.kernel.messages import utcnow
 
@@ -226,6 +226,7 @@ def record_events(session: Session, stored: Sequence[StoredEvent], now: datetime
                 _step(saga_id, DETECTION, DONE, now, now, _detected(p)),
                 _step(saga_id, VALIDATION, WAITING, now, None, None)])
             continue
+        stop_deferring(session)  # the saga's rows this unit may have deferred (a postback's) are read now
         saga = load(session, saga_id, lock=True)
         if saga is None:
             continue

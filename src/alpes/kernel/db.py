@@ -25,7 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from .group_commit import GroupCommitter
+from .group_commit import DEFERRED_WRITES, GroupCommitter, write as write_deferred
 
 
 def make_engine(url: str, *, pool_size: int = 10, for_writes: bool = True) -> Engine:
@@ -89,13 +89,16 @@ class Database:
         return self.engine.dialect.name == "sqlite"
 
     @contextmanager
-    def transaction(self) -> Iterator[Session]:
-        """Commit everything done in the block (state, outbox, inbox) or nothing."""
+    def transaction(self, defer_writes: bool = False) -> Iterator[Session]:
+        """Commit everything done in the block (state, outbox, inbox) or nothing. `defer_writes`
+        (SQLite): its bulk_insert and upsert_add run with its commit group's, just before the
+        commit (kernel/group_commit.py); the block must not read back what it wrote that way
+        (`stop_deferring` first), and reads what others wrote that way with `pending_rows`."""
         if self.committer is None:
             with self._sessions.begin() as session:
                 yield session
             return
-        with self.committer.transaction() as session:
+        with self.committer.transaction(defer_writes) as session:
             yield session
 
     @contextmanager
@@ -267,9 +270,12 @@ def bulk_insert(session: Session, table: Table, rows: list[dict]) -> None:
     single row costs less than the ordinary path too (a hot path's inserts, issue 11)."""
     if not rows:
         return
-    connection = session.connection()
-    plan = _insert_plan(connection.dialect, table, tuple(rows[0]))
+    deferred = session.info.get(DEFERRED_WRITES)
+    dialect = session.get_bind().dialect
+    plan = _insert_plan(dialect, table, tuple(rows[0]))
     if plan is None:  # defaults to fill, or renamed parameters: the ordinary path
+        if deferred is not None:
+            stop_deferring(session)  # in the order the unit wrote them
         session.execute(table.insert(), rows)
         return
     sql, pairs, positional = plan
@@ -280,7 +286,27 @@ def bulk_insert(session: Session, table: Table, rows: list[dict]) -> None:
     else:
         values = [{name: row[name] if process is None else process(row[name]) for name, process in pairs}
                   for row in rows]
-    connection.exec_driver_sql(sql, values[0] if len(values) == 1 else values)
+    if deferred is not None and positional:  # the group committer's dialect: SQLite's
+        head, _, placeholders = sql.partition(" VALUES ")
+        deferred.insert(table, head, placeholders, rows, values)
+        return
+    session.connection().exec_driver_sql(sql, values[0] if len(values) == 1 else values)
+
+
+def pending_rows(session: Session, table: Table) -> list[dict]:
+    """The rows inserted into `table` by this unit of work's commit group that are not in the table
+    yet (deferred: Database.transaction), as given to bulk_insert. None anywhere else."""
+    deferred = session.info.get(DEFERRED_WRITES)
+    return [] if deferred is None else deferred.pending(table)
+
+
+def stop_deferring(session: Session) -> None:
+    """This unit of work's deferred writes run now (in its own transaction or savepoint, so they
+    stay its own), and its writes from here on at once: before it reads what it wrote."""
+    deferred = session.info.pop(DEFERRED_WRITES, None)
+    if deferred is not None and deferred.writes:
+        write_deferred(session.connection(), deferred.writes)
+        deferred.writes = []
 
 
 @functools.lru_cache(maxsize=256)
@@ -319,6 +345,10 @@ def upsert_add(session: Session, table: Table, keys: dict, increments: dict) -> 
     """INSERT the row or add `increments` to its columns, atomically (counters, totals)."""
     dialect = session.get_bind().dialect.name
     statement = _upsert_add_statement(dialect, table, tuple(keys), tuple(increments))
+    deferred = session.info.get(DEFERRED_WRITES)
+    if deferred is not None:
+        deferred.add(table, statement, keys, increments)
+        return
     session.execute(statement, {**keys, **increments})
 
 

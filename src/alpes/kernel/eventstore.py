@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .codec import SchemaRegistry
-from .db import UtcDateTime, bulk_insert
+from .db import UtcDateTime, bulk_insert, stop_deferring
 from .messages import new_id, utcnow
 
 
@@ -112,6 +112,7 @@ class EventStore:
                 raise ValueError("a fresh stream starts at version 0")
             bulk_insert(session, self.table, rows)
             return stored
+        stop_deferring(session)  # the primary key must refuse a taken version now, in the savepoint
         try:
             with session.begin_nested():
                 bulk_insert(session, self.table, rows)

@@ -119,10 +119,12 @@ class ServiceRuntime:
 
     # -- unit of work used by HTTP handlers ------------------------------------------------
     @contextmanager
-    def unit_of_work(self, actor: Actor | None = None) -> Iterator[tuple[Session, Callable[[list[OutgoingEvent]], None]]]:
+    def unit_of_work(self, actor: Actor | None = None, *, defer_writes: bool = False
+                     ) -> Iterator[tuple[Session, Callable[[list[OutgoingEvent]], None]]]:
         """`with runtime.unit_of_work(caller) as (session, emit): ...` state and events commit together;
-        the events carry `actor` (the request's principal; None: `system`) as who caused them."""
-        with self.db.transaction() as session:
+        the events carry `actor` (the request's principal; None: `system`) as who caused them.
+        `defer_writes`: Database.transaction's."""
+        with self.db.transaction(defer_writes) as session:
             yield session, lambda events: self.outbox.add(session, events, actor)
         self.wake_relay()
 
