@@ -124,7 +124,9 @@ class Platform:
         self.env.update({f"ALPES_{name.upper()}_INSTANCES": str(n) for name, n in self.instances.items()})
         self.env.update(env or {})
         self.process: subprocess.Popen | None = None
-        self.http = httpx.Client(timeout=30)
+        # uvicorn closes a connection idle for 5 s, httpx keeps one for 5 s: a request sent on it as
+        # it closes meets "Server disconnected". Idle connections are dropped well before.
+        self.http = httpx.Client(timeout=30, limits=httpx.Limits(keepalive_expiry=1.0))
         self.start_seconds: float | None = None  # how long the last start() took
         self.stop_seconds: float | None = None  # how long the last stop() took, when it had to stop it
 

@@ -164,7 +164,10 @@ def build(settings: Settings, *, urls: dict[str, str] | None = None, idle_second
     async def lifespan(app: FastAPI):
         # One pooled client for every user (their key goes per request); made here, in the server's loop.
         async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=3.0),
-                                     limits=httpx.Limits(max_connections=100, max_keepalive_connections=20)) as client:
+                                     # Idle connections dropped before the services' uvicorn closes
+                                     # them (5 s), so none is reused as it closes.
+                                     limits=httpx.Limits(max_connections=100, max_keepalive_connections=20,
+                                                         keepalive_expiry=2.0)) as client:
             app.state.http = client
             yield
 
