@@ -14,6 +14,7 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, event, func, in
 from sqlalchemy.exc import IntegrityError
 
 from alpes.kernel.db import Database, ScaledDecimal, bulk_insert, pending_rows, stop_deferring, upsert_add
+from alpes.kernel.group_commit import BatchFailed
 from commit_groups import in_one_commit_group
 
 metadata = MetaData()
@@ -185,6 +186,51 @@ def test_a_commit_groups_deferred_writes_are_one_statement_per_table_and_drop_a_
     inserts = [(statement, parameters) for statement, parameters in seen if statement.startswith("INSERT INTO items")]
     assert len(inserts) == 1 and len(inserts[0][1]) == 8  # four rows of two values, one statement
     assert len([s for s, _ in seen if s.startswith("INSERT INTO counters")]) == 1  # the four additions summed
+    # Nothing of theirs was in the transaction before the commit: none needed a SAVEPOINT.
+    assert not [s for s, _ in seen if s.startswith("SAVEPOINT")]
+
+
+def test_a_deferring_unit_that_writes_at_once_and_fails_takes_only_its_own_rows_with_it(db):
+    database, path = db
+
+    def stops_then_fails() -> None:
+        with database.transaction(defer_writes=True) as session:
+            bulk_insert(session, items, [{"id": None, "name": "deferred-then-written"}])
+            stop_deferring(session)  # its SAVEPOINT begins here
+            session.execute(insert(items).values(name="written-at-once"))
+            raise RuntimeError("fails after writing at once")
+
+    results = in_one_commit_group(database, [_deferring_unit(database, "before"), stops_then_fails,
+                                             _deferring_unit(database, "after")])
+    assert isinstance(results[1], RuntimeError)
+    assert _committed(path, "before") and _committed(path, "after")
+    assert not _committed(path, "deferred-then-written") and not _committed(path, "written-at-once")
+
+
+def test_a_deferring_unit_that_writes_at_once_without_stopping_and_fails_fails_its_group(db):
+    """Its change cannot be told from the group's without a savepoint: nobody is told it is durable."""
+    database, path = db
+
+    def writes_unannounced_then_fails() -> None:
+        with database.transaction(defer_writes=True) as session:
+            session.execute(insert(items).values(name="unannounced"))
+            raise RuntimeError("fails after writing at once, not through stop_deferring")
+
+    def writes_unannounced() -> None:
+        with database.transaction(defer_writes=True) as session:
+            session.execute(insert(items).values(name="unannounced-kept"))
+
+    results = in_one_commit_group(database, [_deferring_unit(database, "g1"), writes_unannounced_then_fails],
+                                  commits=False)
+    assert isinstance(results[1], RuntimeError)
+    # The other is told its work is not durable, or (when it came after) met a group already gone
+    # and committed in a new one.
+    assert isinstance(results[0], BatchFailed) or _committed(path, "g1")
+    assert not _committed(path, "unannounced")
+    if isinstance(results[0], BatchFailed):
+        assert not _committed(path, "g1")
+    writes_unannounced()  # succeeding, the same write commits with its unit
+    assert _committed(path, "unannounced-kept")
 
 
 def test_a_commit_group_of_many_writes_each_row_once(db):

@@ -25,7 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from .group_commit import DEFERRED_WRITES, GroupCommitter, write as write_deferred
+from .group_commit import DEFERRED_WRITES, GroupCommitter
 
 
 def make_engine(url: str, *, pool_size: int = 10, for_writes: bool = True) -> Engine:
@@ -302,11 +302,11 @@ def pending_rows(session: Session, table: Table) -> list[dict]:
 
 def stop_deferring(session: Session) -> None:
     """This unit of work's deferred writes run now (in its own transaction or savepoint, so they
-    stay its own), and its writes from here on at once: before it reads what it wrote."""
-    deferred = session.info.pop(DEFERRED_WRITES, None)
-    if deferred is not None and deferred.writes:
-        write_deferred(session.connection(), deferred.writes)
-        deferred.writes = []
+    stay its own), and its writes from here on at once: before it reads what it wrote, or writes
+    anything but through bulk_insert and upsert_add."""
+    deferred = session.info.get(DEFERRED_WRITES)
+    if deferred is not None:
+        deferred.stop(session)
 
 
 @functools.lru_cache(maxsize=256)

@@ -14,11 +14,13 @@ durable, and a kill -9 before the commit loses only work nobody was answered for
 A unit may also defer its inserts and counter additions (`transaction(defer_writes=True)`;
 kernel.db.bulk_insert and upsert_add put them in its DeferredWrites): they join the batch's when
 the unit succeeds and are written just before the commit, one multi-row INSERT per table for the
-whole batch instead of one per unit. Each statement inside the turn lets the GIL go and its holder
-waits to get it back while the queue waits behind it (README, "Where target 2 stops"), so fewer
-statements per unit is what lets the turn go round faster. Deferring is for writes that cannot
-collide (fresh ids) or whose collisions the unit checks first, counting the batch's rows not
-written yet (`pending_rows`); a deferred write that fails at the commit fails the whole batch.
+whole batch instead of one per unit; having put nothing in the transaction, such a unit needs no
+SAVEPOINT either until it writes at once (`DeferredWrites.stop`). Each statement inside the turn
+lets the GIL go and its holder waits to get it back while the queue waits behind it (README,
+"Where target 2 stops"), so fewer statements per unit is what lets the turn go round faster.
+Deferring is for writes that cannot collide (fresh ids) or whose collisions the unit checks first,
+counting the batch's rows not written yet (`pending_rows`); a deferred write that fails at the
+commit fails the whole batch.
 """
 
 from __future__ import annotations
@@ -62,11 +64,24 @@ class _Add:
 
 
 class DeferredWrites:
-    """A unit of work's deferred inserts and additions, in the order it made them."""
+    """A unit of work's deferred inserts and additions, in the order it made them. `savepoint`:
+    the unit (not its batch's first) runs without one until it writes at once (`stop`)."""
 
-    def __init__(self, batch: list) -> None:
+    def __init__(self, batch: list, *, savepoint: bool = False) -> None:
         self._batch = batch  # the writes of the batch's members that succeeded before this unit
         self.writes: list[_Insert | _Add] = []
+        self.needs_savepoint = savepoint
+        self.savepoint = None  # the unit's SAVEPOINT, once `stop` began it
+
+    def stop(self, session: Session) -> None:
+        """Write this unit's deferred writes now, inside a SAVEPOINT of its own when it needs one
+        (begun here, so a unit that only deferred runs none), and no longer defer."""
+        session.info.pop(DEFERRED_WRITES, None)
+        if self.needs_savepoint and self.savepoint is None:
+            self.savepoint = session.begin_nested()
+        if self.writes:
+            write(session.connection(), self.writes)
+            self.writes = []
 
     def insert(self, table: Table, head: str, values: str, rows: list[dict], parameters: list[tuple]) -> None:
         self.writes.append(_Insert(table, head, values, rows, parameters))
@@ -163,17 +178,24 @@ class GroupCommitter:
             # transaction, so its failure rolls the whole transaction back (and the next unit
             # begins another). A lone unit (a postback usually commits alone) saves the SAVEPOINT,
             # the RELEASE and the Session's nested-transaction bookkeeping (issue 11).
+            # A unit that defers its writes puts nothing in the transaction until it writes at once
+            # (DeferredWrites.stop begins its SAVEPOINT then): until then it needs none either.
             first = batch.members == 0
+            lazy = defer_writes and not first
             session = Session(bind=self._connection, expire_on_commit=False,
-                              join_transaction_mode="rollback_only" if first else "create_savepoint")
+                              join_transaction_mode="rollback_only" if first or lazy else "create_savepoint")
             self._local.session = session
             deferred = None
             if defer_writes:
-                deferred = session.info[DEFERRED_WRITES] = DeferredWrites(batch.deferred)
+                deferred = session.info[DEFERRED_WRITES] = DeferredWrites(batch.deferred, savepoint=lazy)
             try:
-                # SAVEPOINT ... RELEASE, or ROLLBACK TO on an error; the first: ROLLBACK on an error.
-                with session.begin():
-                    yield session
+                if lazy:
+                    with self._savepoint_if_begun(session, deferred):
+                        yield session
+                else:
+                    # SAVEPOINT ... RELEASE, or ROLLBACK TO on an error; the first: ROLLBACK on an error.
+                    with session.begin():
+                        yield session
             finally:
                 self._local.session = None
                 session.close()
@@ -192,6 +214,29 @@ class GroupCommitter:
         batch.done.wait()
         if batch.error is not None:
             raise BatchFailed("the unit of work was not made durable") from batch.error
+
+    @contextmanager
+    def _savepoint_if_begun(self, session: Session, deferred: DeferredWrites) -> Iterator[None]:
+        """A deferring unit's end: its SAVEPOINT released, or rolled back on an error, when it began
+        one. A unit that changed rows at once without one (not through DeferredWrites.stop) and
+        then failed cannot be told from its batch: the batch's transaction is rolled back, and
+        every member fails (BatchFailed) rather than commit part of a failed unit."""
+        changes = self._changes()
+        try:
+            yield
+        except BaseException:
+            if deferred.savepoint is not None:
+                deferred.savepoint.rollback()
+            elif self._changes() != changes:
+                self._connection.get_transaction().rollback()
+            raise
+        if deferred.savepoint is not None:
+            deferred.savepoint.commit()
+        session.commit()  # joined "rollback_only": the batch's transaction is left open
+
+    def _changes(self) -> int:
+        """Rows changed on the batch's connection since it was opened (sqlite3's total_changes)."""
+        return self._connection.connection.dbapi_connection.total_changes
 
     # -- the batch (called with the turn held) ---------------------------------------------------
     def _open(self) -> _Batch:
