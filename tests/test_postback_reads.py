@@ -209,7 +209,8 @@ def test_the_outbox_writes_the_bytes_the_event_store_encoded(db):
 
 
 # -- postbacks of one commit group (SQLite): their rows are written at its commit ----------------
-def _postback(db, store, *, order_id: str | None, ip: str | None, value: str = "80.00", max_per_ip: int = 5):
+def _postback(db, store, *, order_id: str | None, ip: str | None, value: str = "80.00", max_per_ip: int = 5,
+              caller_key: str | None = None, max_per_caller: int = 10_000):
     """A postback's transaction as receive_postback runs it (writes deferred to the commit group)."""
     def unit():
         with db.transaction(defer_writes=True) as session:
@@ -217,6 +218,7 @@ def _postback(db, store, *, order_id: str | None, ip: str | None, value: str = "
                 session, store, affiliate_id="a1", campaign_id="kA", user_id="u", conversion_value=Decimal(value),
                 conversion_type="sale", currency="EUR", order_id=order_id, grace=timedelta(seconds=10),
                 now=NOW, ip=ip, max_conversions_per_ip=max_per_ip, scope="anunciante:A",
+                caller_key=caller_key, max_conversions_per_caller=max_per_caller,
                 fingerprint=domain.postback_fingerprint(
                     affiliate_id="a1", campaign_id="kA", click_id=None, user_id="u", conversion_value=Decimal(value),
                     currency="EUR", conversion_type="sale", ip=ip, customer_email=None))
@@ -246,6 +248,19 @@ def test_postbacks_of_one_commit_group_count_each_other_for_ip_velocity(db):
         assert any(step and step.startswith("on hold for review") for step in steps), steps
         assert session.scalar(select(func.count()).select_from(tables.conversion_signals)
                               .where(tables.conversion_signals.c.ip == "198.51.100.9")) == 3
+
+
+def test_a_caller_bursting_postbacks_into_one_commit_group_still_meets_its_velocity_limit(db):
+    """Different IPs, one caller, a limit of two per hour: the third of one group is not validated."""
+    store = records.event_store(REGISTRY)
+    results = _one_group(db, [_postback(db, store, order_id=f"burst{i}", ip=f"192.0.2.{i}", caller_key="key:burst",
+                                        max_per_caller=2) for i in range(3)])
+    verdicts = sorted(events[-1] for _, _, events in results)
+    assert verdicts.count("ConversionValidated") == 2 and len(verdicts) == 3, verdicts
+    with db.read() as session:
+        reasons = session.scalars(select(tables.conversiones_view.c.reason).where(
+            tables.conversiones_view.c.order_id.like("burst%"), tables.conversiones_view.c.reason.is_not(None))).all()
+    assert reasons == [domain.CALLER_VELOCITY]
 
 
 def test_a_repeated_order_id_in_one_commit_group_is_one_conversion_and_other_parameters_conflict(db):
