@@ -286,7 +286,7 @@ def bulk_insert(session: Session, table: Table, rows: list[dict]) -> None:
     else:
         values = [{name: row[name] if process is None else process(row[name]) for name, process in pairs}
                   for row in rows]
-    if deferred is not None and positional:  # the group committer's dialect: SQLite's
+    if deferred is not None:  # only the group committer defers: SQLite, positional parameters
         head, _, placeholders = sql.partition(" VALUES ")
         deferred.insert(table, head, placeholders, rows, values)
         return

@@ -64,13 +64,14 @@ class _Add:
 
 
 class DeferredWrites:
-    """A unit of work's deferred inserts and additions, in the order it made them. `savepoint`:
-    the unit (not its batch's first) runs without one until it writes at once (`stop`)."""
+    """A unit of work's deferred inserts and additions, in the order it made them.
+    `needs_savepoint`: the unit (not its batch's first) runs without one until it writes at once
+    (`stop`)."""
 
-    def __init__(self, batch: list, *, savepoint: bool = False) -> None:
+    def __init__(self, batch: list, *, needs_savepoint: bool = False) -> None:
         self._batch = batch  # the writes of the batch's members that succeeded before this unit
         self.writes: list[_Insert | _Add] = []
-        self.needs_savepoint = savepoint
+        self.needs_savepoint = needs_savepoint
         self.savepoint = None  # the unit's SAVEPOINT, once `stop` began it
 
     def stop(self, session: Session) -> None:
@@ -91,13 +92,14 @@ class DeferredWrites:
 
     def pending(self, table: Table) -> list[dict]:
         """The rows deferred for `table` in this batch, this unit's too: not in the table yet."""
-        return [row for write in (*self._batch, *self.writes)
-                if write.table is table and isinstance(write, _Insert) for row in write.rows]
+        return [row for item in (*self._batch, *self.writes)
+                if item.table is table and isinstance(item, _Insert) for row in item.rows]
 
 
 def write(connection: Connection, writes: list[_Insert | _Add]) -> None:
-    """Run deferred writes: per table in the order they were first deferred, the rows of each
-    INSERT shape as multi-row statements, and each counters row's increments summed into one."""
+    """Run deferred writes: the rows of each INSERT shape (a table and its columns) as multi-row
+    statements, in the order the shapes were first deferred; then each counters row's increments,
+    summed into one statement per row."""
     inserts: dict[tuple[str, str], list[tuple]] = {}
     adds: dict[tuple, _Add] = {}
     for item in writes:
@@ -187,7 +189,7 @@ class GroupCommitter:
             self._local.session = session
             deferred = None
             if defer_writes:
-                deferred = session.info[DEFERRED_WRITES] = DeferredWrites(batch.deferred, savepoint=lazy)
+                deferred = session.info[DEFERRED_WRITES] = DeferredWrites(batch.deferred, needs_savepoint=lazy)
             try:
                 if lazy:
                     with self._savepoint_if_begun(session, deferred):
