@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timezone
+from decimal import Decimal
 
 from sqlalchemy import ColumnElement, bindparam, exists, false, func, select, true, update
 from sqlalchemy.orm import Session
 
 from alpes.kernel.access import ADVERTISER, AFFILIATE, OPERATOR, SYSTEM, Principal
-from alpes.kernel.db import Database, once_per_transaction, where_equal
+from alpes.kernel.db import Database, once_per_transaction, upsert_add, where_equal
 from alpes.kernel.errors import NotFound
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent, new_id, utcnow
 from alpes.kernel.outbox import Outbox
@@ -45,15 +46,18 @@ _BOOKED_OR_REFUNDED = select(exists().where(_k.c.conversion_id == bindparam("con
                              exists().where(_r.c.conversion_id == bindparam("conversion_id")))
 _DENY = _d.insert()
 _CAMPANA_LOCKED = select(tables.campanas).where(tables.campanas.c.id == bindparam("campana_id")).with_for_update()
-_DEL_AFILIADO = (_k.c.campana_id == bindparam("campana_id"), _k.c.afiliado_id == bindparam("afiliado_id"))
-_APROBADAS_EN_EL_MES = select(func.count()).select_from(_k).where(
-    *_DEL_AFILIADO, _k.c.momento_conversion >= bindparam("desde"), _k.c.momento_conversion < bindparam("hasta"),
-    _k.c.estado != domain.REVERTIDA)
-_GASTADO_AFILIADO = select(func.coalesce(func.sum(_k.c.monto), 0)).where(*_DEL_AFILIADO)
-_GASTADO_AFILIADO_EN = _GASTADO_AFILIADO.where(_k.c.momento_conversion >= bindparam("desde"),
-                                               _k.c.momento_conversion < bindparam("hasta"))
-_GASTADO_CAMPANA = select(func.coalesce(func.sum(_k.c.monto), 0)).where(_k.c.campana_id == bindparam("campana_id"))
+# What the tier count and the caps and budget read: the running totals (tables.comisiones_por_dia,
+# gasto_por_afiliado, gasto_por_campana), a few rows whatever the number of commissions.
+_pd, _ga, _gc = tables.comisiones_por_dia, tables.gasto_por_afiliado, tables.gasto_por_campana
+_DIAS_DEL_AFILIADO = (_pd.c.campana_id == bindparam("campana_id"), _pd.c.afiliado_id == bindparam("afiliado_id"),
+                      _pd.c.dia >= bindparam("desde"), _pd.c.dia < bindparam("hasta"))
+_APROBADAS_EN = select(func.coalesce(func.sum(_pd.c.no_revertidas), 0)).where(*_DIAS_DEL_AFILIADO)
+_GASTADO_AFILIADO_EN = select(func.coalesce(func.sum(_pd.c.monto), 0)).where(*_DIAS_DEL_AFILIADO)
+_GASTADO_AFILIADO = select(_ga.c.monto).where(_ga.c.campana_id == bindparam("campana_id"),
+                                              _ga.c.afiliado_id == bindparam("afiliado_id"))
+_GASTADO_CAMPANA = select(_gc.c.monto).where(_gc.c.campana_id == bindparam("campana_id"))
 _BOOK = _k.insert()
+_CERO = Decimal("0.00")
 
 
 def answer_comision_request(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
@@ -150,6 +154,13 @@ def _revertir_comision(session: Session, row, motivo: str, detalle: str | None, 
             moneda=row["moneda"], motivo=motivo, creado_en=now))
     session.execute(update(k).where(k.c.id == row["id"]).values(
         estado=domain.REVERTIDA, revertida_en=now, motivo_reversion=motivo))
+    if row["momento_conversion"] is not None:
+        # Under the campaign's lock, as a booking writes the same totals: on MariaDB every
+        # transaction then takes the campaign's row before the totals' rows, in that order.
+        _campana_locked(session, row["campana_id"])
+        upsert_add(session, _pd, {"campana_id": row["campana_id"], "afiliado_id": row["afiliado_id"],
+                                  "dia": row["momento_conversion"].date()},
+                   {"no_revertidas": -1, "monto": _CERO})
     return [OutgoingEvent(COMISIONES, "ComisionRevertida", row["id"], {
         "id": row["id"], "conversion_id": row["conversion_id"], "afiliado_id": row["afiliado_id"],
         "campana_id": row["campana_id"], "monto": row["monto"], "moneda": row["moneda"],
@@ -188,7 +199,8 @@ def _book_comision(session: Session, event: IncomingEvent) -> tuple[OutgoingEven
     # (ConversionValidated v2 converted_at), not of its validation: a conversion held for review
     # and approved days later still earns what the rules in force when it happened said. v1
     # events carry only the validation time: that is the best we know.
-    momento = p.get("converted_at") or p["timestamp"]
+    # In UTC: the periods are UTC days, weeks and months (domain.ventana_del_periodo).
+    momento = (p.get("converted_at") or p["timestamp"]).astimezone(timezone.utc)
     calculo, explicacion = _calcular_con_reglas(session, campana, p, momento)
     comision_id = new_id()
     now = utcnow()
@@ -202,11 +214,21 @@ def _book_comision(session: Session, event: IncomingEvent) -> tuple[OutgoingEven
         "tipo_regla": calculo.tipo, "limitado_por": calculo.limitado_por, "explicacion": json.dumps(explicacion),
         "click_id": p.get("click_id")}
     session.execute(_BOOK, row)
+    _add_to_totals(session, row)
     return OutgoingEvent(COMISIONES, "ComisionCalculada", comision_id, {
         "id": comision_id, "conversion_id": p["conversion_id"], "afiliado_id": p["affiliate_id"],
         "campana_id": p["campaign_id"], "base": p["conversion_value"], "porcentaje": calculo.porcentaje,
         "monto": calculo.monto, "moneda": campana["moneda"], "timestamp": now, "regla_id": calculo.regla_id,
         "version_reglas": calculo.version, "limitado_por": calculo.limitado_por}), row
+
+
+def _add_to_totals(session: Session, row: dict) -> None:
+    """The booked commission in the running totals the next calculations read."""
+    del_afiliado = {"campana_id": row["campana_id"], "afiliado_id": row["afiliado_id"]}
+    upsert_add(session, _pd, {**del_afiliado, "dia": row["momento_conversion"].date()},
+               {"no_revertidas": 1, "monto": row["monto"]})
+    upsert_add(session, _ga, del_afiliado, {"monto": row["monto"]})
+    upsert_add(session, _gc, {"campana_id": row["campana_id"]}, {"monto": row["monto"]})
 
 
 def _campana_locked(session: Session, campana_id: str):
@@ -236,22 +258,21 @@ def _calcular_con_reglas(session: Session, campana, p: dict, momento: datetime) 
     none), excluding reversed ones (refunded or charged back: no longer approved). A commission a
     cap cut to zero still counts: its conversion was approved."""
     conjunto = domain.version_vigente(_versiones(session, campana["id"]), momento)
-    desde_mes, hasta_mes = domain.ventana_del_periodo("mes", momento)
     del_afiliado = {"campana_id": campana["id"], "afiliado_id": p["affiliate_id"]}
-    aprobadas_en_el_mes = session.scalar(_APROBADAS_EN_EL_MES, {**del_afiliado, "desde": desde_mes,
-                                                                "hasta": hasta_mes})
+    # int(): MariaDB sums integers as DECIMAL.
+    aprobadas_en_el_mes = int(session.scalar(_APROBADAS_EN, {**del_afiliado, **_dias("mes", momento)}))
     restante_afiliado = None
     tope = conjunto.tope_por_afiliado if conjunto else None
     if tope is not None:
-        desde, hasta = domain.ventana_del_periodo(tope.periodo, momento)
-        if desde is None:
-            gastado_afiliado = session.scalar(_GASTADO_AFILIADO, del_afiliado)
+        if tope.periodo == "total":
+            gastado_afiliado = session.scalar(_GASTADO_AFILIADO, del_afiliado) or _CERO
         else:
-            gastado_afiliado = session.scalar(_GASTADO_AFILIADO_EN, {**del_afiliado, "desde": desde, "hasta": hasta})
+            gastado_afiliado = session.scalar(_GASTADO_AFILIADO_EN, {**del_afiliado, **_dias(tope.periodo, momento)})
         restante_afiliado = tope.monto - gastado_afiliado
     restante_presupuesto = None
     if campana["presupuesto"] is not None:
-        restante_presupuesto = campana["presupuesto"] - session.scalar(_GASTADO_CAMPANA, {"campana_id": campana["id"]})
+        gastado = session.scalar(_GASTADO_CAMPANA, {"campana_id": campana["id"]}) or _CERO
+        restante_presupuesto = campana["presupuesto"] - gastado
     conversion = domain.ConversionACalcular(p["conversion_value"], p["conversion_type"], p["affiliate_id"],
                                             aprobadas_en_el_mes)
     calculo = domain.calcular(conjunto, campana["porcentaje_comision"], conversion, restante_afiliado,
@@ -268,6 +289,12 @@ def _calcular_con_reglas(session: Session, campana, p: dict, momento: datetime) 
                   "restante_presupuesto": _str_or_none(restante_presupuesto)},
         "monto_sin_tope": str(calculo.monto_sin_tope)}
     return calculo, explicacion
+
+
+def _dias(periodo: str, momento: datetime) -> dict:
+    """The UTC days [desde, hasta) of the bounded period holding `momento`, as comisiones_por_dia keys them."""
+    desde, hasta = domain.ventana_del_periodo(periodo, momento)
+    return {"desde": desde.date(), "hasta": hasta.date()}
 
 
 def _str_or_none(value) -> str | None:

@@ -126,8 +126,37 @@ comisiones = Table(
     Column("click_id", String(36)),
     Index("ix_comisiones_por_aprobar", "estado", "aprobable_desde"),
     Index("ix_comisiones_por_pagar", "estado", "pago_id", "afiliado_id"),
-    # Covering: the tier count and the cap and budget sums read the index only (issue 11).
-    Index("ix_comisiones_topes_v2", "campana_id", "afiliado_id", "momento_conversion", "estado", "monto"),
+)
+
+# Running totals of the commissions booked, written in the same transaction as each booking and
+# reversal (the campaign's row locked first): what the tier count and the caps and budget read when
+# a commission is calculated. Counting and summing the commissions themselves read every one of the
+# period (a month's, or all time's), so booking slowed as a program grew (issue 11); these read at
+# most 31 day rows, or one. Reversed commissions keep their amount here: a reversal gives no cap or
+# budget back.
+# By the conversion's UTC day (momento_conversion; rows older than commission rules have none and
+# are only in the totals below): the tier count (not reversed) and the day/week/month cap sums.
+comisiones_por_dia = Table(
+    "comisiones_por_dia", metadata,
+    Column("campana_id", String(36), nullable=False),
+    Column("afiliado_id", String(36), nullable=False),
+    Column("dia", Date, nullable=False),
+    Column("no_revertidas", Integer, nullable=False),
+    Column("monto", ScaledDecimal(2), nullable=False),
+    PrimaryKeyConstraint("campana_id", "afiliado_id", "dia", name="pk_comisiones_por_dia"),
+)
+# All time, per affiliate in a campaign (the "total" cap) and per campaign (its budget).
+gasto_por_afiliado = Table(
+    "gasto_por_afiliado", metadata,
+    Column("campana_id", String(36), nullable=False),
+    Column("afiliado_id", String(36), nullable=False),
+    Column("monto", ScaledDecimal(2), nullable=False),
+    PrimaryKeyConstraint("campana_id", "afiliado_id", name="pk_gasto_por_afiliado"),
+)
+gasto_por_campana = Table(
+    "gasto_por_campana", metadata,
+    Column("campana_id", String(36), primary_key=True),
+    Column("monto", ScaledDecimal(2), nullable=False),
 )
 
 # Commission rule sets: one row per version, never edited; the rules as ordered JSON.
