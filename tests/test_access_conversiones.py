@@ -91,10 +91,10 @@ class Platform:
         with self.runtime.db.read() as session:
             return session.scalar(select(func.count()).select_from(table))
 
-    def stored(self) -> tuple[int, int, int, int]:
+    def stored(self) -> tuple[int, int, int, int, int]:
         t = self.tables
         return (self.count(t.event_store), self.count(t.outbox), self.count(t.order_keys),
-                self.count(t.conversion_signals))
+                self.count(t.conversion_signals), self.count(t.caller_minutes))
 
 
 @pytest.fixture

@@ -52,12 +52,16 @@ def db(db_url):
         session.execute(tables.clicks.insert(), [
             {"id": "stored-click", "link_code": "linka2", "affiliate_id": "a2", "campaign_id": "kA",
              "clicked_at": NOW - timedelta(hours=2)}])
-        # Earlier postbacks of the same IP and caller: two in the hour, one before it, one elsewhere.
-        session.execute(tables.conversion_signals.insert(), [
-            {"conversion_id": f"old{n}", "campaign_id": campaign, "ip": "203.0.113.7", "customer_email_sha256": None,
-             "detected_at": NOW - ago, "caller_key": "key:k1"}
-            for n, (campaign, ago) in enumerate([("kA", timedelta(minutes=5)), ("kA", timedelta(minutes=59)),
-                                                 ("kA", timedelta(minutes=61)), ("kA2", timedelta(minutes=1))])])
+        # Earlier postbacks of the same IP and caller: two in the hour, one before it, one elsewhere,
+        # stored as record_conversion stores them (the signals, and the caller's minute).
+        earlier = [{"conversion_id": str(uuid.uuid4()), "campaign_id": campaign, "ip": "203.0.113.7",
+                    "customer_email_sha256": None, "detected_at": NOW - ago, "caller_key": "key:k1"}
+                   for campaign, ago in [("kA", timedelta(minutes=5)), ("kA", timedelta(minutes=59)),
+                                         ("kA", timedelta(minutes=61)), ("kA2", timedelta(minutes=1))]]
+        session.execute(tables.conversion_signals.insert(), earlier)
+        for signal in earlier:
+            reference.count_caller_conversion(session, signal["campaign_id"], signal["caller_key"],
+                                              signal["detected_at"], signal["conversion_id"])
     yield database
     database.dispose()
 
@@ -292,3 +296,79 @@ def test_a_postback_held_at_once_logs_its_saga_step_with_its_writes_deferred(db)
         steps = session.execute(select(tables.saga_pasos.c.detalle).where(
             tables.saga_pasos.c.saga_id == conversion_id)).scalars().all()
     assert any(step and step.startswith("on hold for review") for step in steps), steps
+
+
+def test_the_caller_velocity_rule_decides_as_an_exact_count_of_the_hour_would(db):
+    """A caller's postbacks at random times (bursts, pauses that roll the hour over, clocks a little
+    behind the last one), each in its own transaction, with a limit of three: each is held for
+    caller_velocity exactly when three or more of the caller's conversions for the campaign were
+    detected in the hour up to it (the minutes' totals are a bound read first; the exact count
+    decides near the limit), and the minutes' totals end equal to the signals stored."""
+    import random
+
+    store, rng = records.event_store(REGISTRY), random.Random(1206)
+    at, stored, limit = NOW, [], 3
+    for n in range(150):
+        step = rng.choice([timedelta(seconds=rng.uniform(0, 20)), timedelta(seconds=rng.uniform(0, 20)),
+                           timedelta(minutes=rng.uniform(5, 70)), -timedelta(seconds=rng.uniform(0, 2))])
+        at += step
+        with db.transaction() as session:
+            _id, _created, events = commands.record_conversion(
+                session, store, affiliate_id="a1", campaign_id="kA", user_id="u", conversion_value=Decimal("80.00"),
+                conversion_type="sale", currency="EUR", order_id=f"cv{n}", grace=timedelta(seconds=10), now=at,
+                scope="anunciante:A", caller_key="key:rng", max_conversions_per_caller=limit)
+        in_the_hour = sum(1 for t in stored if at - domain.IP_VELOCITY_WINDOW < t <= at)
+        expected = "ConversionHeld" if in_the_hour >= limit else "ConversionValidated"
+        assert events[-1].event_type == expected, (n, at, in_the_hour)
+        stored.append(at)
+    assert 20 < sum(1 for n, t in enumerate(stored) if sum(
+        1 for u in stored[:n] if t - domain.IP_VELOCITY_WINDOW < u <= t) >= limit) < 130  # both verdicts, often
+    cm = tables.caller_minutes
+    with db.read() as session:
+        minutes = dict(session.execute(select(cm.c.minute, func.sum(cm.c.conversions)).where(
+            cm.c.caller_key == "key:rng").group_by(cm.c.minute)).all())
+    expected_minutes: dict = {}
+    for t in stored:
+        expected_minutes[t.replace(second=0, microsecond=0)] = expected_minutes.get(t.replace(second=0, microsecond=0), 0) + 1
+    assert {m: int(c) for m, c in minutes.items()} == expected_minutes
+
+
+def test_the_migration_counts_the_last_hours_signals_in_their_callers_minutes(db_url):
+    """Signals stored before revision 0012 (its table did not exist) still count: a caller at its
+    limit from them is held right after the upgrade; older ones are left out (no window reaches them)."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import MetaData, Table, create_engine
+
+    from alpes.kernel.messages import utcnow
+
+    config = Config()
+    config.set_main_option("script_location", "alpes.conversiones:migrations")
+    config.set_main_option("sqlalchemy.url", db_url.replace("%", "%%"))
+    command.upgrade(config, "0011_outbox_traceparent")
+    now = utcnow()
+    engine = create_engine(db_url)
+    signals = Table("conversion_signals", MetaData(), autoload_with=engine)
+    with engine.begin() as connection:
+        connection.execute(signals.insert(), [
+            {"conversion_id": str(uuid.uuid4()), "campaign_id": "kA", "ip": None, "customer_email_sha256": None,
+             "detected_at": (now - ago).replace(tzinfo=None), "caller_key": "key:before"}
+            for ago in (timedelta(minutes=2), timedelta(minutes=50), timedelta(hours=3))])
+    engine.dispose()
+    migrate(db_url, "alpes.conversiones:migrations")
+    database = Database(db_url)
+    try:
+        with database.transaction() as session:
+            minutes = session.execute(select(tables.caller_minutes.c.minute, tables.caller_minutes.c.conversions)
+                                      .order_by(tables.caller_minutes.c.minute)).all()
+            facts = [reference.postback_facts(session, affiliate_id="a1", campaign_id="kA", click_id=None, ip=None,
+                                              customer_email_sha256=None, caller_key="key:before", now=now,
+                                              max_conversions_per_caller=limit) for limit in (2, 3)]
+        assert minutes == [((now - timedelta(minutes=m)).replace(second=0, microsecond=0), 1) for m in (50, 2)]
+        # Two in the hour and itself: over a limit of two, not over three.
+        assert [f.reference.conversions_from_same_caller for f in facts] == [3, 3]
+        detected = domain.Detected("c", "a1", "kA", "u", Decimal("80.00"), "sale", None, "EUR", now)
+        verdicts = [domain.fraud_verdict(detected, f.reference) for f in facts]
+        assert verdicts[0](now).reason == domain.CALLER_VELOCITY and verdicts[1] is None
+    finally:
+        database.dispose()

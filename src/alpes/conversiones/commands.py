@@ -22,7 +22,7 @@ from alpes.kernel.outbox import Outbox
 from alpes.kernel.runtime import ServiceRuntime
 
 from . import domain, queries, tables, tracking
-from .reference import PostbackFacts, postback_facts, reference
+from .reference import PostbackFacts, count_caller_conversion, postback_facts, reference
 from .tenancy import EVERYTHING, Tenant, may_change, may_change_owned, tenant_of
 from .stream import commit_events, load_conversion
 
@@ -184,6 +184,8 @@ def record_conversion(session: Session, store: EventStore, *, affiliate_id: str,
         bulk_insert(session, tables.conversion_signals, [{
             "conversion_id": conversion_id, "campaign_id": campaign_id, "ip": None if ip is None else str(ip),
             "detected_at": now, "caller_key": caller_key, "customer_email_sha256": email_sha256}])
+    if caller_key is not None:
+        count_caller_conversion(session, campaign_id, caller_key, now, conversion_id)
     detected = domain.Detected(conversion_id, affiliate_id, campaign_id, user_id, conversion_value, conversion_type,
                                order_id, currency, now)
     # Decided before anything is appended (validation reads only the references and the signals,

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import String, bindparam, exists, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
-from alpes.kernel.db import pending_rows
+from alpes.kernel.db import pending_rows, upsert_add
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent, utcnow
 
 from . import domain, tables
@@ -44,11 +44,19 @@ _CLICK = select(tables.click_attributions.c.click_id, tables.clicks.c.clicked_at
 _SIGNALS = select(_cs).where(_cs.c.conversion_id == bindparam("conversion_id"))
 _WINDOW = (_cs.c.campaign_id == bindparam("campaign_id"), _cs.c.detected_at > bindparam("since"),
            _cs.c.detected_at <= bindparam("until"))
-_SAME_IP = select(func.count()).select_from(_cs).where(*_WINDOW, _cs.c.ip == bindparam("ip"))
+# Counted up to `limit` (all the rule needs): a flood from one IP stays cheap to decide.
+_SAME_IP = select(func.count()).select_from(
+    select(_cs.c.detected_at).where(*_WINDOW, _cs.c.ip == bindparam("ip")).limit(bindparam("ip_limit")).subquery())
 # Only indexed columns (ix_conversion_signals_campaign_caller): the count never reads the rows.
 _SAME_CALLER = select(func.count()).select_from(
     select(_cs.c.detected_at).where(*_WINDOW, _cs.c.caller_key == bindparam("caller_key"))
     .limit(bindparam("limit")).subquery())
+# The caller's conversions in the minutes [since_minute, until_minute] (tables.caller_minutes): at
+# least those of the window (since, until], a few rows whatever the caller's rate.
+_cm = tables.caller_minutes
+_CALLER_MINUTES = select(func.coalesce(func.sum(_cm.c.conversions), 0)).where(
+    _cm.c.campaign_id == bindparam("campaign_id"), _cm.c.caller_key == bindparam("caller_key"),
+    _cm.c.minute >= bindparam("since_minute"), _cm.c.minute <= bindparam("until_minute"))
 _ENROLLED_BY_LINK = select(_ri.c.activa).where(_ri.c.link_code == bindparam("link_code"))
 # (anyone enrolled in the campaign?, this affiliate actively?) in one round trip.
 _ENROLLED_BY_IDS = select(
@@ -81,9 +89,8 @@ _POSTBACK_FACTS = select(
     select(_ri.c.activa).where(_ri.c.link_code == _LINK_CODE).scalar_subquery().label("enrolled_by_link"),
     *(column.label(name) for column, name in zip(_ENROLLED_BY_IDS.selected_columns,
                                                   ("anyone_enrolled", "affiliate_enrolled"))),
-    select(func.count()).select_from(_cs).where(*_WINDOW, _cs.c.ip == bindparam("ip"))
-    .scalar_subquery().label("same_ip"),
-    _SAME_CALLER.scalar_subquery().label("same_caller"),
+    _SAME_IP.scalar_subquery().label("same_ip"),
+    _CALLER_MINUTES.scalar_subquery().label("caller_bound"),
     _ORDER_KEY_TAKEN.label("order_key_taken"),
 ).select_from(_POSTBACK.outerjoin(_rc, _rc.c.campana_id == _POSTBACK.c.campaign_id)
               .outerjoin(_ra, _ra.c.afiliado_id == _POSTBACK.c.affiliate_id)
@@ -108,7 +115,8 @@ def reference(session: Session, affiliate_id: str, campaign_id: str,
         affiliate_enrolled=_enrolled(session, affiliate_id, campaign_id, None if click is None else click.link_code),
         clicked_at=None if click is None else click.clicked_at,
         customer_email_sha256=None if signals is None else signals.customer_email_sha256,
-        conversions_from_same_ip=None if signals is None else _conversions_from_same_ip(session, signals),
+        conversions_from_same_ip=None if signals is None else _conversions_from_same_ip(
+            session, signals, max_conversions_per_ip),
         max_conversions_per_ip=max_conversions_per_ip,
         conversions_from_same_caller=None if signals is None else _conversions_from_same_caller(
             session, signals, max_conversions_per_caller),
@@ -149,22 +157,35 @@ def postback_facts(session: Session, *, affiliate_id: str, campaign_id: str, cli
                    order_id: str | None = None) -> PostbackFacts:
     """Everything `reference` would read for a postback detected at `now`, in one round trip, read
     before its own rows are written (the caller passes what it is about to store: its click id
-    and signals). Its velocity counts are those of the conversions before it, plus itself: the same
-    figures `reference` counts after its signals are stored, as decided by the same rules."""
+    and signals). Its velocity counts are those of the conversions before it, plus itself, each
+    counted up to its limit: the figures `reference` counts after its signals are stored, as decided
+    by the same rules; except that a caller below its limit may be counted from its minutes'
+    totals (caller_minutes: a bound from above, which decides the same)."""
     signed = None if click_id is None else domain.click_of_stored_id(click_id)
     since, ip = now - domain.IP_VELOCITY_WINDOW, None if ip is None else str(ip)
+    window = {"campaign_id": campaign_id, "since": since, "until": now}
     row = session.execute(_POSTBACK_FACTS, {
-        "affiliate_id": affiliate_id, "campaign_id": campaign_id, "click_id": click_id,
-        "signed_link_code": None if signed is None else signed.link_code,
-        "since": since, "until": now, "ip": ip,
-        "caller_key": caller_key, "limit": max_conversions_per_caller, "order_id": order_id}).one()
-    same_ip, same_caller, order_key_taken = row.same_ip, row.same_caller, bool(row.order_key_taken)
-    # The postbacks committed with this one whose rows are not written yet count as if they were.
-    for other in pending_rows(session, _cs):
-        if other["campaign_id"] == campaign_id and since < other["detected_at"] <= now:
-            same_ip += ip is not None and other["ip"] == ip
-            same_caller += caller_key is not None and other["caller_key"] == caller_key
-    same_caller = min(same_caller, max_conversions_per_caller)  # the read counts up to the limit
+        **window, "affiliate_id": affiliate_id, "click_id": click_id,
+        "signed_link_code": None if signed is None else signed.link_code, "ip": ip,
+        "ip_limit": max_conversions_per_ip, "caller_key": caller_key, "since_minute": _minute(since),
+        "until_minute": _minute(now), "order_id": order_id}).one()
+    order_key_taken = bool(row.order_key_taken)
+    # The postbacks committed with this one whose rows are not written yet count as if they were
+    # (their caller_minutes additions are not written either).
+    pending = [other for other in pending_rows(session, _cs) if other["campaign_id"] == campaign_id]
+    same_ip = row.same_ip + sum(1 for other in pending if ip is not None and other["ip"] == ip
+                                and since < other["detected_at"] <= now)
+    same_ip = min(same_ip, max_conversions_per_ip)  # the read counts up to the limit
+    same_caller = 0
+    if caller_key is not None:
+        callers = [other["detected_at"] for other in pending if other["caller_key"] == caller_key]
+        # A bound from above: below the limit it decides as the exact count would (not over).
+        same_caller = int(row.caller_bound) + sum(1 for at in callers if at >= _minute(since))
+        if same_caller >= max_conversions_per_caller:  # at the limit: the exact count decides
+            same_caller = session.scalar(_SAME_CALLER, {**window, "caller_key": caller_key,
+                                                        "limit": max_conversions_per_caller}) \
+                + sum(1 for at in callers if since < at <= now)
+        same_caller = min(same_caller, max_conversions_per_caller)
     if order_id is not None and not order_key_taken:  # a hint: the same order id anywhere may be it
         order_key_taken = any(other["order_id"] == order_id for other in pending_rows(session, tables.order_keys))
     known = row.estado is not None  # NOT NULL in a stored campaign: NULL only from the outer join
@@ -184,17 +205,31 @@ def postback_facts(session: Session, *, affiliate_id: str, campaign_id: str, cli
         order_key_taken=order_id is None or order_key_taken)
 
 
+def _minute(at: datetime) -> datetime:
+    """The UTC minute holding `at`, as caller_minutes keys it."""
+    return at.replace(second=0, microsecond=0)
+
+
+def count_caller_conversion(session: Session, campaign_id: str, caller_key: str, detected_at: datetime,
+                            conversion_id: str) -> None:
+    """A postback's conversion in its caller's minute (tables.caller_minutes), in its transaction."""
+    shard = 0 if session.get_bind().dialect.name == "sqlite" else int(conversion_id[:2], 16) % 8
+    upsert_add(session, _cm, {"campaign_id": campaign_id, "caller_key": caller_key,
+                              "minute": _minute(detected_at), "shard": shard}, {"conversions": 1})
+
+
 def _window(signals) -> dict:
     """The hour up to the signal's conversion, itself included, for its campaign."""
     return {"campaign_id": signals.campaign_id, "since": signals.detected_at - domain.IP_VELOCITY_WINDOW,
             "until": signals.detected_at}
 
 
-def _conversions_from_same_ip(session: Session, signals) -> int | None:
-    """Conversions for the campaign from the signal's IP in the hour up to it, itself included."""
+def _conversions_from_same_ip(session: Session, signals, limit: int) -> int | None:
+    """Conversions for the campaign from the signal's IP in the hour up to it, itself included,
+    counted up to limit + 1."""
     if signals.ip is None:
         return None
-    return session.scalar(_SAME_IP, {**_window(signals), "ip": signals.ip})
+    return session.scalar(_SAME_IP, {**_window(signals), "ip": signals.ip, "ip_limit": limit + 1})
 
 
 def _conversions_from_same_caller(session: Session, signals, limit: int) -> int | None:

@@ -170,6 +170,23 @@ conversion_signals = Table(
     Index("ix_conversion_signals_campaign_caller", "campaign_id", "caller_key", "detected_at"),
 )
 
+# A caller's conversions per campaign and UTC minute of detection (issue 11): what the caller
+# velocity rule reads first. Counting the caller's signals of the last hour read one index entry per
+# conversion, so a busy caller's every postback read thousands; these add up, in at most
+# 61 × shards rows, to a bound from above, and the exact count runs only when that bound reaches
+# the limit (reference.postback_facts). Written in each postback's transaction, with its signals.
+# shard: 0 on SQLite (one writer at a time anyway); elsewhere 0-7 by conversion id, so that one
+# caller's concurrent postbacks do not all queue for one row's lock until their commits.
+caller_minutes = Table(
+    "caller_minutes", metadata,
+    Column("campaign_id", String(36), nullable=False),
+    Column("caller_key", String(80), nullable=False),
+    Column("minute", UtcDateTime(), nullable=False),
+    Column("shard", Integer, nullable=False),
+    Column("conversions", Integer, nullable=False),
+    PrimaryKeyConstraint("campaign_id", "caller_key", "minute", "shard", name="pk_caller_minutes"),
+)
+
 # The conversion → commission saga's log (see saga.py). Not a projection: it also records
 # marketing's answers and the retries after timeouts, which are not in the event store, so a
 # replay leaves it alone. saga_id = conversion id = the flow's correlation id.
