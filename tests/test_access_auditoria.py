@@ -15,15 +15,13 @@ from importlib import import_module
 
 import pytest
 from access_helpers import bearer, install_key
-from alembic import command
-from alembic.config import Config
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from alpes.auditoria import consumers, domain, handlers, tables
 from alpes.kernel.access import Principal, generate_key
 from alpes.kernel.codec import SchemaRegistry
-from alpes.kernel.db import Database
+from alpes.kernel.db import Database, migrate
 from alpes.kernel.messages import IncomingEvent
 from alpes.settings import Settings
 
@@ -94,10 +92,7 @@ def _hash_before_actors(prev_hash: str, event: IncomingEvent, seq: int) -> str:
 def test_old_records_without_actor_and_new_ones_with_it_verify_in_one_chain(tmp_path, db_url):
     """A log written before this change (migrated from 0002, hashed without actors) gets new records
     with actors; the whole chain verifies, and the actor is under the hash."""
-    config = Config()
-    config.set_main_option("script_location", "alpes.auditoria:migrations")
-    config.set_main_option("sqlalchemy.url", db_url.replace("%", "%%"))
-    command.upgrade(config, "0002_api_keys")
+    migrate(db_url, "alpes.auditoria:migrations", "0002_api_keys")
     old = Database(db_url)
     prev = domain.GENESIS
     old_events = [_campaign("kA", "A"), _conversion("cA", "kA"), _event("afiliados.eventos", "AfiliadoValidado",

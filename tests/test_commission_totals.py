@@ -9,8 +9,6 @@ import random
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import MetaData, Table, create_engine, select
 from test_commission_lifecycle import _incoming
 
@@ -122,10 +120,7 @@ def test_each_calculation_reads_what_the_commissions_booked_before_it_say(db_url
 def test_the_migration_fills_the_totals_from_the_commissions_booked_before_it(db_url):
     """Commissions booked before revision 0018 (reversed ones, and old rows without a conversion
     time, among them) are in the totals it creates, and the next booking counts them."""
-    config = Config()
-    config.set_main_option("script_location", "alpes.marketing:migrations")
-    config.set_main_option("sqlalchemy.url", db_url.replace("%", "%%"))
-    command.upgrade(config, "0017_comisiones_topes_covering")
+    migrate(db_url, "alpes.marketing:migrations", "0017_comisiones_topes_covering")
     before = Database(db_url)
     try:
         with before.transaction() as session:  # the campaigns table is as 0017 left it

@@ -351,15 +351,10 @@ def test_registration_and_erasure_through_the_platform(tmp_path):
 
 # -- the migration from clear columns, on SQLite and MariaDB ----------------------------------------------
 def test_migration_0004_keeps_legacy_rows_and_lets_the_service_seal_them(db_url, tmp_path):
-    from alembic import command
-    from alembic.config import Config
 
-    from alpes.kernel.db import Database
+    from alpes.kernel.db import Database, migrate
 
-    config = Config()
-    config.set_main_option("script_location", "alpes.afiliados:migrations")
-    config.set_main_option("sqlalchemy.url", db_url.replace("%", "%%"))
-    command.upgrade(config, "0003_commission_lifecycle")
+    migrate(db_url, "alpes.afiliados:migrations", "0003_commission_lifecycle")
     legacy_id = new_id()
     engine = create_engine(db_url)
     old_table = Table("afiliados", MetaData(), autoload_with=engine)  # as revision 0003 left it

@@ -336,16 +336,11 @@ def test_the_caller_velocity_rule_decides_as_an_exact_count_of_the_hour_would(db
 def test_the_migration_counts_the_last_hours_signals_in_their_callers_minutes(db_url):
     """Signals stored before revision 0012 (its table did not exist) still count: a caller at its
     limit from them is held right after the upgrade; older ones are left out (no window reaches them)."""
-    from alembic import command
-    from alembic.config import Config
     from sqlalchemy import MetaData, Table, create_engine
 
     from alpes.kernel.messages import utcnow
 
-    config = Config()
-    config.set_main_option("script_location", "alpes.conversiones:migrations")
-    config.set_main_option("sqlalchemy.url", db_url.replace("%", "%%"))
-    command.upgrade(config, "0011_outbox_traceparent")
+    migrate(db_url, "alpes.conversiones:migrations", "0011_outbox_traceparent")
     now = utcnow()
     engine = create_engine(db_url)
     signals = Table("conversion_signals", MetaData(), autoload_with=engine)

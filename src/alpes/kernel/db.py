@@ -195,8 +195,9 @@ def file_lock(path: str, *, blocking: bool = True) -> Iterator[bool]:
         os.close(fd)  # releases the lock
 
 
-def migrate(url: str, script_location: str) -> None:
-    """Bring the database at `url` to the newest Alembic revision of `script_location`."""
+def migrate(url: str, script_location: str, revision: str = "head") -> None:
+    """Bring the database at `url` to the newest Alembic revision of `script_location` (or to
+    `revision`: a database as an older release left it, for migration tests)."""
     from alembic import command
     from alembic.config import Config
 
@@ -205,12 +206,12 @@ def migrate(url: str, script_location: str) -> None:
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     database = make_url(url).database if url.startswith("sqlite") else None
     if not database or database == ":memory:":
-        command.upgrade(config, "head")
+        command.upgrade(config, revision)
         return
     # Instances of one service start together on one SQLite file: one migrates, the others wait
     # and then find it at head (two upgrading at once failed with "duplicate column name").
     with file_lock(f"{database}.migrate.lock"):
-        command.upgrade(config, "head")
+        command.upgrade(config, revision)
 
 
 def run_alembic_env(target_metadata) -> None:
