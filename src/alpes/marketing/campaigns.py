@@ -8,8 +8,9 @@ enrolled in (and only its own enrollment), an operator everything; anything else
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
-from sqlalchemy import exists, false, func, select, update
+from sqlalchemy import exists, false, select, update
 from sqlalchemy.orm import Session
 
 from alpes.kernel.access import ADVERTISER, AFFILIATE, OPERATOR, SYSTEM, Principal
@@ -131,8 +132,10 @@ def update_campana(session: Session, caller: Principal, campana_id: str, nuevos:
         except ValueError as error:
             raise RuleViolated("landing_url", str(error)) from None
     if nuevos.get("presupuesto") is not None and nuevos["presupuesto"] != campana["presupuesto"]:
-        k = tables.comisiones  # spent as the budget cap counts it (commissions.py): reversals give nothing back
-        gastado = session.scalar(select(func.coalesce(func.sum(k.c.monto), 0)).where(k.c.campana_id == campana_id))
+        # Spent as the budget cap counts it (commissions.py, the campaign's running total): reversals
+        # give nothing back.
+        g = tables.gasto_por_campana
+        gastado = session.scalar(select(g.c.monto).where(g.c.campana_id == campana_id)) or Decimal("0.00")
         if nuevos["presupuesto"] < gastado:
             raise Conflict("presupuesto", f"below what the campaign has already spent ({gastado} {campana['moneda']})")
     cambios = domain.terminos_cambiados(campana, nuevos)
