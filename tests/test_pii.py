@@ -351,7 +351,6 @@ def test_registration_and_erasure_through_the_platform(tmp_path):
 
 # -- the migration from clear columns, on SQLite and MariaDB ----------------------------------------------
 def test_migration_0004_keeps_legacy_rows_and_lets_the_service_seal_them(db_url, tmp_path):
-
     from alpes.kernel.db import Database, migrate
 
     migrate(db_url, "alpes.afiliados:migrations", "0003_commission_lifecycle")

@@ -163,11 +163,12 @@ def postback_facts(session: Session, *, affiliate_id: str, campaign_id: str, cli
     totals (caller_minutes: a bound from above, which decides the same)."""
     signed = None if click_id is None else domain.click_of_stored_id(click_id)
     since, ip = now - domain.IP_VELOCITY_WINDOW, None if ip is None else str(ip)
+    since_minute = _minute(since)
     window = {"campaign_id": campaign_id, "since": since, "until": now}
     row = session.execute(_POSTBACK_FACTS, {
         **window, "affiliate_id": affiliate_id, "click_id": click_id,
         "signed_link_code": None if signed is None else signed.link_code, "ip": ip,
-        "ip_limit": max_conversions_per_ip, "caller_key": caller_key, "since_minute": _minute(since),
+        "ip_limit": max_conversions_per_ip, "caller_key": caller_key, "since_minute": since_minute,
         "until_minute": _minute(now), "order_id": order_id}).one()
     order_key_taken = bool(row.order_key_taken)
     # The postbacks committed with this one whose rows are not written yet count as if they were
@@ -180,7 +181,7 @@ def postback_facts(session: Session, *, affiliate_id: str, campaign_id: str, cli
     if caller_key is not None:
         callers = [other["detected_at"] for other in pending if other["caller_key"] == caller_key]
         # A bound from above: below the limit it decides as the exact count would (not over).
-        same_caller = int(row.caller_bound) + sum(1 for at in callers if at >= _minute(since))
+        same_caller = int(row.caller_bound) + sum(1 for at in callers if at >= since_minute)
         if same_caller >= max_conversions_per_caller:  # at the limit: the exact count decides
             same_caller = session.scalar(_SAME_CALLER, {**window, "caller_key": caller_key,
                                                         "limit": max_conversions_per_caller}) \

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 
-from sqlalchemy import exists, false, select, update
+from sqlalchemy import bindparam, exists, false, select, update
 from sqlalchemy.orm import Session
 
 from alpes.kernel.access import ADVERTISER, AFFILIATE, OPERATOR, SYSTEM, Principal
@@ -94,6 +94,17 @@ def change_campana_estado(session: Session, caller: Principal, campana_id: str, 
     return [OutgoingEvent(MARKETING, evento, campana_id, {"id": campana_id, "timestamp": now})]
 
 
+# The campaign's running total of commissions booked (tables.gasto_por_campana), reversed ones
+# included: a reversal gives no budget back.
+_GASTADO = select(tables.gasto_por_campana.c.monto).where(tables.gasto_por_campana.c.campana_id == bindparam("campana_id"))
+
+
+def gastado_de_campana(session: Session, campana_id: str) -> Decimal:
+    """What the campaign has spent of its budget: what the budget cap (commissions.py) reads, and
+    what a lowered budget may not go below."""
+    return session.scalar(_GASTADO, {"campana_id": campana_id}) or Decimal("0.00")
+
+
 def update_campana(session: Session, caller: Principal, campana_id: str, nuevos: dict, *,
                    https_only: bool = True) -> list[OutgoingEvent]:
     """Change the terms of a campaign that may change while it runs (domain.TERMINOS_EDITABLES; a
@@ -132,10 +143,7 @@ def update_campana(session: Session, caller: Principal, campana_id: str, nuevos:
         except ValueError as error:
             raise RuleViolated("landing_url", str(error)) from None
     if nuevos.get("presupuesto") is not None and nuevos["presupuesto"] != campana["presupuesto"]:
-        # Spent as the budget cap counts it (commissions.py, the campaign's running total): reversals
-        # give nothing back.
-        g = tables.gasto_por_campana
-        gastado = session.scalar(select(g.c.monto).where(g.c.campana_id == campana_id)) or Decimal("0.00")
+        gastado = gastado_de_campana(session, campana_id)  # as the budget cap counts it
         if nuevos["presupuesto"] < gastado:
             raise Conflict("presupuesto", f"below what the campaign has already spent ({gastado} {campana['moneda']})")
     cambios = domain.terminos_cambiados(campana, nuevos)

@@ -47,7 +47,8 @@ _BOOKED_OR_REFUNDED = select(exists().where(_k.c.conversion_id == bindparam("con
 _DENY = _d.insert()
 _CAMPANA_LOCKED = select(tables.campanas).where(tables.campanas.c.id == bindparam("campana_id")).with_for_update()
 # What the tier count and the caps and budget read: the running totals (tables.comisiones_por_dia,
-# gasto_por_afiliado, gasto_por_campana), a few rows whatever the number of commissions.
+# gasto_por_afiliado, gasto_por_campana: campaigns.gastado_de_campana), a few rows whatever the
+# number of commissions.
 _pd, _ga, _gc = tables.comisiones_por_dia, tables.gasto_por_afiliado, tables.gasto_por_campana
 _DIAS_DEL_AFILIADO = (_pd.c.campana_id == bindparam("campana_id"), _pd.c.afiliado_id == bindparam("afiliado_id"),
                       _pd.c.dia >= bindparam("desde"), _pd.c.dia < bindparam("hasta"))
@@ -55,7 +56,6 @@ _APROBADAS_EN = select(func.coalesce(func.sum(_pd.c.no_revertidas), 0)).where(*_
 _GASTADO_AFILIADO_EN = select(func.coalesce(func.sum(_pd.c.monto), 0)).where(*_DIAS_DEL_AFILIADO)
 _GASTADO_AFILIADO = select(_ga.c.monto).where(_ga.c.campana_id == bindparam("campana_id"),
                                               _ga.c.afiliado_id == bindparam("afiliado_id"))
-_GASTADO_CAMPANA = select(_gc.c.monto).where(_gc.c.campana_id == bindparam("campana_id"))
 _BOOK = _k.insert()
 _CERO = Decimal("0.00")
 
@@ -158,9 +158,7 @@ def _revertir_comision(session: Session, row, motivo: str, detalle: str | None, 
         # Under the campaign's lock, as a booking writes the same totals: on MariaDB every
         # transaction then takes the campaign's row before the totals' rows, in that order.
         _campana_locked(session, row["campana_id"])
-        upsert_add(session, _pd, {"campana_id": row["campana_id"], "afiliado_id": row["afiliado_id"],
-                                  "dia": row["momento_conversion"].date()},
-                   {"no_revertidas": -1, "monto": _CERO})
+        upsert_add(session, _pd, _dia_de(row), {"no_revertidas": -1, "monto": _CERO})
     return [OutgoingEvent(COMISIONES, "ComisionRevertida", row["id"], {
         "id": row["id"], "conversion_id": row["conversion_id"], "afiliado_id": row["afiliado_id"],
         "campana_id": row["campana_id"], "monto": row["monto"], "moneda": row["moneda"],
@@ -224,11 +222,16 @@ def _book_comision(session: Session, event: IncomingEvent) -> tuple[OutgoingEven
 
 def _add_to_totals(session: Session, row: dict) -> None:
     """The booked commission in the running totals the next calculations read."""
-    del_afiliado = {"campana_id": row["campana_id"], "afiliado_id": row["afiliado_id"]}
-    upsert_add(session, _pd, {**del_afiliado, "dia": row["momento_conversion"].date()},
-               {"no_revertidas": 1, "monto": row["monto"]})
-    upsert_add(session, _ga, del_afiliado, {"monto": row["monto"]})
+    upsert_add(session, _pd, _dia_de(row), {"no_revertidas": 1, "monto": row["monto"]})
+    upsert_add(session, _ga, {"campana_id": row["campana_id"], "afiliado_id": row["afiliado_id"]},
+               {"monto": row["monto"]})
     upsert_add(session, _gc, {"campana_id": row["campana_id"]}, {"monto": row["monto"]})
+
+
+def _dia_de(row) -> dict:
+    """The comisiones_por_dia row a commission counts in: its campaign, affiliate and the UTC day of
+    its conversion (booking and reversal must name the same one)."""
+    return {"campana_id": row["campana_id"], "afiliado_id": row["afiliado_id"], "dia": row["momento_conversion"].date()}
 
 
 def _campana_locked(session: Session, campana_id: str):
@@ -271,8 +274,7 @@ def _calcular_con_reglas(session: Session, campana, p: dict, momento: datetime) 
         restante_afiliado = tope.monto - gastado_afiliado
     restante_presupuesto = None
     if campana["presupuesto"] is not None:
-        gastado = session.scalar(_GASTADO_CAMPANA, {"campana_id": campana["id"]}) or _CERO
-        restante_presupuesto = campana["presupuesto"] - gastado
+        restante_presupuesto = campana["presupuesto"] - campaigns.gastado_de_campana(session, campana["id"])
     conversion = domain.ConversionACalcular(p["conversion_value"], p["conversion_type"], p["affiliate_id"],
                                             aprobadas_en_el_mes)
     calculo = domain.calcular(conjunto, campana["porcentaje_comision"], conversion, restante_afiliado,
