@@ -79,7 +79,7 @@ class RateLimiter:
         self.on_recovered = on_recovered
         self.clock = clock
         self._client_factory = client_factory
-        self._client: redis.Redis | None = None  # created on first use: no connection at import or start
+        # The INCR script on its client, both created on first use: no connection at import or start.
         self._script = None
         self._local = _LocalCounter()
         self._lock = threading.Lock()
@@ -114,10 +114,15 @@ class RateLimiter:
         digest = hashlib.sha256(subject.encode()).hexdigest()[:32]
         key = f"{KEY_PREFIX}{limit.name}:{digest}:{window}"
         try:
-            if self._client is None:
-                self._client = self._client_factory(self.redis_url)
-                self._script = self._client.register_script(_INCR)
-            count = int(self._script(keys=[key], args=[limit.window_seconds + 1]))
+            script = self._script
+            if script is None:
+                # Under the lock: a thread that saw a client without its script yet called None and
+                # degraded to counting in-process, where a burst got past the limit (CI saw 573 of 300).
+                with self._lock:
+                    if self._script is None:
+                        self._script = self._client_factory(self.redis_url).register_script(_INCR)
+                    script = self._script
+            count = int(script(keys=[key], args=[limit.window_seconds + 1]))
         except Exception as error:  # RedisError, a bad URL, anything: a limit must never become a 5xx
             with self._lock:
                 first = not self._degraded
