@@ -37,6 +37,11 @@ def _register(platform: Platform, email: str, nombre: str = "Ana Pérez") -> str
 
 def test_the_whole_flow_through_four_services(platform: Platform):
     assert httpx.get(platform.url("conversiones") + "/conversiones").status_code == 401  # no key, no answer
+    # A key that never arrives: the wait says what each consumer, the outboxes and the supervisor
+    # were doing, since the platform is gone by the time someone reads a CI failure.
+    with pytest.raises(AssertionError, match=r"(?s)afiliados to learn the key.*marketing.eventos/.*"
+                                             r"broker restarts: watchdog=0 stall=0.*up.out ends"):
+        platform.wait_key_known("never-issued", timeout=0.5)
     ana = _register(platform, "ana@example.com")
     tramposo = _register(platform, "bot@mailinator.com")
     brand_id = platform.post("marketing", "/anunciantes", {"nombre": "Brand"}).json()["id"]

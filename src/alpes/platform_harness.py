@@ -281,12 +281,15 @@ class Platform:
         self.wait_key_known(key)
         return key
 
-    def wait_key_known(self, key: str, timeout: float = 60.0) -> None:
-        """Until no service answers 401 to `key` (on /health's `access.key_known` probe, public)."""
+    def wait_key_known(self, key: str, timeout: float = 120.0) -> None:
+        """Until no service answers 401 to `key` (on /health's `access.key_known` probe, public).
+        Two minutes: an embedded broker wedged at start is only restarted after the supervisor's
+        watchdog missed three lookups (up to a minute), and the key travels through it."""
         for name in self.every_instance():
             wait_until(lambda: self.http.get(self.url(name) + "/health",
                                              headers={"Authorization": f"Bearer {key}"}).json()
-                       .get("access", {}).get("caller_known") is True, timeout, what=f"{name} to learn the key")
+                       .get("access", {}).get("caller_known") is True, timeout, what=f"{name} to learn the key",
+                       diagnose=self.diagnostics)
 
     def authenticate(self, key: str) -> None:
         """Every later request of `self.http` presents `key`."""
@@ -305,6 +308,16 @@ class Platform:
             for c in health["consumers"]:
                 lines.append(f"  {c['topic']}/{c['subscription']}: received={c['received']} acked={c['acked']} "
                              f"nacked={c['nacked']} connected={c['connected']} last_error={c['last_error']}")
+        # What the supervisor did meanwhile (broker repairs, restarts): the log's tail, since a
+        # test's temporary directory may be gone when someone reads the failure.
+        try:
+            state = self.state()
+            lines.append("broker restarts: watchdog={} stall={}".format(
+                state.get("broker_watchdog_restarts"), state.get("broker_stall_restarts")))
+            lines.append(f"{self.log_path} ends:")
+            lines.extend("  " + line for line in self.log().splitlines()[-15:])
+        except (OSError, ValueError) as error:
+            lines.append(f"(state or log unreadable: {error})")
         return "\n".join(lines)
 
     def log(self) -> str:
