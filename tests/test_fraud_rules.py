@@ -234,6 +234,26 @@ def test_a_customer_with_the_affiliates_email_is_rejected_self_referral_and_only
     assert other["status"] == "validated"
 
 
+def test_the_service_forgets_a_customers_email_hash_and_ip_once_no_rule_can_read_them(fraud):
+    """Its `forget-unread-signals` job, on the service's clock: kept twice the velocity window."""
+    client, runtime, tables, clock = fraud
+    body = client.post("/conversiones", json={**POSTBACK, "customer_email": "cliente@example.org",
+                                              "ip": "203.0.113.7"}).json()
+    assert body["status"] == "validated"
+    [job] = [j for j in runtime.jobs if j.name == "forget-unread-signals"]
+
+    def stored():
+        with runtime.db.read() as session:
+            return (session.scalars(select(tables.conversion_signals.c.conversion_id)).all(),
+                    session.scalars(select(tables.caller_minutes.c.conversions)).all())
+
+    clock.now = NOW + timedelta(minutes=119)
+    assert job.run() == 0 and stored() == ([body["id"]], [1])
+    clock.now = NOW + timedelta(minutes=121)
+    assert job.run() == 2 and stored() == ([], [])
+    assert client.get(f"/conversiones/{body['id']}").json()["status"] == "validated"  # the conversion stays
+
+
 def test_conversions_outside_the_campaign_dates_are_rejected(fraud):
     client, _, _, clock = fraud
     clock.now = NOW + timedelta(days=1, seconds=1)

@@ -20,6 +20,7 @@ from alpes.kernel.codec import SchemaRegistry
 from alpes.kernel.db import Database, migrate
 from alpes.kernel.eventstore import NewEvent
 from alpes.kernel.messages import OutgoingEvent
+from alpes.kernel.outbox import Outbox
 from commit_groups import in_one_commit_group
 
 REGISTRY = SchemaRegistry.from_directory()
@@ -298,17 +299,25 @@ def test_a_postback_held_at_once_logs_its_saga_step_with_its_writes_deferred(db)
     assert any(step and step.startswith("on hold for review") for step in steps), steps
 
 
-def test_the_caller_velocity_rule_decides_as_an_exact_count_of_the_hour_would(db):
+@pytest.mark.parametrize("forgetting", [False, True], ids=["kept", "old-ones-forgotten"])
+def test_the_caller_velocity_rule_decides_as_an_exact_count_of_the_hour_would(db, forgetting):
     """A caller's postbacks at random times (bursts, pauses that roll the hour over, clocks a little
     behind the last one), each in its own transaction, with a limit of three: each is held for
     caller_velocity exactly when three or more of the caller's conversions for the campaign were
     detected in the hour up to it (the minutes' totals are a bound read first; the exact count
-    decides near the limit), and the minutes' totals end equal to the signals stored."""
+    decides near the limit), and the minutes' totals end equal to the signals stored. The same
+    when the periodic job forgets, now and then, what no rule reads any more: every verdict is
+    still that of all the conversions ever stored."""
     import random
     from collections import Counter
 
-    store, rng = records.event_store(REGISTRY), random.Random(1206)
-    at, stored, limit, held = NOW, [], 3, 0
+    store, rng, when = records.event_store(REGISTRY), random.Random(1206), random.Random(7)  # when: to forget
+    cm, cs = tables.caller_minutes, tables.conversion_signals
+
+    def minute(t: datetime) -> datetime:
+        return t.replace(second=0, microsecond=0)
+
+    at, stored, limit, held, forgotten = NOW, [], 3, 0, 0
     for n in range(150):
         step = rng.choice([timedelta(seconds=rng.uniform(0, 20)), timedelta(seconds=rng.uniform(0, 20)),
                            timedelta(minutes=rng.uniform(5, 70)), -timedelta(seconds=rng.uniform(0, 2))])
@@ -323,12 +332,68 @@ def test_the_caller_velocity_rule_decides_as_an_exact_count_of_the_hour_would(db
         assert events[-1].event_type == expected, (n, at, in_the_hour)
         stored.append(at)
         held += expected == "ConversionHeld"
+        if forgetting and when.random() < 0.5:
+            with db.transaction() as session:
+                forgotten += reference.forget_unread_signals(session, at, batch=when.choice([1, 3, 1000]))
+            # What a postback now would read is all there: its hour's signals, and its minutes.
+            with db.read() as session:
+                in_its_hour = session.scalar(select(func.count()).where(
+                    cs.c.caller_key == "key:rng", cs.c.detected_at > at - domain.IP_VELOCITY_WINDOW,
+                    cs.c.detected_at <= at))
+                its_minutes = session.scalar(select(func.coalesce(func.sum(cm.c.conversions), 0)).where(
+                    cm.c.caller_key == "key:rng", cm.c.minute >= minute(at - domain.IP_VELOCITY_WINDOW)))
+            assert in_its_hour == sum(1 for t in stored if at - domain.IP_VELOCITY_WINDOW < t <= at), n
+            assert its_minutes == sum(1 for t in stored if minute(t) >= minute(at - domain.IP_VELOCITY_WINDOW)), n
     assert 20 < held < 130  # both verdicts, often
-    cm = tables.caller_minutes
+    if forgetting:  # once more at the last postback's time, until nothing more goes
+        with db.transaction() as session:
+            while reference.forget_unread_signals(session, at, batch=50):
+                pass
     with db.read() as session:
         minutes = dict(session.execute(select(cm.c.minute, func.sum(cm.c.conversions)).where(
             cm.c.caller_key == "key:rng").group_by(cm.c.minute)).all())
-    assert {m: int(c) for m, c in minutes.items()} == Counter(t.replace(second=0, microsecond=0) for t in stored)
+        signals = session.scalars(select(cs.c.detected_at).where(cs.c.caller_key == "key:rng")).all()
+    kept_from = minute(at - reference.SIGNALS_KEPT_FOR) if forgetting else NOW - timedelta(days=1)
+    assert {m: int(c) for m, c in minutes.items()} == Counter(minute(t) for t in stored if minute(t) >= kept_from)
+    # Forgotten along the way, and in the end exactly those older than twice the window.
+    assert forgotten > 0 if forgetting else forgotten == 0
+    assert sorted(signals) == sorted(t for t in stored if not forgetting or t >= at - reference.SIGNALS_KEPT_FOR)
+
+
+def test_the_signals_a_conversion_left_detected_will_count_are_not_forgotten(db):
+    """A conversion left detected (its affiliate not known yet, a long grace) is decided later by
+    the validation job from the signals of the hour before its detection: those stay however old,
+    while older ones and everyone else's old ones go. Once decided, they may go too."""
+    store = records.event_store(REGISTRY)
+    detected_at, ip = NOW - timedelta(hours=5), "198.51.100.9"
+    cs = tables.conversion_signals
+    with db.transaction() as session:
+        session.execute(cs.insert(), [
+            {"conversion_id": str(uuid.uuid4()), "campaign_id": "kA", "ip": ip, "customer_email_sha256": None,
+             "detected_at": at, "caller_key": None}
+            for at in [detected_at - timedelta(minutes=m) for m in (1, 10, 20, 30, 59)]  # its hour: five
+            + [NOW - timedelta(hours=10), NOW - timedelta(hours=3)]])  # read by no rule
+        late, _created, events = commands.record_conversion(
+            session, store, affiliate_id="late", campaign_id="kA", user_id="u", conversion_value=Decimal("80.00"),
+            conversion_type="sale", currency="EUR", order_id="late-1", grace=timedelta(days=1), now=detected_at,
+            ip=ip, scope="anunciante:A")
+    assert [e.event_type for e in events] == ["ConversionDetected"]
+    with db.transaction() as session:
+        assert reference.forget_unread_signals(session, NOW) == 1  # the one ten hours old
+        assert reference.forget_unread_signals(session, NOW) == 0
+        session.execute(tables.ref_afiliados.insert().values(afiliado_id="late", estado=reference.AFILIADO_HABILITADO,
+                                                             updated_at=NOW, email_sha256=None))
+        session.execute(tables.ref_inscripciones.insert().values(
+            link_code="linklate", inscripcion_id="i3", afiliado_id="late", campana_id="kA", activa=True, updated_at=NOW))
+    outbox = Outbox(tables.outbox, REGISTRY)
+    assert commands.validate_pending(db, store, outbox, timedelta(days=1), now=NOW) == 1
+    with db.read() as session:
+        assert session.scalar(select(tables.conversiones_view.c.status).where(
+            tables.conversiones_view.c.id == late)) == domain.HELD  # six from its IP in its hour: over five
+    with db.transaction() as session:  # decided: nothing keeps its hour any more
+        assert reference.forget_unread_signals(session, NOW) == 7
+        left = session.scalars(select(cs.c.detected_at)).all()
+    assert all(at >= NOW - reference.SIGNALS_KEPT_FOR for at in left) and len(left) == 4  # the fixture's
 
 
 def test_the_migration_counts_the_last_hours_signals_in_their_callers_minutes(db_url):

@@ -23,6 +23,7 @@ from alpes.kernel.runtime import ServiceRuntime
 
 from . import domain, queries, tables, tracking
 from .reference import PostbackFacts, count_caller_conversion, postback_facts, reference
+from .reference import forget_unread_signals as _forget_unread_signals
 from .tenancy import EVERYTHING, Tenant, may_change, may_change_owned, tenant_of
 from .stream import commit_events, load_conversion
 
@@ -217,6 +218,12 @@ def validate_pending(db: Database, store: EventStore, outbox: Outbox, grace: tim
             outbox.add(session, commit_events(session, store, conversion, decision.events, conversion_id))
             decided += 1
     return decided
+
+
+def forget_unread_signals(db: Database, now: datetime) -> int:
+    """One batch of reference.forget_unread_signals, in its own transaction (the periodic job)."""
+    with db.transaction() as session:
+        return _forget_unread_signals(session, now)
 
 
 def _load_changeable(session: Session, store: EventStore, conversion_id: str, tenant: Tenant) -> domain.Conversion:

@@ -60,6 +60,10 @@ def build(settings: Settings, clock: Callable[[], datetime] | None = None):
         runtime.jobs.append(PeriodicJob(
             "saga-timeouts", min(5.0, max(0.2, policy.timeout.total_seconds() / 4)),
             lambda: saga_answers.expire_sagas(runtime.db, store, runtime.outbox, policy)))
+        # The fraud signals and callers' minutes, once no velocity rule can read them (and the
+        # customers' email hashes with them). Its clock, as the rules': tests place it in time.
+        runtime.jobs.append(PeriodicJob("forget-unread-signals", 60.0,
+                                        lambda: commands.forget_unread_signals(runtime.db, clock())))
         # Signatures of signed postbacks are remembered while a replay would be inside the window.
         runtime.jobs.append(PeriodicJob("forget-used-signatures", 60.0,
                                         lambda: signed_postbacks.forget_used(runtime.db)))

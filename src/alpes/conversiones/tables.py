@@ -168,6 +168,8 @@ conversion_signals = Table(
     Column("caller_key", String(80)),
     Index("ix_conversion_signals_campaign_ip", "campaign_id", "ip", "detected_at"),
     Index("ix_conversion_signals_campaign_caller", "campaign_id", "caller_key", "detected_at"),
+    # What reference.forget_unread_signals deletes by: the oldest first, without a scan.
+    Index("ix_conversion_signals_detected_at", "detected_at"),
 )
 
 # A caller's conversions per campaign and UTC minute of detection (issue 11): what the caller
@@ -185,6 +187,8 @@ caller_minutes = Table(
     Column("shard", Integer, nullable=False),
     Column("conversions", Integer, nullable=False),
     PrimaryKeyConstraint("campaign_id", "caller_key", "minute", "shard", name="pk_caller_minutes"),
+    # What reference.forget_unread_signals deletes by, a minute at a time (written once per row).
+    Index("ix_caller_minutes_minute", "minute"),
 )
 
 # The conversion → commission saga's log (see saga.py). Not a projection: it also records
