@@ -228,7 +228,9 @@ SIGNALS_KEPT_FOR = 2 * domain.IP_VELOCITY_WINDOW
 _OLDEST_UNDECIDED = select(func.min(_cs.c.detected_at)).select_from(
     tables.conversiones_view.join(_cs, _cs.c.conversion_id == tables.conversiones_view.c.id)).where(
     tables.conversiones_view.c.status == domain.DETECTED)
-_OLD_SIGNALS = select(_cs.c.conversion_id).where(_cs.c.detected_at < bindparam("cutoff")).limit(bindparam("batch"))
+# SKIP LOCKED: instances sharing a MariaDB database each take other rows.
+_OLD_SIGNALS = select(_cs.c.conversion_id).where(_cs.c.detected_at < bindparam("cutoff")) \
+    .limit(bindparam("batch")).with_for_update(skip_locked=True)
 _FORGET_SIGNALS = delete(_cs).where(_cs.c.conversion_id.in_(bindparam("ids", expanding=True)))
 _OLDEST_MINUTE = select(func.min(_cm.c.minute))
 _FORGET_MINUTE = delete(_cm).where(_cm.c.minute == bindparam("minute"))
