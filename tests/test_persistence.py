@@ -51,6 +51,7 @@ from alpes.kernel.outbox import (
     Outbox,
     OutboxRelay,
     PendingMessage,
+    forget_sent,
     outbox_table,
 )
 
@@ -383,6 +384,55 @@ def test_outbox_publisher_that_raises_leaves_everything_pending(schema):
     assert relay.run_once() == (25, 0)
     assert up.published == [e.event_id for e in events]
     assert all(r["status"] == SENT for r in outbox_rows(schema).values())
+
+
+def test_sent_outbox_rows_are_forgotten_once_kept_long_enough_and_pending_ones_never(schema):
+    """`forget_sent` deletes the sent rows sent before the cutoff, from the oldest, a batch at a
+    time; a row sent late (retried) does not hold back older ones, and a pending row never goes."""
+    events = [outgoing(i) for i in range(10)]
+    with schema.db.transaction() as s:
+        schema.outbox.add(s, events)
+    refused = {e.event_id for e in events[1::3]}  # ids 2, 5, 8 by position: stay pending
+    relay = OutboxRelay(schema.db, schema.outbox_t, FakePublisher(lambda m, attempt: "full" if m.event_id in refused
+                                                                  else None), batch_size=100)
+    assert relay.run_once() == (7, 3)
+    now, t = utcnow(), schema.outbox_t
+    sent_ids = sorted(r["id"] for r in outbox_rows(schema).values() if r["status"] == SENT)
+    # Sent 25 h ago but for the first (retried, sent an hour ago) and every third after it.
+    recent = set(sent_ids[::3])
+    with schema.db.transaction() as s:
+        for row_id in sent_ids:
+            s.execute(t.update().where(t.c.id == row_id).values(
+                sent_at=now - (timedelta(hours=1) if row_id in recent else timedelta(hours=25))))
+    cutoff = now - timedelta(hours=24)
+    assert [forget_sent(schema.db, t, cutoff, batch=3) for _ in range(4)] == [2, 1, 1, 0]
+    rows = outbox_rows(schema)
+    assert sorted(r["id"] for r in rows.values() if r["status"] == SENT) == sorted(recent)
+    assert {e for e, r in rows.items() if r["status"] == PENDING} == refused
+    with schema.db.transaction() as s:  # the relay goes on from where it was
+        assert schema.outbox.pending_count(s) == 3
+
+
+@pytest.mark.parametrize("ctx", CONTEXTS)
+def test_every_service_forgets_its_sent_events_after_the_hours_it_is_told(tmp_path, ctx):
+    from alpes.settings import Settings
+
+    settings = Settings(data_dir=tmp_path, broker_url="pulsar://127.0.0.1:1", outbox_keep_sent_hours=1)
+    _app, runtime = importlib.import_module(f"alpes.{ctx}.service").build(settings)
+    try:
+        [job] = [j for j in runtime.jobs if j.name == "forget-sent-events"]
+        t = runtime.outbox.table
+        with runtime.db.transaction() as s:
+            runtime.outbox.add(s, [outgoing(0), outgoing(1)])
+            first, second = s.scalars(select(t.c.id).order_by(t.c.id)).all()
+            s.execute(t.update().values(status=SENT))
+            s.execute(t.update().where(t.c.id == first).values(sent_at=utcnow() - timedelta(minutes=61)))
+            s.execute(t.update().where(t.c.id == second).values(sent_at=utcnow() - timedelta(minutes=59)))
+        assert job.run() == 1 and job.run() == 0
+        with runtime.db.read() as s:
+            assert s.scalars(select(t.c.id)).all() == [second]
+    finally:
+        runtime.db.dispose()
 
 
 def test_outbox_relay_thread_retries_until_everything_is_sent(schema):

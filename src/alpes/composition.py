@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import timedelta
 
 from fastapi import FastAPI
 from sqlalchemy import Table
@@ -26,9 +27,11 @@ from .kernel.db import Database, migrate, tighten_directory
 from .kernel.embedded_broker import EmbeddedBrokerQuirks
 from .kernel.http import create_app
 from .kernel.http_access import AccessControl, SignedRequests
+from .kernel.messages import utcnow
+from .kernel.outbox import forget_sent
 from .kernel.pulsar_admin import AdminBacklog
 from .kernel.ratelimit import RateLimit, RateLimiter
-from .kernel.runtime import ConsumerSpec, ServiceRuntime
+from .kernel.runtime import ConsumerSpec, PeriodicJob, ServiceRuntime
 from .kernel.signing import EventSigner
 from .kernel.tracing import Tracing
 from .settings import Settings
@@ -62,6 +65,9 @@ def compose(name: str, settings: Settings, *, outbox: Table, inbox: Table, keys:
         tracing=Tracing.from_environment(name),
     )
     tighten_directory(settings.data_dir)  # ours: SQLite files, the local signing key, logs (0700)
+    keep_sent = timedelta(hours=settings.outbox_keep_sent_hours)
+    runtime.jobs.append(PeriodicJob("forget-sent-events", 60.0,
+                                    lambda: forget_sent(runtime.db, outbox, utcnow() - keep_sent)))
     if configure is not None:
         configure(runtime)
     access = AccessControl(

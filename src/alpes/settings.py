@@ -29,6 +29,7 @@ ALPES_MAX_CONVERSIONS_PER_CALLER  conversions per caller and campaign in 60 minu
 ALPES_TRUSTED_PROXIES     comma-separated addresses/CIDRs of reverse proxies whose X-Forwarded-For/-Proto
                           are believed; default none (the headers are ignored)
 ALPES_MAX_BODY_BYTES      largest request body a service reads (larger: 413); default 65536
+ALPES_OUTBOX_KEEP_SENT_HOURS  how long each service keeps its outbox's sent rows; default 24
 ALPES_BROKER_WATCHDOG_SECONDS  how often `alpes up` checks that the embedded broker answers; default 10
 ALPES_BROKER_STALL_SECONDS  how long messages may wait with none handed out before it restarts it; default 20
 ALPES_EVENT_SIGNING_KEYS  comma-separated hex secrets (32+ bytes each) that sign every message the
@@ -135,6 +136,9 @@ class Settings(BaseSettings):
     # by restarting the platform "later" with the same data. 0 in production.
     conversiones_clock_offset_seconds: float = Field(0.0, ge=0, le=366 * 24 * 3600)
     consumer_batch_size: int = Field(200, ge=1, le=5000)
+    # How long each service keeps its outbox's sent rows (read by nothing once the broker holds the
+    # message; kept a while for whoever looks into an incident), in hours.
+    outbox_keep_sent_hours: float = Field(24.0, gt=0, le=24 * 366)
     # Largest HTTP request body read (bytes); a larger one is refused with 413 before it is parsed.
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
     # Commission lifecycle (marketing): how often pending commissions past their lock period are

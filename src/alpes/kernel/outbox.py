@@ -26,6 +26,7 @@ from sqlalchemy import (
     String,
     Table,
     bindparam,
+    delete,
     func,
     select,
     update,
@@ -174,6 +175,21 @@ class Outbox:
 
     def pending_count(self, session: Session) -> int:
         return session.scalar(select(func.count()).select_from(self.table).where(self.table.c.status == PENDING)) or 0
+
+
+def forget_sent(db: Database, table: Table, cutoff: datetime, batch: int = 500) -> int:
+    """Delete the sent rows among the `batch` oldest sent ones that were sent before `cutoff`; returns
+    how many went (the job calls it again at once while any do). Once sent a row is read by nothing:
+    the broker holds the message. Bounded by the outbox's (status, id) index, whatever the table's
+    size: the oldest by id were sent first, but for a row retried later, skipped until it is old."""
+    with db.transaction() as session:
+        # SKIP LOCKED: instances sharing a MariaDB database each take other rows.
+        oldest = session.execute(select(table.c.id, table.c.sent_at).where(table.c.status == SENT)
+                                 .order_by(table.c.id).limit(batch).with_for_update(skip_locked=True)).all()
+        ids = [row.id for row in oldest if row.sent_at is not None and row.sent_at < cutoff]
+        if ids:
+            session.execute(delete(table).where(table.c.id.in_(ids)))
+        return len(ids)
 
 
 _SQLITE_RELAY_LOCKS: dict[str, threading.Lock] = {}
