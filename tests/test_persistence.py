@@ -473,6 +473,27 @@ def test_outbox_relay_thread_retries_until_everything_is_sent(schema):
 # --------------------------------------------------------------------------------------------
 
 
+def test_woken_by_a_commit_the_relay_waits_for_the_next_commits_to_publish_them_together(schema):
+    """`coalesce_seconds`: the commits that follow the one that woke the relay within that time go
+    in its batch (under load a batch per commit costs more CPU per event than the wait)."""
+    publisher = FakePublisher()
+    relay = OutboxRelay(schema.db, schema.outbox_t, publisher, idle_seconds=0.01, coalesce_seconds=0.3)
+    relay.start()
+    try:
+        time.sleep(0.05)  # the relay found nothing and waits to be woken
+        events = [outgoing(i) for i in range(3)]
+        for event in events:  # three requests' commits, each waking the relay
+            with schema.db.transaction() as s:
+                schema.outbox.add(s, [event])
+            relay.wake()
+        deadline = time.monotonic() + 10
+        while len(publisher.published) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        relay.stop()
+    assert publisher.batches == [[e.event_id for e in events]]
+
+
 def test_two_relays_publish_every_event_exactly_once(schema):
     total = 2000
     events = [outgoing(i) for i in range(total)]

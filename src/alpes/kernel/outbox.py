@@ -205,10 +205,16 @@ class OutboxRelay:
     """Moves pending outbox rows to the broker; run `run_once` in a loop or `start()` a thread."""
 
     def __init__(self, db: Database, table: Table, publisher: Publisher, *, batch_size: int = 500,
-                 idle_seconds: float = 0.05, max_backoff_seconds: float = 5.0,
+                 idle_seconds: float = 0.05, max_backoff_seconds: float = 5.0, coalesce_seconds: float = 0.005,
                  on_published: Callable[[Sequence[Mapping], float], None] | None = None) -> None:
         """`on_published(sent rows, seconds)`: after each batch is recorded, the rows the broker
-        confirmed and how long the publish took (kernel/metrics.py counts them)."""
+        confirmed and how long the publish took (kernel/metrics.py counts them).
+        `coalesce_seconds`: woken by a commit, the relay waits this much longer, so the commits of
+        the next few milliseconds go in the same batch: under load a busy service commits every
+        few milliseconds, and a batch per commit costs its relay, the broker and the consumers more
+        CPU per event (issue 11, at 300 conversions/s: 0.08–0.35 CPU-s less per 1,000 in eight pairs
+        of runs of nine, against at most 10 ms more per conversion on two relays)."""
+        self.coalesce_seconds = coalesce_seconds
         self.db = db
         self.on_published = on_published
         self.table = table
@@ -317,5 +323,7 @@ class OutboxRelay:
             else:
                 backoff = 0.0
                 if published < self.batch_size:
-                    self._wake.wait(self.idle_seconds if published else 0.5)
+                    woken = self._wake.wait(self.idle_seconds if published else 0.5)
+                    if woken and self.coalesce_seconds:
+                        self._stop.wait(self.coalesce_seconds)
                     self._wake.clear()
