@@ -453,24 +453,13 @@ def test_outbox_relay_thread_retries_until_everything_is_sent(schema):
     relay.start()
     try:
         events = [outgoing(i) for i in range(45)]
-        for start in range(0, 45, 15):
-            with schema.db.transaction() as s:
-                schema.outbox.add(s, events[start:start + 15])
-            relay.wake()
-        deadline = time.monotonic() + 20
-        while len(publisher.published) < 45 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _commit_and_wait(schema, relay, publisher, [events[start:start + 15] for start in range(0, 45, 15)], 20)
     finally:
         relay.stop()
     assert outage["left"] == 0
     assert sorted(publisher.published) == sorted(e.event_id for e in events)
     assert len(set(publisher.published)) == 45
     assert all(r["status"] == SENT for r in outbox_rows(schema).values())
-
-
-# --------------------------------------------------------------------------------------------
-# 3. Concurrent relays
-# --------------------------------------------------------------------------------------------
 
 
 def test_woken_by_a_commit_the_relay_waits_for_the_next_commits_to_publish_them_together(schema):
@@ -482,16 +471,29 @@ def test_woken_by_a_commit_the_relay_waits_for_the_next_commits_to_publish_them_
     try:
         time.sleep(0.05)  # the relay found nothing and waits to be woken
         events = [outgoing(i) for i in range(3)]
-        for event in events:  # three requests' commits, each waking the relay
-            with schema.db.transaction() as s:
-                schema.outbox.add(s, [event])
-            relay.wake()
-        deadline = time.monotonic() + 10
-        while len(publisher.published) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _commit_and_wait(schema, relay, publisher, [[e] for e in events], 10)  # three requests' commits
     finally:
         relay.stop()
     assert publisher.batches == [[e.event_id for e in events]]
+
+
+def _commit_and_wait(schema: Schema, relay: OutboxRelay, publisher: FakePublisher,
+                     groups: list[list[OutgoingEvent]], timeout: float) -> None:
+    """Each group of events in a transaction of its own, waking the relay after each commit (as
+    the runtime does); then until the publisher has seen them all, or `timeout` seconds."""
+    for group in groups:
+        with schema.db.transaction() as s:
+            schema.outbox.add(s, group)
+        relay.wake()
+    total = sum(len(group) for group in groups)
+    deadline = time.monotonic() + timeout
+    while len(publisher.published) < total and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Concurrent relays
+# --------------------------------------------------------------------------------------------
 
 
 def test_two_relays_publish_every_event_exactly_once(schema):
