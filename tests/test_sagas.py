@@ -269,6 +269,100 @@ def test_a_commission_booked_completes_the_saga_with_each_step_shown(flow):
     assert flow.conv.get("/sagas", params={"estado": "nope"}).status_code == 422
 
 
+def _answer(event_type: str, conversion_id: str, **payload) -> IncomingEvent:
+    if event_type == "ComisionRegistrada":
+        payload = {"comision_id": f"k-{conversion_id}", "conversion_id": conversion_id, "afiliado_id": "a",
+                   "campana_id": "k", "monto": Decimal("8.00"), "moneda": "EUR", "limitado_por": None,
+                   "timestamp": NOW, **payload}
+    elif event_type == "ComisionDenegada":
+        payload = {"conversion_id": conversion_id, "afiliado_id": "a", "campana_id": "k", "razon": "presupuesto_agotado",
+                   "timestamp": NOW}
+    else:
+        payload = {"comision_id": f"k-{conversion_id}", "conversion_id": conversion_id, "monto": Decimal("8.00"),
+                   "moneda": "EUR", "estado_anterior": "pendiente", "motivo": "compensacion", "detalle": None,
+                   "ajuste_monto": None, "timestamp": NOW}
+    event_id = new_id()
+    return IncomingEvent("marketing.eventos", "conversiones-consumer", event_id, event_type, 1, conversion_id, NOW,
+                         conversion_id, event_id, payload)
+
+
+def test_a_batch_of_marketing_answers_leaves_the_saga_log_answers_one_by_one_leave(tmp_path):
+    """conversiones notes a consumer batch's booked answers together at its end (answers_batch):
+    every saga must end as the same answers, handled one at a time, leave it, whatever the saga's
+    state (running, stuck, compensated, completed, unknown), with a second answer for one
+    conversion and a denial and a reversal behind a booking in the same batch; and the usual
+    answers take a fixed number of statements, not four each."""
+    from sqlalchemy import event as sa_event
+
+    logs = []
+    for together in (True, False):
+        flow = Flow(tmp_path / f"together-{together}")
+        try:
+            runtime = flow.runtimes["conversiones"]
+            roles = {role: flow.postback() for role in (
+                "run1", "run2", "run3", "run4", "stuck", "compensated", "done", "u1", "u2", "u3", "u4", "u5", "u6")}
+            roles["unknown"] = new_id()
+            with runtime.db.transaction() as session:
+                saga.record_stuck(session, roles["stuck"], 4, POLICY, NOW)
+            [spec] = [s for s in runtime.consumer_specs if s.subscription == "conversiones-consumer"]
+            processor = InboxProcessor(runtime.db, runtime.inbox_table, runtime.outbox, spec.subscription, spec.handlers)
+            for setup in (_answer("ComisionDenegada", roles["compensated"]), _answer("ComisionRegistrada", roles["done"])):
+                assert processor.process([setup]) == {setup.event_id: None}
+            usual = [_answer("ComisionRegistrada", roles[f"u{i}"]) for i in range(1, 7)]
+            batch = [_answer("ComisionRegistrada", roles["run1"]), _answer("ComisionRegistrada", roles["stuck"]),
+                     _answer("ComisionRegistrada", roles["compensated"]), _answer("ComisionRegistrada", roles["done"]),
+                     _answer("ComisionRegistrada", roles["unknown"]), _answer("ComisionRegistrada", roles["run2"]),
+                     _answer("ComisionRegistrada", roles["run2"], comision_id="k-again"),
+                     _answer("ComisionRegistrada", roles["run3"]), _answer("ComisionDenegada", roles["run3"]),
+                     _answer("ReversionComisionRegistrada", roles["run1"]), _answer("ComisionRegistrada", roles["run4"])]
+            if together:
+                statements = []
+                listener = lambda *args: statements.append(args[2])  # noqa: E731
+                sa_event.listen(runtime.db.engine, "before_cursor_execute", listener)
+                try:
+                    assert processor.process(usual) == {e.event_id: None for e in usual}
+                finally:
+                    sa_event.remove(runtime.db.engine, "before_cursor_execute", listener)
+                # the inbox's read and insert, the sagas', their waiting steps', the steps' and the sagas'
+                # updates (one by one: four per answer, 26 in all)
+                assert len(statements) <= 8, statements
+                verdicts = processor.process(batch)
+            else:
+                verdicts = {}
+                for answer in usual + batch:
+                    verdicts |= processor.process([answer])
+                verdicts = {k: v for k, v in verdicts.items() if k not in {e.event_id for e in usual}}
+            assert verdicts == {e.event_id: None for e in batch}
+            s, p = conv_tables.sagas, conv_tables.saga_pasos
+            names = {v: k for k, v in roles.items()}
+
+            def named(text: str) -> str:
+                for conversion_id, role in names.items():
+                    text = text.replace(conversion_id, role)
+                return text
+
+            def plain(row) -> dict:  # roles for the ids, and whether each time is set (not when)
+                return {k: named(v) if isinstance(v, str) else (v is not None)
+                        if isinstance(v, datetime) or v is None else v for k, v in row.items() if k != "id"}
+
+            with runtime.db.read() as session:
+                sagas = {names[r["saga_id"]]: plain(r) for r in session.execute(select(s)).mappings()}
+                steps: dict[str, list[dict]] = {}  # each saga's steps in their order
+                for r in session.execute(select(p).order_by(p.c.id)).mappings():
+                    steps.setdefault(names[r["saga_id"]], []).append(plain(r))
+            logs.append((sagas, steps))
+        finally:
+            flow.close()
+    assert logs[0] == logs[1]
+    sagas, steps = logs[0]
+    assert {role: sagas[role]["estado"] for role in ("run1", "run2", "run4", "u1", "stuck", "compensated", "done")} == {
+        "run1": "completed", "run2": "completed", "run4": "completed", "u1": "completed", "stuck": "completed",
+        "compensated": "compensated", "done": "completed"}
+    assert sagas["run3"]["estado"] == "completed"  # booked, then denied in the same batch: the denial is late
+    assert [(st["paso"], st["estado"]) for st in steps["run1"]][-2:] == [("commission", "done"),
+                                                                           ("commission_reversal", "done")]
+
+
 def test_a_rejected_conversion_completes_its_saga_without_asking_for_a_commission(flow):
     body = flow.conv.post("/conversiones", json={"affiliate_id": flow.affiliate, "campaign_id": flow.campaign,
                                                  "user_id": "c", "conversion_value": "5.00", "conversion_type": "sale",

@@ -6,6 +6,7 @@ from sqlalchemy.orm import Session
 
 from alpes.kernel.access import KeyRing
 from alpes.kernel.eventstore import EventStore
+from alpes.kernel.inbox import Handlers
 from alpes.kernel.messages import IncomingEvent, OutgoingEvent
 from alpes.kernel.runtime import ConsumerSpec
 
@@ -17,8 +18,11 @@ def consumer_specs(store: EventStore) -> list[ConsumerSpec]:
     def commission_denied(session: Session, event: IncomingEvent) -> list[OutgoingEvent]:
         return saga_answers.note_commission_denied(session, event, store)
 
+    after_answers = saga_answers.noting_waiting_answers_first
+
     return [
-        ConsumerSpec("marketing.eventos", "conversiones-consumer", {
+        # marketing's booked answers of a batch are noted together at its end (answers_batch)
+        ConsumerSpec("marketing.eventos", "conversiones-consumer", Handlers({
             "CampanaCreada": reference.learn_campana,
             # Advertisers' postback secret versions (signed postbacks: signed_postbacks.py).
             "AnuncianteRegistrado": reference.learn_anunciante,
@@ -35,7 +39,7 @@ def consumer_specs(store: EventStore) -> list[ConsumerSpec]:
             "InscripcionReactivada": reference.learn_inscripcion_estado,
             # marketing's answers to the conversion → commission saga
             "ComisionRegistrada": saga_answers.note_commission_booked,
-            "ComisionDenegada": commission_denied,
-            "ReversionComisionRegistrada": saga_answers.note_commission_reversed,
-        }),
+            "ComisionDenegada": after_answers(commission_denied),
+            "ReversionComisionRegistrada": after_answers(saga_answers.note_commission_reversed),
+        }, batch=saga_answers.answers_batch)),
     ]

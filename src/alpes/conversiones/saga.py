@@ -175,6 +175,39 @@ def finish(session: Session, saga_id: str, paso: str, estado: str, now: datetime
     return True
 
 
+# The same reads and writes for many sagas at once (a consumer batch of marketing's answers).
+_STATES_LOCKED = select(tables.sagas.c.saga_id, tables.sagas.c.estado).where(
+    tables.sagas.c.saga_id.in_(bindparam("ids", expanding=True))).with_for_update()
+_LATEST_WAITING_OF = select(_s.c.saga_id, func.max(_s.c.id)).where(
+    _s.c.saga_id.in_(bindparam("ids", expanding=True)), _s.c.paso == bindparam("paso"),
+    _s.c.estado == WAITING).group_by(_s.c.saga_id)
+_END_WAITING = update(tables.sagas).where(tables.sagas.c.saga_id.in_(bindparam("ids", expanding=True))).values(
+    esperando_desde=None, reintentar_en=None, estado=bindparam("new_estado"), resultado=bindparam("new_resultado"),
+    updated_at=bindparam("new_updated_at"))
+
+
+def states_of(session: Session, saga_ids: Sequence[str]) -> dict[str, str]:
+    """Each existing saga's estado, its row locked (as `load(lock=True)` does one)."""
+    return dict(session.execute(_STATES_LOCKED, {"ids": list(saga_ids)}).all())
+
+
+def latest_waiting(session: Session, saga_ids: Sequence[str], paso: str) -> dict[str, int]:
+    """For each of these sagas with a waiting `paso` step, the latest one's row id (what `finish` finishes)."""
+    return dict(session.execute(_LATEST_WAITING_OF, {"ids": list(saga_ids), "paso": paso}).all())
+
+
+def finish_steps(session: Session, steps: Sequence[tuple[int, str]], estado: str, now: datetime) -> None:
+    """`finish` for steps already found (row id, detalle), in one executemany."""
+    session.execute(_FINISH_STEP_SAYING, [{"row_id": row_id, "new_estado": estado, "new_finished_at": now,
+                                           "new_detalle": _cut(detalle)} for row_id, detalle in steps])
+
+
+def end_waiting(session: Session, saga_ids: Sequence[str], now: datetime, estado: str, resultado: str) -> None:
+    """`stop_waiting(..., estado, resultado, stuck=False)` for sagas known not to be stuck, in one statement."""
+    session.execute(_END_WAITING, {"ids": list(saga_ids), "new_estado": estado, "new_resultado": resultado,
+                                   "new_updated_at": now})
+
+
 def has_step(session: Session, saga_id: str, paso: str, estado: str) -> bool:
     s = tables.saga_pasos
     return session.scalar(select(func.count()).select_from(s).where(
