@@ -237,7 +237,15 @@ def console(chromium, world, browser_errors) -> Iterator[Console]:
     opened = Console(world.console_url, chromium, browser_errors)
     yield opened
     opened.close()
-    assert browser_errors.errors == [], "JavaScript errors in the browser:\n" + "\n".join(browser_errors.errors)
+    explanation = ""
+    if any(re.search(r"status of 5\d\d", error) for error in browser_errors.errors):
+        # A service failed behind the console: what the console logged of it, and the platform's state.
+        logs = world.platform.data_dir / "logs" / "consola.log"
+        failures = [line for line in logs.read_text(errors="replace").splitlines() if "service failed" in line] \
+            if logs.exists() else []
+        explanation = "\n" + "\n".join(failures[-5:]) + "\n" + world.platform.diagnostics()
+    assert browser_errors.errors == [], \
+        "JavaScript errors in the browser:\n" + "\n".join(browser_errors.errors) + explanation
 
 
 def screenshot(page, name: str, *, documented: bool = False) -> Path:

@@ -207,6 +207,9 @@ def _error_pages(app: FastAPI) -> None:
             request.state.console_session = None
             return error_page(request, 401, "Signed out: your key was refused",
                               f"{error.service}: {error.detail}. Sign in again.")
+        if error.status >= 500:  # the page says which service; the log keeps it for whoever runs the console
+            log.warning("service failed for %s %s: %s %s: %s", request.method, request.url.path, error.service,
+                        error.status, error.detail)
         return service_error_page(request, error)
 
     @app.exception_handler(RequestValidationError)
