@@ -7,14 +7,13 @@ advertiser's campaign is refused before anything is stored."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import bindparam, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from alpes.kernel.db import Database, adopt_writes, bulk_insert, collecting_writes, pending_rows
+from alpes.kernel.db import Database, bulk_insert, pending_rows
 from alpes.kernel.access import Principal
 from alpes.kernel.errors import Conflict, NotAllowed, NotFound
 from alpes.kernel.eventstore import ConcurrencyConflict, EventStore
@@ -70,9 +69,6 @@ def receive_postback(runtime: ServiceRuntime, store: EventStore, *, affiliate_id
     assert affiliate_id is not None and campaign_id is not None
     tenant = EVERYTHING if caller is None else tenant_of(caller)
     email_sha256 = None if customer_email is None else domain.email_sha256(customer_email)
-    ahead = _validated_ahead(runtime, store, detected=domain.Detected(
-        new_id(), affiliate_id, campaign_id, user_id, conversion_value, conversion_type, order_id, currency, now),
-        click_id=click_id, ip=ip, email_sha256=email_sha256, caller_key=caller_key, caller=caller)
     scope = None
     try:
         # Its inserts are written with its commit group's, one statement per table (group_commit.py):
@@ -89,17 +85,14 @@ def receive_postback(runtime: ServiceRuntime, store: EventStore, *, affiliate_id
                 raise NotAllowed("campaign_id" if click_id is None else "click_id",
                                  "the campaign is not one of yours: post conversions for your own campaigns")
             scope = idempotency_scope(campaign_id, facts.owner)
-            if ahead is not None and ahead.holds(facts, order_id, now, grace):
-                conversion_id, created, events = ahead.adopt(session, runtime, scope, fingerprint)
-            else:
-                conversion_id, created, events = record_conversion(
-                    session, store, affiliate_id=affiliate_id, campaign_id=campaign_id, user_id=user_id,
-                    conversion_value=conversion_value, conversion_type=conversion_type, currency=currency,
-                    order_id=order_id, grace=grace, click_id=click_id, now=now, ip=ip, customer_email=customer_email,
-                    max_conversions_per_ip=max_conversions_per_ip, fingerprint=fingerprint, key_field=key_field,
-                    caller_key=caller_key, max_conversions_per_caller=max_conversions_per_caller, scope=scope,
-                    facts=facts)
-                emit(events)
+            conversion_id, created, events = record_conversion(
+                session, store, affiliate_id=affiliate_id, campaign_id=campaign_id, user_id=user_id,
+                conversion_value=conversion_value, conversion_type=conversion_type, currency=currency,
+                order_id=order_id, grace=grace, click_id=click_id, now=now, ip=ip, customer_email=customer_email,
+                max_conversions_per_ip=max_conversions_per_ip, fingerprint=fingerprint, key_field=key_field,
+                caller_key=caller_key, max_conversions_per_caller=max_conversions_per_caller, scope=scope,
+                facts=facts)
+            emit(events)
     except IntegrityError:
         if order_id is None or scope is None:
             raise
@@ -153,72 +146,6 @@ def _same_postback(known: list[tuple[str, str | None]], fingerprint: str | None,
     raise IdempotencyConflict(key_field, order_id)
 
 
-@dataclass
-class _ValidatedAhead:
-    """What a new postback writes when it is validated at once (the usual case), built before its
-    write turn: the rows of its signals, stream, projections and saga log, its events and their
-    outbox rows. In the turn it is taken only when the facts read there decide exactly that
-    verdict for a new order id; otherwise it is dropped and the postback recorded as before."""
-
-    detected: domain.Detected
-    validated: domain.Validated
-    writes: list
-    events: list[OutgoingEvent]
-    outbox_rows: list[dict]
-
-    def holds(self, facts: PostbackFacts, order_id: str | None, now: datetime, grace: timedelta) -> bool:
-        if order_id is not None and facts.order_key_taken:  # maybe a repeat: record_conversion reads the keys
-            return False
-        decision = domain.decide_validation(domain.Conversion().apply(self.detected), facts.reference, now, grace)
-        return decision.events == [self.validated]
-
-    def adopt(self, session: Session, runtime: ServiceRuntime, scope: str,
-              fingerprint: str | None) -> tuple[str, bool, list[OutgoingEvent]]:
-        d = self.detected
-        if d.order_id is not None:  # first, as record_conversion writes it: the durable idempotency key
-            bulk_insert(session, tables.order_keys, [{"campaign_id": d.campaign_id, "order_id": d.order_id,
-                                                      "conversion_id": d.conversion_id, "fingerprint": fingerprint,
-                                                      "scope": scope}])
-        adopt_writes(session, self.writes)
-        runtime.outbox.write(session, self.outbox_rows)
-        runtime.outbox.run_hooks(session, self.events)
-        return d.conversion_id, True, self.events
-
-
-def _validated_ahead(runtime: ServiceRuntime, store: EventStore, *, detected: domain.Detected,
-                     click_id: str | None, ip: str | None, email_sha256: str | None, caller_key: str | None,
-                     caller: Principal | None) -> _ValidatedAhead | None:
-    """record_conversion's writes for `detected` validated at once, made without the database (None
-    where units do not defer their writes, or when building them needed a statement). In the turn
-    the postback then spends its time on the facts and the verdict only (issue 11: the turn is what
-    every postback of the process queues for)."""
-    with collecting_writes(runtime.db) as (session, writes):
-        if session is None:
-            return None
-        validated = domain.Validated(detected.timestamp)
-        try:
-            _record_signals(session, detected.conversion_id, detected.campaign_id, click_id=click_id, ip=ip,
-                            email_sha256=email_sha256, caller_key=caller_key, now=detected.timestamp)
-            events = commit_events(session, store, domain.Conversion(), [detected, validated], detected.conversion_id,
-                                   click_id=click_id, fresh_stream=True)
-        except Exception:  # e.g. it needed a statement (collecting_writes runs none): recorded in the turn,
-            return None     # where whatever failed here fails as it always did
-        return _ValidatedAhead(detected, validated, list(writes), events, runtime.outbox.rows(events, caller))
-
-
-def _record_signals(session: Session, conversion_id: str, campaign_id: str, *, click_id: str | None, ip: str | None,
-                    email_sha256: str | None, caller_key: str | None, now: datetime) -> None:
-    """A new conversion's click and fraud signals (the email only as its hash), beside its stream."""
-    if click_id is not None:
-        bulk_insert(session, tables.click_attributions, [{"conversion_id": conversion_id, "click_id": click_id}])
-    if ip is not None or email_sha256 is not None or caller_key is not None:
-        bulk_insert(session, tables.conversion_signals, [{
-            "conversion_id": conversion_id, "campaign_id": campaign_id, "ip": None if ip is None else str(ip),
-            "detected_at": now, "caller_key": caller_key, "customer_email_sha256": email_sha256}])
-    if caller_key is not None:
-        count_caller_conversion(session, campaign_id, caller_key, now, conversion_id)
-
-
 def record_conversion(session: Session, store: EventStore, *, affiliate_id: str, campaign_id: str, user_id: str,
                       conversion_value, conversion_type: str, currency: str, order_id: str | None,
                       grace: timedelta, click_id: str | None = None, now: datetime | None = None,
@@ -252,8 +179,14 @@ def record_conversion(session: Session, store: EventStore, *, affiliate_id: str,
         bulk_insert(session, tables.order_keys, [{"campaign_id": campaign_id, "order_id": order_id,
                                                   "conversion_id": conversion_id, "fingerprint": fingerprint,
                                                   "scope": scope}])
-    _record_signals(session, conversion_id, campaign_id, click_id=click_id, ip=ip, email_sha256=email_sha256,
-                    caller_key=caller_key, now=now)
+    if click_id is not None:
+        bulk_insert(session, tables.click_attributions, [{"conversion_id": conversion_id, "click_id": click_id}])
+    if ip is not None or customer_email is not None or caller_key is not None:
+        bulk_insert(session, tables.conversion_signals, [{
+            "conversion_id": conversion_id, "campaign_id": campaign_id, "ip": None if ip is None else str(ip),
+            "detected_at": now, "caller_key": caller_key, "customer_email_sha256": email_sha256}])
+    if caller_key is not None:
+        count_caller_conversion(session, campaign_id, caller_key, now, conversion_id)
     detected = domain.Detected(conversion_id, affiliate_id, campaign_id, user_id, conversion_value, conversion_type,
                                order_id, currency, now)
     # Decided before anything is appended (validation reads only the references and the signals,

@@ -25,7 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from .group_commit import DEFERRED_WRITES, DeferredWrites, GroupCommitter, write
+from .group_commit import DEFERRED_WRITES, GroupCommitter
 
 
 def make_engine(url: str, *, pool_size: int = 10, for_writes: bool = True) -> Engine:
@@ -299,36 +299,6 @@ def pending_rows(session: Session, table: Table) -> list[dict]:
     yet (deferred: Database.transaction), as given to bulk_insert. None anywhere else."""
     deferred = session.info.get(DEFERRED_WRITES)
     return [] if deferred is None else deferred.pending(table)
-
-
-@contextmanager
-def collecting_writes(db: Database) -> Iterator[tuple[Session | None, list | None]]:
-    """Writes made ahead of a unit of work: a session that runs no SQL (any statement fails), whose
-    bulk_insert and upsert_add are collected into the list it yields along with the session, for a
-    unit of work of `db` to take as its own (`adopt_writes`) or drop. Only where units defer their
-    writes (SQLite's commit groups); elsewhere it yields (None, None). So the CPU of building a
-    unit's rows (values converted, payloads encoded) can be spent before it takes the write turn
-    every other unit of the process waits for (issue 11)."""
-    if db.committer is None:
-        yield None, None
-        return
-    session = Session(bind=db.engine, autobegin=False)  # no transaction can begin: no SQL runs
-    collected = DeferredWrites([])
-    session.info[DEFERRED_WRITES] = collected
-    try:
-        yield session, collected.writes
-    finally:
-        session.close()
-
-
-def adopt_writes(session: Session, writes: list) -> None:
-    """Writes collected ahead (`collecting_writes`) become this unit of work's: deferred with its
-    own when it defers them, run now otherwise."""
-    deferred = session.info.get(DEFERRED_WRITES)
-    if deferred is not None:
-        deferred.writes.extend(writes)
-    elif writes:
-        write(session.connection(), writes)
 
 
 def stop_deferring(session: Session) -> None:
