@@ -238,7 +238,8 @@ def console(chromium, world, browser_errors) -> Iterator[Console]:
     yield opened
     opened.close()
     explanation = ""
-    if any(re.search(r"status of 5\d\d", error) for error in browser_errors.errors):
+    if any((status := _HTTP_ERROR.search(error)) and status.group(1).startswith("5")
+           for error in browser_errors.errors):
         # A service failed behind the console: what the console logged of it, and the platform's state.
         logs = world.platform.data_dir / "logs" / "consola.log"
         failures = [line for line in logs.read_text(errors="replace").splitlines() if "service failed" in line] \
