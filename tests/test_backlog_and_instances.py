@@ -314,3 +314,21 @@ def test_on_failover_a_crash_restarts_the_embedded_broker_and_a_clean_hold_does_
         assert platform.get("afiliados", "/health")["status"] == "ok"
     finally:
         platform.stop()
+
+
+def test_listen_port_never_hands_out_a_port_twice_though_nobody_listens_yet(monkeypatch, tmp_path: Path):
+    """The harness picks every port of a platform before any of its processes binds one: two picks
+    must differ (a service once failed to bind the port another part had been given), even where
+    300 random picks would meet, and with the offsets of further instances."""
+    from alpes.kernel import ports
+    from alpes.platform_harness import Platform
+
+    monkeypatch.setattr(ports, "_ephemeral_range", lambda: (11200, 60999))  # 10000-11199 below it
+    picked = [ports.listen_port(also=[100]) for _ in range(300)]
+    taken = [p + offset for p in picked for offset in (0, 100)]
+    assert len(set(taken)) == len(taken)
+    monkeypatch.undo()
+    platform = Platform(tmp_path / "up", instances={"conversiones": 2})
+    every = [*platform.ports.values(), platform.ports["conversiones"] + 100, platform.broker_port,
+             platform.console_port, int(platform.env["ALPES_BROKER_METRICS_PORT"])]
+    assert len(set(every)) == len(every) == 8

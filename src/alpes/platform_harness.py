@@ -116,6 +116,9 @@ class Platform:
         self.env.update({f"ALPES_{name.upper()}_PORT": str(port) for name, port in self.ports.items()})
         self.env["ALPES_BROKER_PORT"] = str(self.broker_port)
         self.env["ALPES_CONSOLA_PORT"] = str(self.console_port)
+        # Picked here with the others, not by `alpes up` (another process, which cannot know the
+        # services' ports before they listen): no two of the platform's ports are the same.
+        self.env["ALPES_BROKER_METRICS_PORT"] = str(listen_port())
         self.broker = broker
         if broker == "pulsar":  # its own standalone: a cluster the shell names would contradict it
             for key in ("ALPES_BROKER_URL", "ALPES_PULSAR_ADMIN_URL", "ALPES_PULSAR_TOKEN"):
